@@ -1,0 +1,1 @@
+"""The on-device orchestrator: routing, fallback and personalization (see issue 4)."""

@@ -1,0 +1,1 @@
+"""The Tandem client SDK: importable with grpcio and protobuf alone."""
