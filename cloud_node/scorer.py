@@ -1,0 +1,119 @@
+"""The target scorer: transformers + PyTorch, one KV cache per session.
+
+Guarantees:
+- A `ScorerSession`'s cache holds every committed token except the last one. `score(drafts)`
+  runs ONE forward pass over [last committed token, *drafts] and returns (k+1, V) float32 logits;
+  `commit` crops the rejected drafts from the cache, so the next round starts exactly where a
+  plain decoder would be.
+- `generate` is plain target-only decoding through the same session machinery (cloud-only
+  generation), so speculative and target-only runs share one numeric path.
+- dtype is bf16 by default (fast on CPUs with AVX-512 BF16) and fp32 on request; the exactness
+  tests use fp32, where batched and one-at-a-time scoring agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tandem_core.sampling import SamplingParams, logits_to_probs, sample
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("bf16", "fp32")
+
+
+def torch_dtype(name: str):  # -> torch.dtype
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+class TargetModel:
+    """The loaded target model; sessions share its weights and own their caches."""
+
+    def __init__(self, model_dir: str | Path, dtype: str = "bf16") -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.dtype = dtype
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype))
+        self.model.eval()
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 32768))
+        log.info("loaded target %s (%s, vocab %d)", model_dir, dtype, self.vocab_size)
+
+    def new_session(self, prompt_ids: Sequence[int]) -> ScorerSession:
+        return ScorerSession(self, prompt_ids)
+
+
+class ScorerSession:
+    """One request's view of the target: committed tokens plus a KV cache."""
+
+    def __init__(self, target: TargetModel, prompt_ids: Sequence[int]) -> None:
+        from transformers import DynamicCache
+
+        if len(prompt_ids) < 1:
+            raise ValueError("prompt must hold at least one token")
+        self._target = target
+        self.committed: list[int] = [int(t) for t in prompt_ids]
+        self._check_ids(self.committed)
+        self._cache = DynamicCache(config=target.model.config)
+        self.forwards = 0
+        if len(self.committed) > 1:
+            self._forward(self.committed[:-1], keep=1)  # prefill; logits unused
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self._target.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary [0, {self._target.vocab_size}): {bad[:5]}")
+
+    def _forward(self, ids: Sequence[int], keep: int) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self._target.model(
+                input_ids=torch.tensor([list(ids)], dtype=torch.long),
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+        self.forwards += 1
+        return out.logits[0].float().numpy()
+
+    @property
+    def cached_len(self) -> int:
+        return int(self._cache.get_seq_length())
+
+    def score(self, draft_tokens: Sequence[int]) -> np.ndarray:
+        """Logits (k+1, V) for [last committed, *drafts], in one forward pass."""
+        drafts = [int(t) for t in draft_tokens]
+        self._check_ids(drafts)
+        return self._forward([self.committed[-1], *drafts], keep=len(drafts) + 1)
+
+    def commit(self, accepted: int, tokens: Sequence[int]) -> None:
+        # Cache now covers committed + drafts; keep committed + the accepted drafts.
+        self._cache.crop(len(self.committed) + accepted)
+        self.committed.extend(int(t) for t in tokens)
+
+    def generate(
+        self,
+        params: SamplingParams,
+        rng: np.random.Generator,
+        *,
+        max_new_tokens: int,
+        eos_ids: frozenset[int],
+    ) -> Iterator[int]:
+        """Target-only decoding: one forward pass per token."""
+        for _ in range(max_new_tokens):
+            logits = self.score(())[0]
+            token = int(np.argmax(logits)) if params.greedy else sample(logits_to_probs(logits, params), rng)
+            self.commit(0, (token,))
+            yield token
+            if token in eos_ids:
+                return

@@ -1,0 +1,68 @@
+"""Tiny random-weight Qwen2 models for fast tests: an HF folder plus its ONNX export.
+
+Built once per test session inside a temp folder. They are real models on the real runtimes
+(transformers and onnxruntime-genai), only small and random, so acceptance rates mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+VOCAB = 512
+EOS_ID = 2
+
+
+def _tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for i in range(3, VOCAB):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    fast.save_pretrained(out)
+
+
+def build_hf(out: Path, seed: int, layers: int = 2, hidden: int = 64) -> Path:
+    """A random Qwen2 causal LM with weights large enough that argmax is rarely a near-tie."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=EOS_ID,
+        pad_token_id=0,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(out)
+    GenerationConfig(bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=0).save_pretrained(out)
+    _tokenizer(out)
+    return out
+
+
+def build_onnx(hf_dir: Path, out: Path, cache: Path) -> Path:
+    """Export with the onnxruntime-genai model builder, fp32 CPU."""
+    subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+         "-p", "fp32", "-e", "cpu", "-c", str(cache)],
+        check=True,
+        capture_output=True,
+    )
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert cfg["model"]["vocab_size"] == VOCAB
+    return out
