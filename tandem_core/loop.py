@@ -70,10 +70,13 @@ def verify_round(
     """One verification: greedy prefix match, or lossless rejection sampling."""
     if params.greedy:
         return verify_greedy(draft.tokens, target_logits, eos_ids=eos_ids, remaining=remaining)
-    if draft.q is None:
-        raise ValueError("sampling mode needs the drafter's distributions q")
+    q = draft.q
+    if q is None:
+        if draft.tokens:
+            raise ValueError("sampling mode needs the drafter's distributions q")
+        q = np.zeros((0, target_logits.shape[-1]))  # no drafts: the round is one target sample
     p = logits_to_probs(target_logits, params)
-    return verify_stochastic(draft.tokens, draft.q, p, rng, eos_ids=eos_ids, remaining=remaining)
+    return verify_stochastic(draft.tokens, q, p, rng, eos_ids=eos_ids, remaining=remaining)
 
 
 def speculative_generate(

@@ -66,3 +66,22 @@ def build_onnx(hf_dir: Path, out: Path, cache: Path) -> Path:
     cfg = json.loads((out / "genai_config.json").read_text())
     assert cfg["model"]["vocab_size"] == VOCAB
     return out
+
+
+def perturb(src: Path, out: Path, noise: float, seed: int) -> Path:
+    """A copy of `src` with Gaussian noise on every weight: a drafter that agrees only partly."""
+    import shutil
+
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * noise * param.std())
+    model.save_pretrained(out)
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out

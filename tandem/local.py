@@ -1,0 +1,239 @@
+"""In-process generation on one machine: prompt encoding and the four ways to generate.
+
+Guarantees:
+- `LocalPair` loads the target (transformers) and the drafter (onnxruntime-genai) once and runs
+  `target` (transformers `generate`), `assisted` (transformers assisted generation, when a torch
+  copy of the drafter is given), `drafter` (ONNX alone) and `tandem` (the speculative loop).
+- Every method returns a `GenerationResult` with the same fields, measured the same way: wall time,
+  time to first token, and process CPU seconds split between the edge side (drafter) and the
+  cloud side (target). Runs are sequential in one process, so process CPU time is attributable.
+- Greedy `tandem` output equals greedy `target` output in fp32 (tested); in bf16 a near-tie can
+  flip, which the benchmark measures and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tandem_core.loop import Draft, speculative_generate
+from tandem_core.sampling import SamplingParams, make_rngs
+from tandem_core.stats import RequestStats
+
+OnTokens = Callable[[Sequence[int]], None]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    method: str
+    tokens: tuple[int, ...]  # generated tokens, EOS included when emitted
+    ttft_s: float  # from the call to the first generated token
+    wall_s: float
+    edge_cpu_s: float | None  # process CPU seconds spent in the drafter; None if unused
+    cloud_cpu_s: float | None  # process CPU seconds spent in the target; None if unused
+    stats: RequestStats | None  # speculative statistics; None where they do not apply
+    target_forwards: int | None  # target forward passes, prefill included; None if no target
+
+
+class Meter:
+    """Accumulates process CPU seconds and wall seconds over the calls it wraps."""
+
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+        self.wall_s = 0.0
+
+    def __enter__(self) -> Meter:
+        self._cpu0, self._wall0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu_s += time.process_time() - self._cpu0
+        self.wall_s += time.perf_counter() - self._wall0
+
+
+class _MeteredDraft:
+    def __init__(self, inner: Any, meter: Meter) -> None:
+        self.inner, self.meter = inner, meter
+
+    def draft(self, k: int) -> Draft:
+        with self.meter:
+            return self.inner.draft(k)
+
+    def commit(self, accepted: int, tokens: Sequence[int]) -> None:
+        with self.meter:
+            self.inner.commit(accepted, tokens)
+
+
+class _MeteredScore(_MeteredDraft):
+    def score(self, draft_tokens: Sequence[int]) -> Any:
+        with self.meter:
+            return self.inner.score(draft_tokens)
+
+
+def read_eos_ids(model_dir: str | Path) -> frozenset[int]:
+    """End-of-sequence ids from the model's generation_config.json (else config.json)."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return frozenset(eos if isinstance(eos, list) else [eos])
+    raise ValueError(f"no eos_token_id in {model_dir}")
+
+
+def encode_prompt(tokenizer: Any, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    """Chat messages go through the model's chat template; a plain prompt is encoded as is."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    if messages is not None:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    return [int(t) for t in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+
+
+class _FirstTokenStreamer:
+    """A transformers streamer that records when generated tokens arrive and forwards them."""
+
+    def __init__(self, on_tokens: OnTokens | None) -> None:
+        self.on_tokens = on_tokens
+        self.first_at: float | None = None
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt
+            self._prompt_seen = True
+            return
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        if self.on_tokens is not None:
+            self.on_tokens([int(t) for t in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        pass
+
+
+def hf_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    if params.greedy:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": params.temperature, "top_k": params.top_k or None,
+            "top_p": params.top_p}
+
+
+class LocalPair:
+    """The drafter and the target in one process."""
+
+    def __init__(self, target_dir: str | Path, drafter_onnx_dir: str | Path | None, *,
+                 dtype: str = "bf16", drafter_hf_dir: str | Path | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from cloud_node.scorer import TargetModel, torch_dtype
+        from edge_node.drafter import DrafterModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+        self.target = TargetModel(target_dir, dtype=dtype)
+        self.drafter = DrafterModel(drafter_onnx_dir) if drafter_onnx_dir else None
+        self.assistant = None
+        if drafter_hf_dir is not None:
+            self.assistant = AutoModelForCausalLM.from_pretrained(str(drafter_hf_dir), dtype=torch_dtype(dtype)).eval()
+        self.eos_ids = read_eos_ids(target_dir)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t not in self.eos_ids])
+
+    def _hf_generate(self, method: str, prompt_ids: Sequence[int], params: SamplingParams,
+                     max_new_tokens: int, on_tokens: OnTokens | None, **extra: Any) -> GenerationResult:
+        import torch
+
+        streamer = _FirstTokenStreamer(on_tokens)
+        forwards = [0]
+        hook = self.target.model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+        t0, meter = time.perf_counter(), Meter()
+        with meter, torch.inference_mode():
+            out = self.target.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                min_new_tokens=0, eos_token_id=sorted(self.eos_ids), pad_token_id=min(self.eos_ids),
+                streamer=streamer, **hf_sampling_kwargs(params), **extra)
+        hook.remove()
+        tokens = tuple(int(t) for t in out[0, len(prompt_ids):].tolist())
+        first = streamer.first_at if streamer.first_at is not None else time.perf_counter()
+        return GenerationResult(method, _strip_pad(tokens, self.eos_ids), first - t0, meter.wall_s,
+                                None, meter.cpu_s, None, forwards[0])
+
+    def target_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_tokens: int,
+                        on_tokens: OnTokens | None = None) -> GenerationResult:
+        """Target alone, with transformers `generate`."""
+        return self._hf_generate("target", prompt_ids, params, max_new_tokens, on_tokens)
+
+    def assisted_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, draft_len: int,
+                          max_new_tokens: int, on_tokens: OnTokens | None = None) -> GenerationResult:
+        """transformers assisted generation with the torch copy of the drafter."""
+        if self.assistant is None:
+            raise ValueError("assisted generation needs drafter_hf_dir")
+        self.assistant.generation_config.num_assistant_tokens = draft_len
+        return self._hf_generate("assisted", prompt_ids, params, max_new_tokens, on_tokens,
+                                 assistant_model=self.assistant)
+
+    def drafter_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_tokens: int,
+                         on_tokens: OnTokens | None = None) -> GenerationResult:
+        """The ONNX drafter alone: on-device generation."""
+        assert self.drafter is not None
+        rng, _ = make_rngs(params.seed)
+        t0, meter = time.perf_counter(), Meter()
+        with meter:
+            session = self.drafter.new_session(prompt_ids, params, rng,
+                                               max_length=len(prompt_ids) + max_new_tokens + 1)
+            tokens, first = _drain(session.generate(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids),
+                                   on_tokens, single=True)
+        return GenerationResult("drafter", tokens, first - t0, meter.wall_s, meter.cpu_s, None, None, None)
+
+    def speculative_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, draft_len: int,
+                             max_new_tokens: int, on_tokens: OnTokens | None = None) -> GenerationResult:
+        """Tandem speculative decoding, drafter and target in this process."""
+        assert self.drafter is not None
+        draft_rng, verify_rng = make_rngs(params.seed)
+        edge, cloud, stats = Meter(), Meter(), RequestStats()
+        t0 = time.perf_counter()
+        with edge:
+            d = self.drafter.new_session(prompt_ids, params, draft_rng,
+                                         max_length=len(prompt_ids) + max_new_tokens + draft_len + 2)
+        with cloud:
+            s = self.target.new_session(prompt_ids)
+        stats.add_target_forwards(s.forwards)  # the prefill pass
+        chunks = speculative_generate(_MeteredDraft(d, edge), _MeteredScore(s, cloud), params, verify_rng,
+                                      draft_len=draft_len, max_new_tokens=max_new_tokens,
+                                      eos_ids=self.eos_ids, stats=stats)
+        tokens, first = _drain(chunks, on_tokens, single=False)
+        wall = time.perf_counter() - t0
+        return GenerationResult("tandem", tokens, first - t0, wall, edge.cpu_s, cloud.cpu_s, stats,
+                                stats.target_forwards)
+
+
+def _drain(items: Iterator[Any], on_tokens: OnTokens | None, *, single: bool) -> tuple[tuple[int, ...], float]:
+    """Collect a token stream, forwarding each piece and noting when the first one arrived."""
+    tokens: list[int] = []
+    first: float | None = None
+    for item in items:
+        piece = [item] if single else list(item)
+        if first is None:
+            first = time.perf_counter()
+        tokens.extend(piece)
+        if on_tokens is not None:
+            on_tokens(piece)
+    return tuple(tokens), first if first is not None else time.perf_counter()
+
+
+def _strip_pad(tokens: tuple[int, ...], eos_ids: frozenset[int]) -> tuple[int, ...]:
+    """generate() pads after EOS in batches; keep up to and including the first EOS."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1]
+    return tokens
