@@ -1,0 +1,109 @@
+"""Per-round and per-request speculative-decoding statistics.
+
+Guarantees:
+- `RoundStats` is checked on construction: 0 <= accepted <= drafted and
+  accepted <= emitted <= accepted + 1 (a round commits its kept drafts plus at most one target
+  token), so the aggregates below are internally consistent.
+- Every ratio is None, never NaN or a ZeroDivisionError, when its denominator is 0.
+- `RequestStats.to_dict()` holds plain JSON types only (int, float, None).
+
+Definitions (p = target, q = drafter, as in `tandem_core.verify`):
+- acceptance_rate = accepted / drafted: the empirical per-draft acceptance probability (the
+  paper's alpha when k is fixed; Leviathan et al. 2023, arXiv 2211.17192).
+- mean_accepted_len = tokens committed by speculative rounds / rounds, i.e. accepted drafts plus
+  the recovered or bonus token, averaged per round: the paper's expected tokens per iteration,
+  often written tau. Truncation at EOS or the budget is counted as it happened.
+- target_forwards_per_token = target forward passes (prefill included) / generated tokens; plain
+  decoding gives 1 (plus prefill), speculation aims below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+
+from tandem_core.verify import Verdict
+
+
+def _check_count(name: str, value: int) -> None:
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one speculative round did."""
+
+    drafted: int  # drafts proposed (k)
+    accepted: int  # drafts accepted and committed (Verdict.accepted)
+    emitted: int  # tokens committed this round (len(Verdict.tokens))
+
+    def __post_init__(self) -> None:
+        for name in ("drafted", "accepted", "emitted"):
+            _check_count(name, getattr(self, name))
+        if self.accepted > self.drafted:
+            raise ValueError(f"accepted ({self.accepted}) must not exceed drafted ({self.drafted})")
+        if not self.accepted <= self.emitted <= self.accepted + 1:
+            raise ValueError(
+                f"emitted ({self.emitted}) must be accepted ({self.accepted}) or accepted + 1; "
+                "pass Verdict.accepted, which already reflects truncation"
+            )
+
+    @classmethod
+    def from_verdict(cls, drafted: int, verdict: Verdict) -> RoundStats:
+        return cls(drafted=drafted, accepted=verdict.accepted, emitted=len(verdict.tokens))
+
+
+@dataclass
+class RequestStats:
+    """Running totals for one request; mutate through the add_* methods."""
+
+    rounds: int = 0  # speculative rounds (one target forward each)
+    drafted: int = 0  # drafts proposed over all rounds
+    accepted: int = 0  # drafts accepted over all rounds
+    generated_tokens: int = 0  # tokens committed, by rounds and by plain decoding
+    target_forwards: int = 0  # target forward passes, prefill and plain decoding included
+    round_tokens: int = 0  # tokens committed by speculative rounds only (numerator of tau)
+
+    def add_round(self, r: RoundStats) -> None:
+        self.rounds += 1
+        self.drafted += int(r.drafted)
+        self.accepted += int(r.accepted)
+        self.generated_tokens += int(r.emitted)
+        self.round_tokens += int(r.emitted)
+        self.target_forwards += 1
+
+    def add_target_forwards(self, n: int) -> None:
+        """Count target passes outside speculative rounds (prefill, plain decoding steps)."""
+        _check_count("n", n)
+        self.target_forwards += int(n)
+
+    def add_tokens(self, n: int) -> None:
+        """Count tokens committed outside speculative rounds (e.g. plain decoding)."""
+        _check_count("n", n)
+        self.generated_tokens += int(n)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def mean_accepted_len(self) -> float | None:
+        return self.round_tokens / self.rounds if self.rounds else None
+
+    @property
+    def target_forwards_per_token(self) -> float | None:
+        return self.target_forwards / self.generated_tokens if self.generated_tokens else None
+
+    def to_dict(self) -> dict[str, int | float | None]:
+        return {
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "generated_tokens": self.generated_tokens,
+            "target_forwards": self.target_forwards,
+            "round_tokens": self.round_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_len": self.mean_accepted_len,
+            "target_forwards_per_token": self.target_forwards_per_token,
+        }
