@@ -16,7 +16,7 @@ from collections.abc import Sequence
 _SUBCOMMANDS = {
     "models": "tandem.models_cli",
     "bench": "tandem.bench",
-    "generate": "tandem.generate_cli",
+    "demo": "tandem.demo",
 }
 
 

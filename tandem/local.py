@@ -93,8 +93,11 @@ def encode_prompt(tokenizer: Any, prompt: str | None = None, messages: list[dict
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
             ids = ids["input_ids"]
-        return [int(t) for t in ids]
-    return [int(t) for t in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    else:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    return [int(t) for t in ids]
 
 
 class _FirstTokenStreamer:

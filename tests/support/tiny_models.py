@@ -15,16 +15,27 @@ VOCAB = 512
 EOS_ID = 2
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def _tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A byte-level BPE trained on a few sentences: the same kind of tokenizer as Qwen's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
-    for i in range(3, VOCAB):
-        vocab[f"w{i}"] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["def add(a, b):\n    return a + b\n", "The river shapes the valley over many years.",
+              "Hello, how are you today? I am fine, thank you.", "import json\nfrom pathlib import Path\n"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
 

@@ -1,0 +1,175 @@
+"""`tandem bench`: generation methods side by side in one process.
+
+Guarantees:
+- Every method runs on every prompt in the same process, after a warm-up of every method, in an
+  order that rotates from prompt to prompt, so drift on a shared, noisy machine hits all methods.
+- Greedy runs record whether each method's tokens equal the target's (`identical_to_target`).
+- The JSON written with `--json` has the shape
+  {"machine": {...}, "config": {...}, "results": [row, ...]} with the rows of
+  `tandem.bench_report.FIELDS`; progress lines go to stderr while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tandem.bench_report import Run, aggregate, format_table, machine_info
+from tandem.cli import CliError
+
+METHODS = ("target", "assisted", "drafter", "tandem")
+CLAIMS_TARGET_OUTPUT = {"assisted", "tandem"}  # methods whose greedy output must equal the target's
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    id: str
+    category: str
+    prompt: str | None
+    messages: list[dict] | None
+
+
+def default_prompts_path() -> Path:
+    return Path(str(resources.files("tandem") / "data" / "prompts.jsonl"))
+
+
+def load_prompts(path: Path) -> list[BenchPrompt]:
+    """Read a JSONL prompt file; every line needs id, category and one of prompt or messages."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise CliError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(item, dict) or not {"id", "category"} <= item.keys():
+            raise CliError(f"{path}:{n}: each line needs 'id' and 'category'")
+        if ("prompt" in item) == ("messages" in item):
+            raise CliError(f"{path}:{n}: give exactly one of 'prompt' or 'messages'")
+        prompts.append(BenchPrompt(str(item["id"]), str(item["category"]), item.get("prompt"), item.get("messages")))
+    if not prompts:
+        raise CliError(f"{path}: no prompts")
+    return prompts
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmark generation methods side by side",
+                       description="Run generation methods side by side on a prompt set and report speed and exactness.")
+    p.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the shipped code/prose/chat set)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target (and assistant) dtype")
+    p.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (k)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category")
+    p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument("--target", type=Path, default=None, help="target model folder (default: fetched pair)")
+    p.add_argument("--drafter", type=Path, default=None, help="ONNX drafter folder (default: fetched pair)")
+    p.add_argument("--drafter-hf", type=Path, default=None, help="torch drafter folder for assisted generation")
+    p.set_defaults(func=run)
+
+
+def _parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise CliError(f"--methods: unknown {unknown or 'empty'}; choose from {','.join(METHODS)}")
+    return methods
+
+
+def _model_dirs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    if args.target and args.drafter:
+        return args.target, args.drafter, args.drafter_hf or args.drafter
+    from tandem import models
+
+    try:
+        models.require_pair()
+    except models.ModelsMissing as exc:
+        raise CliError(str(exc)) from None
+    return (args.target or models.target_dir(), args.drafter or models.drafter_onnx_dir(),
+            args.drafter_hf or models.drafter_hf_dir())
+
+
+def _select(prompts: list[BenchPrompt], categories: str | None, limit: int | None) -> list[BenchPrompt]:
+    keep = {c.strip() for c in categories.split(",")} if categories else None
+    out, seen = [], {}
+    for p in prompts:
+        if keep is not None and p.category not in keep:
+            continue
+        seen[p.category] = seen.get(p.category, 0) + 1
+        if limit is None or seen[p.category] <= limit:
+            out.append(p)
+    if not out:
+        raise CliError("no prompts left after --categories/--limit")
+    return out
+
+
+def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argparse.Namespace, n: int) -> Any:
+    if method == "target":
+        return pair.target_generate(ids, params, max_new_tokens=n)
+    if method == "assisted":
+        return pair.assisted_generate(ids, params, draft_len=args.draft_len, max_new_tokens=n)
+    if method == "drafter":
+        return pair.drafter_generate(ids, params, max_new_tokens=n)
+    return pair.speculative_generate(ids, params, draft_len=args.draft_len, max_new_tokens=n)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.local import LocalPair, encode_prompt
+    from tandem_core.sampling import SamplingParams
+
+    if args.max_new_tokens < 1 or args.draft_len < 1:
+        raise CliError("--max-new-tokens and --draft-len must be >= 1")
+    methods = _parse_methods(args.methods)
+    prompts = _select(load_prompts(args.prompts or default_prompts_path()), args.categories, args.limit)
+    target, drafter, drafter_hf = _model_dirs(args)
+    _progress(f"loading models (target {args.dtype}): {target}, {drafter}")
+    t0 = time.perf_counter()
+    pair = LocalPair(target, drafter, dtype=args.dtype, drafter_hf_dir=drafter_hf if "assisted" in methods else None)
+    _progress(f"models loaded in {time.perf_counter() - t0:.1f} s")
+    params = SamplingParams()  # greedy: the goal figures and identical_to_target are greedy
+    encoded = [encode_prompt(pair.tokenizer, p.prompt, p.messages) for p in prompts]
+    for method in methods:  # warm-up: first-call allocations and lazy init stay out of the figures
+        _generate(pair, method, encoded[0], params, args, args.warmup_tokens)
+    runs: list[Run] = []
+    total = len(prompts) * len(methods)
+    for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        order = methods[i % len(methods):] + methods[: i % len(methods)]
+        results = {m: _generate(pair, m, ids, params, args, args.max_new_tokens) for m in order}
+        for m in order:
+            r = results[m]
+            same = r.tokens == results["target"].tokens if "target" in results and m in CLAIMS_TARGET_OUTPUT else None
+            runs.append(Run(prompt.id, prompt.category, r, same))
+            _progress(f"[{len(runs)}/{total}] {m:<8} {prompt.id:<16} {len(r.tokens):4d} tok "
+                      f"{len(r.tokens) / r.wall_s:6.2f} tok/s  ttft {1000 * r.ttft_s:6.0f} ms"
+                      + ("" if same is None else f"  identical={same}"))
+    rows = aggregate(runs)
+    print(format_table(rows))
+    if args.json:
+        config = {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "draft_len": args.draft_len,
+                  "methods": methods, "prompts": str(args.prompts or default_prompts_path()),
+                  "n_prompts": len(prompts), "sampling": "greedy", "target": str(target), "drafter": str(drafter)}
+        per_prompt = [{"method": r.result.method, "prompt_id": r.prompt_id, "category": r.category,
+                       "tokens": len(r.result.tokens), "wall_s": r.result.wall_s, "ttft_s": r.result.ttft_s,
+                       "identical_to_target": r.identical_to_target} for r in runs]
+        doc = {"machine": machine_info(), "config": config, "results": rows, "runs": per_prompt}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        _progress(f"wrote {args.json}")
+    return 0
+
+
+def _progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,125 @@
+"""Aggregation and printing for `tandem bench`.
+
+Guarantees: one row per (method, category) plus an `all` category, with exactly the fields of the
+benchmark JSON schema; a field that does not apply to a method is None (null in JSON). Rates are
+ratios of totals (total tokens / total seconds), not means of per-prompt ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from tandem.local import GenerationResult
+
+FIELDS = ("method", "category", "n_prompts", "tokens_per_s", "ttft_ms", "acceptance_rate",
+          "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token",
+          "cloud_cpu_s_per_token", "speedup_vs_target", "identical_to_target")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One method on one prompt."""
+
+    prompt_id: str
+    category: str
+    result: GenerationResult
+    identical_to_target: bool | None  # None when the method does not claim the target's output
+
+
+def _sum_opt(values: Iterable[float | None]) -> float | None:
+    vals = list(values)
+    return None if any(v is None for v in vals) else float(sum(v for v in vals if v is not None))
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Rows per (method, category) and per (method, 'all'), with speedups against `target`."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.result.method, run.category), []).append(run)
+        groups.setdefault((run.result.method, "all"), []).append(run)
+    rows = {key: _row(key[0], key[1], group) for key, group in groups.items()}
+    for (method, category), row in rows.items():
+        base = rows.get(("target", category))
+        row["speedup_vs_target"] = _ratio(row["tokens_per_s"], base["tokens_per_s"]) if base else None
+    order = {m: i for i, m in enumerate(("target", "assisted", "drafter", "tandem", "tandem_grpc", "cloud_stream"))}
+    return sorted(rows.values(), key=lambda r: (r["category"] == "all", r["category"], order.get(r["method"], 99)))
+
+
+def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
+    results = [r.result for r in runs]
+    tokens = sum(len(r.tokens) for r in results)
+    wall = sum(r.wall_s for r in results)
+    stats = [r.stats for r in results]
+    has_stats = all(s is not None for s in stats)
+    drafted = sum(s.drafted for s in stats if s is not None)
+    rounds = sum(s.rounds for s in stats if s is not None)
+    forwards = _sum_opt(r.target_forwards for r in results)
+    identical = [r.identical_to_target for r in runs]
+    return {
+        "method": method,
+        "category": category,
+        "n_prompts": len(runs),
+        "tokens_per_s": _ratio(tokens, wall),
+        "ttft_ms": 1000 * sum(r.ttft_s for r in results) / len(results),
+        "acceptance_rate": _ratio(sum(s.accepted for s in stats if s is not None), drafted) if has_stats else None,
+        "mean_accepted_len": _ratio(sum(s.round_tokens for s in stats if s is not None), rounds) if has_stats else None,
+        "target_forwards_per_token": _ratio(forwards, tokens),
+        "edge_cpu_s_per_token": _ratio(_sum_opt(r.edge_cpu_s for r in results), tokens),
+        "cloud_cpu_s_per_token": _ratio(_sum_opt(r.cloud_cpu_s for r in results), tokens),
+        "speedup_vs_target": None,
+        "identical_to_target": None if any(i is None for i in identical) else all(identical),
+        # Extras beyond the required schema: how many prompts matched, and the raw totals.
+        "identical_rate": None if any(i is None for i in identical) else sum(identical) / len(identical),
+        "tokens": tokens,
+        "wall_s": wall,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = {}
+    for mod in ("torch", "transformers", "onnxruntime", "onnxruntime_genai", "numpy"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - an absent optional package is just not reported
+            versions[mod] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
+            "platform": platform.platform(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions}
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return format(value, spec)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = ("method", "category", "n", "tok/s", "TTFT ms", "accept", "tau", "fwd/tok", "edge cpu/tok",
+              "cloud cpu/tok", "speedup", "identical")
+    specs = ("", "", "d", ".2f", ".0f", ".3f", ".2f", ".3f", ".3f", ".3f", ".2f", "")
+    keys = ("method", "category", "n_prompts", "tokens_per_s", "ttft_ms", "acceptance_rate", "mean_accepted_len",
+            "target_forwards_per_token", "edge_cpu_s_per_token", "cloud_cpu_s_per_token", "speedup_vs_target",
+            "identical_to_target")
+    lines = [[_fmt(row[k], s) for k, s in zip(keys, specs)] for row in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)

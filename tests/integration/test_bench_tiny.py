@@ -1,0 +1,45 @@
+"""`tandem bench` end to end on tiny models: the JSON has the documented shape and the greedy
+speculative rows are identical to the target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tandem.bench_report import FIELDS
+from tandem.cli import main
+
+
+def test_bench_writes_the_documented_json(tiny_models, tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in [
+        {"id": "a", "category": "code", "prompt": "def add(a, b):"},
+        {"id": "b", "category": "code", "messages": [{"role": "user", "content": "Hello"}]},
+        {"id": "c", "category": "prose", "prompt": "The river shapes"},
+    ]) + "\n")
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--prompts", str(prompts), "--max-new-tokens", "12", "--json", str(out),
+               "--dtype", "fp32", "--draft-len", "3", "--target", str(tiny_models.target_hf),
+               "--drafter", str(tiny_models.drafter_onnx), "--drafter-hf", str(tiny_models.drafter_hf)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert {"machine", "config", "results"} <= doc.keys()
+    rows = {(r["method"], r["category"]): r for r in doc["results"]}
+    assert set(rows) == {(m, c) for m in ("target", "assisted", "drafter", "tandem") for c in ("code", "prose", "all")}
+    for row in doc["results"]:
+        assert set(FIELDS) <= row.keys()
+    assert rows[("tandem", "all")]["identical_to_target"] is True
+    assert rows[("assisted", "all")]["identical_to_target"] is True
+    assert rows[("target", "code")]["speedup_vs_target"] == 1.0
+    assert rows[("drafter", "code")]["acceptance_rate"] is None  # does not apply: null
+    assert rows[("drafter", "code")]["cloud_cpu_s_per_token"] is None
+    assert 0 < rows[("tandem", "code")]["target_forwards_per_token"] <= 1
+    assert rows[("tandem", "code")]["edge_cpu_s_per_token"] > 0
+    assert "tandem" in capsys.readouterr().out
+
+
+def test_bench_rejects_a_malformed_prompts_file(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "category": "code"}\n')
+    assert main(["bench", "--prompts", str(bad), "--target", "t", "--drafter", "d"]) == 2
+    assert "exactly one of 'prompt' or 'messages'" in capsys.readouterr().err
