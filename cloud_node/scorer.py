@@ -98,7 +98,9 @@ class ScorerSession:
 
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
         # Cache now covers committed + drafts; keep committed + the accepted drafts.
-        self._cache.crop(len(self.committed) + accepted)
+        surplus = self.cached_len - (len(self.committed) + accepted)
+        if surplus > 0:
+            self._cache.crop(-surplus)  # transformers 5: a negative value removes that many
         self.committed.extend(int(t) for t in tokens)
 
     def generate(
