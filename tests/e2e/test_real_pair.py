@@ -1,0 +1,60 @@
+"""End to end on the real pair (Qwen2.5-Coder 0.5B int4 ONNX drafting for the 1.5B target).
+
+Slow: the 1.5B target runs at a few tokens per second here, so outputs stay short. The models
+come from `tandem models fetch`, which the test command runs first; a missing pair fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tandem import models
+from tandem_core.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fp32_pair():
+    from tandem.local import LocalPair
+
+    target, drafter = models.require_pair()
+    return LocalPair(target, drafter, dtype="fp32")
+
+
+@pytest.mark.parametrize("content", [
+    "Write a Python function that returns the square of a number.",
+    "Describe autumn in one sentence.",
+])
+def test_greedy_speculative_equals_target_on_the_real_pair_fp32(fp32_pair, content: str) -> None:
+    from tandem.local import encode_prompt
+
+    ids = encode_prompt(fp32_pair.tokenizer, messages=[{"role": "user", "content": content}])
+    target = fp32_pair.target_generate(ids, SamplingParams(), max_new_tokens=12)
+    spec = fp32_pair.speculative_generate(ids, SamplingParams(), draft_len=4, max_new_tokens=12)
+    assert spec.tokens == target.tokens
+    assert len(spec.tokens) == 12
+    # The real drafter agrees with the target often: far fewer target passes than tokens.
+    assert spec.stats.accepted > 0
+    assert spec.stats.target_forwards_per_token < 1.0
+
+
+def test_demo_command_streams_text_and_statistics() -> None:
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "tandem", "demo", "--max-new-tokens", "16"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "palindrome" in out.stdout  # the prompt echo
+    assert "tok/s" in out.stdout and "acceptance" in out.stdout and "CPU s/token" in out.stdout
+
+
+def test_demo_rejects_bad_flags_with_exit_code_2() -> None:
+    out = subprocess.run([sys.executable, "-m", "tandem", "demo", "--top-p", "1.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "top_p" in out.stderr
+    assert "Traceback" not in out.stderr
