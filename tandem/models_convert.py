@@ -44,6 +44,9 @@ def convert(kind: str, source: Path, out: Path, scratch: Path) -> None:
             build_onnx_int4(ggufs[0], out, scratch)
         else:
             raise ModelsError(f"unknown conversion {kind!r}")
+    except ImportError as exc:
+        raise ModelsError(f"converting models needs the cloud and convert extras "
+                          f"(pip install 'tandem[cloud,convert,edge]'): {exc}") from None
     except OSError:
         raise
     except Exception as exc:  # safetensors and torch wrap a full disk in their own errors
@@ -63,7 +66,7 @@ def gguf_to_hf(gguf: Path, out: Path, dtype: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=getattr(torch, dtype))
     # save_pretrained refuses GGUF-quantized models; the weights are already dequantized.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     gen = model.generation_config
@@ -81,11 +84,13 @@ def build_onnx_int4(gguf: Path, out: Path, scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     hf32 = scratch / "hf-fp32"
     hf32.mkdir(parents=True)
+    log = scratch.with_name(scratch.name + ".builder.log")  # kept when the build fails
     try:
         gguf_to_hf(gguf, hf32, "float32")
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf32),
                "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(scratch / "cache")]
-        _run_with_clock(cmd, scratch / "builder.log", f"building {out.name.removesuffix('.partial')}")
+        _run_with_clock(cmd, log, f"building {out.name.removesuffix('.partial')}")
+        log.unlink()
         for name in TOKENIZER_FILES:
             if (hf32 / name).exists() and not (out / name).exists():
                 shutil.copy2(hf32 / name, out / name)
@@ -121,7 +126,8 @@ def _run_with_clock(cmd: list[str], log: Path, desc: str) -> None:
         if "No space left on device" in text:
             raise OSError(errno.ENOSPC, "No space left on device", str(log.parent))
         lines = [ln for ln in text.splitlines() if ln.strip()]
-        raise ModelsError(f"{desc} failed (exit {rc}): {lines[-1] if lines else 'no output'}")
+        raise ModelsError(f"{desc} failed (exit {rc}, log {log}): "
+                          f"{lines[-1] if lines else 'no output'}")
     logger.info("%s: done in %.1f s", desc, time.monotonic() - t0)
 
 
@@ -152,8 +158,8 @@ def check_tokenizers(a: Path, b: Path) -> str:
     if differ:
         raise ModelsError(f"tokenizers of {a.name} and {b.name} differ in {', '.join(differ)}; "
                           "the pair must share one vocabulary")
-    vocab = view_a["vocab"] or {}
-    added = view_a["added_tokens"] or []
-    ids = [*vocab.values(), *(t["id"] for t in added)]  # type: ignore[union-attr]
+    vocab: dict[str, int] = view_a["vocab"] or {}  # type: ignore[assignment]
+    added: list[dict[str, object]] = view_a["added_tokens"] or []  # type: ignore[assignment]
+    ids = [*vocab.values(), *(int(t["id"]) for t in added)]  # type: ignore[call-overload]
     size = max(ids) + 1 if ids else 0
     return f"identical tokenizers, {size} token ids, specials {view_a['specials']}"

