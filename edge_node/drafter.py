@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tandem_core.loop import Draft
-from tandem_core.sampling import SamplingParams, logits_to_probs, sample
+from tandem_core.sampling import DRAFTER_STREAM, SamplingParams, logits_to_probs, round_rng, sample
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ class DrafterModel:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
-        rng: np.random.Generator,
+        seed: int,
         *,
         max_length: int | None = None,
     ) -> DrafterSession:
-        return DrafterSession(self, prompt_ids, params, rng, max_length=max_length)
+        return DrafterSession(self, prompt_ids, params, seed, max_length=max_length)
 
 
 def _context_length(model_dir: str | Path) -> int:
@@ -63,7 +63,7 @@ class DrafterSession:
         drafter: DrafterModel,
         prompt_ids: Sequence[int],
         params: SamplingParams,
-        rng: np.random.Generator,
+        seed: int,
         *,
         max_length: int | None = None,
     ) -> None:
@@ -77,7 +77,7 @@ class DrafterSession:
         gen_params.set_search_options(max_length=limit)
         self._gen = og.Generator(drafter.model, gen_params)
         self._params = params
-        self._rng = rng
+        self._seed = seed
         self.max_length = limit
         self.committed_len = len(prompt_ids)
         self._pending: tuple[int, ...] = ()  # drafts proposed but not yet settled by commit
@@ -87,11 +87,11 @@ class DrafterSession:
         self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
         self._logits = self._gen.get_logits()[0, -1]
 
-    def _choose(self, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
+    def _choose(self, logits: np.ndarray, position: int) -> tuple[int, np.ndarray | None]:
         if self._params.greedy:
             return int(np.argmax(logits)), None
         q = logits_to_probs(logits, self._params)
-        return sample(q, self._rng), q
+        return sample(q, round_rng(self._seed, DRAFTER_STREAM, position)), q
 
     def draft(self, k: int) -> Draft:
         """Propose k tokens; the cache grows by k-1 (the last draft waits for the verdict)."""
@@ -104,7 +104,7 @@ class DrafterSession:
         for i in range(k):
             if i > 0:
                 self._append((tokens[-1],))
-            token, q = self._choose(self._logits)
+            token, q = self._choose(self._logits, self.committed_len + i)
             tokens.append(token)
             if q is not None:
                 qs.append(q)
@@ -131,7 +131,7 @@ class DrafterSession:
         """On-device generation: one forward pass per token, no verification."""
         budget = min(max_new_tokens, self.max_length - self.committed_len)
         for _ in range(budget):
-            token, _ = self._choose(self._logits)
+            token, _ = self._choose(self._logits, self.committed_len)
             self.committed_len += 1
             yield token
             if token in eos_ids:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem_core.loop import Draft, speculative_generate
-from tandem_core.sampling import SamplingParams, make_rngs
+from tandem_core.sampling import SamplingParams, resolve_seed
 from tandem_core.stats import RequestStats
 
 OnTokens = Callable[[Sequence[int]], None]
@@ -189,10 +189,10 @@ class LocalPair:
                          on_tokens: OnTokens | None = None) -> GenerationResult:
         """The ONNX drafter alone: on-device generation."""
         assert self.drafter is not None
-        rng, _ = make_rngs(params.seed)
+        seed = resolve_seed(params.seed)
         t0, meter = time.perf_counter(), Meter()
         with meter:
-            session = self.drafter.new_session(prompt_ids, params, rng,
+            session = self.drafter.new_session(prompt_ids, params, seed,
                                                max_length=len(prompt_ids) + max_new_tokens + 1)
             tokens, first = _drain(session.generate(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids),
                                    on_tokens, single=True)
@@ -202,17 +202,17 @@ class LocalPair:
                              max_new_tokens: int, on_tokens: OnTokens | None = None) -> GenerationResult:
         """Tandem speculative decoding, drafter and target in this process."""
         assert self.drafter is not None
-        draft_rng, verify_rng = make_rngs(params.seed)
+        seed = resolve_seed(params.seed)
         edge, cloud, stats = Meter(), Meter(), RequestStats()
         t0 = time.perf_counter()
         with edge:
-            d = self.drafter.new_session(prompt_ids, params, draft_rng,
+            d = self.drafter.new_session(prompt_ids, params, seed,
                                          max_length=len(prompt_ids) + max_new_tokens + draft_len + 2)
         with cloud:
             s = self.target.new_session(prompt_ids)
         stats.add_target_forwards(s.forwards)  # the prefill pass
-        chunks = speculative_generate(_MeteredDraft(d, edge), _MeteredScore(s, cloud), params, verify_rng,
-                                      draft_len=draft_len, max_new_tokens=max_new_tokens,
+        chunks = speculative_generate(_MeteredDraft(d, edge), _MeteredScore(s, cloud), params, seed=seed,
+                                      start=len(prompt_ids), draft_len=draft_len, max_new_tokens=max_new_tokens,
                                       eos_ids=self.eos_ids, stats=stats)
         tokens, first = _drain(chunks, on_tokens, single=False)
         wall = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tandem_core.sampling import SamplingParams, logits_to_probs
+from tandem_core.sampling import VERIFIER_STREAM, SamplingParams, logits_to_probs, round_rng
 from tandem_core.stats import RequestStats, RoundStats
 from tandem_core.verify import Verdict, verify_greedy, verify_stochastic
 
@@ -83,8 +83,9 @@ def speculative_generate(
     drafter: DraftSession,
     scorer: ScoreSession,
     params: SamplingParams,
-    rng: np.random.Generator,
     *,
+    seed: int,
+    start: int,
     draft_len: int,
     max_new_tokens: int,
     eos_ids: frozenset[int],
@@ -92,8 +93,10 @@ def speculative_generate(
 ) -> Iterator[tuple[int, ...]]:
     """Yield the tokens committed by each round until EOS or `max_new_tokens`.
 
-    `rng` is the verifier's generator (the drafter owns its own). `stats`, when given, is filled
-    in round by round, so a caller can read it while the stream is still running.
+    `seed` keys the verifier's random streams and `start` is the number of tokens committed
+    before this call (prompt plus any earlier output), so round r draws from
+    round_rng(seed, VERIFIER_STREAM, position) whatever process runs it. `stats`, when given, is
+    filled in round by round, so a caller can read it while the stream is still running.
     """
     if draft_len < 0 or max_new_tokens < 1:
         raise ValueError("draft_len must be >= 0 and max_new_tokens >= 1")
@@ -105,6 +108,7 @@ def speculative_generate(
         k = min(draft_len, remaining - 1)
         draft = drafter.draft(k) if k > 0 else Draft((), None)
         logits = scorer.score(draft.tokens)
+        rng = round_rng(seed, VERIFIER_STREAM, start + produced)
         verdict = verify_round(draft, logits, params, rng, eos_ids=eos_ids, remaining=remaining)
         stats.add_round(RoundStats(drafted=k, accepted=verdict.accepted, emitted=len(verdict.tokens)))
         produced += len(verdict.tokens)

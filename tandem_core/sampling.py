@@ -160,3 +160,27 @@ def make_rngs(seed: int | None) -> tuple[np.random.Generator, np.random.Generato
     if not _is_int(seed) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
     return np.random.default_rng([int(seed), 0]), np.random.default_rng([int(seed), 1])
+
+
+DRAFTER_STREAM = 0
+VERIFIER_STREAM = 1
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed a request runs with: the caller's, or a fresh one when it gave none."""
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+def round_rng(seed: int, stream: int, position: int) -> np.random.Generator:
+    """The random stream of one step, keyed by (seed, side, absolute position).
+
+    `position` is the number of tokens committed before the step (prompt included). Keying by
+    position instead of carrying one generator along makes a run that is interrupted and resumed
+    elsewhere (another replica, a fallback to the device) draw exactly the same numbers as an
+    undisturbed run, so seeded sampling is reproducible across failures.
+    """
+    return np.random.default_rng([seed, stream, position])

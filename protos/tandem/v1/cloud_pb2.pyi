@@ -7,41 +7,41 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class OpenSession(_message.Message):
-    __slots__ = ("model", "prompt_tokens", "sampling", "max_new_tokens", "already_generated", "session_id")
+class SessionSpec(_message.Message):
+    __slots__ = ("session_id", "model", "prompt_tokens", "messages", "sampling", "max_new_tokens", "generated_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    ALREADY_GENERATED_FIELD_NUMBER: _ClassVar[int]
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
     model: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
     max_new_tokens: int
-    already_generated: int
-    session_id: str
-    def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., already_generated: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+    generated_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftRound(_message.Message):
-    __slots__ = ("round", "draft_tokens", "draft_q", "q_rows")
+    __slots__ = ("round", "draft_tokens", "q_rows")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    DRAFT_Q_FIELD_NUMBER: _ClassVar[int]
     Q_ROWS_FIELD_NUMBER: _ClassVar[int]
     round: int
     draft_tokens: _containers.RepeatedScalarFieldContainer[int]
-    draft_q: _containers.RepeatedScalarFieldContainer[float]
     q_rows: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDist]
-    def __init__(self, round: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., draft_q: _Optional[_Iterable[float]] = ..., q_rows: _Optional[_Iterable[_Union[_common_pb2.SparseDist, _Mapping]]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[_common_pb2.SparseDist, _Mapping]]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("open", "round")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    open: OpenSession
+    open: SessionSpec
     round: DraftRound
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., round: _Optional[_Union[DraftRound, _Mapping]] = ...) -> None: ...
+    def __init__(self, open: _Optional[_Union[SessionSpec, _Mapping]] = ..., round: _Optional[_Union[DraftRound, _Mapping]] = ...) -> None: ...
 
 class ServerTiming(_message.Message):
     __slots__ = ("queue_ms", "prefill_ms", "verify_ms")
@@ -52,6 +52,22 @@ class ServerTiming(_message.Message):
     prefill_ms: float
     verify_ms: float
     def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ...) -> None: ...
+
+class SessionOpened(_message.Message):
+    __slots__ = ("model", "prompt_len", "max_draft_len", "max_context", "replica", "timing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRAFT_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt_len: int
+    max_draft_len: int
+    max_context: int
+    replica: str
+    timing: ServerTiming
+    def __init__(self, model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., replica: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("round", "accepted", "tokens", "finished", "finish_reason", "timing")
@@ -70,16 +86,18 @@ class Verdict(_message.Message):
     def __init__(self, round: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("verdict",)
+    __slots__ = ("opened", "verdict")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
+    opened: SessionOpened
     verdict: Verdict
-    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session",)
     SESSION_FIELD_NUMBER: _ClassVar[int]
-    session: OpenSession
-    def __init__(self, session: _Optional[_Union[OpenSession, _Mapping]] = ...) -> None: ...
+    session: SessionSpec
+    def __init__(self, session: _Optional[_Union[SessionSpec, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("tokens", "finished", "finish_reason", "timing")

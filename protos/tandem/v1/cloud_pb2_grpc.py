@@ -50,8 +50,9 @@ class CloudVerifierServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Verify(self, request_iterator, context):
-        """One speculative session is one bidirectional stream. The first request opens it; each later
-        request carries one round of drafts and gets exactly one Verdict back.
+        """One speculative session is one bidirectional stream. The first request opens it (the server
+        answers SessionOpened); each later request carries one round of drafts and gets exactly one
+        Verdict back, in order. The stream ends when the client closes it or a verdict is final.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

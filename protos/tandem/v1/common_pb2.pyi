@@ -3,7 +3,7 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -45,31 +45,39 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("generated_tokens", "rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_len", "target_forwards", "ttft_ms", "tokens_per_s", "bytes_up", "bytes_down", "edge_cpu_s", "route")
+    __slots__ = ("route", "generated_tokens", "ttft_ms", "tokens_per_s", "rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_len", "target_forwards", "bytes_up", "bytes_down", "edge_cpu_s", "resumes", "finish_reason", "local_tokens", "verified_tokens")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCEPTED_LEN_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARDS_FIELD_NUMBER: _ClassVar[int]
-    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     BYTES_UP_FIELD_NUMBER: _ClassVar[int]
     BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
     EDGE_CPU_S_FIELD_NUMBER: _ClassVar[int]
-    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    route: str
     generated_tokens: int
+    ttft_ms: float
+    tokens_per_s: float
     rounds: int
     drafted: int
     accepted: int
     acceptance_rate: float
     mean_accepted_len: float
     target_forwards: int
-    ttft_ms: float
-    tokens_per_s: float
     bytes_up: int
     bytes_down: int
     edge_cpu_s: float
-    route: str
-    def __init__(self, generated_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., target_forwards: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_cpu_s: _Optional[float] = ..., route: _Optional[str] = ...) -> None: ...
+    resumes: int
+    finish_reason: FinishReason
+    local_tokens: int
+    verified_tokens: int
+    def __init__(self, route: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., target_forwards: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_cpu_s: _Optional[float] = ..., resumes: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., local_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ...) -> None: ...
