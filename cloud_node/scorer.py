@@ -9,10 +9,15 @@ Guarantees:
   generation), so speculative and target-only runs share one numeric path.
 - dtype is bf16 by default (fast on CPUs with AVX-512 BF16) and fp32 on request; the exactness
   tests use fp32, where batched and one-at-a-time scoring agree.
+- With `small_m_kernel` (the default), the session's own forward passes run Linear layers on 2..16
+  rows (verification of 1..15 drafts) through the native kernel in `cloud_node.kernels` (fp32
+  accumulation, one read of each weight); everything else, including transformers `generate` on
+  `TargetModel.model`, stays stock PyTorch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,7 +42,7 @@ def torch_dtype(name: str):  # -> torch.dtype
 class TargetModel:
     """The loaded target model; sessions share its weights and own their caches."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "bf16") -> None:
+    def __init__(self, model_dir: str | Path, dtype: str = "bf16", small_m_kernel: bool = True) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -47,6 +52,18 @@ class TargetModel:
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 32768))
         log.info("loaded target %s (%s, vocab %d)", model_dir, dtype, self.vocab_size)
+        self.small_m_layers = self._install_small_m_kernel() if small_m_kernel else 0
+
+    def _install_small_m_kernel(self) -> int:
+        """Number of Linear layers the sessions' forwards may route to the small-M kernel."""
+        from cloud_node.kernels import install_small_m_linear
+
+        patched = install_small_m_linear(self.model)
+        if patched:
+            log.info("small-M kernel: %d Linear layers patched (active only in scorer forwards)", patched)
+        else:
+            log.info("small-M kernel not installed (unavailable here, see the warning above); using torch")
+        return patched
 
     def new_session(self, prompt_ids: Sequence[int]) -> ScorerSession:
         return ScorerSession(self, prompt_ids)
@@ -76,7 +93,10 @@ class ScorerSession:
     def _forward(self, ids: Sequence[int], keep: int) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
+        from cloud_node.kernels import small_m_kernel_enabled
+
+        kernel = small_m_kernel_enabled() if self._target.small_m_layers else contextlib.nullcontext()
+        with torch.inference_mode(), kernel:
             out = self._target.model(
                 input_ids=torch.tensor([list(ids)], dtype=torch.long),
                 cache=self._cache,

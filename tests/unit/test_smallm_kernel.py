@@ -1,0 +1,160 @@
+"""The small-M GEMM kernel against F.linear, and the opt-in Linear patching.
+
+Tolerances: the kernel accumulates in fp32 in another order than torch, so against F.linear on
+fp32(-upcast) weights it agrees to rtol = atol = 1e-5 (inputs scaled so outputs are O(1)). A bf16
+result is the fp32 sum rounded once to bf16, so it is within half a bf16 ulp (2^-8 relative) of
+the fp32 reference and within one ulp (2^-7) of torch's own bf16 result.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from cloud_node.kernels import linear as kl  # noqa: E402
+from cloud_node.kernels.build import load_kernel  # noqa: E402
+
+pytestmark = pytest.mark.skipif(load_kernel() is None, reason="small-M kernel unavailable (CPU or compiler)")
+
+BF16_HALF_ULP = 2.0**-8
+
+
+def _problem(m: int, n: int, k: int, wdtype, bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(wdtype)
+    b = torch.randn(n, generator=g).to(wdtype) if bias else None
+    return x.to(wdtype), w, b
+
+
+def _reference(x, w, b):
+    return F.linear(x.float(), w.float(), None if b is None else b.float())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(5, 37), (33, 203), (1, 8), (64, 1030)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 9, 16])
+def test_fp32_matches_f_linear(m: int, n: int, k: int, bias: bool) -> None:
+    x, w, b = _problem(m, n, k, torch.float32, bias)
+    y = kl.small_m_linear(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(5, 37), (33, 203), (64, 1030)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16])
+def test_bf16_within_bf16_rounding(m: int, n: int, k: int, bias: bool) -> None:
+    x, w, b = _problem(m, n, k, torch.bfloat16, bias)
+    y = kl.small_m_linear(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    ref = _reference(x, w, b)
+    assert ((y.float() - ref).abs() <= BF16_HALF_ULP * ref.abs() + 1e-5).all()
+    stock = F.linear(x, w, b).float()
+    assert ((y.float() - stock).abs() <= 2 * BF16_HALF_ULP * ref.abs() + 1e-5).all()
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_and_batched_inputs(wdtype) -> None:
+    m, n, k = 5, 19, 45
+    _, w, b = _problem(m, n, k, wdtype, bias=True)
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(m, 2 * k, generator=g).to(wdtype)
+    inputs = [
+        wide[:, ::2],  # column stride 2
+        wide[:, :k],  # row stride 2k, columns contiguous
+        torch.randn(k, m, generator=g).to(wdtype).t(),  # transposed
+        torch.randn(1, m, k, generator=g).to(wdtype),  # (batch, seq, K)
+    ]
+    for x in inputs:
+        y = kl.small_m_linear(x, w, b)
+        assert y.shape == (*x.shape[:-1], n)
+        ref = _reference(x, w, b)
+        torch.testing.assert_close(y.float(), ref, rtol=BF16_HALF_ULP if wdtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-5)
+
+
+def _model(dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 7, bias=False)).to(dtype)
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the row count of every call that reaches the kernel."""
+    calls: list[int] = []
+    real = kl.small_m_linear
+
+    def counted(x, w, b=None):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, w, b)
+
+    monkeypatch.setattr(kl, "small_m_linear", counted)
+    return calls
+
+
+def test_patched_layers_use_the_kernel_only_inside_the_context(spy: list[int]) -> None:
+    model = _model()
+    x = torch.randn(1, 6, 24)
+    with torch.inference_mode():
+        stock = model(x)
+        assert kl.install_small_m_linear(model, max_rows=8) == 2
+        assert kl.install_small_m_linear(model, max_rows=8) == 2  # idempotent
+        assert torch.equal(model(x), stock) and spy == []
+        with kl.small_m_kernel_enabled():
+            fast = model(x)
+            model(torch.randn(1, 24))  # one row: torch
+            model(torch.randn(9, 24))  # more than max_rows: torch
+        assert spy == [6, 6]
+        torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model(x), stock)
+
+
+def test_enabled_flag_is_per_thread(spy: list[int]) -> None:
+    model = _model()
+    kl.install_small_m_linear(model)
+    x = torch.randn(4, 24)
+    with kl.small_m_kernel_enabled(), torch.inference_mode():
+        worker = threading.Thread(target=model, args=(x,))
+        worker.start()
+        worker.join()
+        assert spy == []
+        model(x)
+        assert spy == [4, 4]
+
+
+def test_bf16_model_and_mismatched_dtype(spy: list[int]) -> None:
+    model = _model(torch.bfloat16)
+    kl.install_small_m_linear(model)
+    x = torch.randn(3, 24)
+    with kl.small_m_kernel_enabled(), torch.inference_mode():
+        y = model(x.bfloat16())
+        assert y.dtype == torch.bfloat16 and spy == [3, 3]
+        with pytest.raises(RuntimeError):  # torch's own dtype error, not a silent kernel call
+            model(x)
+
+
+def test_gradients_fall_back_to_torch(spy: list[int]) -> None:
+    model = _model()
+    kl.install_small_m_linear(model)
+    with kl.small_m_kernel_enabled():
+        model(torch.randn(3, 24)).sum().backward()
+    assert spy == [] and model[0].weight.grad is not None
+
+
+def test_deepcopy_and_uninstall() -> None:
+    model = _model()
+    kl.install_small_m_linear(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[2].weight.zero_()
+    x = torch.randn(3, 24)
+    with kl.small_m_kernel_enabled(), torch.inference_mode():
+        assert twin(x).abs().max() == 0 and model(x).abs().max() > 0
+    assert kl.uninstall_small_m_linear(model) == 2
+    assert "forward" not in model[0].__dict__
