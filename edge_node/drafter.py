@@ -21,9 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from tandem_core.loop import Draft
-from tandem_core.sampling import DRAFTER_STREAM, SamplingParams, logits_to_probs, round_rng, sample
+from tandem_core.sampling import DRAFTER_STREAM, SamplingParams, cap_support, logits_to_probs, round_rng, sample
 
 log = logging.getLogger(__name__)
+
+# In sampling mode each draft is sampled from q capped to its most likely tokens, so a q row
+# crosses the wire as at most this many (id, prob) pairs (see tandem_core.sampling.cap_support).
+DEFAULT_Q_SUPPORT = 64
 
 
 class DrafterModel:
@@ -34,7 +38,8 @@ class DrafterModel:
 
         self._og = og
         self.model = og.Model(str(model_dir))
-        self.context_length = _context_length(model_dir)
+        self.tokenizer = og.Tokenizer(self.model)
+        self.context_length, self.eos_ids, self.vocab_size = _read_config(model_dir)
         log.info("loaded drafter %s (context %d)", model_dir, self.context_length)
 
     def new_session(
@@ -44,15 +49,34 @@ class DrafterModel:
         seed: int,
         *,
         max_length: int | None = None,
+        q_support: int = DEFAULT_Q_SUPPORT,
     ) -> DrafterSession:
-        return DrafterSession(self, prompt_ids, params, seed, max_length=max_length)
+        return DrafterSession(self, prompt_ids, params, seed, max_length=max_length, q_support=q_support)
+
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """Token ids for a raw prompt, or for chat messages through the model's chat template."""
+        import json
+
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if messages is not None:
+            prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        ids = [int(t) for t in self.tokenizer.encode(prompt)]
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(np.asarray([t for t in ids if t not in self.eos_ids], dtype=np.int32))
 
 
-def _context_length(model_dir: str | Path) -> int:
+def _read_config(model_dir: str | Path) -> tuple[int, frozenset[int], int]:
     import json
 
-    cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())
-    return int(cfg["model"]["context_length"])
+    cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+    eos = cfg["eos_token_id"]
+    eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
+    return int(cfg["context_length"]), eos_ids, int(cfg["vocab_size"])
 
 
 class DrafterSession:
@@ -66,6 +90,7 @@ class DrafterSession:
         seed: int,
         *,
         max_length: int | None = None,
+        q_support: int = DEFAULT_Q_SUPPORT,
     ) -> None:
         if len(prompt_ids) < 1:
             raise ValueError("prompt must hold at least one token")
@@ -78,6 +103,7 @@ class DrafterSession:
         self._gen = og.Generator(drafter.model, gen_params)
         self._params = params
         self._seed = seed
+        self._q_support = q_support
         self.max_length = limit
         self.committed_len = len(prompt_ids)
         self._pending: tuple[int, ...] = ()  # drafts proposed but not yet settled by commit
@@ -90,7 +116,7 @@ class DrafterSession:
     def _choose(self, logits: np.ndarray, position: int) -> tuple[int, np.ndarray | None]:
         if self._params.greedy:
             return int(np.argmax(logits)), None
-        q = logits_to_probs(logits, self._params)
+        q = cap_support(logits_to_probs(logits, self._params), self._q_support)
         return sample(q, round_rng(self._seed, DRAFTER_STREAM, position)), q
 
     def draft(self, k: int) -> Draft:

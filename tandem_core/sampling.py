@@ -184,3 +184,23 @@ def round_rng(seed: int, stream: int, position: int) -> np.random.Generator:
     undisturbed run, so seeded sampling is reproducible across failures.
     """
     return np.random.default_rng([seed, stream, position])
+
+
+def cap_support(q: np.ndarray, n: int) -> np.ndarray:
+    """Keep the n most likely tokens of a 1-D distribution and renormalize (n == 0: all of them).
+
+    Used by the drafter in sampling mode so each q row crosses the wire as at most n (id, prob)
+    pairs. Lossless either way: rejection sampling reproduces p for ANY drafter distribution,
+    provided the drafts are sampled from exactly the q that verification sees (Leviathan et al.
+    2023, Theorem 1); a capped q can only lower acceptance where p has mass outside the top n.
+    The kept probabilities are rounded to float32 first, so the edge samples from exactly the
+    values it sends.
+    """
+    if n <= 0 or np.count_nonzero(q) <= n:
+        keep = np.flatnonzero(q)
+    else:
+        keep = np.argpartition(q, -n)[-n:]
+    out = np.zeros(q.shape, dtype=np.float64)
+    vals = q[keep].astype(np.float64)
+    out[keep] = (vals / vals.sum()).astype(np.float32)  # float32-exact: what the wire carries
+    return out

@@ -1,0 +1,202 @@
+"""The edge's link to the cloud verifier: one bidirectional gRPC stream per session, resumed on break.
+
+Guarantees:
+- Every wait has a deadline: opening a stream and each round's verdict. A verdict later than
+  the round deadline, a broken stream or an error status raises `LinkError`; the caller decides
+  whether to `resume` (new stream, committed tokens resent) or fall back to the device.
+- `resume(generated)` opens a fresh stream whose SessionSpec carries every committed token, so
+  the cloud (any replica) re-prefills and continues exactly; gRPC never retries a stream after
+  its first response, so this is the protocol's own retry.
+- Bytes are counted per direction as gRPC message bytes (serialized size plus the 5-byte
+  length prefix), so figures are comparable across runs.
+- INVALID_ARGUMENT and other client errors raise `CloudRejected` and are never retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
+from tandem_core.sampling import SamplingParams
+from tandem_core.verify import Verdict
+
+log = logging.getLogger(__name__)
+
+_END = object()
+_GRPC_PREFIX = 5  # gRPC length-prefixed message framing
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL,
+              grpc.StatusCode.UNKNOWN}
+_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+class LinkError(Exception):
+    """The stream broke, or a reply missed its deadline: resumable."""
+
+
+class CloudRejected(Exception):
+    """The cloud refused the request (bad input): not resumable."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"cloud rejected the request ({code.name}): {message}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """What opening (or resuming) a cloud session needs."""
+
+    session_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    max_new_tokens: int
+    model: str = ""
+
+
+def sampling_to_proto(params: SamplingParams, seed: int) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed)
+
+
+def q_rows_to_proto(q: np.ndarray | None) -> list[common_pb2.SparseDist]:
+    """Each q row as (ids, probs) over its support; the probs are float32-exact (cap_support)."""
+    if q is None:
+        return []
+    rows = []
+    for row in q:
+        ids = np.flatnonzero(row)
+        rows.append(common_pb2.SparseDist(ids=ids.tolist(), probs=row[ids].astype(np.float32).tolist()))
+    return rows
+
+
+class _Stream:
+    """One Verify call: requests fed from a queue, responses read by a thread into a queue."""
+
+    def __init__(self, stub: cloud_pb2_grpc.CloudVerifierStub, total_timeout_s: float) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._responses: queue.Queue = queue.Queue()
+        self._call = stub.Verify(iter(self._requests.get, _END), timeout=total_timeout_s)
+        self._reader = threading.Thread(target=self._read, daemon=True, name="cloud-link-reader")
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._responses.put(response)
+        except grpc.RpcError as exc:
+            self._responses.put(exc)
+        finally:
+            self._responses.put(_END)
+
+    def send(self, request: cloud_pb2.VerifyRequest) -> None:
+        self._requests.put(request)
+
+    def recv(self, timeout_s: float) -> cloud_pb2.VerifyResponse:
+        try:
+            item = self._responses.get(timeout=timeout_s)
+        except queue.Empty:
+            raise LinkError(f"no reply within {timeout_s * 1000:.0f} ms") from None
+        if isinstance(item, grpc.RpcError):
+            code, details = item.code(), item.details() or ""
+            if code in _RETRYABLE:
+                raise LinkError(f"stream broke: {code.name} {details}")
+            raise CloudRejected(code, details)
+        if item is _END:
+            raise LinkError("stream ended without a reply")
+        return item
+
+    def close(self) -> None:
+        self._requests.put(_END)
+        self._call.cancel()
+
+
+class CloudLink:
+    """A speculative session's verifier in the cloud, reached over one resumable stream."""
+
+    def __init__(self, channel: grpc.Channel, request: SessionRequest, *, round_timeout_s: float = 5.0,
+                 open_timeout_s: float = 30.0, total_timeout_s: float = 3600.0) -> None:
+        self._stub = cloud_pb2_grpc.CloudVerifierStub(channel)
+        self._request = request
+        self.round_timeout_s = round_timeout_s
+        self.open_timeout_s = open_timeout_s
+        self._total_timeout_s = total_timeout_s
+        self._stream: _Stream | None = None
+        self._round = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.rounds_sent = 0
+        self.resumes = 0
+        self.opened: cloud_pb2.SessionOpened | None = None
+        self.server_verify_ms = 0.0
+
+    def _send(self, request: cloud_pb2.VerifyRequest) -> None:
+        assert self._stream is not None
+        self.bytes_up += request.ByteSize() + _GRPC_PREFIX
+        self._stream.send(request)
+
+    def _recv(self, timeout_s: float) -> cloud_pb2.VerifyResponse:
+        assert self._stream is not None
+        response = self._stream.recv(timeout_s)
+        self.bytes_down += response.ByteSize() + _GRPC_PREFIX
+        return response
+
+    def open(self, generated: Sequence[int] = (), *, wait: bool = False) -> None:
+        """Open a stream for the session, carrying `generated` committed tokens on resume.
+
+        The SessionOpened reply is read together with the first verdict unless `wait` is set,
+        so opening costs no extra round trip.
+        """
+        self.close()
+        r = self._request
+        spec = cloud_pb2.SessionSpec(session_id=r.session_id, model=r.model, prompt_tokens=list(r.prompt_ids),
+                                     sampling=sampling_to_proto(r.params, r.seed),
+                                     max_new_tokens=r.max_new_tokens, generated_tokens=list(generated))
+        try:
+            self._stream = _Stream(self._stub, self._total_timeout_s)
+        except grpc.RpcError as exc:  # the channel can fail fast when the peer is down
+            raise LinkError(f"cannot open a stream: {exc}") from None
+        self.opened = None
+        self._send(cloud_pb2.VerifyRequest(open=spec))
+        if wait:
+            self._await_opened(self.open_timeout_s)
+
+    def _await_opened(self, timeout_s: float) -> None:
+        if self.opened is None:
+            response = self._recv(timeout_s)
+            if response.WhichOneof("kind") != "opened":
+                raise LinkError("the cloud did not acknowledge the session")
+            self.opened = response.opened
+
+    def resume(self, generated: Sequence[int]) -> None:
+        self.resumes += 1
+        log.info("resuming cloud session %s after %d tokens", self._request.session_id, len(generated))
+        self.open(generated)
+
+    def verify(self, draft_tokens: Sequence[int], q: np.ndarray | None) -> Verdict:
+        """Send one round and wait for its verdict (the first round also waits for the open ack)."""
+        if self._stream is None:
+            raise LinkError("no open stream")
+        self._round += 1
+        self._send(cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(
+            round=self._round, draft_tokens=list(draft_tokens), q_rows=q_rows_to_proto(q))))
+        self.rounds_sent += 1
+        self._await_opened(self.open_timeout_s)
+        response = self._recv(self.round_timeout_s)
+        if response.WhichOneof("kind") != "verdict" or response.verdict.round != self._round:
+            raise LinkError("out-of-order reply from the cloud")
+        v = response.verdict
+        self.server_verify_ms += v.timing.verify_ms
+        return Verdict(accepted=v.accepted, tokens=tuple(v.tokens), finished=v.finished,
+                       finish_reason=_FINISH.get(v.finish_reason))
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
