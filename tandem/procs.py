@@ -1,0 +1,142 @@
+"""Starting and stopping the local stack's processes.
+
+Guarantees:
+- Each child runs in its own process group (session), so stopping it also stops what it
+  started (Ray's raylet and GCS under the cloud node).
+- `start` returns only once the child printed its ready line (`NAME key=HOST:PORT ...`); a child
+  that exits or stays silent past the timeout raises `ChildFailed` with the tail of its log.
+- `Stack` stops every child it started when it exits, on success, error or Ctrl-C: SIGTERM to
+  the group, then SIGKILL after a grace period. Nothing is left running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class ChildFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    fields: dict[str, str] = field(default_factory=dict)  # key=value pairs from the ready line
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _read_ready(child: Child, ready: re.Pattern, found: threading.Event) -> None:
+    assert child.proc.stdout is not None
+    with open(child.log_path, "a") as logf:
+        for line in child.proc.stdout:
+            logf.write(line)
+            logf.flush()
+            if not found.is_set():
+                child.fields.update(dict(re.findall(r"(\w+)=(\S+)", line)))
+                if ready.search(line):
+                    found.set()
+
+
+def start(name: str, argv: Sequence[str], *, log_dir: Path, timeout_s: float, env: dict[str, str] | None = None,
+          ready: str | None = None) -> Child:
+    """Start a child and wait for its ready line (default: a line starting with `name `)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    stderr = open(log_path, "w")
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True, env=env, bufsize=1)
+    stderr.close()
+    child = Child(name, proc, log_path)
+    found = threading.Event()
+    threading.Thread(target=_read_ready, args=(child, re.compile(ready or rf"^{re.escape(name)}\s"), found),
+                     daemon=True, name=f"{name}-stdout").start()
+    deadline = time.monotonic() + timeout_s
+    while not found.wait(0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            why = f"exited with code {proc.returncode}" if proc.returncode is not None else f"not ready after {timeout_s:.0f} s"
+            stop(child)
+            raise ChildFailed(f"{name} {why}; last log lines:\n{child.log_tail()}")
+    return child
+
+
+def stop(child: Child, grace_s: float = 15.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL it if it lingers."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(child.proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            child.proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; sweep stragglers in its group.
+        try:
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        break
+
+
+class Stack:
+    """Children started in order and stopped in reverse order, whatever happens."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+
+    def start(self, name: str, argv: Sequence[str], *, timeout_s: float, env: dict[str, str] | None = None,
+              ready: str | None = None) -> Child:
+        child = start(name, argv, log_dir=self.log_dir, timeout_s=timeout_s, env=env, ready=ready)
+        self.children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        while self.children:
+            child = self.children.pop()
+            log.info("stopping %s (pid %d)", child.name, child.proc.pid)
+            stop(child)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
+    """Poll grpc.health.v1 until SERVING; raise ChildFailed on timeout."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise ChildFailed(f"{address} not healthy after {timeout_s:.0f} s")
+            time.sleep(0.2)
