@@ -1,0 +1,9 @@
+"""netshape: a user-space TCP link shaper (latency, jitter, bandwidth, outages) for testing the
+edge <-> cloud gRPC link on kernels without netem. See `netshape.shaper` for the guarantees and
+`netshape.control` for run-time control from another process."""
+
+from netshape.control import ShaperControl
+from netshape.shaper import LinkConditions, LinkShaper, LinkStats, format_address, parse_address
+
+__all__ = ["LinkConditions", "LinkShaper", "LinkStats", "ShaperControl", "format_address",
+           "parse_address"]

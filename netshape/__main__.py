@@ -1,0 +1,88 @@
+"""`python -m netshape`: run a link shaper as its own process.
+
+Prints `listen=HOST:PORT` and `control=HOST:PORT` (ports resolved) on stdout once both are
+listening, then shapes until SIGINT or SIGTERM and exits 0. Bad flags or conditions: a message
+and exit code 2. A bind failure: a message and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from netshape.control import is_loopback
+from netshape.shaper import (MODES, Address, LinkConditions, LinkShaper, format_address,
+                             parse_address)
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m netshape",
+                                     description="User-space TCP link shaper.")
+    parser.add_argument("--listen", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                        help="where clients connect (default 127.0.0.1:0)")
+    parser.add_argument("--upstream", type=_address, required=True, metavar="HOST:PORT",
+                        help="the server to forward to")
+    parser.add_argument("--rtt-ms", type=float, default=0.0, help="added round-trip time")
+    parser.add_argument("--jitter-ms", type=float, default=0.0,
+                        help="one-way delay varies uniformly in [-jitter, +jitter] per piece")
+    parser.add_argument("--bandwidth-kbps", type=float, default=0.0,
+                        help="per direction, 1 kbps = 1000 bit/s; 0 = unlimited")
+    parser.add_argument("--mode", choices=MODES, default="up")
+    parser.add_argument("--control", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                        help="loopback address of the HTTP control endpoint (default 127.0.0.1:0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for the jitter")
+    parser.add_argument("--log-level", default="WARNING",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+async def _serve(shaper: LinkShaper) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await shaper.start()
+    try:
+        control = shaper.control_address
+        assert control is not None
+        print(f"listen={format_address(shaper.address)}", flush=True)
+        print(f"control={format_address(control)}", flush=True)
+        await stop.wait()
+    finally:
+        await shaper.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        conditions = LinkConditions(rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms,
+                                    bandwidth_kbps=args.bandwidth_kbps, mode=args.mode)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not is_loopback(args.control[0]):
+        parser.error(f"--control: must be a loopback address, got {args.control[0]!r}")
+    logging.basicConfig(level=args.log_level, format="netshape %(levelname)s %(message)s")
+    shaper = LinkShaper(args.upstream, conditions, listen=args.listen, control=args.control,
+                        seed=args.seed)
+    try:
+        asyncio.run(_serve(shaper))
+    except OSError as exc:
+        print(f"netshape: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
