@@ -28,6 +28,8 @@ from tandem_core.sampling import SamplingParams, logits_to_probs, sample
 
 log = logging.getLogger(__name__)
 
+PREFILL_CHUNK = 16  # rows per prefill pass when the small-M kernel is installed (its max_rows)
+
 DTYPES = ("bf16", "fp32")
 
 
@@ -82,8 +84,15 @@ class ScorerSession:
         self._check_ids(self.committed)
         self._cache = DynamicCache(config=target.model.config)
         self.forwards = 0
-        if len(self.committed) > 1:
-            self._forward(self.committed[:-1], keep=1)  # prefill; logits unused
+        self._prefill(self.committed[:-1])
+
+    def _prefill(self, ids: Sequence[int]) -> None:
+        """Fill the cache with `ids`. With the kernel, in chunks it handles (each chunk reads the
+        weights once), since stock bf16 matmuls on CPUs without AVX-512 BF16 cost about one
+        single-token pass PER ROW; each chunk counts as one target forward pass."""
+        step = PREFILL_CHUNK if self._target.small_m_layers else max(len(ids), 1)
+        for start in range(0, len(ids), step):
+            self._forward(ids[start:start + step], keep=1)  # logits unused
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         bad = [t for t in ids if not 0 <= t < self._target.vocab_size]
