@@ -48,8 +48,8 @@ def draft_round(round_no: int, tokens: Sequence[int], q: np.ndarray | None = Non
 class StreamBroken(Exception):
     """The stream failed in a way a resume may fix; `code` is the gRPC status seen."""
 
-    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
-        super().__init__(f"{code}: {details}")
+    def __init__(self, code: grpc.StatusCode | None, details: str | None) -> None:
+        super().__init__(f"{code}: {(details or '').strip().splitlines()[0] if details else ''}")
         self.code = code
 
 

@@ -17,6 +17,7 @@ _SUBCOMMANDS = {
     "models": "tandem.models_cli",
     "bench": "tandem.bench",
     "demo": "tandem.demo",
+    "serve": "tandem.serve_cli",
 }
 
 

@@ -1,0 +1,189 @@
+"""`tandem serve cloud` / `python -m cloud_node`: the cloud verifier on Ray Serve.
+
+Guarantees:
+- Settings come from the flag, else the TANDEM_CLOUD_<NAME> environment variable, else the
+  default, and are validated once in `CloudConfig.__post_init__`; a bad value exits with code 2
+  and a message naming the field (or the environment variable).
+- Without --address it starts a local Ray instance (never attaching to another one by
+  accident); with --address it joins that cluster. It deploys the app and, once the gRPC health
+  check through Serve's proxy answers SERVING, prints exactly one line to stdout:
+  `cloud grpc=HOST:PORT` (flushed).
+- SIGINT or SIGTERM shuts down cleanly: the app (or, for a local instance, Serve and Ray) is
+  stopped, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "TANDEM_CLOUD_"
+DTYPES = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Everything `tandem serve cloud` needs; one instance per process."""
+
+    model_dir: Path
+    address: str | None = None  # Ray cluster to join; None starts a local instance
+    port: int = 0  # gRPC port of Serve's proxy; 0 picks a free one
+    replicas: int = 1
+    replica_cpus: float = 1.0  # Ray CPUs reserved per replica
+    dtype: str = "bf16"
+    max_sessions: int = 16
+    max_context: int = 4096
+    max_draft_len: int = 16
+    max_new_tokens: int = 4096
+    kv_budget_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        if not (Path(self.model_dir) / "config.json").exists():
+            raise ValueError(f"model_dir: no model at {self.model_dir} (no config.json); run `tandem models fetch`")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.replica_cpus < 0:
+            raise ValueError(f"replica_cpus: must be >= 0, got {self.replica_cpus}")
+        if self.kv_budget_mb < 0:
+            raise ValueError(f"kv_budget_mb: must be >= 0, got {self.kv_budget_mb}")
+        for name in ("replicas", "max_sessions", "max_context", "max_draft_len", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def limits(self) -> Any:  # -> cloud_node.verifier.Limits
+        from cloud_node.verifier import Limits
+
+        return Limits(max_sessions=self.max_sessions, max_context=self.max_context,
+                      max_draft_len=self.max_draft_len, max_new_tokens=self.max_new_tokens,
+                      kv_budget_bytes=self.kv_budget_mb << 20)
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "model_dir": Path, "address": str, "port": int, "replicas": int, "replica_cpus": float, "dtype": str,
+    "max_sessions": int, "max_context": int, "max_draft_len": int, "max_new_tokens": int, "kv_budget_mb": int,
+}
+
+
+def config_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> CloudConfig:
+    """Flag > TANDEM_CLOUD_* > default. Raises ValueError naming the field or variable."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(CloudConfig):
+        flag = getattr(args, f.name, None)
+        env = environ.get(ENV_PREFIX + f.name.upper())
+        if flag is not None:
+            values[f.name] = flag
+        elif env:
+            try:
+                values[f.name] = _PARSERS[f.name](env)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: not a valid {f.name}: {env!r}") from None
+    if "model_dir" not in values:
+        from tandem import models
+
+        values["model_dir"] = models.target_dir()
+    return CloudConfig(**values)
+
+
+def add_cloud_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `cloud` subcommand (to `tandem serve` or `python -m cloud_node`)."""
+    p = subparsers.add_parser("cloud", help="run the cloud verifier (target model) on Ray Serve over gRPC",
+                              description=f"Each flag falls back to {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT), "
+                                          "then to its default.")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local instance)")
+    p.add_argument("--port", type=int, help="gRPC port of Serve's proxy (default 0: a free port)")
+    p.add_argument("--replicas", type=int, help="number of replicas (default 1)")
+    p.add_argument("--replica-cpus", dest="replica_cpus", type=float, help="Ray CPUs per replica (default 1)")
+    p.add_argument("--model-dir", dest="model_dir", type=Path, help="target model folder (default: the fetched target)")
+    p.add_argument("--dtype", choices=DTYPES, help="target weights dtype (default bf16)")
+    p.add_argument("--max-sessions", dest="max_sessions", type=int, help="concurrent sessions per replica (16)")
+    p.add_argument("--max-context", dest="max_context", type=int, help="prompt + generated tokens (4096)")
+    p.add_argument("--max-draft-len", dest="max_draft_len", type=int, help="drafts per round (16)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="per request (4096)")
+    p.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=int, help="KV cache budget per replica (2048)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.cli import CliError
+
+    try:
+        config = config_from(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s cloud %(levelname)s %(message)s", stream=sys.stderr)
+    stop = threading.Event()
+
+    def install_handlers() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    install_handlers()
+    return serve_until(config, stop, after_init=install_handlers)
+
+
+def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable[[], None] = lambda: None) -> int:
+    """Start (or join) Ray, deploy, print the ready line, wait for `stop`, shut down.
+
+    `after_init` runs right after ray.init (which replaces the SIGTERM handler with its own).
+    """
+    import ray
+    from ray import serve
+
+    from cloud_node import serve_app
+
+    local = config.address is None
+    port = config.port or _free_port()
+    cpus = None if not local else max(os.cpu_count() or 1, int(config.replicas * config.replica_cpus + 0.999))
+    ray.init(address="local" if local else config.address, num_cpus=cpus, include_dashboard=False,
+             configure_logging=False)
+    after_init()
+    try:
+        log.info("ray %s at %s", "local instance" if local else "cluster", ray.get_runtime_context().gcs_address)
+        serve_app.start(config.model_dir, grpc_port=port, http_port=_free_port(), dtype=config.dtype,
+                        limits=config.limits(), replicas=config.replicas, num_cpus=config.replica_cpus)
+        host = "127.0.0.1" if local else ray.util.get_node_ip_address()
+        serve_app.wait_healthy(f"127.0.0.1:{port}", timeout_s=120)
+        print(f"cloud grpc={host}:{port}", flush=True)
+        stop.wait()
+        log.info("shutting down")
+    finally:
+        try:
+            serve.shutdown() if local else serve.delete(serve_app.APP_NAME)
+        except Exception:  # Ray may already be going down with the same signal
+            log.warning("Serve shutdown was not clean", exc_info=True)
+        ray.shutdown()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tandem.cli import CliError
+
+    parser = argparse.ArgumentParser(prog="python -m cloud_node")
+    add_cloud_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["cloud", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"cloud: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,247 @@
+"""The cloud node on a real local Ray instance, started by `python -m cloud_node` (one start for
+the module: 2 replicas of the tiny fp32 target, half a CPU each), reached through Serve's gRPC proxy.
+
+Checks: greedy speculative output equals target-only; seeded sampling is reproducible; bad input
+gets INVALID_ARGUMENT and the app keeps serving; concurrent sessions do not mix; the session
+limit gives RESOURCE_EXHAUSTED; killing the replica that serves a stream mid-answer is survived
+by resuming, with output identical to an undisturbed run; health and reflection answer through
+the proxy; SIGTERM exits 0 and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from cloud_node.client import CloudVerifierClient, draft_round
+from cloud_node.servicer import SERVICE_NAME
+from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
+from tandem.local import LocalPair
+from tandem_core.loop import Draft
+from tandem_core.sampling import SamplingParams
+
+PROMPTS = [[5, 17, 99, 3, 44], [300], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+GREEDY = SamplingParams()
+SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=11)
+REPLICAS, MAX_SESSIONS = 2, 2
+START_TIMEOUT_S = 240
+
+
+@dataclass
+class Cloud:
+    proc: subprocess.Popen
+    address: str
+    log: Path
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> int:
+        """SIGTERM the CLI, wait for it, and make sure no process of its tree survives."""
+        tree = self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait(10)
+        _, alive = psutil.wait_procs(tree, timeout=20)
+        for p in alive:  # only processes this test started
+            p.kill()
+        assert not alive, f"left running after exit: {[(p.pid, p.name()) for p in alive]}"
+        return rc
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    log = tmp_path_factory.mktemp("cloud") / "cloud.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "TANDEM_CLOUD_"))}
+    argv = [sys.executable, "-m", "cloud_node", "--port", "0", "--model-dir", str(tiny_models.target_hf),
+            "--dtype", "fp32", "--replicas", str(REPLICAS), "--replica-cpus", "0.5",
+            "--max-sessions", str(MAX_SESSIONS), "--max-context", "200", "--max-draft-len", "8",
+            "--max-new-tokens", "64"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log.open("w"), stdin=subprocess.DEVNULL,
+                            text=True, env=env, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        line = lines.get(timeout=START_TIMEOUT_S)
+    except queue.Empty:
+        line = ""
+    if not line.startswith("cloud grpc="):
+        Cloud(proc, "", log).stop()
+        pytest.fail(f"cloud node did not start: {line!r}\n{log.read_text()[-3000:]}")
+    cloud = Cloud(proc, line.split("=", 1)[1].strip(), log)
+    try:
+        yield cloud
+    finally:
+        cloud.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models) -> LocalPair:
+    return LocalPair(tiny_models.target_hf, tiny_models.drafter_onnx, dtype="fp32")
+
+
+def spec_for(prompt: list[int], params: SamplingParams, max_new: int, session_id: str = "ray") -> cloud_pb2.SessionSpec:
+    sampling = common_pb2.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    if params.seed is not None:
+        sampling.seed = params.seed
+    return cloud_pb2.SessionSpec(session_id=session_id, prompt_tokens=prompt, sampling=sampling,
+                                 max_new_tokens=max_new)
+
+
+def speculative(client: CloudVerifierClient, pair: LocalPair, prompt: list[int], params: SamplingParams,
+                max_new: int, draft_len: int = 4, after_round=None) -> list[int]:  # type: ignore[no-untyped-def]
+    """The edge's loop: draft locally, verify over gRPC; `after_round(n)` runs after round n."""
+    drafter = pair.drafter.new_session(prompt, params, params.seed or 0,
+                                       max_length=len(prompt) + max_new + draft_len + 2)
+    client.open(spec_for(prompt, params, max_new))
+    n = 0
+    while True:
+        k = min(draft_len, max_new - len(client.generated) - 1)
+        draft = drafter.draft(k) if k > 0 else Draft((), None)
+        verdict = client.verify(draft_round(n, draft.tokens, draft.q))
+        if verdict.finished:
+            return list(client.generated)
+        drafter.commit(verdict.accepted, verdict.tokens)
+        if after_round is not None:
+            after_round(n)
+        n += 1
+
+
+def test_health_and_reflection_through_the_serve_proxy(cloud: Cloud) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cloud.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                          timeout=30)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+def test_greedy_over_ray_equals_target_generate(cloud: Cloud, pair: LocalPair) -> None:
+    with CloudVerifierClient(cloud.address, round_timeout_s=30) as client:
+        for prompt in PROMPTS:
+            expected = pair.target_generate(prompt, GREEDY, max_new_tokens=40).tokens
+            assert tuple(speculative(client, pair, prompt, GREEDY, 40)) == expected
+        assert client.opened.replica.startswith("SERVE_REPLICA::tandem-cloud#CloudVerifier")
+        assert client.resumes == 0
+
+
+def test_seeded_sampling_over_ray_is_reproducible(cloud: Cloud, pair: LocalPair) -> None:
+    runs = []
+    for _ in range(2):
+        with CloudVerifierClient(cloud.address, round_timeout_s=30) as client:
+            runs.append(speculative(client, pair, PROMPTS[0], SAMPLED, 30))
+    assert runs[0] == runs[1]
+    assert tuple(runs[0]) == pair.speculative_generate(PROMPTS[0], SAMPLED, draft_len=4, max_new_tokens=30).tokens
+
+
+def test_bad_input_over_ray_is_invalid_argument_and_serving_continues(cloud: Cloud, pair: LocalPair) -> None:
+    open_ = cloud_pb2.VerifyRequest(open=spec_for(PROMPTS[0], GREEDY, 10))
+    sampled_open = cloud_pb2.VerifyRequest(open=spec_for(PROMPTS[0], SAMPLED, 10))
+    nan_row = cloud_pb2.DraftRound(draft_tokens=[5], q_rows=[common_pb2.SparseDist(ids=[5], probs=[float("nan")])])
+    cases = {
+        "round before open": [cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(draft_tokens=[5]))],
+        "max_draft_len": [open_, cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(draft_tokens=[5] * 9))],
+        "q_rows[0]": [sampled_open, cloud_pb2.VerifyRequest(round=nan_row)],
+        "top_p": [cloud_pb2.VerifyRequest(open=cloud_pb2.SessionSpec(prompt_tokens=[5], max_new_tokens=5,
+                                                                     sampling=common_pb2.SamplingParams(top_p=2)))],
+    }
+    with grpc.insecure_channel(cloud.address) as channel:
+        stub = cloud_pb2_grpc.CloudVerifierStub(channel)
+        for needle, requests in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Verify(iter(requests), timeout=30))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (needle, info.value.details())
+            assert needle.split()[0] in info.value.details(), info.value.details()
+    with CloudVerifierClient(cloud.address, round_timeout_s=30) as client:
+        expected = pair.target_generate(PROMPTS[1], GREEDY, max_new_tokens=15).tokens
+        assert tuple(speculative(client, pair, PROMPTS[1], GREEDY, 15)) == expected
+
+
+def test_concurrent_sessions_over_ray_do_not_mix(cloud: Cloud, pair: LocalPair) -> None:
+    expected = [pair.target_generate(p, GREEDY, max_new_tokens=30).tokens for p in PROMPTS[:2]]
+    results: dict[int, tuple[int, ...]] = {}
+
+    def run(i: int) -> None:
+        with CloudVerifierClient(cloud.address, round_timeout_s=60) as client:
+            results[i] = tuple(speculative(client, pair, PROMPTS[i], GREEDY, 30, draft_len=3 + i))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert [results.get(0), results.get(1)] == expected
+
+
+def test_session_limit_over_ray_gives_resource_exhausted(cloud: Cloud) -> None:
+    clients, codes = [], []
+    try:
+        for i in range(REPLICAS * MAX_SESSIONS + 1):
+            client = CloudVerifierClient(cloud.address, open_timeout_s=30)
+            clients.append(client)
+            try:
+                client.open(spec_for(PROMPTS[0], GREEDY, 10, session_id=f"limit{i}"))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                assert "max_sessions" in exc.details()
+    finally:
+        for client in clients:
+            client.close()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_killing_the_serving_replica_mid_answer_resumes_identically(cloud: Cloud, pair: LocalPair,
+                                                                    params: SamplingParams) -> None:
+    time.sleep(0.5)  # let the previous test's closed streams leave the replicas
+    with CloudVerifierClient(cloud.address, round_timeout_s=60) as client:
+        undisturbed = speculative(client, pair, PROMPTS[2], params, 40)
+    killed: list[int] = []
+
+    def kill_serving_replica(n: int) -> None:
+        if n != 2:
+            return
+        pid = int(client.opened.replica.rsplit("pid=", 1)[1])
+        assert pid in {p.pid for p in cloud.descendants()}  # a process of this test's cluster
+        os.kill(pid, signal.SIGKILL)
+        psutil.Process(pid).wait(30) if psutil.pid_exists(pid) else None
+        killed.append(pid)
+
+    with CloudVerifierClient(cloud.address, round_timeout_s=60, open_timeout_s=60, max_resumes=10,
+                             backoff_s=0.5) as client:
+        resumed = speculative(client, pair, PROMPTS[2], params, 40, after_round=kill_serving_replica)
+        assert killed and client.resumes >= 1
+        assert int(client.opened.replica.rsplit("pid=", 1)[1]) != killed[0]
+    assert resumed == undisturbed
+
+
+def test_sigterm_exits_zero_and_leaves_nothing(cloud: Cloud) -> None:
+    assert cloud.descendants(), "the cluster's processes should be children of the CLI"
+    assert cloud.stop() == 0
+    assert "cloud grpc=" not in cloud.log.read_text()  # the ready line goes to stdout only
