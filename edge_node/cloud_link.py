@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -200,3 +202,35 @@ class CloudLink:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+
+def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: SamplingParams, seed: int,
+                   max_new_tokens: int, *, timeout_s: float = 3600.0, max_resumes: int = 3, backoff_s: float = 0.2,
+                   counter: dict[str, int] | None = None) -> Iterator[cloud_pb2.GenerateResponse]:
+    """Cloud-only generation over a server stream; on a break it re-asks with the tokens received.
+
+    Each response is yielded once; `counter` (if given) accumulates "up"/"down" message bytes.
+    """
+    stub = cloud_pb2_grpc.CloudVerifierStub(channel)
+    generated: list[int] = []
+    counter = counter if counter is not None else {}
+    resumes = 0
+    while True:
+        request = cloud_pb2.GenerateRequest(session=cloud_pb2.SessionSpec(
+            session_id=uuid.uuid4().hex, prompt_tokens=list(prompt_ids), sampling=sampling_to_proto(params, seed),
+            max_new_tokens=max_new_tokens, generated_tokens=generated))
+        counter["up"] = counter.get("up", 0) + request.ByteSize() + _GRPC_PREFIX
+        try:
+            for response in stub.Generate(request, timeout=timeout_s):
+                counter["down"] = counter.get("down", 0) + response.ByteSize() + _GRPC_PREFIX
+                generated.extend(response.tokens)
+                yield response
+                if response.finished:
+                    return
+            return
+        except grpc.RpcError as exc:
+            if exc.code() not in _RETRYABLE or resumes >= max_resumes:
+                raise
+            resumes += 1
+            log.info("cloud Generate stream broke (%s); resuming after %d tokens", exc.code().name, len(generated))
+            time.sleep(backoff_s * 2**resumes)

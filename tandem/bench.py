@@ -24,7 +24,10 @@ from tandem.bench_report import Run, aggregate, format_table, machine_info
 from tandem.cli import CliError
 
 METHODS = ("target", "assisted", "drafter", "tandem")
-CLAIMS_TARGET_OUTPUT = {"assisted", "tandem"}  # methods whose greedy output must equal the target's
+NETWORK_METHODS = ("tandem_grpc", "cloud_stream")  # over gRPC through Ray Serve and the link shaper
+ALL_METHODS = METHODS + NETWORK_METHODS
+# methods whose greedy output must equal the target's
+CLAIMS_TARGET_OUTPUT = {"assisted", "tandem", "tandem_grpc", "cloud_stream"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target (and assistant) dtype")
     p.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (k)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: the in-process four)")
+    p.add_argument("--rtt-ms", default="0,20,50", help="link RTTs for the networked methods, comma-separated")
     p.add_argument("--categories", default=None, help="comma-separated categories to keep")
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category")
     p.add_argument("--warmup-tokens", type=int, default=8)
@@ -83,10 +88,20 @@ def add_parser(sub: Any) -> None:
 
 def _parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
-        raise CliError(f"--methods: unknown {unknown or 'empty'}; choose from {','.join(METHODS)}")
+        raise CliError(f"--methods: unknown {unknown or 'empty'}; choose from {','.join(ALL_METHODS)}")
     return methods
+
+
+def _parse_rtts(text: str) -> list[float]:
+    try:
+        rtts = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"--rtt-ms: expected comma-separated numbers, got {text!r}") from None
+    if not rtts or any(r < 0 for r in rtts):
+        raise CliError("--rtt-ms: give one or more RTTs >= 0")
+    return rtts
 
 
 def _model_dirs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
@@ -116,7 +131,12 @@ def _select(prompts: list[BenchPrompt], categories: str | None, limit: int | Non
     return out
 
 
-def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argparse.Namespace, n: int) -> Any:
+def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argparse.Namespace, n: int,
+              remote: Any = None) -> Any:
+    if method == "tandem_grpc":
+        return remote.speculative(ids, params, draft_len=args.draft_len, max_new_tokens=n)
+    if method == "cloud_stream":
+        return remote.cloud_stream(ids, params, max_new_tokens=n)
     if method == "target":
         return pair.target_generate(ids, params, max_new_tokens=n)
     if method == "assisted":
@@ -127,48 +147,82 @@ def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argpars
 
 
 def run(args: argparse.Namespace) -> int:
+    from tandem import paths, procs
     from tandem.local import LocalPair, encode_prompt
-    from tandem_core.sampling import SamplingParams
 
     if args.max_new_tokens < 1 or args.draft_len < 1:
         raise CliError("--max-new-tokens and --draft-len must be >= 1")
     methods = _parse_methods(args.methods)
+    rtts = _parse_rtts(args.rtt_ms)
     prompts = _select(load_prompts(args.prompts or default_prompts_path()), args.categories, args.limit)
     target, drafter, drafter_hf = _model_dirs(args)
     _progress(f"loading models (target {args.dtype}): {target}, {drafter}")
     t0 = time.perf_counter()
     pair = LocalPair(target, drafter, dtype=args.dtype, drafter_hf_dir=drafter_hf if "assisted" in methods else None)
     _progress(f"models loaded in {time.perf_counter() - t0:.1f} s")
-    params = SamplingParams()  # greedy: the goal figures and identical_to_target are greedy
     encoded = [encode_prompt(pair.tokenizer, p.prompt, p.messages) for p in prompts]
-    for method in methods:  # warm-up: first-call allocations and lazy init stay out of the figures
-        _generate(pair, method, encoded[0], params, args, args.warmup_tokens)
-    runs: list[Run] = []
-    total = len(prompts) * len(methods)
-    for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
-        order = methods[i % len(methods):] + methods[: i % len(methods)]
-        results = {m: _generate(pair, m, ids, params, args, args.max_new_tokens) for m in order}
-        for m in order:
-            r = results[m]
-            same = r.tokens == results["target"].tokens if "target" in results and m in CLAIMS_TARGET_OUTPUT else None
-            runs.append(Run(prompt.id, prompt.category, r, same))
-            _progress(f"[{len(runs)}/{total}] {m:<8} {prompt.id:<16} {len(r.tokens):4d} tok "
-                      f"{len(r.tokens) / r.wall_s:6.2f} tok/s  ttft {1000 * r.ttft_s:6.0f} ms"
-                      + ("" if same is None else f"  identical={same}"))
+    with procs.Stack(paths.tandem_home() / "logs" / "bench") as stack:
+        remote = None
+        if any(m in NETWORK_METHODS for m in methods):
+            from tandem.bench_grpc import RemoteStack
+
+            remote = RemoteStack(stack, pair.drafter, dtype=args.dtype, model_dir=args.target, progress=_progress)
+        runs = _run_all(pair, remote, methods, rtts, prompts, encoded, args)
     rows = aggregate(runs)
     print(format_table(rows))
     if args.json:
-        config = {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "draft_len": args.draft_len,
-                  "methods": methods, "prompts": str(args.prompts or default_prompts_path()),
-                  "n_prompts": len(prompts), "sampling": "greedy", "target": str(target), "drafter": str(drafter)}
-        per_prompt = [{"method": r.result.method, "prompt_id": r.prompt_id, "category": r.category,
-                       "tokens": len(r.result.tokens), "wall_s": r.result.wall_s, "ttft_s": r.result.ttft_s,
-                       "identical_to_target": r.identical_to_target} for r in runs]
-        doc = {"machine": machine_info(), "config": config, "results": rows, "runs": per_prompt}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-        _progress(f"wrote {args.json}")
+        _write_json(args, rows, runs, methods, rtts, len(prompts), target, drafter)
     return 0
+
+
+def _variants(methods: list[str], rtts: list[float]) -> list[tuple[str, float | None]]:
+    """(method, rtt) pairs: networked methods once per RTT, the others once."""
+    return [(m, r) for m in methods for r in (rtts if m in NETWORK_METHODS else [None])]
+
+
+def _run_all(pair: Any, remote: Any, methods: list[str], rtts: list[float], prompts: list[BenchPrompt],
+             encoded: list[list[int]], args: argparse.Namespace) -> list[Run]:
+    from tandem_core.sampling import SamplingParams
+
+    params = SamplingParams()  # greedy: the goal figures and identical_to_target are greedy
+    variants = _variants(methods, rtts)
+    for method in methods:  # warm-up: first-call allocations and lazy init stay out of the figures
+        _progress(f"warm-up: {method}")
+        _generate(pair, method, encoded[0], params, args, args.warmup_tokens, remote)
+    runs: list[Run] = []
+    total = len(prompts) * len(variants)
+    for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        order = variants[i % len(variants):] + variants[: i % len(variants)]
+        results = {}
+        for method, rtt in order:
+            if rtt is not None:
+                remote.set_rtt(rtt)
+            results[(method, rtt)] = _generate(pair, method, ids, params, args, args.max_new_tokens, remote)
+        base = results.get(("target", None))
+        for method, rtt in order:
+            r = results[(method, rtt)]
+            same = r.tokens == base.tokens if base is not None and method in CLAIMS_TARGET_OUTPUT else None
+            runs.append(Run(prompt.id, prompt.category, r, same, rtt))
+            label = method if rtt is None else f"{method}@{rtt:g}ms"
+            _progress(f"[{len(runs)}/{total}] {label:<20} {prompt.id:<16} {len(r.tokens):4d} tok "
+                      f"{len(r.tokens) / r.wall_s:6.2f} tok/s  ttft {1000 * r.ttft_s:6.0f} ms"
+                      + ("" if same is None else f"  identical={same}"))
+    return runs
+
+
+def _write_json(args: argparse.Namespace, rows: list[dict], runs: list[Run], methods: list[str], rtts: list[float],
+                n_prompts: int, target: Path, drafter: Path) -> None:
+    config = {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "draft_len": args.draft_len,
+              "methods": methods, "rtt_ms": rtts if any(m in NETWORK_METHODS for m in methods) else None,
+              "prompts": str(args.prompts or default_prompts_path()), "n_prompts": n_prompts, "sampling": "greedy",
+              "target": str(target), "drafter": str(drafter)}
+    per_prompt = [{"method": r.result.method, "rtt_ms": r.rtt_ms, "prompt_id": r.prompt_id, "category": r.category,
+                   "tokens": len(r.result.tokens), "wall_s": r.result.wall_s, "ttft_s": r.result.ttft_s,
+                   "identical_to_target": r.identical_to_target} for r in runs]
+    doc = {"machine": machine_info(), "config": config, "results": rows, "runs": per_prompt}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    _progress(f"wrote {args.json}")
 
 
 def _progress(message: str) -> None:

@@ -29,6 +29,7 @@ class Run:
     category: str
     result: GenerationResult
     identical_to_target: bool | None  # None when the method does not claim the target's output
+    rtt_ms: float | None = None  # networked methods: the link shaper's RTT; None in process
 
 
 def _sum_opt(values: Iterable[float | None]) -> float | None:
@@ -42,18 +43,19 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Rows per (method, category) and per (method, 'all'), with speedups against `target`."""
-    groups: dict[tuple[str, str], list[Run]] = {}
+    groups: dict[tuple[str, float | None, str], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.result.method, run.category), []).append(run)
-        groups.setdefault((run.result.method, "all"), []).append(run)
-    rows = {key: _row(key[0], key[1], group) for key, group in groups.items()}
-    for (method, category), row in rows.items():
-        base = rows.get(("target", category))
+        groups.setdefault((run.result.method, run.rtt_ms, run.category), []).append(run)
+        groups.setdefault((run.result.method, run.rtt_ms, "all"), []).append(run)
+    rows = {key: _row(key[0], key[2], group) | {"rtt_ms": key[1]} for key, group in groups.items()}
+    for (method, rtt, category), row in rows.items():
+        base = rows.get(("target", None, category))
         row["speedup_vs_target"] = _ratio(row["tokens_per_s"], base["tokens_per_s"]) if base else None
         row["decode_speedup_vs_target"] = (_ratio(row["decode_tokens_per_s"], base["decode_tokens_per_s"])
                                            if base else None)
     order = {m: i for i, m in enumerate(("target", "assisted", "drafter", "tandem", "tandem_grpc", "cloud_stream"))}
-    return sorted(rows.values(), key=lambda r: (r["category"] == "all", r["category"], order.get(r["method"], 99)))
+    return sorted(rows.values(), key=lambda r: (r["category"] == "all", r["category"], order.get(r["method"], 99),
+                                                r["rtt_ms"] or 0))
 
 
 def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
@@ -86,7 +88,16 @@ def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
         "identical_rate": None if any(i is None for i in identical) else sum(identical) / len(identical),
         "tokens": tokens,
         "wall_s": wall,
+        "bytes_per_round": _bytes_per_round(results),
     }
+
+
+def _bytes_per_round(results: Sequence[GenerationResult]) -> float | None:
+    """Message bytes (both directions) per verification round, or per streamed message."""
+    if any(r.bytes_up is None or r.bytes_down is None for r in results):
+        return None
+    rounds = sum((r.stats.rounds if r.stats is not None and r.stats.rounds else r.messages or 0) for r in results)
+    return _ratio(sum((r.bytes_up or 0) + (r.bytes_down or 0) for r in results), rounds)
 
 
 def machine_info() -> dict[str, Any]:
@@ -124,6 +135,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token", "cloud_cpu_s_per_token",
             "speedup_vs_target", "decode_speedup_vs_target", "identical_to_target")
     lines = [[_fmt(row[k], s) for k, s in zip(keys, specs)] for row in rows]
+    for line, row in zip(lines, rows):
+        if row.get("rtt_ms") is not None:
+            line[0] += f"@{row['rtt_ms']:g}ms"
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]

@@ -37,6 +37,9 @@ class GenerationResult:
     cloud_cpu_s: float | None  # process CPU seconds spent in the target; None if unused
     stats: RequestStats | None  # speculative statistics; None where they do not apply
     target_forwards: int | None  # target forward passes, prefill included; None if no target
+    bytes_up: int | None = None  # networked methods: message bytes edge -> cloud
+    bytes_down: int | None = None  # networked methods: message bytes cloud -> edge
+    messages: int | None = None  # cloud_stream: response messages (its "rounds")
 
 
 class Meter:
