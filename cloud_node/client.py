@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Self
 
 import grpc
 import numpy as np
@@ -135,7 +136,7 @@ class CloudVerifierClient:
         if self._own_channel:
             self._channel.close()
 
-    def __enter__(self) -> CloudVerifierClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -32,7 +32,13 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import gRPCInputStream
 
-from cloud_node.servicer import SERVICE_NAME, VerifyStream, chunk_to_proto, spec_from_proto, status_for
+from cloud_node.servicer import (
+    SERVICE_NAME,
+    VerifyStream,
+    chunk_to_proto,
+    spec_from_proto,
+    status_for,
+)
 from cloud_node.verifier import Limits, VerifierCore
 from protos.tandem.v1 import cloud_pb2
 
@@ -66,6 +72,16 @@ def add_cloud_verifier_bytes_to_server(servicer: Any, server: Any) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+def _log_to_stderr() -> None:
+    """Our INFO logs (model load, kernel choice, evictions) into the replica's worker log."""
+    logger = logging.getLogger("cloud_node")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def _parse(message: Any, cls: Any) -> Any:
     return cls.FromString(message) if isinstance(message, bytes) else message
 
@@ -83,12 +99,15 @@ class CloudVerifierDeployment:
     """One replica: a VerifierCore, its CPU work on a thread pool off the replica's event loop."""
 
     def __init__(self, model_dir: str, dtype: str, limits: Limits, model_name: str | None = None) -> None:
+        _log_to_stderr()
         # The Ray actor name plus the process id: enough to find (or, in fault tests, kill) it.
         replica = f"{serve.get_replica_context().replica_id.to_full_id_str()} pid={os.getpid()}"
         self.core = VerifierCore.load(model_dir, dtype=dtype, limits=limits, model_name=model_name,
                                       replica=replica)
         self._pool = ThreadPoolExecutor(max_workers=limits.max_sessions + 2, thread_name_prefix="verifier")
-        log.info("replica %s ready", replica)
+        import torch
+
+        log.info("replica %s ready (torch threads %d)", replica, torch.get_num_threads())
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -140,7 +159,7 @@ class CloudVerifierDeployment:
 def build_app(model_dir: str | Path, *, dtype: str, limits: Limits, replicas: int = 1,
               num_cpus: float = 1.0, model_name: str | None = None) -> Any:
     """The Serve application (bound deployment)."""
-    return CloudVerifierDeployment.options(
+    return CloudVerifierDeployment.options(  # type: ignore[attr-defined]
         num_replicas=replicas,
         max_ongoing_requests=limits.max_sessions + 4,  # a few health checks on top of the sessions
         ray_actor_options={"num_cpus": num_cpus},

@@ -117,13 +117,13 @@ class VerifyStream:
 
 # --- the grpcio servicer -----------------------------------------------------------------------
 
+_CLIENT_ERRORS = (BadRequest, ResourceExhausted)  # anything else is a server fault (grpc: UNKNOWN)
+
+
 def _abort_for(context: grpc.ServicerContext, exc: BaseException) -> None:
     status = status_for(exc)
-    if status is None:
-        log.exception("internal error")
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-    else:
-        context.abort(*status)
+    assert status is not None
+    context.abort(*status)
 
 
 class CloudVerifierServicer(cloud_pb2_grpc.CloudVerifierServicer):
@@ -140,7 +140,7 @@ class CloudVerifierServicer(cloud_pb2_grpc.CloudVerifierServicer):
             for request in request_iterator:
                 try:
                     response = stream.handle(request)
-                except Exception as exc:
+                except _CLIENT_ERRORS as exc:
                     _abort_for(context, exc)
                 yield response
                 if stream.finished:
@@ -152,7 +152,7 @@ class CloudVerifierServicer(cloud_pb2_grpc.CloudVerifierServicer):
                  context: grpc.ServicerContext) -> Iterator[cloud_pb2.GenerateResponse]:
         try:
             chunks = self.core.generate(spec_from_proto(request.session))
-        except Exception as exc:
+        except _CLIENT_ERRORS as exc:
             _abort_for(context, exc)
         try:
             for chunk in chunks:

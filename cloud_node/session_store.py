@@ -43,7 +43,9 @@ def kv_bytes_per_token(config: Mapping[str, Any] | Any, dtype: str) -> int:
 
     `config` is a transformers config object or its dict (config.json).
     """
-    get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+    def get(key: str) -> Any:
+        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
     layers = int(get("num_hidden_layers"))
     heads = int(get("num_attention_heads"))
     kv_heads = int(get("num_key_value_heads") or heads)

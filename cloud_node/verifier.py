@@ -30,9 +30,19 @@ from typing import Any
 
 import numpy as np
 
-from cloud_node.session_store import SessionLimit, SessionRecord, SessionStore, kv_bytes_per_token
+from cloud_node.session_store import (
+    SessionLimit,
+    SessionRecord,
+    SessionStore,
+    kv_bytes_per_token,
+)
 from tandem_core.loop import Draft, verify_round
-from tandem_core.sampling import VERIFIER_STREAM, SamplingParams, resolve_seed, round_rng
+from tandem_core.sampling import (
+    VERIFIER_STREAM,
+    SamplingParams,
+    resolve_seed,
+    round_rng,
+)
 from tandem_core.verify import Verdict
 
 log = logging.getLogger(__name__)
@@ -317,7 +327,7 @@ class VerifierCore:
 
         try:
             ids = encode_prompt(self.tokenizer, messages=[{"role": r, "content": c} for r, c in spec.messages])
-        except Exception as exc:  # a template error is the client's input
+        except Exception as exc:  # noqa: BLE001 - any template error is the client's input
             raise BadRequest(f"messages: the chat template rejected them: {exc}") from None
         return self._check_ids("messages", ids)
 

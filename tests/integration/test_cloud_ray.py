@@ -134,6 +134,9 @@ def test_health_and_reflection_through_the_serve_proxy(cloud: Cloud) -> None:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
                                                           timeout=30)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
         replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
         names = {s.name for r in replies for s in r.list_services_response.service}
@@ -147,6 +150,12 @@ def test_greedy_over_ray_equals_target_generate(cloud: Cloud, pair: LocalPair) -
             assert tuple(speculative(client, pair, prompt, GREEDY, 40)) == expected
         assert client.opened.replica.startswith("SERVE_REPLICA::tandem-cloud#CloudVerifier")
         assert client.resumes == 0
+
+
+def test_cloud_only_generate_over_ray(cloud: Cloud, pair: LocalPair) -> None:
+    with CloudVerifierClient(cloud.address) as client:
+        got = [t for r in client.generate(spec_for(PROMPTS[0], GREEDY, 25)) for t in r.tokens]
+    assert tuple(got) == pair.target_generate(PROMPTS[0], GREEDY, max_new_tokens=25).tokens
 
 
 def test_seeded_sampling_over_ray_is_reproducible(cloud: Cloud, pair: LocalPair) -> None:

@@ -1,0 +1,55 @@
+"""`tandem serve cloud` settings: flag > TANDEM_CLOUD_* > default, and bad values exit 2 naming the
+field. No Ray is started here."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from cloud_node.cli import CloudConfig, add_cloud_parser, config_from
+from tandem.cli import main as tandem_main
+
+
+@pytest.fixture()
+def model_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_cloud_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["cloud", *argv])
+
+
+def test_flag_beats_env_beats_default(model_dir: Path) -> None:
+    env = {"TANDEM_CLOUD_PORT": "7001", "TANDEM_CLOUD_REPLICAS": "3", "TANDEM_CLOUD_MODEL_DIR": str(model_dir)}
+    config = config_from(_args("--port", "7002"), env)
+    assert (config.port, config.replicas, config.model_dir) == (7002, 3, model_dir)
+    assert (config.dtype, config.max_sessions, config.address) == ("bf16", 16, None)
+    assert config.limits().kv_budget_bytes == 2048 << 20
+
+
+@pytest.mark.parametrize(("argv", "field"), [
+    (["--replicas", "0"], "replicas"), (["--port", "70000"], "port"), (["--max-draft-len", "0"], "max_draft_len"),
+    (["--kv-budget-mb", "-1"], "kv_budget_mb"), (["--replica-cpus", "-1"], "replica_cpus"),
+])
+def test_invalid_values_name_the_field(model_dir: Path, argv: list[str], field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        config_from(_args("--model-dir", str(model_dir), *argv), {})
+
+
+def test_bad_env_value_names_the_variable(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="TANDEM_CLOUD_MAX_SESSIONS"):
+        config_from(_args("--model-dir", str(model_dir)), {"TANDEM_CLOUD_MAX_SESSIONS": "many"})
+    with pytest.raises(ValueError, match="^dtype:"):
+        CloudConfig(model_dir=model_dir, dtype="int4")
+
+
+def test_cli_exits_2_with_a_message(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tandem_main(["serve", "cloud", "--model-dir", str(model_dir), "--replicas", "0"]) == 2
+    assert "replicas: must be >= 1" in capsys.readouterr().err
+    assert tandem_main(["serve", "cloud", "--model-dir", str(model_dir / "missing")]) == 2
+    assert "model_dir" in capsys.readouterr().err
