@@ -1,0 +1,139 @@
+"""The edge's speculative client against a real cloud verifier server, through the link shaper.
+
+Real gRPC on 127.0.0.1, the tiny target in fp32 on the cloud side and the tiny ONNX drafter on
+the edge side. The link is cut, black-holed and slowed in the middle of answers; every answer
+must equal the undisturbed one, token for token.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from cloud_node.servicer import create_server
+from cloud_node.verifier import VerifierCore
+from edge_node.cloud_link import CloudLink, SessionRequest, cloud_generate
+from edge_node.drafter import DrafterModel
+from edge_node.generation import EdgeResult, generate_speculative
+from netshape.shaper import LinkShaper
+from tandem.local import LocalPair
+from tandem_core.sampling import SamplingParams
+
+PROMPT = [5, 17, 99, 3, 44, 101, 7]
+N = 40
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_models) -> Iterator[str]:
+    core = VerifierCore.load(tiny_models.target_hf, dtype="fp32")
+    server, port = create_server(core, "127.0.0.1:0")
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def drafter(tiny_models) -> DrafterModel:
+    return DrafterModel(tiny_models.drafter_onnx)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models) -> tuple[int, ...]:
+    pair = LocalPair(tiny_models.target_hf, None, dtype="fp32")
+    return pair.target_generate(PROMPT, SamplingParams(), max_new_tokens=N).tokens
+
+
+@pytest.fixture()
+def shaper(cloud: str) -> Iterator[LinkShaper]:
+    with LinkShaper(cloud) as s:
+        yield s
+
+
+def _run(drafter: DrafterModel, address: str, params: SamplingParams = SamplingParams(), *, seed: int = 0,
+         on_tokens=None, round_timeout_s: float = 5.0) -> EdgeResult:
+    with grpc.insecure_channel(address) as channel:
+        link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), params, seed, N),
+                         round_timeout_s=round_timeout_s)
+        return generate_speculative(drafter, link, PROMPT, params, seed, draft_len=4, max_new_tokens=N,
+                                    on_tokens=on_tokens, max_resumes=5, backoff_s=0.05)
+
+
+def _address(shaper: LinkShaper) -> str:
+    host, port = shaper.address
+    return f"{host}:{port}"
+
+
+def test_greedy_over_the_link_equals_the_target(drafter, shaper, reference) -> None:
+    result = _run(drafter, _address(shaper))
+    assert tuple(result.tokens) == reference
+    assert result.resumes == 0
+    assert 0 < result.stats.accepted <= result.stats.drafted
+    # Greedy rounds carry only token ids: a few dozen bytes each way.
+    assert result.bytes_up / result.stats.rounds < 100 and result.bytes_down / result.stats.rounds < 100
+
+
+def test_a_cut_link_mid_answer_resumes_with_identical_output(drafter, shaper, reference) -> None:
+    seen: list[int] = []
+
+    def cut_once(tokens, _source) -> None:
+        seen.extend(tokens)
+        if len(seen) >= 10 and shaper.stats().connections_dropped == 0:
+            shaper.drop_connections()
+
+    result = _run(drafter, _address(shaper), on_tokens=cut_once)
+    assert tuple(result.tokens) == reference
+    assert seen == list(reference)  # every token delivered once, in order
+    assert result.resumes >= 1
+
+
+def test_a_black_holed_link_mid_answer_resumes_after_the_round_deadline(drafter, shaper, reference) -> None:
+    seen: list[int] = []
+
+    def blackhole_once(tokens, _source) -> None:
+        seen.extend(tokens)
+        if len(seen) >= 8 and -1 not in seen:
+            shaper.set_conditions(mode="blackhole")
+            # Restore the link a little after the round deadline has fired.
+            threading.Timer(1.2, lambda: shaper.set_conditions(mode="up")).start()
+            seen.append(-1)
+
+    result = _run(drafter, _address(shaper), on_tokens=blackhole_once, round_timeout_s=1.0)
+    assert tuple(result.tokens) == reference
+    assert result.resumes >= 1
+
+
+def test_sampling_with_a_seed_survives_a_cut_identically(drafter, shaper) -> None:
+    params = SamplingParams(temperature=0.9, top_p=0.95)
+    undisturbed = _run(drafter, _address(shaper), params, seed=7)
+    cut = {"done": False}
+
+    def cut_once(tokens, _source) -> None:
+        if not cut["done"]:
+            cut["done"] = True
+            shaper.drop_connections()
+
+    disturbed = _run(drafter, _address(shaper), params, seed=7, on_tokens=cut_once)
+    assert disturbed.tokens == undisturbed.tokens
+    assert disturbed.resumes >= 1
+    other = _run(drafter, _address(shaper), params, seed=8)
+    assert other.tokens != undisturbed.tokens
+
+
+def test_latency_slows_rounds_but_not_the_answer(drafter, shaper, reference) -> None:
+    shaper.set_conditions(rtt_ms=80)
+    result = _run(drafter, _address(shaper))
+    assert tuple(result.tokens) == reference
+    assert result.wall_s >= 0.08 * result.stats.rounds * 0.9
+
+
+def test_cloud_only_stream_resumes_after_a_cut(shaper, reference) -> None:
+    got: list[int] = []
+    with grpc.insecure_channel(_address(shaper)) as channel:
+        for response in cloud_generate(channel, PROMPT, SamplingParams(), 0, N, backoff_s=0.05):
+            got.extend(response.tokens)
+            if len(got) >= 5 and shaper.stats().connections_dropped == 0:
+                shaper.drop_connections()
+    assert tuple(got) == reference
