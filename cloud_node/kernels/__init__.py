@@ -7,6 +7,10 @@ loads it on first use; `linear` routes `nn.Linear` calls to it, opt in and per t
 this package compiles nothing and changes nothing.
 """
 
-from cloud_node.kernels.linear import install_small_m_linear, small_m_kernel_enabled, small_m_linear
+from cloud_node.kernels.linear import (
+    install_small_m_linear,
+    small_m_kernel_enabled,
+    small_m_linear,
+)
 
 __all__ = ["install_small_m_linear", "small_m_kernel_enabled", "small_m_linear"]

@@ -74,18 +74,17 @@ def compile_library(compiler: str, out: Path) -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    # (x, ldx, w, bias, y, M, N, K, nthreads); pointers travel as integers (tensor.data_ptr()).
-    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    for fn in (lib.smallm_gemm_bf16, lib.smallm_gemm_f32):
-        fn.argtypes = args
-        fn.restype = None
+    # smallm_linear(x, ldx, x_bf16, w, bias, w_bf16, y, y_bf16, M, N, K, nthreads) -> 0 | -1;
+    # pointers travel as integers (tensor.data_ptr()), None for no bias.
+    p, i64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.smallm_linear.argtypes = [p, i64, flag, p, p, flag, p, flag, i64, i64, i64, flag]
+    lib.smallm_linear.restype = ctypes.c_int
     return lib
 
 
 @functools.cache
 def load_kernel() -> ctypes.CDLL | None:
-    """The loaded library (functions `smallm_gemm_bf16`, `smallm_gemm_f32`), or None."""
+    """The loaded library (function `smallm_linear`, see smallm_gemm.c), or None."""
     if not cpu_supported():
         log.warning("small-M kernel off: this CPU lacks %s", "/".join(sorted(REQUIRED_CPU_FLAGS)))
         return None

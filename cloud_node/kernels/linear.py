@@ -8,8 +8,8 @@ Guarantees:
   thread AND the input flattens to 2..max_rows rows AND the weight is a contiguous bf16 or fp32
   tensor matching the input dtype AND no gradient is needed. Every other call is the stock
   `F.linear`, so e.g. transformers `generate` on the same model object stays stock PyTorch.
-- Kernel numerics: x and the weights are upcast to fp32, products accumulate in fp32, and the
-  result is rounded once to the input dtype (as torch's bf16 linear does).
+- Kernel numerics: x and the weights are upcast to fp32 (exact), products accumulate in fp32,
+  and the result (bias added in fp32) is rounded once to the input dtype, to nearest even.
 """
 
 from __future__ import annotations
@@ -40,51 +40,51 @@ def _enabled() -> bool:
 
 
 def small_m_linear(x: Any, weight: Any, bias: Any = None) -> Any:
-    """y = x @ weight.T + bias through the kernel; x (..., K), weight (N, K) contiguous, same dtype
-    as x (bf16 or fp32), bias (N,) or None. Raises RuntimeError when the kernel is unavailable."""
+    """y = x @ weight.T + bias through the kernel, in x's dtype. x (..., K) and weight (N, K) are
+    each bf16 or fp32 (weight contiguous), bias (N,) or None; any number of rows (the kernel is
+    fast for few). Raises RuntimeError when the kernel is unavailable."""
     import torch
 
     lib = load_kernel()
     if lib is None:
         raise RuntimeError("the small-M kernel is unavailable on this machine")
-    fn = lib.smallm_gemm_bf16 if weight.dtype == torch.bfloat16 else lib.smallm_gemm_f32
+    _DTYPES = (torch.bfloat16, torch.float32)
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32 or x2.stride(1) != 1:
-        x2 = x2.to(torch.float32).contiguous()  # at most max_rows x K floats
-    m = x2.shape[0]
-    y = torch.empty((m, n), dtype=torch.float32)
-    bias_ptr = None
-    if bias is not None:
+    if x.shape[-1] != k or x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
+        raise ValueError(f"small_m_linear: x {tuple(x.shape)} {x.dtype} vs weight {tuple(weight.shape)} {weight.dtype}")
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()  # at most max_rows x K when called from a patched layer
+    if bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()):
         bias = bias.to(weight.dtype).contiguous()
-        bias_ptr = bias.data_ptr()
-    fn(x2.data_ptr(), x2.stride(0), weight.data_ptr(), bias_ptr, y.data_ptr(), m, n, k,
-       torch.get_num_threads())
-    if x.dtype != torch.float32:
-        y = y.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype)
+    status = lib.smallm_linear(
+        x.data_ptr(), k, x.dtype == torch.bfloat16, weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), weight.dtype == torch.bfloat16,
+        y.data_ptr(), y.dtype == torch.bfloat16, x.numel() // k, n, k, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("small-M kernel: no memory for the fp32 copy of x")
+    return y
 
 
 def _usable(layer: Any, x: Any, max_rows: int) -> bool:
     import torch
 
     w = layer.weight
-    if x.dtype != w.dtype or w.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu":
+    k = x.shape[-1] if x.dim() else 0
+    if not k or not 2 <= x.numel() // k <= max_rows or x.dtype != w.dtype or not x.is_cpu:
         return False
-    if x.dim() == 0 or x.shape[-1] != w.shape[1] or not w.is_contiguous():
+    if w.dtype not in (torch.bfloat16, torch.float32) or not w.is_contiguous() or w.shape[1] != k:
         return False
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 2 <= rows <= max_rows:
-        return False
-    grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    return not grad and load_kernel() is not None
+    return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
 
 
 def _forward(layer: Any, x: Any) -> Any:
     """The patched `Linear.forward` (a bound method, so a deepcopy of the model binds to the copy)."""
     import torch.nn.functional as F
 
-    if _enabled() and _usable(layer, x, layer._small_m_max_rows):
+    if _enabled() and _usable(layer, x, layer._small_m_max_rows) and load_kernel() is not None:
         return small_m_linear(x, layer.weight, layer.bias)
     return F.linear(x, layer.weight, layer.bias)
 
@@ -106,9 +106,9 @@ def install_small_m_linear(model: Any, max_rows: int = 16) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module._small_m_max_rows = max_rows
-            if not _patched(module):
-                module.forward = types.MethodType(_forward, module)
+            module.__dict__["_small_m_max_rows"] = max_rows
+            if not _patched(module):  # an instance attribute shadows Linear.forward
+                module.__dict__["forward"] = types.MethodType(_forward, module)
             count += 1
     return count
 
@@ -118,7 +118,6 @@ def uninstall_small_m_linear(model: Any) -> int:
     count = 0
     for module in model.modules():
         if _patched(module):
-            del module.forward
-            del module._small_m_max_rows
+            del module.__dict__["forward"], module.__dict__["_small_m_max_rows"]
             count += 1
     return count
