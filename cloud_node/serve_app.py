@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,15 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _after(step: Future[Any] | None, fn: Callable[[], Any]) -> None:
+    """Run fn now, or once `step` finishes: a cancelled await leaves a pool step running, and
+    closing a session (or generator) under it would race with it."""
+    if step is None or step.done():
+        fn()
+    else:
+        step.add_done_callback(lambda _: fn())
+
+
 def _parse(message: Any, cls: Any) -> Any:
     return cls.FromString(message) if isinstance(message, bytes) else message
 
@@ -109,16 +118,15 @@ class CloudVerifierDeployment:
 
         log.info("replica %s ready (torch threads %d)", replica, torch.get_num_threads())
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
     async def Verify(self, requests: gRPCInputStream,
                      grpc_context: Any) -> AsyncIterator[cloud_pb2.VerifyResponse]:
         stream = VerifyStream(self.core)
+        step: Future[Any] | None = None
         try:
             async for request in requests:
+                step = self._pool.submit(stream.handle, _parse(request, cloud_pb2.VerifyRequest))
                 try:
-                    response = await self._run(stream.handle, _parse(request, cloud_pb2.VerifyRequest))
+                    response = await asyncio.wrap_future(step)
                 except Exception as exc:
                     _fail(grpc_context, exc)
                     raise
@@ -126,21 +134,30 @@ class CloudVerifierDeployment:
                 if stream.finished:
                     return
         finally:
-            stream.close()
+            _after(step, stream.close)
 
     async def Generate(self, request: cloud_pb2.GenerateRequest,
                        grpc_context: Any) -> AsyncIterator[cloud_pb2.GenerateResponse]:
+        spec = spec_from_proto(_parse(request, cloud_pb2.GenerateRequest).session)
+        opening = self._pool.submit(self.core.generate, spec)
         try:
-            spec = spec_from_proto(_parse(request, cloud_pb2.GenerateRequest).session)
-            chunks = await self._run(self.core.generate, spec)
+            chunks = await asyncio.wrap_future(opening)
+        except asyncio.CancelledError:  # the session may still open: close it once it has
+            _after(opening, lambda: None if opening.exception() else opening.result().close())
+            raise
         except Exception as exc:
             _fail(grpc_context, exc)
             raise
+        step: Future[Any] | None = None
         try:
-            while (chunk := await self._run(next, chunks, _DONE)) is not _DONE:
+            while True:
+                step = self._pool.submit(next, chunks, _DONE)
+                chunk = await asyncio.wrap_future(step)
+                if chunk is _DONE:
+                    return
                 yield chunk_to_proto(chunk)
         finally:
-            chunks.close()
+            _after(step, chunks.close)
 
     async def Check(self, request: Any, grpc_context: Any) -> Any:
         from grpc_health.v1 import health_pb2

@@ -158,7 +158,7 @@ class CloudVerifierServicer(cloud_pb2_grpc.CloudVerifierServicer):
             for chunk in chunks:
                 yield chunk_to_proto(chunk)
         finally:
-            chunks.close()  # type: ignore[attr-defined]
+            chunks.close()
 
 
 def add_standard_services(server: grpc.Server, service_names: list[str]) -> None:

@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,7 +219,7 @@ class VerifierCore:
         return RoundVerdict(draft.round, verdict.accepted, verdict.tokens, verdict.finished,
                             verdict.finish_reason, timing)
 
-    def generate(self, spec: SessionSpec) -> Iterator[GenerateChunk]:
+    def generate(self, spec: SessionSpec) -> Generator[GenerateChunk, None, None]:
         """Cloud-only decoding: validates and opens now (raising BadRequest/ResourceExhausted
         here), then yields one token per chunk. The session closes when the iterator ends or
         is closed."""
@@ -227,7 +227,7 @@ class VerifierCore:
         record = self._record(opened.session)
         return self._generate(record, opened.timing)
 
-    def _generate(self, record: SessionRecord, open_timing: Timing) -> Iterator[GenerateChunk]:
+    def _generate(self, record: SessionRecord, open_timing: Timing) -> Generator[GenerateChunk, None, None]:
         try:
             pending = open_timing
             while True:
@@ -253,12 +253,12 @@ class VerifierCore:
             try:
                 prefill_ms = self._ensure_cache(record, len(draft.tokens))
                 t2 = time.perf_counter()
-                assert record.cache is not None
-                logits = record.cache.score(draft.tokens)  # type: ignore[attr-defined]
+                cache: Any = record.cache  # a local: close() may drop record.cache meanwhile
+                logits = cache.score(draft.tokens)
                 rng = round_rng(state.seed, VERIFIER_STREAM, position)
                 verdict = verify_round(draft, logits, state.params, rng, eos_ids=self.eos_ids,
                                        remaining=remaining)
-                record.cache.commit(verdict.accepted, verdict.tokens)  # type: ignore[attr-defined]
+                cache.commit(verdict.accepted, verdict.tokens)
             except BaseException:
                 record.cache = None  # never reuse a cache a failed pass may have left half-updated
                 raise

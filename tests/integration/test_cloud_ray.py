@@ -72,6 +72,7 @@ class Cloud:
 def cloud(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     log = tmp_path_factory.mktemp("cloud") / "cloud.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "TANDEM_CLOUD_"))}
+    env["RAY_DEDUP_LOGS"] = "0"  # every replica log line reaches the log (one test reads them)
     argv = [sys.executable, "-m", "cloud_node", "--port", "0", "--model-dir", str(tiny_models.target_hf),
             "--dtype", "fp32", "--replicas", str(REPLICAS), "--replica-cpus", "0.5",
             "--max-sessions", str(MAX_SESSIONS), "--max-context", "200", "--max-draft-len", "8",
@@ -225,6 +226,25 @@ def test_session_limit_over_ray_gives_resource_exhausted(cloud: Cloud) -> None:
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
+def test_cancelled_streams_close_their_sessions_on_the_replica(cloud: Cloud) -> None:
+    with grpc.insecure_channel(cloud.address) as channel:
+        call = cloud_pb2_grpc.CloudVerifierStub(channel).Generate(
+            cloud_pb2.GenerateRequest(session=spec_for(PROMPTS[0], GREEDY, 60, session_id="cancel-gen")), timeout=30)
+        next(call)
+        call.cancel()
+    with CloudVerifierClient(cloud.address) as client:  # leaving the block cancels the stream
+        client.open(spec_for(PROMPTS[0], GREEDY, 30, session_id="cancel-verify"))
+        client.verify(draft_round(0, [5]))
+    deadline = time.monotonic() + 20  # replica logs reach the CLI's stderr through Ray's log monitor
+    while time.monotonic() < deadline:
+        text = cloud.log.read_text()
+        if "closed cancel-gen#" in text and "closed cancel-verify#" in text:
+            return
+        time.sleep(0.2)
+    pytest.fail("a cancelled stream left its session open:\n" + "\n".join(
+        line for line in cloud.log.read_text().splitlines() if "cancel-" in line))
+
+
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_killing_the_serving_replica_mid_answer_resumes_identically(cloud: Cloud, pair: LocalPair,
                                                                     params: SamplingParams) -> None:
@@ -239,7 +259,7 @@ def test_killing_the_serving_replica_mid_answer_resumes_identically(cloud: Cloud
         pid = int(client.opened.replica.rsplit("pid=", 1)[1])
         assert pid in {p.pid for p in cloud.descendants()}  # a process of this test's cluster
         os.kill(pid, signal.SIGKILL)
-        psutil.Process(pid).wait(30) if psutil.pid_exists(pid) else None
+        psutil.wait_procs([p for p in cloud.descendants() if p.pid == pid], timeout=30)
         killed.append(pid)
 
     with CloudVerifierClient(cloud.address, round_timeout_s=60, open_timeout_s=60, max_resumes=10,

@@ -141,6 +141,20 @@ def test_cloud_only_generate(pair: LocalPair, client: CloudVerifierClient) -> No
     assert sampled[0] == sampled[1] and len(sampled[0]) >= 1
 
 
+def test_cancelled_streams_free_their_sessions(address: str, core: VerifierCore) -> None:
+    wait_for_no_sessions(core)
+    with grpc.insecure_channel(address) as channel:
+        stub = cloud_pb2_grpc.CloudVerifierStub(channel)
+        call = stub.Generate(cloud_pb2.GenerateRequest(session=spec_for(PROMPTS[0], GREEDY, 60)), timeout=30)
+        next(call)
+        call.cancel()
+        with CloudVerifierClient(address) as c:
+            c.open(spec_for(PROMPTS[0], GREEDY, 10))
+            c.verify(draft_round(0, [5]))
+        # the client closes mid-answer (the context manager cancels the stream)
+    wait_for_no_sessions(core)
+
+
 def _rpc(stub: cloud_pb2_grpc.CloudVerifierStub, *requests: cloud_pb2.VerifyRequest) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Verify(iter(requests), timeout=30))
