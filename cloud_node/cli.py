@@ -42,6 +42,7 @@ class CloudConfig:
     port: int = 0  # gRPC port of Serve's proxy; 0 picks a free one
     replicas: int = 1
     replica_cpus: float = 1.0  # Ray CPUs reserved per replica
+    threads: int = 0  # torch threads per replica; 0 = the node's cores (Ray would pin 1)
     dtype: str = "bf16"
     max_sessions: int = 16
     max_context: int = 4096
@@ -56,6 +57,8 @@ class CloudConfig:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0, got {self.threads}")
         if self.replica_cpus < 0:
             raise ValueError(f"replica_cpus: must be >= 0, got {self.replica_cpus}")
         if self.kv_budget_mb < 0:
@@ -73,7 +76,7 @@ class CloudConfig:
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
-    "model_dir": Path, "address": str, "port": int, "replicas": int, "replica_cpus": float, "dtype": str,
+    "model_dir": Path, "address": str, "port": int, "replicas": int, "replica_cpus": float, "threads": int, "dtype": str,
     "max_sessions": int, "max_context": int, "max_draft_len": int, "max_new_tokens": int, "kv_budget_mb": int,
 }
 
@@ -107,6 +110,7 @@ def add_cloud_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="gRPC port of Serve's proxy (default 0: a free port)")
     p.add_argument("--replicas", type=int, help="number of replicas (default 1)")
     p.add_argument("--replica-cpus", dest="replica_cpus", type=float, help="Ray CPUs per replica (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per replica (default 0: all cores)")
     p.add_argument("--model-dir", dest="model_dir", type=Path, help="target model folder (default: the fetched target)")
     p.add_argument("--dtype", choices=DTYPES, help="target weights dtype (default bf16)")
     p.add_argument("--max-sessions", dest="max_sessions", type=int, help="concurrent sessions per replica (16)")
@@ -161,7 +165,8 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
     try:
         log.info("ray %s at %s", "local instance" if local else "cluster", ray.get_runtime_context().gcs_address)
         serve_app.start(config.model_dir, grpc_port=port, http_port=_free_port(), dtype=config.dtype,
-                        limits=config.limits(), replicas=config.replicas, num_cpus=config.replica_cpus)
+                        limits=config.limits(), replicas=config.replicas, num_cpus=config.replica_cpus,
+                        threads=config.threads)
         host = "127.0.0.1" if local else ray.util.get_node_ip_address()
         serve_app.wait_healthy(f"127.0.0.1:{port}", timeout_s=120)
         print(f"cloud grpc={host}:{port}", flush=True)

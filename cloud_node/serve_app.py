@@ -107,15 +107,19 @@ def _fail(grpc_context: Any, exc: BaseException) -> None:
 class CloudVerifierDeployment:
     """One replica: a VerifierCore, its CPU work on a thread pool off the replica's event loop."""
 
-    def __init__(self, model_dir: str, dtype: str, limits: Limits, model_name: str | None = None) -> None:
+    def __init__(self, model_dir: str, dtype: str, limits: Limits, model_name: str | None = None,
+                 threads: int = 0) -> None:
         _log_to_stderr()
+        import torch
+
+        # Ray pins OMP_NUM_THREADS to the actor's num_cpus (1 by default); the target's matmuls
+        # want the node's cores. threads == 0 means all of them.
+        torch.set_num_threads(threads or os.cpu_count() or 1)
         # The Ray actor name plus the process id: enough to find (or, in fault tests, kill) it.
         replica = f"{serve.get_replica_context().replica_id.to_full_id_str()} pid={os.getpid()}"
         self.core = VerifierCore.load(model_dir, dtype=dtype, limits=limits, model_name=model_name,
                                       replica=replica)
         self._pool = ThreadPoolExecutor(max_workers=limits.max_sessions + 2, thread_name_prefix="verifier")
-        import torch
-
         log.info("replica %s ready (torch threads %d)", replica, torch.get_num_threads())
 
     async def Verify(self, requests: gRPCInputStream,
@@ -174,17 +178,17 @@ class CloudVerifierDeployment:
 
 
 def build_app(model_dir: str | Path, *, dtype: str, limits: Limits, replicas: int = 1,
-              num_cpus: float = 1.0, model_name: str | None = None) -> Any:
+              num_cpus: float = 1.0, model_name: str | None = None, threads: int = 0) -> Any:
     """The Serve application (bound deployment)."""
     return CloudVerifierDeployment.options(  # type: ignore[attr-defined]
         num_replicas=replicas,
         max_ongoing_requests=limits.max_sessions + 4,  # a few health checks on top of the sessions
         ray_actor_options={"num_cpus": num_cpus},
-    ).bind(str(model_dir), dtype, limits, model_name)
+    ).bind(str(model_dir), dtype, limits, model_name, threads)
 
 
 def start(model_dir: str | Path, *, grpc_port: int, http_port: int, dtype: str, limits: Limits,
-          replicas: int = 1, num_cpus: float = 1.0, model_name: str | None = None) -> None:
+          replicas: int = 1, num_cpus: float = 1.0, model_name: str | None = None, threads: int = 0) -> None:
     """Start Serve (gRPC proxy on grpc_port) in the connected Ray cluster and deploy the app.
 
     Returns when the application is running. Ray must already be initialized.
@@ -194,7 +198,7 @@ def start(model_dir: str | Path, *, grpc_port: int, http_port: int, dtype: str, 
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
     )
     app = build_app(model_dir, dtype=dtype, limits=limits, replicas=replicas, num_cpus=num_cpus,
-                    model_name=model_name)
+                    model_name=model_name, threads=threads)
     serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")  # a route makes the proxies expose it
     log.info("deployed %s: %d replica(s) of %s", APP_NAME, replicas, model_dir)
 

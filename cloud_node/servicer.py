@@ -48,7 +48,7 @@ def spec_from_proto(msg: cloud_pb2.SessionSpec) -> SessionSpec:
     return SessionSpec(
         session_id=msg.session_id, model=msg.model, prompt_tokens=tuple(msg.prompt_tokens),
         messages=tuple((m.role, m.content) for m in msg.messages), temperature=s.temperature,
-        top_k=s.top_k, top_p=s.top_p, seed=s.seed if s.HasField("seed") else None,
+        top_k=s.top_k, top_p=s.top_p if s.HasField("top_p") else 1.0, seed=s.seed if s.HasField("seed") else None,
         max_new_tokens=msg.max_new_tokens, generated_tokens=tuple(msg.generated_tokens))
 
 

@@ -70,7 +70,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_tokens")
         s = request.sampling
-        params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p if s.top_p else 1.0,
+        params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p if s.HasField("top_p") else 1.0,
                                 seed=s.seed if s.HasField("seed") else None)
         if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {request.max_new_tokens}")

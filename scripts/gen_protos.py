@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -37,6 +38,9 @@ def generate(out_root: Path) -> list[Path]:
         text = path.read_text()
         # protoc writes `from tandem.v1 import x_pb2`; our package root is `protos`.
         text = text.replace("from tandem.v1 import", "from protos.tandem.v1 import")
+        # The module name the messages register under must be importable (pickling, e.g. by
+        # Ray, looks the classes up by it).
+        text = re.sub(r"'tandem\.v1\.(\w+_pb2)'", r"'protos.tandem.v1.\1'", text)
         path.write_text(text)
         generated.append(path.relative_to(out_root))
     return generated

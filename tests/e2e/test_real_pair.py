@@ -43,13 +43,29 @@ def test_greedy_speculative_equals_target_on_the_real_pair_fp32(fp32_pair, conte
     assert spec.stats.target_forwards_per_token < 1.0
 
 
-def test_demo_command_streams_text_and_statistics() -> None:
-    env = dict(os.environ)
+_STACK_MARKERS = ("raylet", "gcs_server", "netshape", "serve cloud", "serve edge", "cloud_node", "ray::")
+
+
+def _stack_pids() -> set[int]:
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if any(marker in cmd for marker in _STACK_MARKERS):
+            pids.add(proc.info["pid"])
+    return pids
+
+
+def test_demo_runs_as_processes_streams_the_answer_and_leaves_nothing_running() -> None:
+    before = _stack_pids()
     out = subprocess.run([sys.executable, "-m", "tandem", "demo", "--max-new-tokens", "16"],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
+                         capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-3000:]
     assert "palindrome" in out.stdout  # the prompt echo
-    assert "tok/s" in out.stdout and "acceptance" in out.stdout and "CPU s/token" in out.stdout
+    assert "tok/s" in out.stdout and "acceptance" in out.stdout and "bytes up" in out.stdout
+    assert "start-up took" in out.stderr and "all processes healthy" in out.stderr
+    assert _stack_pids() - before == set(), "the demo left processes running"
 
 
 def test_demo_rejects_bad_flags_with_exit_code_2() -> None:

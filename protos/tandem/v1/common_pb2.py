@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/common.proto\x12\ttandem.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x8b\x03\n\x0fGenerationStats\x12\r\n\x05route\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x02\x12\x0e\n\x06rounds\x18\x05 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x06 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x07 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x08 \x01(\x02\x12\x19\n\x11mean_accepted_len\x18\t \x01(\x02\x12\x17\n\x0ftarget_forwards\x18\n \x01(\r\x12\x10\n\x08\x62ytes_up\x18\x0b \x01(\x04\x12\x12\n\nbytes_down\x18\x0c \x01(\x04\x12\x12\n\nedge_cpu_s\x18\r \x01(\x02\x12\x0f\n\x07resumes\x18\x0e \x01(\r\x12.\n\rfinish_reason\x18\x0f \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x14\n\x0clocal_tokens\x18\x10 \x01(\r\x12\x17\n\x0fverified_tokens\x18\x11 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/common.proto\x12\ttandem.v1\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x8b\x03\n\x0fGenerationStats\x12\r\n\x05route\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x02\x12\x0e\n\x06rounds\x18\x05 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x06 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x07 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x08 \x01(\x02\x12\x19\n\x11mean_accepted_len\x18\t \x01(\x02\x12\x17\n\x0ftarget_forwards\x18\n \x01(\r\x12\x10\n\x08\x62ytes_up\x18\x0b \x01(\x04\x12\x12\n\nbytes_down\x18\x0c \x01(\x04\x12\x12\n\nedge_cpu_s\x18\r \x01(\x02\x12\x0f\n\x07resumes\x18\x0e \x01(\r\x12.\n\rfinish_reason\x18\x0f \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x14\n\x0clocal_tokens\x18\x10 \x01(\r\x12\x17\n\x0fverified_tokens\x18\x11 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.common_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.tandem.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=620
-  _globals['_FINISHREASON']._serialized_end=715
+  _globals['_FINISHREASON']._serialized_start=635
+  _globals['_FINISHREASON']._serialized_end=730
   _globals['_SAMPLINGPARAMS']._serialized_start=37
-  _globals['_SAMPLINGPARAMS']._serialized_end=132
-  _globals['_CHATMESSAGE']._serialized_start=134
-  _globals['_CHATMESSAGE']._serialized_end=178
-  _globals['_SPARSEDIST']._serialized_start=180
-  _globals['_SPARSEDIST']._serialized_end=220
-  _globals['_GENERATIONSTATS']._serialized_start=223
-  _globals['_GENERATIONSTATS']._serialized_end=618
+  _globals['_SAMPLINGPARAMS']._serialized_end=147
+  _globals['_CHATMESSAGE']._serialized_start=149
+  _globals['_CHATMESSAGE']._serialized_end=193
+  _globals['_SPARSEDIST']._serialized_start=195
+  _globals['_SPARSEDIST']._serialized_end=235
+  _globals['_GENERATIONSTATS']._serialized_start=238
+  _globals['_GENERATIONSTATS']._serialized_end=633
 # @@protoc_insertion_point(module_scope)
