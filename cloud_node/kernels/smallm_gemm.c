@@ -8,11 +8,12 @@
    memory once, however many x rows there are.
    - Register tile: 2 rows of W against up to MR = 4 rows of x (8 ymm accumulators). Groups of
      fewer x rows are unrolled along K so at least 8 FMA chains hide the FMA latency.
-   - Row blocks of RB tiles (2 * RB rows of W) go to threads (OpenMP, static schedule). Within a
-     block, K is walked in chunks of KCHUNK: every x-row group works on the same chunk of the
-     block's W rows while it sits in L1, so W streams from memory at an even rate, and the x
-     chunk (at most 16 x KCHUNK floats) stays in L1 across the block's tiles. Lane-wise partial
-     sums live in a small per-block array between chunks.
+   - Row blocks of RB tiles (2 * RB rows of W) go to threads (OpenMP, static schedule). With
+     more than MR x rows, a block walks K in chunks of KCHUNK: every x-row group works on the
+     same chunk of W rows while it sits in L1 (and the x chunk, at most 16 x KCHUNK floats,
+     too), and for bf16 W the next chunk is prefetched meanwhile, so memory keeps streaming
+     while the later groups compute. Lane-wise partial sums wait in a small array between
+     chunks.
    - K % 8 is a scalar tail; an odd N pairs the last row with itself and keeps one result. */
 
 #include <immintrin.h>
@@ -22,7 +23,7 @@
 
 #define MR 4        /* x rows per register tile */
 #define MMAX 16     /* x rows per pass; more rows are done in passes of MMAX */
-#define RB 2        /* tiles (pairs of W rows) per row block */
+#define RB 1        /* tiles (pairs of W rows) per row block; 2 measured no better */
 #define KCHUNK 256  /* K elements per chunk (a multiple of 32) */
 
 static inline float hsum8(__m256 v) {
@@ -114,7 +115,7 @@ DEFINE_TILE(tile_bf16, uint16_t, load8_bf16)
 DEFINE_TILE(tile_f32, float, load8_f32)
 
 /* One row block for M <= MMAX x rows: tiles t0 .. t0 + nt - 1, i.e. W rows 2 * t0 onwards. */
-#define DEFINE_BLOCK(NAME, TILE, WT, TO_F32)                                                    \
+#define DEFINE_BLOCK(NAME, TILE, WT, TO_F32, PREFETCH)                                          \
     static void NAME(const float *x, int64_t ldx, const WT *w, const WT *bias, void *y,         \
                      int y_bf16, int64_t M, int64_t N, int64_t K, int64_t t0, int64_t nt) {     \
         __m256 p[RB][2][MMAX];                                                                  \
@@ -126,6 +127,13 @@ DEFINE_TILE(tile_f32, float, load8_f32)
             for (int64_t t = 0; t < nt; t++) {                                                  \
                 const int64_t n0 = 2 * (t0 + t), n1 = (n0 + 1 < N) ? n0 + 1 : n0;               \
                 const WT *w0 = w + n0 * K, *w1 = w + n1 * K;                                    \
+                if (PREFETCH && M > MR) { /* the next chunk, while the x-row groups compute */  \
+                    const int64_t p1 = (k1 + chunk < K) ? k1 + chunk : K;                       \
+                    for (int64_t kk = k1; kk < p1; kk += 64 / (int64_t)sizeof(WT)) {            \
+                        _mm_prefetch((const char *)(w0 + kk), _MM_HINT_T0);                     \
+                        _mm_prefetch((const char *)(w1 + kk), _MM_HINT_T0);                     \
+                    }                                                                           \
+                }                                                                               \
                 for (int64_t m = 0; m < M; m += MR) {                                           \
                     const float *xm = x + m * ldx;                                              \
                     __m256 *q0 = p[t][0] + m, *q1 = p[t][1] + m;                                \
@@ -147,14 +155,15 @@ DEFINE_TILE(tile_f32, float, load8_f32)
                     s0 += TO_F32(w0[k]) * x[i * ldx + k];                                       \
                     s1 += TO_F32(w1[k]) * x[i * ldx + k];                                       \
                 }                                                                               \
-                store_y(y, i * N + n0, s0 + (bias ? TO_F32(bias[n0]) : 0.0f), y_bf16);          \
-                if (n1 != n0) store_y(y, i * N + n1, s1 + (bias ? TO_F32(bias[n1]) : 0.0f), y_bf16); \
+                const float b0 = bias ? TO_F32(bias[n0]) : 0.0f, b1 = bias ? TO_F32(bias[n1]) : 0.0f; \
+                store_y(y, i * N + n0, s0 + b0, y_bf16);                                        \
+                if (n1 != n0) store_y(y, i * N + n1, s1 + b1, y_bf16);                          \
             }                                                                                   \
         }                                                                                       \
     }
 
-DEFINE_BLOCK(block_bf16, tile_bf16, uint16_t, bf16_to_f32)
-DEFINE_BLOCK(block_f32, tile_f32, float, f32_to_f32)
+DEFINE_BLOCK(block_bf16, tile_bf16, uint16_t, bf16_to_f32, 1)
+DEFINE_BLOCK(block_f32, tile_f32, float, f32_to_f32, 0)  /* prefetch: no gain measured */
 
 /* All row blocks for M <= MMAX rows, split over threads. */
 #define DEFINE_GEMM(NAME, BLOCK, WT)                                                            \
@@ -206,7 +215,8 @@ int smallm_linear(const void *x, int64_t ldx, int x_bf16, const void *w, const v
             gemm_bf16(xf, ldxf, (const uint16_t *)w, (const uint16_t *)bias, ym, y_bf16, mm, N, K,
                       nthreads);
         else
-            gemm_f32(xf, ldxf, (const float *)w, (const float *)bias, ym, y_bf16, mm, N, K, nthreads);
+            gemm_f32(xf, ldxf, (const float *)w, (const float *)bias, ym, y_bf16, mm, N, K,
+                     nthreads);
     }
     return 0;
 }
