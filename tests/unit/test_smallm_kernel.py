@@ -158,3 +158,27 @@ def test_deepcopy_and_uninstall() -> None:
         assert twin(x).abs().max() == 0 and model(x).abs().max() > 0
     assert kl.uninstall_small_m_linear(model) == 2
     assert "forward" not in model[0].__dict__
+
+
+def test_unavailable_kernel_leaves_torch_in_charge(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud_node.kernels import build
+
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    build.load_kernel.cache_clear()
+    try:
+        assert build.load_kernel() is None
+    finally:
+        build.load_kernel.cache_clear()
+    monkeypatch.setattr(kl, "load_kernel", lambda: None)
+    assert kl.install_small_m_linear(_model()) == 0
+
+
+def test_library_name_tracks_source_and_flags(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from cloud_node.kernels import build
+
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
+    path = build.library_path("/usr/bin/cc")
+    assert path.parent == tmp_path / "kernels" and path.name.startswith("smallm_gemm-")
+    assert build.library_path("/usr/bin/clang") != path
+    monkeypatch.setattr(build, "FLAGS", (*build.FLAGS, "-g"))
+    assert build.library_path("/usr/bin/cc") != path
