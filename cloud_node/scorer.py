@@ -45,7 +45,6 @@ class TargetModel:
     """The loaded target model; sessions share its weights and own their caches."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "bf16", small_m_kernel: bool = True) -> None:
-        import torch
         from transformers import AutoModelForCausalLM
 
         self.dtype = dtype

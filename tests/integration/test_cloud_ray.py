@@ -25,7 +25,7 @@ import grpc
 import psutil
 import pytest
 
-from cloud_node.client import CloudVerifierClient, draft_round
+from tests.support.cloud_client import CloudVerifierClient, draft_round
 from cloud_node.servicer import SERVICE_NAME
 from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
 from tandem.local import LocalPair

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from cloud_node.client import CloudVerifierClient, draft_round
+from tests.support.cloud_client import CloudVerifierClient, draft_round
 from cloud_node.servicer import SERVICE_NAME, create_server
 from cloud_node.verifier import Limits, VerifierCore
 from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
