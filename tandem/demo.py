@@ -156,8 +156,13 @@ def _run_in_process(args: argparse.Namespace, params: Any) -> int:
     from edge_node.text import TextStream
 
     text = TextStream(pair.decode)
+
+    def show(tokens: Any) -> None:
+        sys.stdout.write(text.push(tokens))
+        sys.stdout.flush()
+
     result = pair.speculative_generate(ids, params, draft_len=args.draft_len, max_new_tokens=args.max_new_tokens,
-                                       on_tokens=lambda toks: sys.stdout.write(text.push(toks)) and sys.stdout.flush())
+                                       on_tokens=show)
     sys.stdout.write(text.flush())
     print("\n")
     s = result.stats

@@ -163,12 +163,14 @@ class LocalPair:
             torch.manual_seed(params.seed)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
         t0, meter = time.perf_counter(), Meter()
-        with meter, torch.inference_mode():
-            out = self.target.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                min_new_tokens=0, eos_token_id=sorted(self.eos_ids), pad_token_id=min(self.eos_ids),
-                streamer=streamer, **hf_sampling_kwargs(params), **extra)
-        hook.remove()
+        try:
+            with meter, torch.inference_mode():
+                out = self.target.model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                    min_new_tokens=0, eos_token_id=sorted(self.eos_ids), pad_token_id=min(self.eos_ids),
+                    streamer=streamer, **hf_sampling_kwargs(params), **extra)
+        finally:
+            hook.remove()  # a failed generate must not leave the counter on the shared model
         tokens = tuple(int(t) for t in out[0, len(prompt_ids):].tolist())
         first = streamer.first_at if streamer.first_at is not None else time.perf_counter()
         return GenerationResult(method, _strip_pad(tokens, self.eos_ids), first - t0, meter.wall_s,
