@@ -77,8 +77,35 @@ def start(name: str, argv: Sequence[str], *, log_dir: Path, timeout_s: float, en
     return child
 
 
+def _session_members(sid: int) -> list[int]:
+    """Every live process in session `sid` (Ray puts its workers in process groups of their own,
+    but they stay in the session the child was started in)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    members.append(int(entry))
+            except OSError:
+                continue
+    return members
+
+
 def stop(child: Child, grace_s: float = 15.0) -> None:
-    """SIGTERM the child's process group, then SIGKILL it if it lingers."""
+    """SIGTERM the child's process group, then SIGKILL it if it lingers; then SIGKILL whatever is
+    left in the child's session."""
+    _stop_group(child, grace_s)
+    deadline = time.monotonic() + 5.0
+    while (left := _session_members(child.proc.pid)) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def _stop_group(child: Child, grace_s: float) -> None:
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(child.proc.pid, sig)
