@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -45,7 +45,7 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("route", "generated_tokens", "ttft_ms", "tokens_per_s", "rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_len", "target_forwards", "bytes_up", "bytes_down", "edge_cpu_s", "resumes", "finish_reason", "local_tokens", "verified_tokens")
+    __slots__ = ("route", "generated_tokens", "ttft_ms", "tokens_per_s", "rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_len", "target_forwards", "bytes_up", "bytes_down", "edge_cpu_s", "resumes", "finish_reason", "local_tokens", "verified_tokens", "switches")
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class GenerationStats(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     LOCAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SWITCHES_FIELD_NUMBER: _ClassVar[int]
     route: str
     generated_tokens: int
     ttft_ms: float
@@ -80,4 +81,19 @@ class GenerationStats(_message.Message):
     finish_reason: FinishReason
     local_tokens: int
     verified_tokens: int
-    def __init__(self, route: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., target_forwards: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_cpu_s: _Optional[float] = ..., resumes: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., local_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ...) -> None: ...
+    switches: _containers.RepeatedCompositeFieldContainer[RouteSwitch]
+    def __init__(self, route: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., target_forwards: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_cpu_s: _Optional[float] = ..., resumes: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., local_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., switches: _Optional[_Iterable[_Union[RouteSwitch, _Mapping]]] = ...) -> None: ...
+
+class RouteSwitch(_message.Message):
+    __slots__ = ("at_token", "from_route", "to_route", "reason", "at_ms")
+    AT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FROM_ROUTE_FIELD_NUMBER: _ClassVar[int]
+    TO_ROUTE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    at_token: int
+    from_route: str
+    to_route: str
+    reason: str
+    at_ms: float
+    def __init__(self, at_token: _Optional[int] = ..., from_route: _Optional[str] = ..., to_route: _Optional[str] = ..., reason: _Optional[str] = ..., at_ms: _Optional[float] = ...) -> None: ...

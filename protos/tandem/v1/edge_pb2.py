@@ -25,21 +25,27 @@ _sym_db = _symbol_database.Default()
 from protos.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem/v1/edge.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xfc\x01\n\x13\x45\x64geGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x15\n\rprompt_tokens\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12!\n\x04mode\x18\x06 \x01(\x0e\x32\x13.tandem.v1.EdgeMode\x12\x11\n\tdraft_len\x18\x07 \x01(\r\x12\x19\n\x11round_deadline_ms\x18\x08 \x01(\r\":\n\nTokenDelta\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"s\n\x14\x45\x64geGenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.tandem.v1.TokenDeltaH\x00\x12+\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.tandem.v1.GenerationStatsH\x00\x42\x06\n\x04kind*U\n\x08\x45\x64geMode\x12\x19\n\x15\x45\x44GE_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45\x44GE_MODE_LOCAL\x10\x01\x12\x19\n\x15\x45\x44GE_MODE_SPECULATIVE\x10\x02\x32Y\n\x08\x45\x64geNode\x12M\n\x08Generate\x12\x1e.tandem.v1.EdgeGenerateRequest\x1a\x1f.tandem.v1.EdgeGenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem/v1/edge.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"#\n\nTokenCount\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\"\x11\n\x0f\x45\x64geInfoRequest\"\x80\x01\n\x08\x45\x64geInfo\x12\x0f\n\x07\x64rafter\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x15\n\rcloud_address\x18\x03 \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_draft_len\x18\x04 \x01(\r\x12\x19\n\x11round_deadline_ms\x18\x05 \x01(\r\"\xae\x02\n\x13\x45\x64geGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x15\n\rprompt_tokens\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12!\n\x04mode\x18\x06 \x01(\x0e\x32\x13.tandem.v1.EdgeMode\x12\x11\n\tdraft_len\x18\x07 \x01(\r\x12\x19\n\x11round_deadline_ms\x18\x08 \x01(\r\x12\x16\n\x0e\x66\x61llback_local\x18\t \x01(\x08\x12\x18\n\x10open_deadline_ms\x18\n \x01(\r\":\n\nTokenDelta\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"s\n\x14\x45\x64geGenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.tandem.v1.TokenDeltaH\x00\x12+\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.tandem.v1.GenerationStatsH\x00\x42\x06\n\x04kind*j\n\x08\x45\x64geMode\x12\x19\n\x15\x45\x44GE_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45\x44GE_MODE_LOCAL\x10\x01\x12\x19\n\x15\x45\x44GE_MODE_SPECULATIVE\x10\x02\x12\x13\n\x0f\x45\x44GE_MODE_CLOUD\x10\x03\x32\xd8\x01\n\x08\x45\x64geNode\x12M\n\x08Generate\x12\x1e.tandem.v1.EdgeGenerateRequest\x1a\x1f.tandem.v1.EdgeGenerateResponse0\x01\x12\x44\n\x0b\x43ountTokens\x12\x1e.tandem.v1.EdgeGenerateRequest\x1a\x15.tandem.v1.TokenCount\x12\x37\n\x04Info\x12\x1a.tandem.v1.EdgeInfoRequest\x1a\x13.tandem.v1.EdgeInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.tandem.v1.edge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EDGEMODE']._serialized_start=491
-  _globals['_EDGEMODE']._serialized_end=576
-  _globals['_EDGEGENERATEREQUEST']._serialized_start=60
-  _globals['_EDGEGENERATEREQUEST']._serialized_end=312
-  _globals['_TOKENDELTA']._serialized_start=314
-  _globals['_TOKENDELTA']._serialized_end=372
-  _globals['_EDGEGENERATERESPONSE']._serialized_start=374
-  _globals['_EDGEGENERATERESPONSE']._serialized_end=489
-  _globals['_EDGENODE']._serialized_start=578
-  _globals['_EDGENODE']._serialized_end=667
+  _globals['_EDGEMODE']._serialized_start=728
+  _globals['_EDGEMODE']._serialized_end=834
+  _globals['_TOKENCOUNT']._serialized_start=59
+  _globals['_TOKENCOUNT']._serialized_end=94
+  _globals['_EDGEINFOREQUEST']._serialized_start=96
+  _globals['_EDGEINFOREQUEST']._serialized_end=113
+  _globals['_EDGEINFO']._serialized_start=116
+  _globals['_EDGEINFO']._serialized_end=244
+  _globals['_EDGEGENERATEREQUEST']._serialized_start=247
+  _globals['_EDGEGENERATEREQUEST']._serialized_end=549
+  _globals['_TOKENDELTA']._serialized_start=551
+  _globals['_TOKENDELTA']._serialized_end=609
+  _globals['_EDGEGENERATERESPONSE']._serialized_start=611
+  _globals['_EDGEGENERATERESPONSE']._serialized_end=726
+  _globals['_EDGENODE']._serialized_start=837
+  _globals['_EDGENODE']._serialized_end=1053
 # @@protoc_insertion_point(module_scope)

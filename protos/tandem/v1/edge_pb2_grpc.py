@@ -39,6 +39,16 @@ class EdgeNodeStub:
                 request_serializer=tandem_dot_v1_dot_edge__pb2.EdgeGenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_edge__pb2.EdgeGenerateResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/tandem.v1.EdgeNode/CountTokens',
+                request_serializer=tandem_dot_v1_dot_edge__pb2.EdgeGenerateRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_edge__pb2.TokenCount.FromString,
+                _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/tandem.v1.EdgeNode/Info',
+                request_serializer=tandem_dot_v1_dot_edge__pb2.EdgeInfoRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_edge__pb2.EdgeInfo.FromString,
+                _registered_method=True)
 
 
 class EdgeNodeServicer:
@@ -51,6 +61,20 @@ class EdgeNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """How many prompt tokens a request would have (the chat template applied), without generating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Info(self, request, context):
+        """The drafter loaded and the cloud configured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +82,16 @@ def add_EdgeNodeServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_v1_dot_edge__pb2.EdgeGenerateRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_edge__pb2.EdgeGenerateResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=tandem_dot_v1_dot_edge__pb2.EdgeGenerateRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_edge__pb2.TokenCount.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=tandem_dot_v1_dot_edge__pb2.EdgeInfoRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_edge__pb2.EdgeInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +121,60 @@ class EdgeNode:
             '/tandem.v1.EdgeNode/Generate',
             tandem_dot_v1_dot_edge__pb2.EdgeGenerateRequest.SerializeToString,
             tandem_dot_v1_dot_edge__pb2.EdgeGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.EdgeNode/CountTokens',
+            tandem_dot_v1_dot_edge__pb2.EdgeGenerateRequest.SerializeToString,
+            tandem_dot_v1_dot_edge__pb2.TokenCount.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.EdgeNode/Info',
+            tandem_dot_v1_dot_edge__pb2.EdgeInfoRequest.SerializeToString,
+            tandem_dot_v1_dot_edge__pb2.EdgeInfo.FromString,
             options,
             channel_credentials,
             insecure,
