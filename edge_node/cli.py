@@ -29,6 +29,8 @@ def add_edge_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--drafter", type=Path, default=_env("DRAFTER", None), help="ONNX drafter folder")
     p.add_argument("--draft-len", type=int, default=int(_env("DRAFT_LEN", 4)))
     p.add_argument("--round-deadline-ms", type=int, default=int(_env("ROUND_DEADLINE_MS", 5000)))
+    p.add_argument("--open-deadline-ms", type=int, default=int(_env("OPEN_DEADLINE_MS", 60000)),
+                   help="deadline for opening a cloud session, prefill included")
     p.add_argument("--max-concurrent", type=int, default=int(_env("MAX_CONCURRENT", 4)))
     p.set_defaults(func=run)
     return p
@@ -39,16 +41,17 @@ def run(args: argparse.Namespace) -> int:
     from edge_node.server import EdgeSettings, create_server
     from tandem.cli import CliError
 
-    try:
-        settings = EdgeSettings(cloud_address=args.cloud, draft_len=args.draft_len,
-                                round_deadline_ms=args.round_deadline_ms, max_concurrent=args.max_concurrent)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
     drafter_dir = args.drafter
     if drafter_dir is None:
         from tandem import models
 
         drafter_dir = models.drafter_onnx_dir()
+    try:
+        settings = EdgeSettings(cloud_address=args.cloud, draft_len=args.draft_len,
+                                round_deadline_ms=args.round_deadline_ms, open_deadline_ms=args.open_deadline_ms,
+                                max_concurrent=args.max_concurrent, drafter_name=Path(drafter_dir).name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if not (Path(drafter_dir) / "genai_config.json").exists():
         raise CliError(f"no ONNX drafter at {drafter_dir}; run `tandem models fetch`")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s edge %(levelname)s %(message)s")

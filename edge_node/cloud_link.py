@@ -204,12 +204,55 @@ class CloudLink:
             self._stream = None
 
 
+def _with_deadlines(call: Iterator[cloud_pb2.GenerateResponse], first_timeout_s: float | None,
+                    gap_timeout_s: float | None) -> Iterator[cloud_pb2.GenerateResponse]:
+    """Yield a server stream's replies, raising LinkError when one is later than its deadline.
+
+    A reader thread feeds a queue so the wait can time out; the call is cancelled on any exit.
+    """
+    replies: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        try:
+            for item in call:
+                replies.put(item)
+        except grpc.RpcError as exc:
+            replies.put(exc)
+        finally:
+            replies.put(_END)
+
+    threading.Thread(target=read, daemon=True, name="cloud-generate-reader").start()
+    timeout, first = first_timeout_s, True
+    try:
+        while True:
+            try:
+                item = replies.get(timeout=timeout)
+            except queue.Empty:
+                raise LinkError(f"no reply within {timeout * 1000:.0f} ms") from None  # type: ignore[operator]
+            if item is _END:
+                return
+            if isinstance(item, grpc.RpcError):
+                code, details = item.code(), item.details() or ""
+                if code in _RETRYABLE:
+                    raise LinkError(f"stream broke: {code.name} {details}")
+                raise CloudRejected(code, details)
+            if first:
+                first, timeout = False, gap_timeout_s
+            yield item
+    finally:
+        call.cancel()  # type: ignore[attr-defined]
+
+
 def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: SamplingParams, seed: int,
-                   max_new_tokens: int, *, timeout_s: float = 3600.0, max_resumes: int = 3, backoff_s: float = 0.2,
+                   max_new_tokens: int, *, timeout_s: float = 3600.0, first_timeout_s: float | None = None,
+                   gap_timeout_s: float | None = None, max_resumes: int = 3, backoff_s: float = 0.2,
                    counter: dict[str, int] | None = None) -> Iterator[cloud_pb2.GenerateResponse]:
     """Cloud-only generation over a server stream; on a break it re-asks with the tokens received.
 
     Each response is yielded once; `counter` (if given) accumulates "up"/"down" message bytes.
+    The first reply (prefill included) must come within `first_timeout_s` and each later one
+    within `gap_timeout_s` of the previous (None = no limit), else the stream counts as broken.
+    A break past `max_resumes` raises `LinkError`; a refusal raises `CloudRejected`.
     """
     stub = cloud_pb2_grpc.CloudVerifierStub(channel)
     generated: list[int] = []
@@ -221,16 +264,17 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
             max_new_tokens=max_new_tokens, generated_tokens=generated))
         counter["up"] = counter.get("up", 0) + request.ByteSize() + _GRPC_PREFIX
         try:
-            for response in stub.Generate(request, timeout=timeout_s):
+            call = stub.Generate(request, timeout=timeout_s)
+            for response in _with_deadlines(call, first_timeout_s, gap_timeout_s):
                 counter["down"] = counter.get("down", 0) + response.ByteSize() + _GRPC_PREFIX
                 generated.extend(response.tokens)
                 yield response
                 if response.finished:
                     return
             return
-        except grpc.RpcError as exc:
-            if exc.code() not in _RETRYABLE or resumes >= max_resumes:
-                raise
+        except LinkError as exc:
+            if resumes >= max_resumes:
+                raise LinkError(f"cloud unreachable after {resumes} resumes: {exc}") from None
             resumes += 1
-            log.info("cloud Generate stream broke (%s); resuming after %d tokens", exc.code().name, len(generated))
+            log.info("cloud Generate stream broke (%s); resuming after %d tokens", exc, len(generated))
             time.sleep(backoff_s * 2**resumes)

@@ -107,6 +107,7 @@ class DrafterSession:
         self.max_length = limit
         self.committed_len = len(prompt_ids)
         self._pending: tuple[int, ...] = ()  # drafts proposed but not yet settled by commit
+        self._last = int(prompt_ids[-1])  # the last committed token
         self._append(prompt_ids)
 
     def _append(self, ids: Sequence[int]) -> None:
@@ -150,8 +151,23 @@ class DrafterSession:
         new = [int(t) for t in tokens][min(accepted, appended):]
         self._pending = ()
         self.committed_len += len(tokens)
+        if tokens:
+            self._last = int(tokens[-1])
         if new:
             self._append(new)
+
+    def rollback(self) -> None:
+        """Drop the unsettled draft: the cache and logits return to the last committed token.
+
+        Used when a round gets no verdict (the link broke) and generation goes on locally.
+        Rewinding keeps stale logits, so rewind one further and re-append the last committed
+        token, which recomputes them exactly.
+        """
+        appended = max(len(self._pending) - 1, 0)
+        self._pending = ()
+        if appended:
+            self._gen.rewind_to(self.committed_len - 1)
+            self._append((self._last,))
 
     def generate(self, *, max_new_tokens: int, eos_ids: frozenset[int]) -> Iterator[int]:
         """On-device generation: one forward pass per token, no verification."""
@@ -159,6 +175,7 @@ class DrafterSession:
         for _ in range(budget):
             token, _ = self._choose(self._logits, self.committed_len)
             self.committed_len += 1
+            self._last = token
             yield token
             if token in eos_ids:
                 return

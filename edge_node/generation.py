@@ -4,26 +4,49 @@ Guarantees:
 - Speculative: the drafter's KV cache stays here; each round sends drafts (and, in sampling
   mode, the sparse q rows) and commits exactly the verdict's tokens, so greedy output equals the
   target's and sampling follows the target's distribution.
-- A broken link or a late verdict resumes on a fresh stream carrying the committed tokens,
-  up to `max_resumes` times per request with backoff; the same round is then re-verified. No
-  committed token is lost or repeated: `on_tokens` sees each token once, in order.
-- Every result carries the statistics the edge service reports (`EdgeResult`).
+- A broken link or a late verdict either resumes on a fresh stream carrying the committed
+  tokens (up to `max_resumes` times per request with backoff; the same round is then
+  re-verified), or, with `fallback_local`, continues on the device from the last committed
+  token at once: the unsettled draft is rolled back and the drafter generates the rest. Either
+  way no committed token is lost or repeated: `on_tokens` sees each token once, in order, and
+  the wait for a broken round is bounded by the round deadline.
+- Cloud-only generation relays the target's stream; with `fallback_local` a break continues
+  on the device from the tokens received, the drafter re-prefilling prompt + answer so far.
+- Every result carries the statistics the edge service reports (`EdgeResult`), including each
+  mid-answer route switch (`Switch`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from edge_node.cloud_link import CloudLink, LinkError
-from edge_node.drafter import DrafterModel
+import grpc
+
+from edge_node.cloud_link import CloudLink, LinkError, cloud_generate
+from edge_node.drafter import DrafterModel, DrafterSession
 from tandem_core.loop import Draft
 from tandem_core.sampling import SamplingParams
 from tandem_core.stats import RequestStats, RoundStats
 from tandem_core.verify import Verdict
 
-OnTokens = Callable[[Sequence[int], str], None]  # (tokens, source) with source "verified" | "local"
+log = logging.getLogger(__name__)
+
+OnTokens = Callable[[Sequence[int], str], None]  # (tokens, source): "verified" | "cloud" | "local"
+_FINISH = {1: "stop", 2: "length"}  # common_pb2.FinishReason
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A change of route in the middle of an answer."""
+
+    at_token: int     # tokens committed before the switch
+    from_route: str
+    to_route: str
+    reason: str
+    at_ms: float      # since the request started
 
 
 @dataclass
@@ -40,12 +63,16 @@ class EdgeResult:
     local_tokens: int = 0
     verified_tokens: int = 0
     finish_reason: str | None = None
+    switches: list[Switch] = field(default_factory=list)
 
 
 class _Clock:
     def __init__(self) -> None:
         self.t0, self.cpu0 = time.perf_counter(), time.process_time()
         self.first: float | None = None
+
+    def elapsed_ms(self) -> float:
+        return 1000 * (time.perf_counter() - self.t0)
 
     def mark_first(self) -> None:
         if self.first is None:
@@ -63,26 +90,39 @@ def _max_length(prompt_ids: Sequence[int], max_new_tokens: int, draft_len: int) 
     return len(prompt_ids) + max_new_tokens + draft_len + 2
 
 
+def _continue_local(session: DrafterSession, eos_ids: frozenset[int], result: EdgeResult, max_new_tokens: int,
+                    on_tokens: OnTokens | None, clock: _Clock) -> None:
+    """Generate on the device until eos or `max_new_tokens` in all; sets the finish reason."""
+    for token in session.generate(max_new_tokens=max_new_tokens - len(result.tokens), eos_ids=eos_ids):
+        clock.mark_first()
+        result.tokens.append(token)
+        result.local_tokens += 1
+        if on_tokens is not None:
+            on_tokens((token,), "local")
+    last = result.tokens[-1] if result.tokens else None
+    result.finish_reason = "stop" if last in eos_ids else "length"
+
+
+def _fall_back(result: EdgeResult, clock: _Clock, exc: Exception) -> None:
+    log.warning("%s route: link failed after %d tokens (%s); continuing on the device",
+                result.route, len(result.tokens), exc)
+    result.switches.append(Switch(len(result.tokens), result.route, "local", f"link failed: {exc}",
+                                  clock.elapsed_ms()))
+
+
 def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: SamplingParams, seed: int, *,
                    max_new_tokens: int, on_tokens: OnTokens | None = None) -> EdgeResult:
     """On-device generation with the drafter alone."""
     clock, result = _Clock(), EdgeResult(route="local")
     session = drafter.new_session(prompt_ids, params, seed, max_length=_max_length(prompt_ids, max_new_tokens, 0))
-    for token in session.generate(max_new_tokens=max_new_tokens, eos_ids=drafter.eos_ids):
-        clock.mark_first()
-        result.tokens.append(token)
-        if on_tokens is not None:
-            on_tokens((token,), "local")
-    result.local_tokens = len(result.tokens)
+    _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
     result.stats.add_tokens(len(result.tokens))
-    last = result.tokens[-1] if result.tokens else None
-    result.finish_reason = "stop" if last in drafter.eos_ids else "length"
     return clock.finish(result)
 
 
 def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Sequence[int], params: SamplingParams,
                          seed: int, *, draft_len: int, max_new_tokens: int, on_tokens: OnTokens | None = None,
-                         max_resumes: int = 3, backoff_s: float = 0.2) -> EdgeResult:
+                         max_resumes: int = 3, backoff_s: float = 0.2, fallback_local: bool = False) -> EdgeResult:
     """Speculative decoding with the cloud verifying over `link`."""
     clock, result = _Clock(), EdgeResult(route="speculative")
     session = drafter.new_session(prompt_ids, params, seed,
@@ -92,11 +132,22 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
         while True:
             k = min(draft_len, max_new_tokens - len(result.tokens) - 1)
             draft = session.draft(k)
-            verdict = _verify_with_resume(link, draft, result.tokens, max_resumes, backoff_s)
+            try:
+                verdict = _verify_with_resume(link, draft, result.tokens, 0 if fallback_local else max_resumes,
+                                              backoff_s)
+            except LinkError as exc:
+                if not fallback_local:
+                    raise
+                link.close()
+                session.rollback()
+                _fall_back(result, clock, exc)
+                _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
+                break
             result.stats.add_round(RoundStats(drafted=len(draft.tokens), accepted=verdict.accepted,
                                               emitted=len(verdict.tokens)))
             clock.mark_first()
             result.tokens.extend(verdict.tokens)
+            result.verified_tokens += len(verdict.tokens)
             if on_tokens is not None:
                 on_tokens(verdict.tokens, "verified")
             if verdict.finished:
@@ -106,9 +157,42 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     finally:
         link.close()
         result.bytes_up, result.bytes_down, result.resumes = link.bytes_up, link.bytes_down, link.resumes
-    result.verified_tokens = len(result.tokens)
+    result.stats.add_tokens(result.local_tokens)
     # One target pass per round, plus the prefill of each (re)opened stream.
     result.stats.add_target_forwards(1 + result.resumes)
+    return clock.finish(result)
+
+
+def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Sequence[int], params: SamplingParams,
+                   seed: int, *, max_new_tokens: int, on_tokens: OnTokens | None = None, first_timeout_s: float,
+                   gap_timeout_s: float, max_resumes: int = 3, fallback_local: bool = False) -> EdgeResult:
+    """Cloud-only generation relayed through the edge (which detokenizes), falling back if asked."""
+    clock, result = _Clock(), EdgeResult(route="cloud")
+    counter: dict[str, int] = {}
+    try:
+        for response in cloud_generate(channel, prompt_ids, params, seed, max_new_tokens,
+                                       first_timeout_s=first_timeout_s, gap_timeout_s=gap_timeout_s,
+                                       max_resumes=0 if fallback_local else max_resumes, counter=counter):
+            if response.tokens:
+                clock.mark_first()
+                result.tokens.extend(response.tokens)
+                result.verified_tokens += len(response.tokens)
+                if on_tokens is not None:
+                    on_tokens(tuple(response.tokens), "cloud")
+            if response.finished:
+                result.finish_reason = _FINISH.get(response.finish_reason)
+                break
+    except LinkError as exc:
+        if not fallback_local:
+            raise
+        _fall_back(result, clock, exc)
+        context = list(prompt_ids) + result.tokens
+        session = drafter.new_session(context, params, seed, max_length=_max_length(prompt_ids, max_new_tokens, 0))
+        _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
+    finally:
+        result.bytes_up, result.bytes_down = counter.get("up", 0), counter.get("down", 0)
+    result.stats.add_tokens(len(result.tokens))
+    result.stats.add_target_forwards(result.verified_tokens)
     return clock.finish(result)
 
 

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_node.cloud_link import CloudLink, CloudRejected, LinkError, SessionRequest
 from edge_node.drafter import DrafterModel
-from edge_node.generation import EdgeResult, generate_local, generate_speculative
+from edge_node.generation import EdgeResult, generate_cloud, generate_local, generate_speculative
 from edge_node.text import TextStream
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from tandem_core.sampling import SamplingParams, resolve_seed
@@ -44,14 +44,16 @@ class EdgeSettings:
     cloud_address: str | None
     draft_len: int = 4
     round_deadline_ms: int = 5000
+    open_deadline_ms: int = 60000
     max_concurrent: int = 4
     max_resumes: int = 3
+    drafter_name: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.draft_len <= MAX_DRAFT_LEN:
             raise ValueError(f"draft_len must be in [1, {MAX_DRAFT_LEN}], got {self.draft_len}")
-        if self.round_deadline_ms < 1 or self.max_concurrent < 1 or self.max_resumes < 0:
-            raise ValueError("round_deadline_ms and max_concurrent must be >= 1, max_resumes >= 0")
+        if self.round_deadline_ms < 1 or self.open_deadline_ms < 1 or self.max_concurrent < 1 or self.max_resumes < 0:
+            raise ValueError("round_deadline_ms, open_deadline_ms and max_concurrent must be >= 1, max_resumes >= 0")
 
 
 class _Cancelled(Exception):
@@ -65,10 +67,37 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
         self._slots = threading.BoundedSemaphore(settings.max_concurrent)
         self._channel = grpc.insecure_channel(settings.cloud_address) if settings.cloud_address else None
 
-    def _parse(self, request: edge_pb2.EdgeGenerateRequest) -> tuple[list[int], SamplingParams, str, int]:
+    def _encode(self, request: edge_pb2.EdgeGenerateRequest) -> list[int]:
         given = [bool(request.prompt), bool(request.messages), bool(request.prompt_tokens)]
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_tokens")
+        if request.prompt_tokens:
+            ids = list(request.prompt_tokens)
+            vocab = self._drafter.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt_tokens: ids must be in [0, {vocab})")
+            return ids
+        for i, m in enumerate(request.messages):
+            if m.role not in ("system", "user", "assistant"):
+                raise ValueError(f"messages[{i}].role must be system, user or assistant, got {m.role!r}")
+        if request.messages:
+            return self._drafter.encode(messages=[{"role": m.role, "content": m.content} for m in request.messages])
+        return self._drafter.encode(prompt=request.prompt)
+
+    def CountTokens(self, request: edge_pb2.EdgeGenerateRequest, context: grpc.ServicerContext) -> edge_pb2.TokenCount:
+        try:
+            return edge_pb2.TokenCount(prompt_tokens=len(self._encode(request)))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def Info(self, request: edge_pb2.EdgeInfoRequest, context: grpc.ServicerContext) -> edge_pb2.EdgeInfo:
+        s = self._settings
+        return edge_pb2.EdgeInfo(drafter=s.drafter_name, context_length=self._drafter.context_length,
+                                 cloud_address=s.cloud_address or "", default_draft_len=s.draft_len,
+                                 round_deadline_ms=s.round_deadline_ms)
+
+    def _parse(self, request: edge_pb2.EdgeGenerateRequest) -> tuple[list[int], SamplingParams, str, int]:
+        ids = self._encode(request)
         s = request.sampling
         params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p if s.HasField("top_p") else 1.0,
                                 seed=s.seed if s.HasField("seed") else None)
@@ -76,24 +105,19 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
             raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {request.max_new_tokens}")
         if request.draft_len > MAX_DRAFT_LEN:
             raise ValueError(f"draft_len must be at most {MAX_DRAFT_LEN}, got {request.draft_len}")
-        if request.prompt_tokens:
-            ids = list(request.prompt_tokens)
-            vocab = self._drafter.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt_tokens: ids must be in [0, {vocab})")
-        elif request.messages:
-            ids = self._drafter.encode(messages=[{"role": m.role, "content": m.content} for m in request.messages])
-        else:
-            ids = self._drafter.encode(prompt=request.prompt)
         if len(ids) + request.max_new_tokens >= self._drafter.context_length:
             raise ValueError(f"prompt of {len(ids)} tokens plus max_new_tokens exceeds the context "
                              f"length {self._drafter.context_length}")
         mode = request.mode
         if mode == edge_pb2.EDGE_MODE_UNSPECIFIED:
             mode = edge_pb2.EDGE_MODE_SPECULATIVE if self._channel else edge_pb2.EDGE_MODE_LOCAL
-        if mode == edge_pb2.EDGE_MODE_SPECULATIVE and self._channel is None:
-            raise ValueError("mode: speculative needs a cloud address, and this edge node has none")
-        route = "speculative" if mode == edge_pb2.EDGE_MODE_SPECULATIVE else "local"
+        routes = {edge_pb2.EDGE_MODE_LOCAL: "local", edge_pb2.EDGE_MODE_SPECULATIVE: "speculative",
+                  edge_pb2.EDGE_MODE_CLOUD: "cloud"}
+        if mode not in routes:
+            raise ValueError(f"mode: unknown value {mode}")
+        route = routes[mode]
+        if route != "local" and self._channel is None:
+            raise ValueError(f"mode: {route} needs a cloud address, and this edge node has none")
         return ids, params, route, request.draft_len or self._settings.draft_len
 
     def Generate(self, request: edge_pb2.EdgeGenerateRequest, context: grpc.ServicerContext
@@ -116,20 +140,29 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
         if route == "local":
             return generate_local(self._drafter, ids, params, seed, max_new_tokens=request.max_new_tokens,
                                   on_tokens=on_tokens)
-        deadline_ms = request.round_deadline_ms or self._settings.round_deadline_ms
+        round_s = (request.round_deadline_ms or self._settings.round_deadline_ms) / 1000
+        open_s = (request.open_deadline_ms or self._settings.open_deadline_ms) / 1000
+        if route == "cloud":
+            return generate_cloud(self._drafter, self._channel, ids, params, seed,
+                                  max_new_tokens=request.max_new_tokens, on_tokens=on_tokens, first_timeout_s=open_s,
+                                  gap_timeout_s=round_s, max_resumes=self._settings.max_resumes,
+                                  fallback_local=request.fallback_local)
         link = CloudLink(self._channel, SessionRequest(uuid.uuid4().hex, tuple(ids), params, seed,
-                                                       request.max_new_tokens), round_timeout_s=deadline_ms / 1000)
+                                                       request.max_new_tokens),
+                         round_timeout_s=round_s, open_timeout_s=open_s)
         return generate_speculative(self._drafter, link, ids, params, seed, draft_len=draft_len,
                                     max_new_tokens=request.max_new_tokens, on_tokens=on_tokens,
-                                    max_resumes=self._settings.max_resumes)
+                                    max_resumes=self._settings.max_resumes, fallback_local=request.fallback_local)
 
     def _stream(self, request, context, ids, params, route, draft_len) -> Iterator[edge_pb2.EdgeGenerateResponse]:
         out: queue.Queue = queue.Queue()
         text = TextStream(self._drafter.decode)
+        last_source = [route if route == "local" else "verified"]
 
         def on_tokens(tokens, source: str) -> None:
             if not context.is_active():
                 raise _Cancelled()
+            last_source[0] = source
             out.put(edge_pb2.EdgeGenerateResponse(delta=edge_pb2.TokenDelta(
                 tokens=list(tokens), text=text.push(tokens), source=source)))
 
@@ -148,7 +181,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
             elif isinstance(item, EdgeResult):
                 tail = text.flush()
                 if tail:
-                    yield edge_pb2.EdgeGenerateResponse(delta=edge_pb2.TokenDelta(text=tail, source="verified"))
+                    yield edge_pb2.EdgeGenerateResponse(delta=edge_pb2.TokenDelta(text=tail, source=last_source[0]))
                 yield edge_pb2.EdgeGenerateResponse(stats=stats_to_proto(item))
             elif isinstance(item, _Cancelled):
                 return
@@ -170,7 +203,9 @@ def stats_to_proto(r: EdgeResult) -> common_pb2.GenerationStats:
         mean_accepted_len=s.mean_accepted_len or 0.0, target_forwards=s.target_forwards if r.route != "local" else 0,
         bytes_up=r.bytes_up, bytes_down=r.bytes_down, edge_cpu_s=r.edge_cpu_s, resumes=r.resumes,
         finish_reason=_FINISH.get(r.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
-        local_tokens=r.local_tokens, verified_tokens=r.verified_tokens)
+        local_tokens=r.local_tokens, verified_tokens=r.verified_tokens,
+        switches=[common_pb2.RouteSwitch(at_token=w.at_token, from_route=w.from_route, to_route=w.to_route,
+                                         reason=w.reason, at_ms=w.at_ms) for w in r.switches])
 
 
 def create_server(drafter: DrafterModel, settings: EdgeSettings, address: str = "127.0.0.1:0",
