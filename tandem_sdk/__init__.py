@@ -1,1 +1,63 @@
-"""The Tandem client SDK: importable with grpcio and protobuf alone."""
+"""The Tandem client SDK: talk to the on-device orchestrator from an application.
+
+Guarantees: importable with grpcio and protobuf alone (no torch, numpy, onnxruntime, ray,
+transformers or aiohttp; a test proves it); importing changes nothing global. Every call has a
+deadline, UNAVAILABLE is retried only where that cannot repeat tokens, and failures raise
+`TandemError` subclasses carrying the gRPC status.
+
+Example:
+    >>> from tandem_sdk import Client
+    >>> with Client("127.0.0.1:7070") as client:
+    ...     answer = client.generate(prompt="Write a haiku about rain.", max_new_tokens=48)
+    ...     for delta in answer:
+    ...         print(delta.text, end="", flush=True)
+    ...     print(f"\\n[{answer.stats.route}: {answer.stats.tokens_per_s:.1f} tok/s]")
+"""
+
+from tandem_sdk._errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TandemError,
+    Unavailable,
+)
+from tandem_sdk._types import (
+    Citation,
+    Delta,
+    Document,
+    LinkStatus,
+    Message,
+    ModelInfo,
+    Result,
+    RouteSwitch,
+    Started,
+    Stats,
+    Status,
+)
+from tandem_sdk.aio import AsyncClient, AsyncGeneration
+from tandem_sdk.client import Client, Generation
+
+__all__ = [
+    "AsyncClient",
+    "AsyncGeneration",
+    "Citation",
+    "Client",
+    "DeadlineExceeded",
+    "Delta",
+    "Document",
+    "Generation",
+    "InvalidArgument",
+    "LinkStatus",
+    "Message",
+    "ModelInfo",
+    "NotFound",
+    "ResourceExhausted",
+    "Result",
+    "RouteSwitch",
+    "Started",
+    "Stats",
+    "Status",
+    "TandemError",
+    "Unavailable",
+]

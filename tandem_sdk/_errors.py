@@ -1,0 +1,71 @@
+"""The SDK's exceptions: one per gRPC status an application can act on.
+
+Guarantees: every failed call raises a `TandemError` (or a subclass) carrying the gRPC status:
+`.code` is the `grpc.StatusCode`, `.details` the server's message, and `str(err)` reads
+"CODE: details", e.g. "INVALID_ARGUMENT: options.max_new_tokens: must be <= 4096". Arguments
+the SDK can reject before sending raise `ValueError` naming the argument instead.
+
+Example:
+    >>> try:
+    ...     client.complete(prompt="hi", max_new_tokens=10**6)
+    ... except tandem_sdk.InvalidArgument as err:
+    ...     print(err.details)
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TandemError(Exception):
+    """A call failed with a gRPC status other than OK."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgument(TandemError):
+    """The server rejected the request; `details` names the field."""
+
+
+class Unavailable(TandemError):
+    """The orchestrator (or a peer behind it) cannot serve now; retried before raising."""
+
+
+class DeadlineExceeded(TandemError):
+    """The call's deadline passed before it completed."""
+
+
+class NotFound(TandemError):
+    """An unknown id, e.g. a document that does not exist."""
+
+
+class ResourceExhausted(TandemError):
+    """The orchestrator is busy (too many requests at once); try again later."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[TandemError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+
+
+def error_for(code: grpc.StatusCode, details: str) -> TandemError:
+    """The exception class that matches `code`, built with `details`."""
+    return _BY_CODE.get(code, TandemError)(code, details)
+
+
+def from_rpc_error(err: grpc.RpcError) -> TandemError:
+    """Translate a grpc (sync or aio) `RpcError` into a `TandemError`."""
+    code_fn = getattr(err, "code", None)
+    details_fn = getattr(err, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = details_fn() if callable(details_fn) else None
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    return error_for(code, details or str(err) or code.name.lower())
