@@ -14,7 +14,7 @@ Guarantees:
   before it opened) are counted but change no state.
 - `AcceptanceTracker` keeps an exponentially weighted mean per key and one over all
   observations; values stay in [0, 1]; it forgets the least recently updated key past `max_keys`.
-- Bad arguments raise ValueError naming the argument.
+- Bad arguments raise ValueError (TypeError for a wrong type) naming the argument.
 None of these classes lock: the caller serialises access (one owner, or its own lock).
 """
 
@@ -36,7 +36,7 @@ CATEGORIES = (CATEGORY_CODE, CATEGORY_CHAT, CATEGORY_PROSE)
 
 def _check_finite(name: str, value: float, low: float, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise TypeError(f"{name} must be a number, got {value!r}")
     if not (math.isfinite(value) and low <= value <= high):
         bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be finite and {bounds}, got {value!r}")
@@ -82,7 +82,7 @@ class CircuitBreaker:
         self, failure_threshold: int = 3, open_s: float = 5.0, max_open_s: float = 60.0
     ) -> None:
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int):
-            raise ValueError(f"failure_threshold must be an int >= 1, got {failure_threshold!r}")
+            raise TypeError(f"failure_threshold must be an int >= 1, got {failure_threshold!r}")
         if failure_threshold < 1:
             raise ValueError(f"failure_threshold must be an int >= 1, got {failure_threshold!r}")
         self.failure_threshold = failure_threshold
@@ -149,7 +149,9 @@ class AcceptanceTracker:
         self.alpha = _check_finite("alpha", alpha, 0.0, 1.0)
         if self.alpha == 0.0:
             raise ValueError("alpha must be > 0")
-        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int):
+            raise TypeError(f"max_keys must be an int >= 1, got {max_keys!r}")
+        if max_keys < 1:
             raise ValueError(f"max_keys must be an int >= 1, got {max_keys!r}")
         self.max_keys = max_keys
         self._by_key: dict[str, float] = {}  # insertion order = least recently updated first
@@ -157,7 +159,9 @@ class AcceptanceTracker:
 
     def observe(self, key: str, rate: float) -> None:
         """Fold one request's (or round's) acceptance rate in [0, 1] into `key` and the overall."""
-        if not isinstance(key, str) or not key:
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a non-empty string, got {key!r}")
+        if not key:
             raise ValueError(f"key must be a non-empty string, got {key!r}")
         r = _check_finite("rate", rate, 0.0, 1.0)
         old = self._by_key.pop(key, None)
@@ -209,7 +213,7 @@ def classify_prompt(text: str) -> str:
     - "prose": everything else (long text, or a request for an essay, story, summary, ...).
     """
     if not isinstance(text, str):
-        raise ValueError(f"text must be a string, got {type(text).__name__}")
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
     if "```" in text or _CODE_WORDS.search(text) or _SQL.search(text):
         return CATEGORY_CODE
     if len(_CODE_PUNCT.findall(text)) >= 2:

@@ -30,8 +30,8 @@ leans to speculative, and a high RTT with low acceptance leans to cloud.
 
 Guarantees: pure (no I/O, no clock); the same inputs give the same decision; `reason` is a
 non-empty sentence starting with the route; `estimates` holds every route the policy weighed
-(always local; all three once the link is usable); bad inputs raise `InvalidField` (a ValueError)
-naming the field.
+(local always; all three whenever rule 4 or a honoured cloud override runs); bad inputs raise
+`InvalidField` (a ValueError) naming the field.
 """
 
 from __future__ import annotations
