@@ -18,6 +18,9 @@ _SUBCOMMANDS = {
     "bench": "tandem.bench",
     "demo": "tandem.demo",
     "serve": "tandem.serve_cli",
+    "generate": "tandem.client_cli",
+    "chat": "tandem.client_cli",
+    "docs": "tandem.client_cli",
 }
 
 

@@ -1,0 +1,326 @@
+"""`tandem generate`, `tandem chat` and `tandem docs`: the orchestrator's client commands.
+
+Guarantees: every command talks to a running orchestrator through `tandem_sdk` at the address
+`resolve_address` picks (flag, then TANDEM_ADDRESS, then the stack file `tandem up` writes,
+then 127.0.0.1:7070). Answers stream to stdout as they arrive; statistics and notices go to
+stderr. An unreachable orchestrator, a request the server rejects (INVALID_ARGUMENT), an unknown
+document or an unreadable file is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from tandem.cli import CliError
+
+if TYPE_CHECKING:
+    from tandem_sdk import Client, Generation, Stats
+
+DEFAULT_ADDRESS = "127.0.0.1:7070"
+ROUTES = ("auto", "local", "speculative", "cloud")
+
+
+def resolve_address(flag: str | None) -> str:
+    """The orchestrator's "host:port": `flag`, else $TANDEM_ADDRESS, else the
+    "orchestrator_grpc" entry of $TANDEM_HOME/run/stack.json, else 127.0.0.1:7070."""
+    if flag and flag.strip():
+        return flag.strip()
+    env = os.environ.get("TANDEM_ADDRESS", "").strip()
+    if env:
+        return env
+    from tandem.paths import tandem_home
+
+    stack = tandem_home() / "run" / "stack.json"
+    if not stack.is_file():
+        return DEFAULT_ADDRESS
+    try:
+        data = json.loads(stack.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {stack} ({exc}); pass --address HOST:PORT") from None
+    if not isinstance(data, dict):
+        raise CliError(f"{stack} is not a JSON object; pass --address HOST:PORT")
+    value = data.get("orchestrator_grpc")
+    return value.strip() if isinstance(value, str) and value.strip() else DEFAULT_ADDRESS
+
+
+# --- parsers -----------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `generate`, `chat` and `docs` (each once, however many times this is called)."""
+    adders = {"generate": _add_generate, "chat": _add_chat, "docs": _add_docs}
+    for name, adder in adders.items():
+        if name not in subparsers.choices:
+            adder(subparsers)
+
+
+def _common() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--address", metavar="HOST:PORT",
+                        help="the orchestrator (default: $TANDEM_ADDRESS, the `tandem up` stack, "
+                             f"else {DEFAULT_ADDRESS})")
+    return parent
+
+
+def _generation_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--route", choices=ROUTES, default="auto", help="default: auto")
+    parent.add_argument("--max-new-tokens", type=int, metavar="N")
+    parent.add_argument("--temperature", type=float, metavar="T", help="0 (default) is greedy")
+    parent.add_argument("--top-k", type=int, metavar="K")
+    parent.add_argument("--top-p", type=float, metavar="P")
+    parent.add_argument("--seed", type=int, metavar="S")
+    parent.add_argument("--deadline-s", type=float, metavar="S", help="bound on the whole answer")
+    parent.add_argument("--personal", action="store_true", help="use your documents as context")
+    parent.add_argument("--privacy", choices=("strict", "cloud_quality"), default="strict",
+                        help="strict: private context keeps the request on the device (default)")
+    parent.add_argument("--category", default="", help="acceptance is tracked per category")
+    parent.add_argument("--stats", action="store_true", help="print route and statistics to stderr")
+    return parent
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("generate", parents=[_common(), _generation_options()],
+                              help="stream one answer from the orchestrator")
+    p.add_argument("prompt", metavar="PROMPT", help='the prompt ("-" reads it from stdin)')
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, started, stats")
+    p.set_defaults(func=run_generate)
+
+
+def _add_chat(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("chat", parents=[_common(), _generation_options()],
+                              help="interactive chat; /reset clears the history, /exit ends")
+    p.add_argument("--system", metavar="TEXT", help="a system message opening the conversation")
+    p.set_defaults(func=run_chat)
+
+
+def _add_docs(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    docs = subparsers.add_parser("docs", help="personal documents stored on the device")
+    sub = docs.add_subparsers(dest="docs_command", metavar="ACTION")
+    sub.required = True
+    add = sub.add_parser("add", parents=[_common()], help="add text files as documents")
+    add.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    label = add.add_mutually_exclusive_group()
+    label.add_argument("--private", dest="privacy", action="store_const", const="private",
+                       help="never leaves the device (default)")
+    label.add_argument("--shareable", dest="privacy", action="store_const", const="shareable",
+                       help="may be sent to the cloud inside a prompt")
+    add.add_argument("--kind", choices=("document", "note", "profile"), default="document")
+    add.add_argument("--title", help="the title (one PATH only; default: the file name)")
+    add.set_defaults(func=run_docs_add, privacy="private")
+    ls = sub.add_parser("list", parents=[_common()], help="list the stored documents")
+    ls.add_argument("--json", action="store_true", help="one JSON array")
+    ls.set_defaults(func=run_docs_list)
+    rm = sub.add_parser("rm", parents=[_common()], help="delete a document")
+    rm.add_argument("id", metavar="ID")
+    rm.set_defaults(func=run_docs_rm)
+    priv = sub.add_parser("privacy", parents=[_common()], help="relabel a document")
+    priv.add_argument("id", metavar="ID")
+    priv.add_argument("privacy", choices=("private", "shareable"))
+    priv.set_defaults(func=run_docs_privacy)
+
+
+# --- talking to the orchestrator ---------------------------------------------------------------
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[Client]:
+    """A connected SDK client; SDK errors become one-line `CliError`s naming the address."""
+    from tandem_sdk import Client, InvalidArgument, TandemError, Unavailable
+
+    address = resolve_address(args.address)
+    try:
+        with Client(address) as client:
+            yield client
+    except Unavailable as exc:
+        raise CliError(f"the orchestrator at {address} is unavailable ({exc.details}); "
+                       "is it running? start it with `tandem up` or pass --address") from None
+    except InvalidArgument as exc:
+        raise CliError(exc.details) from None
+    except TandemError as exc:
+        raise CliError(f"{exc} (orchestrator at {address})") from None
+    except ValueError as exc:  # the SDK's own argument checks
+        raise CliError(str(exc)) from None
+
+
+def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        route=args.route, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, deadline_s=args.deadline_s,
+        privacy=args.privacy, use_personal_context=args.personal, category=args.category,
+    )
+
+
+def _stream(gen: Generation, out: TextIO) -> None:
+    """Write each delta as it arrives; end the line even when the stream fails."""
+    try:
+        for delta in gen:
+            out.write(delta.text)
+            out.flush()
+    finally:
+        if gen.text and not gen.text.endswith("\n"):
+            out.write("\n")
+            out.flush()
+
+
+def stats_lines(gen: Generation) -> list[str]:
+    """The `--stats` report: the route and why, then one line of figures."""
+    lines = []
+    route = gen.stats or gen.started
+    if route is not None:
+        lines.append(f"route: {route.route} ({route.reason})" if route.reason else f"route: {route.route}")
+    if gen.stats is not None:
+        lines.append("stats: " + _figures(gen.stats))
+    return lines
+
+
+def _figures(s: Stats) -> str:
+    parts = [
+        f"{s.generated_tokens} tokens" + (f" ({s.finish_reason})" if s.finish_reason else ""),
+        f"ttft {s.ttft_ms:.0f} ms",
+        f"{s.tokens_per_s:.1f} tok/s",
+        f"acceptance {s.acceptance_rate:.2f}",
+        f"verified {s.verified_tokens} / local {s.local_tokens}",
+    ]
+    if s.citations:
+        parts.append(f"{len(s.citations)} citations")
+    if s.private_chunks_dropped:
+        parts.append(f"{s.private_chunks_dropped} private chunks dropped")
+    for sw in s.switches:
+        parts.append(f"switch {sw.from_route}->{sw.to_route} at token {sw.at_token} ({sw.reason})")
+    return ", ".join(parts)
+
+
+def _as_json(value: object) -> object:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    with _client(args) as client:
+        gen = client.generate(prompt, **_generate_kwargs(args))
+        if args.json:
+            result = gen.result()
+            doc = {"text": result.text, "started": _as_json(result.started), "stats": _as_json(result.stats)}
+            print(json.dumps(doc, ensure_ascii=False))
+        else:
+            _stream(gen, sys.stdout)
+    if args.stats:
+        for line in stats_lines(gen):
+            print(line, file=sys.stderr)
+    return 0
+
+
+def _read_lines(interactive: bool) -> Iterator[str]:
+    if not interactive:
+        for line in sys.stdin:
+            yield line.rstrip("\r\n")
+        return
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(opening)
+    with _client(args) as client:
+        for line in _read_lines(sys.stdin.isatty()):
+            command = line.strip()
+            if not command:
+                continue
+            if command == "/exit":
+                break
+            if command == "/reset":
+                history = list(opening)
+                print("(history cleared)", file=sys.stderr)
+                continue
+            messages = [*history, {"role": "user", "content": line}]
+            gen = client.generate(messages=messages, **_generate_kwargs(args))
+            _stream(gen, sys.stdout)
+            history = [*messages, {"role": "assistant", "content": gen.text}]
+            if args.stats:
+                for stat in stats_lines(gen):
+                    print(stat, file=sys.stderr)
+    return 0
+
+
+def _read_document(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror or exc}") from None
+
+
+def _doc_line(doc: Any) -> str:
+    return f"{doc.id}\t{doc.privacy}\t{doc.kind}\t{doc.chunks} chunks\t{doc.title}"
+
+
+def run_docs_add(args: argparse.Namespace) -> int:
+    if args.title is not None and len(args.paths) > 1:
+        raise CliError("--title needs exactly one PATH")
+    texts = [(path, _read_document(path)) for path in args.paths]  # every file before any call
+    with _client(args) as client:
+        for path, text in texts:
+            doc = client.add_document(text, title=args.title or path.name, kind=args.kind,
+                                      privacy=args.privacy, source=str(path.resolve()))
+            print(_doc_line(doc))
+    return 0
+
+
+def run_docs_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        docs = client.list_documents()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) for d in docs], ensure_ascii=False))
+        return 0
+    if not docs:
+        print("no documents", file=sys.stderr)
+        return 0
+    width = max(len(d.id) for d in docs)
+    print(f"{'id':<{width}}  {'privacy':<9}  {'kind':<8}  {'chunks':>6}  {'bytes':>8}  title")
+    for d in docs:
+        print(f"{d.id:<{width}}  {d.privacy:<9}  {d.kind:<8}  {d.chunks:>6}  {d.bytes:>8}  {d.title}")
+    return 0
+
+
+def run_docs_rm(args: argparse.Namespace) -> int:
+    from tandem_sdk import NotFound
+
+    with _client(args) as client:
+        try:
+            deleted = client.delete_document(args.id)
+        except NotFound:
+            deleted = False
+    if not deleted:
+        raise CliError(f"no document with id {args.id!r}")
+    print(f"deleted {args.id}")
+    return 0
+
+
+def run_docs_privacy(args: argparse.Namespace) -> int:
+    from tandem_sdk import NotFound
+
+    with _client(args) as client:
+        try:
+            doc = client.set_document_privacy(args.id, args.privacy)
+        except NotFound:
+            raise CliError(f"no document with id {args.id!r}") from None
+    print(_doc_line(doc))
+    return 0
