@@ -16,7 +16,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 
 import grpc
@@ -175,12 +175,13 @@ def add_standard_services(server: grpc.Server, service_names: list[str]) -> None
         server)
 
 
-def create_server(core: VerifierCore, address: str = "127.0.0.1:0",
-                  max_workers: int | None = None) -> tuple[grpc.Server, int]:
+def create_server(core: VerifierCore, address: str = "127.0.0.1:0", max_workers: int | None = None,
+                  interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
     """A started grpcio server with the servicer, health and reflection; returns (server, port)."""
     # One worker per stream: more workers than sessions, so the session limit answers first.
     workers = max_workers or core.limits.max_sessions + 8
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloud-grpc"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloud-grpc"),
+                         interceptors=list(interceptors))
     cloud_pb2_grpc.add_CloudVerifierServicer_to_server(CloudVerifierServicer(core), server)
     add_standard_services(server, [SERVICE_NAME])
     port = server.add_insecure_port(address)

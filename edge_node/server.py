@@ -81,7 +81,10 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
             if m.role not in ("system", "user", "assistant"):
                 raise ValueError(f"messages[{i}].role must be system, user or assistant, got {m.role!r}")
         if request.messages:
-            return self._drafter.encode(messages=[{"role": m.role, "content": m.content} for m in request.messages])
+            try:
+                return self._drafter.encode(messages=[{"role": m.role, "content": m.content} for m in request.messages])
+            except RuntimeError as exc:  # onnxruntime-genai: e.g. the model folder has no chat template
+                raise ValueError(f"messages: cannot apply the drafter's chat template: {exc}") from None
         return self._drafter.encode(prompt=request.prompt)
 
     def CountTokens(self, request: edge_pb2.EdgeGenerateRequest, context: grpc.ServicerContext) -> edge_pb2.TokenCount:

@@ -3,7 +3,8 @@
 Guarantees: every error names what went wrong in one line. `BadRequest` names the request field
 (gRPC INVALID_ARGUMENT, HTTP 400); `Unavailable` means a peer (edge node or cloud) cannot serve
 now (gRPC UNAVAILABLE, HTTP 503); `NotFound` is an unknown document id (NOT_FOUND, HTTP 404);
-`Busy` means too many requests at once (RESOURCE_EXHAUSTED, HTTP 429).
+`Busy` means too many requests at once (RESOURCE_EXHAUSTED, HTTP 429); `DeadlineExceeded` is a
+request past its deadline (DEADLINE_EXCEEDED, HTTP 504).
 """
 
 from __future__ import annotations
@@ -28,4 +29,8 @@ class NotFound(OrchestratorError):
 
 
 class Busy(OrchestratorError):
+    pass
+
+
+class DeadlineExceeded(OrchestratorError):
     pass

@@ -1,4 +1,4 @@
-"""`tandem serve {cloud,edge}`: the long-running node processes.
+"""`tandem serve {cloud,edge,orchestrator}`: the long-running node processes.
 
 Each node defines its own subcommand (`cloud_node.cli.add_cloud_parser`,
 `edge_node.cli.add_edge_parser`); a node whose package is not installed is simply not offered.
@@ -15,6 +15,7 @@ import importlib.util
 _NODES = {
     "cloud": ("cloud_node.cli", "add_cloud_parser"),
     "edge": ("edge_node.cli", "add_edge_parser"),
+    "orchestrator": ("orchestrator.cli", "add_orchestrator_parser"),
 }
 
 
@@ -26,7 +27,7 @@ def _available(module: str) -> bool:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("serve", help="run a node process (cloud verifier, edge node)")
+    parser = subparsers.add_parser("serve", help="run a node process (cloud verifier, edge node, orchestrator)")
     sub = parser.add_subparsers(dest="node", metavar="NODE")
     sub.required = True
     for module, function in _NODES.values():

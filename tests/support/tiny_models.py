@@ -7,6 +7,7 @@ Built once per test session inside a temp folder. They are real models on the re
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,12 +77,13 @@ def build_onnx(hf_dir: Path, out: Path, cache: Path) -> Path:
     )
     cfg = json.loads((out / "genai_config.json").read_text())
     assert cfg["model"]["vocab_size"] == VOCAB
+    if (hf_dir / "chat_template.jinja").exists():  # the builder does not carry it over
+        shutil.copy(hf_dir / "chat_template.jinja", out / "chat_template.jinja")
     return out
 
 
 def perturb(src: Path, out: Path, noise: float, seed: int) -> Path:
     """A copy of `src` with Gaussian noise on every weight: a drafter that agrees only partly."""
-    import shutil
 
     import torch
     from transformers import Qwen2ForCausalLM
@@ -92,7 +94,8 @@ def perturb(src: Path, out: Path, noise: float, seed: int) -> Path:
         for param in model.parameters():
             param.add_(torch.randn_like(param) * noise * param.std())
     model.save_pretrained(out)
-    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
         if (src / name).exists():
             shutil.copy(src / name, out / name)
     return out

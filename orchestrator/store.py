@@ -1,0 +1,392 @@
+"""The user's personal documents on the device: SQLite rows, chunk vectors and a keyword index.
+
+Guarantees:
+- One SQLite file (default `default_store_path()`), WAL journal, foreign keys on, schema version
+  in `PRAGMA user_version`. `synchronous=FULL`: in WAL mode NORMAL survives a crashed process
+  but may lose the last commits on power loss, and a document the API reported as added must
+  still be there after the phone's battery dies; adds are rare and embedding them costs far
+  more than one fsync.
+- `add` chunks and embeds everything first, then writes the document row, its chunks (text and
+  float32 vector) and their FTS5 rows in ONE transaction: after a crash at any point the
+  document is fully present or absent. `delete` removes the row; chunks go by ON DELETE CASCADE
+  and their FTS rows by trigger, in the same transaction.
+- Bad input raises `InvalidField` (a `ValueError` and an `orchestrator.errors.BadRequest`) whose
+  message starts with the field's name; an unknown id in `set_privacy` raises `NotFound`.
+- Thread safety: one connection shared by all threads, every use under one lock. Embedding (the
+  slow part of `add`) runs outside the lock, so searches are not blocked by an ingest. Other
+  processes may use the same file (WAL, busy timeout); their commits are noticed through
+  `PRAGMA data_version` and refresh the vector cache.
+- Vectors are kept in memory as one (n_chunks, dim) float32 matrix, rebuilt lazily after any
+  write, so vector search is one matmul. That costs 4*dim bytes per chunk (1.5 KB for MiniLM):
+  fine up to a few tens of thousands of chunks (tens of MB); beyond that use an ANN index.
+- The FTS5 table keeps its own copy of each chunk's text (a regular FTS5 table, not external
+  content), so `check_consistency` can compare it row by row with `chunks`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Self
+
+import numpy as np
+
+from orchestrator.errors import BadRequest, NotFound
+from orchestrator.retrieval import chunk_text
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MAX_DOCUMENT_BYTES = 2_000_000  # UTF-8 bytes of one document's text
+MAX_TITLE_CHARS = 300
+KINDS = ("document", "note", "profile")
+PRIVACIES = ("private", "shareable")
+
+_SCHEMA = (
+    """CREATE TABLE documents (
+        id TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('document', 'note', 'profile')),
+        privacy TEXT NOT NULL CHECK (privacy IN ('private', 'shareable')),
+        source TEXT NOT NULL DEFAULT '',
+        bytes INTEGER NOT NULL,
+        created_unix_ms INTEGER NOT NULL,
+        chunk_count INTEGER NOT NULL)""",
+    """CREATE TABLE chunks (
+        id INTEGER PRIMARY KEY,
+        doc_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        embedding BLOB NOT NULL,
+        UNIQUE (doc_id, idx))""",
+    "CREATE VIRTUAL TABLE chunks_fts USING fts5(text, tokenize = 'porter unicode61')",
+    # Cascaded deletes fire these too, so the FTS rows follow the chunks in every transaction.
+    """CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
+        INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text); END""",
+    """CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
+        DELETE FROM chunks_fts WHERE rowid = old.id; END""",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
+
+class InvalidField(BadRequest, ValueError):
+    """Bad input to the store; `field` names it and the message starts with it."""
+
+
+class EmbedderLike(Protocol):
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    id: str
+    title: str
+    kind: str  # one of KINDS
+    privacy: str  # one of PRIVACIES
+    source: str  # where it came from, e.g. a file path; may be ""
+    bytes: int  # UTF-8 size of the text
+    created_unix_ms: int
+    chunk_count: int
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One stored chunk with its document's current title and privacy label."""
+
+    chunk_id: int  # the row id in `chunks` (also the FTS rowid)
+    doc_id: str
+    title: str
+    chunk_index: int  # position inside its document, from 0
+    text: str
+    privacy: str
+
+
+def default_store_path() -> Path:
+    from tandem.paths import tandem_home
+
+    return tandem_home() / "personal" / "store.sqlite3"
+
+
+class PersonalStore:
+    """Documents, chunks, vectors and keyword index in one SQLite file."""
+
+    def __init__(self, path: Path, embedder: EmbedderLike) -> None:
+        self.path = Path(path)
+        self.embedder = embedder
+        self.dim = int(embedder.dim)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                     timeout=10.0)
+        self._cache: tuple[np.ndarray, np.ndarray] | None = None  # (matrix, chunk ids)
+        self._cache_key: tuple[int, int] | None = None
+        self._writes = 0  # our own commits; data_version only counts other connections'
+        with self._lock:
+            self._setup()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        c = self._conn
+        _require_fts5(c)
+        c.execute("PRAGMA foreign_keys = ON")
+        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"{self.path}: cannot use WAL journal mode (got {mode})")
+        c.execute("PRAGMA synchronous = FULL")
+        with self._transaction(counted=False):
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in _SCHEMA:
+                    c.execute(statement)
+                c.execute("INSERT INTO meta VALUES ('embedder', ?), ('dim', ?)",
+                          (self._embedder_name(), str(self.dim)))
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: schema version {version}, this code reads "
+                                   f"{SCHEMA_VERSION}")
+        self._check_embedder()
+
+    def _embedder_name(self) -> str:
+        return str(getattr(self.embedder, "name", ""))
+
+    def _check_embedder(self) -> None:
+        meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("dim") != str(self.dim):
+            raise RuntimeError(f"{self.path}: vectors have dim {meta.get('dim')}, "
+                               f"the embedder gives {self.dim}")
+        stored, name = meta.get("embedder", ""), self._embedder_name()
+        if stored and name and stored != name:
+            raise RuntimeError(f"{self.path}: vectors come from {stored}, not {name}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- writes -------------------------------------------------------------------------
+
+    def add(self, title: str, text: str, *, kind: str = "document", privacy: str = "private",
+            source: str = "") -> DocumentInfo:
+        """Chunk, embed, then store the document atomically; returns what was stored."""
+        title, kind = _validate(title, text, kind, privacy, source)
+        chunks = chunk_text(text)
+        vectors = self._embed_chunks(chunks)
+        info = DocumentInfo(id=uuid.uuid4().hex, title=title, kind=kind, privacy=privacy,
+                            source=source, bytes=len(text.encode("utf-8")),
+                            created_unix_ms=time.time_ns() // 1_000_000,
+                            chunk_count=len(chunks))
+        rows = [(info.id, i, chunk, vectors[i].tobytes()) for i, chunk in enumerate(chunks)]
+        with self._lock, self._transaction():
+            self._conn.execute(
+                "INSERT INTO documents (id, title, kind, privacy, source, bytes, "
+                "created_unix_ms, chunk_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.id, info.title, info.kind, info.privacy, info.source, info.bytes,
+                 info.created_unix_ms, info.chunk_count))
+            self._conn.executemany(
+                "INSERT INTO chunks (doc_id, idx, text, embedding) VALUES (?, ?, ?, ?)", rows)
+        logger.info("added document %s (%s, %s, %d chunks)", info.id, kind, privacy,
+                    len(chunks))
+        return info
+
+    def _embed_chunks(self, chunks: Sequence[str]) -> np.ndarray:
+        vectors = np.ascontiguousarray(self.embedder.embed(chunks), dtype=np.float32)
+        if vectors.shape != (len(chunks), self.dim):
+            raise RuntimeError(f"embedder returned shape {vectors.shape}, expected "
+                               f"({len(chunks)}, {self.dim})")
+        return vectors
+
+    def delete(self, doc_id: str) -> bool:
+        """Remove the document, its chunks, vectors and FTS rows; False if it was not there."""
+        with self._lock, self._transaction():
+            cur = self._conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+        return cur.rowcount > 0
+
+    def set_privacy(self, doc_id: str, privacy: str) -> DocumentInfo:
+        if privacy not in PRIVACIES:
+            raise InvalidField("privacy", f"must be one of {', '.join(PRIVACIES)}, "
+                                          f"got {privacy!r}")
+        with self._lock, self._transaction():
+            self._conn.execute("UPDATE documents SET privacy = ? WHERE id = ?",
+                               (privacy, doc_id))
+        info = self.get(doc_id)
+        if info is None:
+            raise NotFound(f"no document with id {doc_id!r}")
+        return info
+
+    @contextmanager
+    def _transaction(self, counted: bool = True) -> Iterator[None]:
+        """BEGIN IMMEDIATE .. COMMIT, or ROLLBACK on any exception; the caller holds the lock."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+        if counted:
+            self._writes += 1
+
+    # --- reads --------------------------------------------------------------------------
+
+    def get(self, doc_id: str) -> DocumentInfo | None:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_DOC_COLUMNS} FROM documents WHERE id = ?",
+                                     (doc_id,)).fetchone()
+        return DocumentInfo(*row) if row else None
+
+    def list(self) -> builtins.list[DocumentInfo]:
+        """Every document, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(f"SELECT {_DOC_COLUMNS} FROM documents "
+                                      "ORDER BY created_unix_ms, id").fetchall()
+        return [DocumentInfo(*r) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT count(*) FROM documents").fetchone()[0])
+
+    def chunk_rows(self, doc_id: str) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT count(*) FROM chunks WHERE doc_id = ?",
+                                          (doc_id,)).fetchone()[0])
+
+    def nearest(self, query: np.ndarray, limit: int) -> builtins.list[tuple[int, float]]:
+        """(chunk id, cosine) of the `limit` chunks most similar to the unit vector `query`."""
+        matrix, ids = self._vectors()
+        if len(ids) == 0 or limit < 1:
+            return []
+        scores = matrix @ np.asarray(query, dtype=np.float32).reshape(self.dim)
+        top = np.argsort(-scores, kind="stable")[:limit]
+        return [(int(ids[i]), float(scores[i])) for i in top]
+
+    def similarity(self, query: np.ndarray, chunk_ids: Iterable[int]) -> dict[int, float]:
+        """Cosine of `query` with each given chunk (ids not stored are left out)."""
+        matrix, ids = self._vectors()
+        pos = {int(c): i for i, c in enumerate(ids)}
+        q = np.asarray(query, dtype=np.float32).reshape(self.dim)
+        return {c: float(matrix[pos[c]] @ q) for c in chunk_ids if c in pos}
+
+    def keyword_search(self, match: str, limit: int) -> builtins.list[int]:
+        """Chunk ids matching an FTS5 MATCH expression, best bm25 first.
+
+        `match` must already be escaped (see `retrieval.fts_query`)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
+                (match, limit)).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def chunks(self, chunk_ids: Iterable[int]) -> dict[int, ChunkRecord]:
+        ids = builtins.list(chunk_ids)
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT c.id, c.doc_id, d.title, c.idx, c.text, d.privacy FROM chunks c "
+                f"JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({marks})", ids).fetchall()
+        return {int(r[0]): ChunkRecord(*r) for r in rows}
+
+    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+            key = (version, self._writes)
+            if self._cache is None or self._cache_key != key:
+                rows = self._conn.execute("SELECT id, embedding FROM chunks ORDER BY id")
+                ids, blobs = [], []
+                for chunk_id, blob in rows:
+                    ids.append(chunk_id)
+                    blobs.append(blob)
+                matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, self.dim)
+                self._cache = (matrix, np.asarray(ids, dtype=np.int64))
+                self._cache_key = key
+            return self._cache
+
+    # --- checks -------------------------------------------------------------------------
+
+    def check_consistency(self) -> builtins.list[str]:
+        """Every problem found, in words; empty when the store is consistent."""
+        with self._lock:
+            return _find_problems(self._conn, self.dim)
+
+
+_DOC_COLUMNS = "id, title, kind, privacy, source, bytes, created_unix_ms, chunk_count"
+
+
+def _validate(title: str, text: str, kind: str, privacy: str, source: str) -> tuple[str, str]:
+    """(title, kind) normalized, or `InvalidField`; an empty title becomes the first line."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidField("text", "must not be empty")
+    size = len(text.encode("utf-8"))
+    if size > MAX_DOCUMENT_BYTES:
+        raise InvalidField("text", f"is {size} bytes, the limit is {MAX_DOCUMENT_BYTES}")
+    kind = kind or "document"
+    if kind not in KINDS:
+        raise InvalidField("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    if privacy not in PRIVACIES:
+        raise InvalidField("privacy", f"must be one of {', '.join(PRIVACIES)}, got {privacy!r}")
+    if not isinstance(source, str):
+        raise InvalidField("source", "must be a string")
+    title = (title or "").strip() or text.strip().splitlines()[0].strip()[:80]
+    if len(title) > MAX_TITLE_CHARS:
+        raise InvalidField("title", f"is {len(title)} characters, the limit is "
+                                    f"{MAX_TITLE_CHARS}")
+    return title, kind
+
+
+def _require_fts5(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("CREATE VIRTUAL TABLE temp.fts5_probe USING fts5(x)")
+        conn.execute("DROP TABLE temp.fts5_probe")
+    except sqlite3.OperationalError as err:
+        raise RuntimeError(f"this Python's SQLite ({sqlite3.sqlite_version}) lacks FTS5, "
+                           "which the personal store needs for keyword search") from err
+
+
+_CHECKS = (  # (problem template, query whose rows fill it)
+    ("document {} has chunk_count {} but {} chunk rows",
+     ("SELECT d.id, d.chunk_count, count(c.id) FROM documents d LEFT JOIN chunks c "
+      "ON c.doc_id = d.id GROUP BY d.id HAVING d.chunk_count != count(c.id)")),
+    ("document {} has chunk indexes {}..{}, not 0..chunk_count-1",
+     ("SELECT doc_id, min(idx), max(idx) FROM chunks GROUP BY doc_id "
+      "HAVING min(idx) != 0 OR max(idx) != count(*) - 1")),
+    ("chunk {} belongs to missing document {}",
+     ("SELECT c.id, c.doc_id FROM chunks c LEFT JOIN documents d ON d.id = c.doc_id "
+      "WHERE d.id IS NULL")),
+    ("chunk {} has no FTS row or a different FTS text",
+     ("SELECT c.id FROM chunks c LEFT JOIN chunks_fts f ON f.rowid = c.id "
+      "WHERE f.rowid IS NULL OR f.text IS NOT c.text")),
+    ("FTS row {} has no chunk",
+     "SELECT f.rowid FROM chunks_fts f LEFT JOIN chunks c ON c.id = f.rowid WHERE c.id IS NULL"),
+)
+
+
+def _find_problems(conn: sqlite3.Connection, dim: int) -> list[str]:
+    problems = [f"sqlite integrity: {r[0]}" for r in conn.execute("PRAGMA quick_check")
+                if r[0] != "ok"]
+    for template, sql in _CHECKS:
+        problems += [template.format(*row) for row in conn.execute(sql)]
+    problems += [f"chunk {r[0]} has an embedding of {r[1]} bytes, expected {4 * dim}"
+                 for r in conn.execute("SELECT id, length(embedding) FROM chunks "
+                                       "WHERE length(embedding) != ?", (4 * dim,))]
+    try:
+        conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('integrity-check')")
+    except sqlite3.DatabaseError as err:
+        problems.append(f"FTS index: {err}")
+    return problems
