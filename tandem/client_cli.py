@@ -152,11 +152,11 @@ def _client(args: argparse.Namespace) -> Iterator[Client]:
 
 
 def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        route=args.route, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, deadline_s=args.deadline_s,
-        privacy=args.privacy, use_personal_context=args.personal, category=args.category,
-    )
+    return {
+        "route": args.route, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "deadline_s": args.deadline_s,
+        "privacy": args.privacy, "use_personal_context": args.personal, "category": args.category,
+    }
 
 
 def _stream(gen: Generation, out: TextIO) -> None:

@@ -92,12 +92,12 @@ def _assign(message: Any, field: str, name: str, value: object) -> None:
 def chat_messages(messages: Sequence[Message | Mapping[str, str]]) -> list[common_pb2.ChatMessage]:
     """Chat messages from `Message` values or {"role": ..., "content": ...} mappings."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError("messages: must be a list of messages")
+        raise ValueError("messages: must be a list of messages")  # noqa: TRY004 (one error kind)
     out = []
     for i, m in enumerate(messages):
         role, content = (m.role, m.content) if isinstance(m, Message) else _pair(i, m)
         if not isinstance(role, str) or not isinstance(content, str):
-            raise ValueError(f"messages[{i}]: role and content must be strings")
+            raise ValueError(f"messages[{i}]: role and content must be strings")  # noqa: TRY004
         out.append(common_pb2.ChatMessage(role=role, content=content))
     return out
 
@@ -141,7 +141,7 @@ def generate_request(
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError(f"prompt: must be a string (got {type(prompt).__name__})")
     if not isinstance(category, str):
-        raise ValueError("category: must be a string")
+        raise ValueError("category: must be a string")  # noqa: TRY004
     options = orchestrator_pb2.GenerateOptions(
         route=route_enum(route),
         privacy=privacy_mode_enum(privacy),
@@ -168,7 +168,7 @@ def add_document_request(
 ) -> orchestrator_pb2.AddDocumentRequest:
     for name, value in (("text", text), ("title", title), ("kind", kind), ("source", source)):
         if not isinstance(value, str):
-            raise ValueError(f"{name}: must be a string")
+            raise ValueError(f"{name}: must be a string")  # noqa: TRY004
     return orchestrator_pb2.AddDocumentRequest(
         title=title, text=text, kind=kind, privacy=privacy_enum(privacy), source=source
     )

@@ -22,14 +22,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 import grpc.aio
 
 from protos.tandem.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from tandem_sdk import _convert
-from tandem_sdk._calls import RetryPolicy, StreamState, check_timeout, remaining_s, rpc_code, stream_timeout_s
+from tandem_sdk._calls import (
+    RetryPolicy,
+    StreamState,
+    check_timeout,
+    remaining_s,
+    rpc_code,
+    stream_timeout_s,
+)
 from tandem_sdk._errors import from_rpc_error
 from tandem_sdk._types import Delta, Document, Message, Result, Started, Stats, Status
 
@@ -170,7 +177,7 @@ class AsyncClient:
         self._channel = grpc.aio.insecure_channel(address, options=list(channel_options))
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -22,13 +22,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
 from protos.tandem.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from tandem_sdk import _convert
-from tandem_sdk._calls import RetryPolicy, StreamState, check_timeout, remaining_s, rpc_code, stream_timeout_s
+from tandem_sdk._calls import (
+    RetryPolicy,
+    StreamState,
+    check_timeout,
+    remaining_s,
+    rpc_code,
+    stream_timeout_s,
+)
 from tandem_sdk._errors import from_rpc_error
 from tandem_sdk._types import Delta, Document, Message, Result, Started, Stats, Status
 
@@ -166,7 +173,7 @@ class Client:
         self._channel = grpc.insecure_channel(address, options=list(channel_options))
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
