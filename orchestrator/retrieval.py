@@ -71,48 +71,58 @@ def chunk_spans(text: str, max_chars: int = 800, overlap: int = 100) -> list[tup
         raise ValueError(f"overlap: must be in [0, max_chars/2), got {overlap}")
     if not text.strip():
         raise ValueError("text: must not be empty or whitespace")
-    end = len(text.rstrip())
+    end = _trim_end(text, len(text))
     pos = _skip_space(text, 0)
     spans: list[tuple[int, int]] = []
     while True:
         if end - pos <= max_chars:
             spans.append((pos, end))
             return spans
-        cut, hard = _find_cut(text, pos, max_chars, overlap)
-        spans.append((pos, len(text[:cut].rstrip())))
-        pos = _next_start(text, cut, overlap, hard)
+        cut, next_pos = _find_cut(text, pos, max_chars, overlap)
+        if not spans or cut > spans[-1][1]:  # else it lies inside the previous chunk
+            spans.append((pos, cut))
+        pos = next_pos
 
 
-def _find_cut(text: str, pos: int, max_chars: int, overlap: int) -> tuple[int, bool]:
-    """Where the chunk starting at `pos` ends, and whether that cut splits a word."""
-    lo = pos + max(max_chars // 2, overlap + 1)  # keep chunks big and guarantee progress
+def _find_cut(text: str, pos: int, max_chars: int, overlap: int) -> tuple[int, int]:
+    """(end of the chunk starting at `pos`, start of the next chunk)."""
+    lo = pos + max(max_chars // 2, overlap + 1)  # keeps chunks big and guarantees progress
     hi = pos + max_chars
     for pattern, after in ((_PARAGRAPH, False), (_LINE, False), (_SENTENCE, True),
                            (_SPACE, False)):
-        best = -1
-        for m in pattern.finditer(text, lo, hi + 1):
-            cut = m.end() if after else m.start()
-            if cut <= hi:
-                best = cut
-        if best > lo:
-            return best, False
-    return hi, not text[hi].isspace() and not text[hi - 1].isspace()
+        last = None
+        for last in pattern.finditer(text, lo, hi + 1):
+            pass
+        if last is not None:  # the latest boundary gives the longest trimmed chunk
+            cut = _trim_end(text, last.end() if after else last.start())
+            if cut > lo:
+                return cut, _overlap_start(text, cut, overlap, cut)
+    cut = _trim_end(text, hi)
+    if cut <= lo:  # a long run of whitespace: nothing in it to repeat
+        return cut, _skip_space(text, hi)
+    # No boundary in the window: the cut splits a word, and so may the overlap.
+    return cut, _overlap_start(text, cut, overlap, cut - overlap)
 
 
-def _next_start(text: str, cut: int, overlap: int, hard: bool) -> int:
-    """The next chunk's start: `overlap` characters back, moved forward to a word start."""
+def _overlap_start(text: str, cut: int, overlap: int, fallback: int) -> int:
+    """The next chunk's start: the first word start in the last `overlap` characters."""
     if overlap == 0:
         return _skip_space(text, cut)
-    back = cut - overlap
-    m = _SPACE.search(text, back, cut)
+    m = _SPACE.search(text, cut - overlap, cut)
     if m is not None:
         return _skip_space(text, m.start())
-    return back if hard else _skip_space(text, cut)
+    return _skip_space(text, fallback)
 
 
 def _skip_space(text: str, i: int) -> int:
     while i < len(text) and text[i].isspace():
         i += 1
+    return i
+
+
+def _trim_end(text: str, i: int) -> int:
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
     return i
 
 
