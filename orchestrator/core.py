@@ -201,7 +201,7 @@ class Orchestrator:
                 tokens_per_s=stats.generated_tokens / wall if wall > 0 else 0.0, category=p.category))
 
     def _learn(self, category: str, stats: common_pb2.GenerationStats) -> None:
-        if stats.drafted:
+        if stats.rounds >= 3:  # one or two rounds (an answer that fell back at once) are noise
             self.acceptance.observe(category, stats.accepted / stats.drafted)
         for switch in stats.switches:
             if switch.to_route == "local":

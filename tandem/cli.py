@@ -21,6 +21,9 @@ _SUBCOMMANDS = {
     "generate": "tandem.client_cli",
     "chat": "tandem.client_cli",
     "docs": "tandem.client_cli",
+    "up": "tandem.stack_cli",
+    "down": "tandem.stack_cli",
+    "status": "tandem.stack_cli",
 }
 
 
@@ -32,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module in _SUBCOMMANDS.items():
+    for module in dict.fromkeys(_SUBCOMMANDS.values()):  # each module once, in order
         importlib.import_module(module).add_parser(sub)
     return parser
 

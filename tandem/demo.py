@@ -1,8 +1,9 @@
 """`tandem demo`: the whole system as separate processes, streaming one answer.
 
-It starts the cloud node (Ray Serve), the link shaper and the edge node, each a process on free
-loopback ports with health checks before use, then streams a speculative answer to a sample
-prompt through the edge node and prints its statistics and the start-up time. On exit, error or
+It starts the cloud node (Ray Serve), the link shaper, the edge node and the orchestrator, each a
+process on free loopback ports with health checks before use, then streams an answer to a sample
+prompt through the client SDK and the orchestrator (which routes it; speculative when the link is
+up) and prints the route, its reason and the statistics. On exit, error or
 Ctrl-C it stops every process it started, Ray included. `--in-process` runs drafter and target
 in this process instead (no network), for comparison.
 """
@@ -23,7 +24,7 @@ DEFAULT_PROMPT = "Write a Python function that checks whether a string is a pali
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="start cloud, link shaper and edge as processes and stream an answer")
+    p = sub.add_parser("demo", help="start cloud, link shaper, edge and orchestrator as processes and stream an answer")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--draft-len", type=int, default=4)
@@ -33,6 +34,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--route", choices=("auto", "local", "speculative", "cloud"), default="auto",
+                   help="the orchestrator's route for the sample request")
     p.add_argument("--in-process", action="store_true", help="no processes: drafter and target in this process")
     p.set_defaults(func=run)
 
@@ -73,28 +76,18 @@ def _say(message: str) -> None:
 
 
 def _run_processes(args: argparse.Namespace, params: Any) -> int:
-    from tandem import paths, procs
+    from tandem import local_stack, paths, procs
 
     log_dir = paths.tandem_home() / "logs" / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     signal.signal(signal.SIGTERM, _interrupt)
-    t0 = time.perf_counter()
-    py = sys.executable
+    opts = local_stack.StackOptions(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
+                                    grpc_port=0, http_port=0)
     with procs.Stack(log_dir) as stack:
         try:
-            _say(f"starting the cloud node (Ray Serve, target {args.dtype}) ... logs in {log_dir}")
-            cloud = stack.start("cloud", [py, "-m", "tandem", "serve", "cloud", "--port", "0", "--dtype", args.dtype],
-                                timeout_s=600)
-            _say(f"  cloud verifier at {cloud.fields['grpc']} ({time.perf_counter() - t0:.1f} s)")
-            shaper = stack.start("netshape", [py, "-m", "netshape", "--listen", "127.0.0.1:0", "--upstream",
-                                              cloud.fields["grpc"], "--rtt-ms", str(args.link_rtt_ms),
-                                              "--control", "127.0.0.1:0"], timeout_s=60, ready=r"^control=")
-            _say(f"  link shaper at {shaper.fields['listen']} (RTT +{args.link_rtt_ms:g} ms)")
-            edge = stack.start("edge", [py, "-m", "tandem", "serve", "edge", "--port", "0", "--cloud",
-                                        shaper.fields["listen"], "--draft-len", str(args.draft_len)], timeout_s=120)
-            procs.wait_healthy(edge.fields["grpc"], timeout_s=60)
-            _say(f"  edge node at {edge.fields['grpc']}")
-            _say(f"all processes healthy; start-up took {time.perf_counter() - t0:.1f} s\n")
-            _stream_answer(edge.fields["grpc"], args, params)
+            _say(f"logs in {log_dir}")
+            children = local_stack.launch(stack.start, opts, _say)
+            _say("")
+            _stream_answer(children["orchestrator"].fields["grpc"], args, params)
         except procs.ChildFailed as exc:
             raise CliError(str(exc)) from None
         except KeyboardInterrupt:
@@ -105,35 +98,30 @@ def _run_processes(args: argparse.Namespace, params: Any) -> int:
     return 0
 
 
-def _stream_answer(edge_address: str, args: argparse.Namespace, params: Any) -> None:
-    import grpc
+def _stream_answer(address: str, args: argparse.Namespace, params: Any) -> None:
+    """The sample request, through the client SDK and the orchestrator."""
+    from tandem_sdk import Client, TandemError
 
-    from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
-
-    sampling = common_pb2.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
-    if params.seed is not None:
-        sampling.seed = params.seed
-    request = edge_pb2.EdgeGenerateRequest(messages=[common_pb2.ChatMessage(role="user", content=args.prompt)],
-                                           sampling=sampling, max_new_tokens=args.max_new_tokens,
-                                           mode=edge_pb2.EDGE_MODE_SPECULATIVE, draft_len=args.draft_len)
     print(f">>> {args.prompt}\n", flush=True)
-    stats = None
-    with grpc.insecure_channel(edge_address) as channel:
+    with Client(address, generate_timeout_s=1800) as client:
         try:
-            for msg in edge_pb2_grpc.EdgeNodeStub(channel).Generate(request, timeout=1800):
-                if msg.WhichOneof("kind") == "delta":
-                    sys.stdout.write(msg.delta.text)
-                    sys.stdout.flush()
-                else:
-                    stats = msg.stats
-        except grpc.RpcError as exc:
-            raise CliError(f"generation failed: {exc.code().name}: {exc.details()}") from None
+            answer = client.generate(prompt=args.prompt, route=args.route, max_new_tokens=args.max_new_tokens,
+                                     temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                     seed=params.seed, category="code")
+            for delta in answer:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        except TandemError as exc:
+            raise CliError(f"generation failed: {exc}") from None
     print("\n")
-    if stats is not None:
-        _print_stats(stats.generated_tokens, stats.tokens_per_s, stats.ttft_ms, stats.acceptance_rate,
-                     stats.mean_accepted_len, stats.target_forwards, stats.rounds, stats.edge_cpu_s)
-        print(f"bytes up {stats.bytes_up:,}  |  down {stats.bytes_down:,}  |  per round "
-              f"{(stats.bytes_up + stats.bytes_down) / max(stats.rounds, 1):.0f}  |  resumes {stats.resumes}")
+    s = answer.stats
+    print(f"route {s.route}: {s.reason}")
+    for w in s.switches:
+        print(f"  switched {w.from_route} -> {w.to_route} after {w.at_token} tokens ({w.reason})")
+    _print_stats(s.generated_tokens, s.tokens_per_s, s.ttft_ms, s.acceptance_rate, s.mean_accepted_len,
+                 s.target_forwards, s.rounds, s.edge_cpu_s)
+    print(f"tokens verified by the cloud {s.verified_tokens}  |  produced on the device {s.local_tokens}  |  "
+          f"bytes up {s.bytes_up:,}  down {s.bytes_down:,}  |  resumes {s.resumes}")
 
 
 def _print_stats(n: int, tok_s: float, ttft_ms: float, acceptance: float, tau: float, forwards: int, rounds: int,

@@ -55,18 +55,40 @@ def _read_ready(child: Child, ready: re.Pattern, found: threading.Event) -> None
                     found.set()
 
 
+def _watch_log(child: Child, ready: re.Pattern, found: threading.Event) -> None:
+    """For a detached child: find the ready line in its log file (stdout goes there directly)."""
+    seen = 0
+    while not found.is_set() and child.proc.poll() is None:
+        try:
+            lines = child.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in lines[seen:]:
+            child.fields.update(dict(re.findall(r"(\w+)=(\S+)", line)))
+            if ready.search(line):
+                found.set()
+                return
+        seen = len(lines)
+        time.sleep(0.1)
+
+
 def start(name: str, argv: Sequence[str], *, log_dir: Path, timeout_s: float, env: dict[str, str] | None = None,
-          ready: str | None = None) -> Child:
-    """Start a child and wait for its ready line (default: a line starting with `name `)."""
+          ready: str | None = None, detach: bool = False) -> Child:
+    """Start a child and wait for its ready line (default: a line starting with `name `).
+
+    A detached child writes stdout and stderr straight to its log file, so it keeps running
+    after this process exits (`tandem up`); otherwise stdout is read through a pipe.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    stderr = open(log_path, "w")
-    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
-                            start_new_session=True, env=env, bufsize=1)
-    stderr.close()
+    out = open(log_path, "w")
+    proc = subprocess.Popen(list(argv), stdout=out if detach else subprocess.PIPE, stderr=out,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True, env=env, bufsize=1)
+    out.close()
     child = Child(name, proc, log_path)
     found = threading.Event()
-    threading.Thread(target=_read_ready, args=(child, re.compile(ready or rf"^{re.escape(name)}\s"), found),
+    pattern = re.compile(ready or rf"^{re.escape(name)}\s")
+    threading.Thread(target=_watch_log if detach else _read_ready, args=(child, pattern, found),
                      daemon=True, name=f"{name}-stdout").start()
     deadline = time.monotonic() + timeout_s
     while not found.wait(0.2):
@@ -95,14 +117,35 @@ def stop(child: Child, grace_s: float = 15.0) -> None:
     """SIGTERM the child's process group, then SIGKILL it if it lingers; then SIGKILL whatever is
     left in the child's session."""
     _stop_group(child, grace_s)
+    _kill_session(child.proc.pid)
+
+
+def _kill_session(sid: int) -> None:
     deadline = time.monotonic() + 5.0
-    while (left := _session_members(child.proc.pid)) and time.monotonic() < deadline:
+    while (left := _session_members(sid)) and time.monotonic() < deadline:
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
+
+
+def stop_session(sid: int, grace_s: float = 15.0) -> None:
+    """Stop a detached child we are not the parent of (`tandem down`): SIGTERM its group, wait up
+    to `grace_s` for its session to empty, then SIGKILL what is left."""
+    try:
+        os.killpg(sid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_s
+    while _session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _kill_session(sid)
+
+
+def session_alive(sid: int) -> bool:
+    return bool(_session_members(sid))
 
 
 def _stop_group(child: Child, grace_s: float) -> None:

@@ -1,0 +1,160 @@
+"""`tandem up`, `tandem down`, `tandem status`: the local stack in the background.
+
+Guarantees:
+- `up` starts cloud node, link shaper, edge node and orchestrator detached (each in its own
+  session, logs under TANDEM_HOME/run/logs), waits until all are healthy, records them in
+  TANDEM_HOME/run/stack.json and prints the orchestrator's gRPC and HTTP addresses, one per line,
+  as HOST:PORT. Progress goes to stderr. If any process fails, everything started is stopped and
+  the exit code is 2 with the failing process's log tail. A stack already running is an error.
+- `down` stops every process `up` started (their whole sessions, Ray's workers included) and
+  removes the record; with nothing running it says so and succeeds.
+- `status` shows each process's health (exit 0 when all are healthy, 1 otherwise) and the
+  orchestrator's view of the link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from tandem.cli import CliError
+
+
+def add_parser(sub: Any) -> None:
+    up = sub.add_parser("up", help="start the local stack in the background; prints the orchestrator's addresses")
+    up.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target dtype")
+    up.add_argument("--link-rtt-ms", type=float, default=0.0, help="round-trip time the link shaper adds")
+    up.add_argument("--draft-len", type=int, default=4)
+    up.add_argument("--port", type=int, default=7070, help="orchestrator gRPC port (0 = free port)")
+    up.add_argument("--http-port", type=int, default=7080, help="OpenAI-compatible HTTP port (0 = free port)")
+    up.set_defaults(func=run_up)
+    down = sub.add_parser("down", help="stop everything `tandem up` started")
+    down.set_defaults(func=run_down)
+    status = sub.add_parser("status", help="health of each process of the local stack")
+    status.set_defaults(func=run_status)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _running(state: dict | None) -> list[dict]:
+    from tandem import procs
+
+    return [p for p in (state or {}).get("processes", []) if procs.session_alive(int(p["pid"]))]
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from tandem import local_stack, models, paths, procs
+
+    if args.link_rtt_ms < 0 or not 1 <= args.draft_len <= 16:
+        raise CliError("--link-rtt-ms must be >= 0 and --draft-len in [1, 16]")
+    for flag, port in (("--port", args.port), ("--http-port", args.http_port)):
+        if not 0 <= port <= 65535:
+            raise CliError(f"{flag} must be in [0, 65535], got {port}")
+    if _running(local_stack.read_state()):
+        raise CliError("the local stack is already running; `tandem status` shows it, `tandem down` stops it")
+    try:
+        models.require_pair()
+    except models.ModelsMissing as exc:
+        raise CliError(str(exc)) from None
+    log_dir = paths.tandem_home() / "run" / "logs"
+    started: list[procs.Child] = []
+
+    def start(name: str, argv: list[str], *, timeout_s: float, ready: str | None = None) -> procs.Child:
+        child = procs.start(name, argv, log_dir=log_dir, timeout_s=timeout_s, ready=ready, detach=True)
+        started.append(child)
+        return child
+
+    opts = local_stack.StackOptions(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
+                                    grpc_port=args.port, http_port=args.http_port)
+    _say(f"logs in {log_dir}")
+    try:
+        children = local_stack.launch(start, opts, _say)
+    except (procs.ChildFailed, KeyboardInterrupt) as exc:
+        _say("start-up failed; stopping what was started")
+        for child in reversed(started):
+            procs.stop(child)
+        raise CliError(str(exc) or "interrupted") from None
+    path = local_stack.write_state(children)
+    _say(f"recorded in {path}; `tandem down` stops it")
+    orch = children["orchestrator"].fields
+    print(orch["grpc"])
+    print(orch["http"])
+    return 0
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from tandem import local_stack, procs
+
+    state = local_stack.read_state()
+    if state is None:
+        _say("nothing to stop: no stack recorded")
+        return 0
+    for p in reversed(state.get("processes", [])):
+        if procs.session_alive(int(p["pid"])):
+            _say(f"stopping {p['name']} (pid {p['pid']})")
+            procs.stop_session(int(p["pid"]))
+    local_stack.state_file().unlink(missing_ok=True)
+    _say("stopped")
+    return 0
+
+
+def _grpc_healthy(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def _port_open(address: str) -> bool:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from tandem import local_stack, procs
+
+    state = local_stack.read_state()
+    if state is None:
+        print("no local stack recorded (start one with `tandem up`)")
+        return 1
+    healthy = True
+    for p in state.get("processes", []):
+        alive = procs.session_alive(int(p["pid"]))
+        address = p.get("address", "")
+        check = _port_open if p["name"] == "netshape" else _grpc_healthy
+        ok = alive and bool(address) and check(address)
+        healthy &= ok
+        print(f"{p['name']:<13} {'healthy' if ok else ('unhealthy' if alive else 'stopped'):<10} "
+              f"pid {p['pid']:<8} {address}")
+    print(f"{'http':<13} {'-':<10} {'':<12} {state.get('orchestrator_http', '')}")
+    if healthy:
+        _link_line(state["orchestrator_grpc"])
+    return 0 if healthy else 1
+
+
+def _link_line(address: str) -> None:
+    from tandem_sdk import Client, TandemError
+
+    try:
+        with Client(address, timeout_s=5) as client:
+            s = client.status()
+    except TandemError as exc:
+        print(f"orchestrator status failed: {exc}")
+        return
+    link = s.link
+    print(f"link {link.state}, circuit {link.circuit}, rtt {link.rtt_ms:.1f} ms (+-{link.rtt_jitter_ms:.1f}), "
+          f"recent acceptance {s.recent_acceptance:.2f}, documents {s.documents}")
