@@ -6,7 +6,7 @@ Guarantees:
   fetched) turns into `Unavailable` with the fix in the message.
 - Store calls run in a single worker thread (embedding is CPU-bound; SQLite writes serialize
   anyway), so the event loop stays responsive.
-- Validation errors from the store become `BadRequest` naming the field; unknown ids `NotFound`.
+- The store's own errors (`BadRequest` naming the field, `NotFound` for unknown ids) pass through.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator.errors import BadRequest, NotFound, Unavailable
+from orchestrator.errors import BadRequest, Unavailable
 from protos.tandem.v1 import orchestrator_pb2 as opb
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,7 @@ class Personal:
         def add(store: Any) -> Any:
             return store.add(request.title or "untitled", request.text, kind=request.kind or "document",
                              privacy=PRIVACY_FROM_PROTO[request.privacy], source=request.source)
-        try:
-            info = await self._call(add)
-        except ValueError as exc:
-            raise BadRequest(_field(str(exc), "text"), str(exc)) from None
-        return document_to_proto(info)
+        return document_to_proto(await self._call(add))
 
     async def delete(self, doc_id: str) -> bool:
         return bool(await self._call(lambda store: store.delete(doc_id)))
@@ -86,13 +82,8 @@ class Personal:
     async def set_privacy(self, doc_id: str, privacy: int) -> opb.Document:
         if privacy not in (opb.PRIVACY_PRIVATE, opb.PRIVACY_SHAREABLE):
             raise BadRequest("privacy", "must be PRIVACY_PRIVATE or PRIVACY_SHAREABLE")
-        try:
-            info = await self._call(lambda store: store.set_privacy(doc_id, PRIVACY_FROM_PROTO[privacy]))
-        except (KeyError, LookupError):
-            raise NotFound(f"no document with id {doc_id!r}") from None
-        if info is None:
-            raise NotFound(f"no document with id {doc_id!r}")
-        return document_to_proto(info)
+        # The store raises BadRequest / NotFound itself (orchestrator.errors).
+        return document_to_proto(await self._call(lambda store: store.set_privacy(doc_id, PRIVACY_FROM_PROTO[privacy])))
 
     async def count(self) -> int:
         if not self.loaded:
@@ -101,11 +92,6 @@ class Personal:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _field(message: str, default: str) -> str:
-    head = message.split(":", 1)[0].strip()
-    return head if head.isidentifier() else default
 
 
 def document_to_proto(d: Any) -> opb.Document:
