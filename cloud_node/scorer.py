@@ -54,6 +54,19 @@ class TargetModel:
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 32768))
         log.info("loaded target %s (%s, vocab %d)", model_dir, dtype, self.vocab_size)
         self.small_m_layers = self._install_small_m_kernel() if small_m_kernel else 0
+        self.warmup()
+
+    def warmup(self) -> float:
+        """One throwaway prefill and round, so the first request does not pay torch's first-call
+        costs (allocator growth, kernel selection); returns the seconds it took."""
+        import time
+
+        t0 = time.perf_counter()
+        session = self.new_session([i % self.vocab_size for i in range(1, 33)])
+        session.score([1, 2, 3, 4])
+        took = time.perf_counter() - t0
+        log.info("warm-up prefill + round took %.2f s", took)
+        return took
 
     def _install_small_m_kernel(self) -> int:
         """Number of Linear layers the sessions' forwards may route to the small-M kernel."""

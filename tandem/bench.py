@@ -69,6 +69,11 @@ def load_prompts(path: Path) -> list[BenchPrompt]:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmark generation methods side by side",
                        description="Run generation methods side by side on a prompt set and report speed and exactness.")
+    p.add_argument("--suite", choices=("methods", "orchestrator", "cloud-scale"), default="methods",
+                   help="methods: generation methods side by side (default); orchestrator: the orchestrator's "
+                        "overhead on the local route vs the edge node directly; cloud-scale: concurrent sessions "
+                        "against the Ray Serve deployment")
+    p.add_argument("--repeats", type=int, default=3, help="orchestrator suite: runs per prompt and path")
     p.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the shipped code/prose/chat set)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
@@ -152,6 +157,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.draft_len < 1:
         raise CliError("--max-new-tokens and --draft-len must be >= 1")
+    if args.suite == "orchestrator":
+        from tandem.bench_orch import run_suite
+
+        return run_suite(args, _select(load_prompts(args.prompts or default_prompts_path()), args.categories,
+                                       args.limit))
+    if args.suite == "cloud-scale":
+        from tandem.bench_scale import run_suite as run_scale
+
+        return run_scale(args)
     methods = _parse_methods(args.methods)
     rtts = _parse_rtts(args.rtt_ms)
     prompts = _select(load_prompts(args.prompts or default_prompts_path()), args.categories, args.limit)

@@ -101,16 +101,24 @@ def start(name: str, argv: Sequence[str], *, log_dir: Path, timeout_s: float, en
 
 def _session_members(sid: int) -> list[int]:
     """Every live process in session `sid` (Ray puts its workers in process groups of their own,
-    but they stay in the session the child was started in)."""
+    but they stay in the session the child was started in). Zombies are dead: skipped."""
     members = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getsid(int(entry)) == sid:
+                if os.getsid(int(entry)) == sid and not _zombie(int(entry)):
                     members.append(int(entry))
             except OSError:
                 continue
     return members
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def stop(child: Child, grace_s: float = 15.0) -> None:

@@ -43,7 +43,8 @@ def test_greedy_speculative_equals_target_on_the_real_pair_fp32(fp32_pair, conte
     assert spec.stats.target_forwards_per_token < 1.0
 
 
-_STACK_MARKERS = ("raylet", "gcs_server", "netshape", "serve cloud", "serve edge", "cloud_node", "ray::")
+_STACK_MARKERS = ("raylet", "gcs_server", "netshape", "serve cloud", "serve edge", "serve orchestrator", "cloud_node",
+                  "ray::")
 
 
 def _stack_pids() -> set[int]:
@@ -64,6 +65,7 @@ def test_demo_runs_as_processes_streams_the_answer_and_leaves_nothing_running() 
     assert out.returncode == 0, out.stderr[-3000:]
     assert "palindrome" in out.stdout  # the prompt echo
     assert "tok/s" in out.stdout and "acceptance" in out.stdout and "bytes up" in out.stdout
+    assert "route speculative" in out.stdout  # the orchestrator's choice for code at RTT 0, with its reason
     assert "start-up took" in out.stderr and "all processes healthy" in out.stderr
     assert _stack_pids() - before == set(), "the demo left processes running"
 
