@@ -69,10 +69,11 @@ def load_prompts(path: Path) -> list[BenchPrompt]:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmark generation methods side by side",
                        description="Run generation methods side by side on a prompt set and report speed and exactness.")
-    p.add_argument("--suite", choices=("methods", "orchestrator", "cloud-scale"), default="methods",
+    p.add_argument("--suite", choices=("methods", "orchestrator", "fallback", "cloud-scale"), default="methods",
                    help="methods: generation methods side by side (default); orchestrator: the orchestrator's "
-                        "overhead on the local route vs the edge node directly; cloud-scale: concurrent sessions "
-                        "against the Ray Serve deployment")
+                        "overhead on the local route vs the edge node directly; fallback: the stall when the link "
+                        "is cut or black-holed mid-answer; cloud-scale: concurrent sessions against the Ray Serve "
+                        "deployment")
     p.add_argument("--repeats", type=int, default=3, help="orchestrator suite: runs per prompt and path")
     p.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the shipped code/prose/chat set)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -162,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
 
         return run_suite(args, _select(load_prompts(args.prompts or default_prompts_path()), args.categories,
                                        args.limit))
+    if args.suite == "fallback":
+        from tandem.bench_fallback import run_suite as run_fallback
+
+        return run_fallback(args)
     if args.suite == "cloud-scale":
         from tandem.bench_scale import run_suite as run_scale
 
