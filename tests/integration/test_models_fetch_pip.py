@@ -65,6 +65,7 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, step: Extract, *argv: str) -> int:
     from tandem import cli
 
     monkeypatch.setattr(models, "MANIFEST", {"pair": (step,)})
+    monkeypatch.setattr(models, "DEFAULT_GROUPS", ("pair",))
     return cli.main(["models", *argv])
 
 
