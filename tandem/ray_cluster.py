@@ -1,0 +1,244 @@
+"""A Ray cluster of several nodes on this one machine, driven through Ray's own CLI.
+
+Used by the end-to-end test of `deploy/` and by `tandem bench --suite cloud-scale`.
+
+Guarantees:
+- Each node is one `ray start` (`--head`, or `--address` for a worker) run in a session of its
+  own, with its own temporary directory and explicitly chosen free ports (never Ray's fixed
+  defaults, so it can run beside other Ray instances on the machine). Every process of a node,
+  raylet, agents and workers included, stays in that session: `RayNode.kill()` stops that node
+  alone, as a machine failure would.
+- The cluster uses token authentication with a token file in its own folder; nothing is read
+  from or written to `~/.ray` or `/tmp/ray`.
+- `stop()` (also on leaving the `with` block, whatever happened) kills every process of every
+  node it started and removes the folder; `leftovers()` lists what would still be running. It
+  never runs `ray stop`, which stops every Ray process on the machine, other users' included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+_BIN = Path(sys.executable).parent
+# Ports each node needs besides Ray's worker ports (10002-19999, where free ports never fall).
+_NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+_HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
+
+
+class ClusterError(RuntimeError):
+    """A Ray command failed; the message carries the end of its output."""
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports (held open together while choosing, so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((HOST, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session `sid` (Ray's workers run in groups of their own, same session)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid and _alive(int(entry)):
+                    members.append(int(entry))
+            except OSError:
+                continue
+    return members
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class RayNode:
+    """One `ray start`: its session id names every process of the node."""
+
+    name: str
+    temp_dir: Path
+    sid: int
+    log_path: Path
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def pids(self) -> list[int]:
+        return session_members(self.sid)
+
+    def kill(self, timeout_s: float = 15.0) -> None:
+        """SIGKILL every process of the node (a node failure); returns once none is left."""
+        deadline = time.monotonic() + timeout_s
+        while pids := self.pids():
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise ClusterError(f"node {self.name}: processes {pids} survive SIGKILL")
+            time.sleep(0.1)
+
+
+class LocalRayCluster:
+    """Head and workers as `ray start` processes; `serve` commands against its dashboard."""
+
+    def __init__(self, root: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="tdm-ray-"))  # short: socket paths
+        self.root.mkdir(parents=True, exist_ok=True)
+        token = self.root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                    "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+        self.nodes: list[RayNode] = []
+        self.gcs_address = ""
+        self.dashboard_url = ""
+
+    def _ray_start(self, name: str, args: list[str], num_cpus: float, resources: Mapping[str, float],
+                   timeout_s: float) -> RayNode:
+        temp_dir = self.root / name
+        temp_dir.mkdir(exist_ok=True)
+        ports = dict(zip(_NODE_PORTS, free_ports(len(_NODE_PORTS))))
+        argv = [str(_BIN / "ray"), "start", *args, "--temp-dir", str(temp_dir), "--node-ip-address", HOST,
+                "--num-cpus", f"{num_cpus:g}", "--resources", json.dumps(dict(resources)),
+                "--object-store-memory", str(80 << 20), "--disable-usage-stats",
+                *[f"--{k}={v}" for k, v in ports.items()]]
+        log_path = self.root / f"{name}-start.log"
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.env, start_new_session=True)
+        node = RayNode(name, temp_dir, proc.pid, log_path, dict(resources))
+        self.nodes.append(node)  # before waiting: stop() must find it even if the start fails
+        try:
+            rc = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc != 0:
+            raise ClusterError(f"`ray start` for {name} {'timed out' if rc is None else f'exited {rc}'}:\n"
+                               + _tail(log_path))
+        log.info("node %s up (session %d)", name, node.sid)
+        return node
+
+    def start_head(self, num_cpus: float, resources: Mapping[str, float], timeout_s: float = 120) -> RayNode:
+        gcs, dashboard, client = free_ports(len(_HEAD_PORTS))
+        node = self._ray_start("head", ["--head", f"--port={gcs}", "--include-dashboard=true",
+                                        f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
+                                        f"--ray-client-server-port={client}"], num_cpus, resources, timeout_s)
+        self.gcs_address, self.dashboard_url = f"{HOST}:{gcs}", f"http://{HOST}:{dashboard}"
+        return node
+
+    def add_worker(self, name: str, num_cpus: float, resources: Mapping[str, float],
+                   timeout_s: float = 120) -> RayNode:
+        if not self.gcs_address:
+            raise ClusterError("start the head first")
+        return self._ray_start(name, [f"--address={self.gcs_address}"], num_cpus, resources, timeout_s)
+
+    def cli(self, args: Sequence[str], timeout_s: float = 120) -> str:
+        """Run `ray ...` or `serve ...` (first arg) against this cluster; its stdout."""
+        tool, *rest = args
+        proc = subprocess.run([str(_BIN / tool), *rest], check=False, capture_output=True, text=True, env=self.env,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL, cwd=self.root)
+        if proc.returncode != 0:
+            raise ClusterError(f"`{' '.join(args)}` exited {proc.returncode}:\n{proc.stdout[-2000:]}"
+                               f"{proc.stderr[-3000:]}")
+        return proc.stdout
+
+    def serve_deploy(self, config: Path) -> None:
+        self.cli(["serve", "deploy", str(config), "--address", self.dashboard_url])
+
+    def serve_status(self) -> dict[str, Any]:
+        import yaml
+
+        return yaml.safe_load(self.cli(["serve", "status", "--address", self.dashboard_url])) or {}
+
+    def alive_actors(self, class_name: str) -> list[dict[str, Any]]:
+        """Live actors of a class (e.g. a Serve replica class) with their node ids and pids."""
+        out = self.cli(["ray", "list", "actors", "--address", self.gcs_address, "--format", "json",
+                        "--filter", f"class_name={class_name}", "--filter", "state=ALIVE", "--limit", "1000"])
+        return json.loads(out)
+
+    def node_of(self, pid: int) -> RayNode | None:
+        """The node whose session holds process `pid` (e.g. a replica's actor process)."""
+        try:
+            sid = os.getsid(pid)
+        except OSError:
+            return None
+        return next((node for node in self.nodes if node.sid == sid), None)
+
+    def replicas(self, app: str, deployment: str) -> list[tuple[str, int]]:
+        """(node name, pid) of each live replica actor of a Serve deployment."""
+        actors = self.alive_actors(f"ServeReplica:{app}:{deployment}")
+        return sorted((getattr(self.node_of(int(a["pid"])), "name", "?"), int(a["pid"])) for a in actors)
+
+    def wait_running(self, app: str, deployment: str, n: int, timeout_s: float = 180) -> list[tuple[str, int]]:
+        """Wait until Serve reports exactly n RUNNING replicas (and nothing else); their (node, pid)."""
+        deadline = time.monotonic() + timeout_s
+        states: Any = None
+        while time.monotonic() < deadline:
+            try:
+                apps = self.serve_status().get("applications") or {}
+                states = apps.get(app, {}).get("deployments", {}).get(deployment, {}).get("replica_states")
+            except ClusterError as exc:  # the dashboard can be busy right after a node change
+                states = str(exc)[:200]
+            if states == {"RUNNING": n}:
+                replicas = self.replicas(app, deployment)
+                if len(replicas) == n:
+                    return replicas
+            time.sleep(1.0)
+        raise ClusterError(f"{app}/{deployment}: not {n} running replicas after {timeout_s:.0f} s: {states}")
+
+    def leftovers(self) -> list[int]:
+        return [pid for node in self.nodes for pid in node.pids()]
+
+    def stop(self) -> None:
+        """Kill every node's processes (workers first, the head last) and remove the folder."""
+        errors = []
+        for node in reversed(self.nodes):
+            try:
+                node.kill()
+            except ClusterError as exc:
+                errors.append(str(exc))
+        shutil.rmtree(self.root, ignore_errors=True)
+        if errors:
+            raise ClusterError("; ".join(errors))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
