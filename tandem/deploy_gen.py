@@ -66,6 +66,7 @@ class DeploySpec:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     graceful_shutdown_timeout_s: float = 300.0  # a stopping replica lets its sessions finish
+    max_surge_percent: int = 100  # an upgrade starts new replicas before stopping old ones
     replica_resource: str = "tandem_cloud"  # each cloud node offers 1: one replica per node
     replica_cpus: float = 6.0
     replica_memory_gb: float = 8.0  # 0 = no memory reservation
@@ -148,6 +149,7 @@ def serve_config(spec: DeploySpec) -> dict[str, Any]:
                     "downscale_delay_s": spec.downscale_delay_s,
                 },
                 "graceful_shutdown_timeout_s": spec.graceful_shutdown_timeout_s,
+                "max_surge_percent": spec.max_surge_percent,
                 "ray_actor_options": actor,
             }],
         }],

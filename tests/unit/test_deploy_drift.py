@@ -1,0 +1,158 @@
+"""deploy/ against its single source (`tandem.deploy_gen.DeploySpec`) and against itself.
+
+Fails when a generated file was edited by hand or the spec changed without regenerating
+(`python -m tandem.deploy_gen`), when two files disagree on a shared setting, or when a file is
+not valid for the tool that reads it (Serve's config schema, `ray up`'s schema). No cluster,
+no models.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.metadata
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tandem import deploy_app, deploy_gen
+from tandem.deploy_gen import CLUSTER, DOCKERFILE_NAME, FILES, GRPC_PORT_NAME, RAYSERVICE, SERVE_CONFIG, DeploySpec
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _load(name: str) -> Any:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+def _containers(rayservice: dict) -> dict[str, dict]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return {c["name"]: c for g in groups for c in g["template"]["spec"]["containers"]}
+
+
+def test_deploy_files_are_what_the_spec_renders() -> None:
+    assert deploy_gen.check(DEPLOY) == [], "deploy/ drifted from tandem/deploy_gen.py: run `python -m tandem.deploy_gen`"
+    assert (DEPLOY / "README.md").is_file()
+
+
+def test_a_hand_edit_is_reported_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    deploy_gen.write(tmp_path)
+    assert deploy_gen.main(["--check", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / RAYSERVICE).read_text()
+    (tmp_path / RAYSERVICE).write_text(text.replace("containerPort: 9000", "containerPort: 9001", 1))
+    (tmp_path / DOCKERFILE_NAME).unlink()
+    assert deploy_gen.check(tmp_path) == [RAYSERVICE, DOCKERFILE_NAME]
+    assert deploy_gen.main(["--check", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert RAYSERVICE in err and DOCKERFILE_NAME in err and SERVE_CONFIG not in err
+
+
+def test_rendering_is_deterministic_and_overrides_reach_every_file() -> None:
+    assert deploy_gen.render() == deploy_gen.render()
+    files = deploy_gen.render(dataclasses.replace(DeploySpec(), grpc_port=9555, replica_resource="gpu_box"))
+    assert all(files[name] != deploy_gen.render()[name] for name in FILES)
+    assert "9555" in files[DOCKERFILE_NAME] and "gpu_box" in files[CLUSTER]
+
+
+def test_rayservice_serves_exactly_the_serve_config() -> None:
+    serve, rayservice = _load(SERVE_CONFIG), _load(RAYSERVICE)
+    assert yaml.safe_load(rayservice["spec"]["serveConfigV2"]) == serve
+
+
+def test_shared_settings_agree_across_files() -> None:
+    serve, cluster, rayservice = _load(SERVE_CONFIG), _load(CLUSTER), _load(RAYSERVICE)
+    docker = (DEPLOY / DOCKERFILE_NAME).read_text()
+    grpc_port = serve["grpc_options"]["port"]
+    deployment = serve["applications"][0]["deployments"][0]
+    (resource,) = deployment["ray_actor_options"]["resources"]
+    home = serve["applications"][0]["runtime_env"]["env_vars"]["TANDEM_HOME"]
+
+    containers = _containers(rayservice)
+    for container in containers.values():
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports[GRPC_PORT_NAME] == grpc_port, container["name"]
+        assert {"name": "TANDEM_HOME", "value": home} in container["env"]
+    service_ports = {p["name"]: p["port"] for p in rayservice["spec"]["serveService"]["spec"]["ports"]}
+    assert service_ports[GRPC_PORT_NAME] == grpc_port
+    assert str(grpc_port) in re.search(r"^EXPOSE (.*)$", docker, re.M).group(1).split()
+    assert f"TANDEM_HOME={home}" in docker
+
+    worker_group = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert resource in yaml.safe_load(yaml.safe_load(worker_group["rayStartParams"]["resources"]))
+    assert cluster["available_node_types"]["cloud_worker"]["resources"] == {resource: 1}
+    assert any(f'"{resource}":1' in cmd for cmd in cluster["worker_start_ray_commands"])
+    assert any(f"TANDEM_HOME={home} " in cmd for cmd in cluster["setup_commands"])
+    replicas = deployment["autoscaling_config"]
+    assert worker_group["maxReplicas"] == cluster["available_node_types"]["cloud_worker"]["max_workers"]
+    assert worker_group["maxReplicas"] >= replicas["max_replicas"] - (1 if DeploySpec().head_hosts_replica else 0)
+
+
+def test_versions_match_the_pinned_install() -> None:
+    rayservice = _load(RAYSERVICE)
+    lock = (DEPLOY.parent / "requirements.lock").read_text()
+    ray_version = rayservice["spec"]["rayClusterConfig"]["rayVersion"]
+    assert f"\nray=={ray_version}\n" in f"\n{lock}"
+    assert ray_version == importlib.metadata.version("ray")
+    assert (DEPLOY / DOCKERFILE_NAME).read_text().count(f"FROM python:{DeploySpec().python_version}-slim") == 1
+
+
+def test_serve_config_is_valid_for_serve_and_matches_the_code() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from cloud_node import serve_app
+
+    serve = _load(SERVE_CONFIG)
+    schema = ServeDeploySchema.model_validate(serve)
+    (app,) = schema.applications
+    assert app.name == serve_app.APP_NAME
+    assert schema.grpc_options.grpc_servicer_functions == serve_app.SERVICER_FUNCTIONS
+    assert set(app.args) == set(deploy_app.APP_ARGS)
+    (deployment,) = app.deployments
+    assert deployment.name == serve_app.CloudVerifierDeployment.name
+    scaling = deployment.autoscaling_config
+    assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]
+    # the core's session limit answers before Serve would queue a stream
+    assert deployment.max_ongoing_requests > app.args["max_sessions"] >= scaling["target_ongoing_requests"]
+
+
+def test_cluster_file_is_valid_for_ray_up() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cluster = _load(CLUSTER)
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+    broken = copy.deepcopy(cluster)
+    broken["available_node_types"]["cloud_worker"]["min_workerz"] = 1
+    with pytest.raises(Exception, match="min_workerz"):
+        validate_config(prepare_config(broken))
+    assert "PLACEHOLDER" in (DEPLOY / CLUSTER).read_text().split("provider:")[0]
+
+
+def test_app_builder_args_are_checked_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="model_dirr"):
+        deploy_app.cloud_config({"model_dirr": str(tmp_path)})
+    with pytest.raises(ValueError, match="model_dir"):
+        deploy_app.cloud_config({"model_dir": str(tmp_path)})  # no config.json there
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="dtype"):
+        deploy_app.cloud_config({"model_dir": str(tmp_path), "dtype": "fp8"})
+    config = deploy_app.cloud_config({"model_dir": str(tmp_path), "max_sessions": 3})
+    assert config.max_sessions == 3 and config.limits().max_sessions == 3
+
+
+def test_spec_and_overrides_reject_bad_values_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="min_replicas"):
+        DeploySpec(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="target_ongoing_requests"):
+        DeploySpec(max_sessions=2, target_ongoing_requests=4)
+    with pytest.raises(ValueError, match="grpc_port"):
+        deploy_gen.apply_overrides(DeploySpec(), ["grpc_port=ninety"])
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        deploy_gen.apply_overrides(DeploySpec(), ["no_such_field=1"])
+    spec = deploy_gen.apply_overrides(DeploySpec(), ["prefer_local_routing=true", "extras=cloud,ray", "max_sessions=8"])
+    assert (spec.prefer_local_routing, spec.extras, spec.max_sessions) == (True, ("cloud", "ray"), 8)
+    assert deploy_gen.main(["--check", "--set", "grpc_port=ninety"]) == 2
+    assert "grpc_port" in capsys.readouterr().err
