@@ -8,12 +8,13 @@ Guarantees:
   share about `overlap` characters (started at a word boundary when one is there).
 - `search` ranks chunks by cosine similarity to the query (unit vectors, so a dot product) and,
   when `hybrid`, fuses that ranking with FTS5 bm25 keyword matches by reciprocal rank fusion
-  (Cormack et al. 2009, k=60). Admission is semantic: a chunk is returned only when its cosine
-  reaches `min_score`, so keyword overlap on common words never pulls an unrelated (possibly
-  private) chunk into a prompt. `Hit.score` is that cosine. Every hit carries its document's
-  current privacy label.
+  (Cormack et al. 2009, k=60). A chunk is returned only when its cosine reaches `min_score`,
+  or, when `hybrid`, when it contains every term of the query (stopwords aside) and its cosine
+  is not negative: names and identifiers ("Dr. Alvarez") embed poorly, but overlap on a few
+  common words never pulls an unrelated (possibly private) chunk into a prompt. `Hit.score`
+  is the cosine. Every hit carries its document's current privacy label.
 - `fts_query` turns any user text into a safe FTS5 expression (each word a quoted string,
-  joined by OR), so quotes, operators or column filters in the text never raise.
+  joined by OR or AND), so quotes, operators or column filters in the text never raise.
 - `inject_context` never mutates its input; it returns plain role/content dicts (the chat
   template is applied later by the edge node).
 """
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from orchestrator.store import PersonalStore
 
 DEFAULT_MIN_SCORE = 0.25  # MiniLM cosine: unrelated text scores about -0.15..0.2 (measured)
+KEYWORD_MIN_SCORE = 0.0  # the floor for a chunk that contains every term of the query
 RRF_K = 60
 CANDIDATES = 50  # per ranking, before fusion
 MAX_QUERY_TERMS = 32
@@ -134,24 +136,33 @@ _STOPWORDS = frozenset((
     "from", "had", "has", "have", "how", "i", "if", "in", "into", "is", "it", "its", "me", "my",
     "of", "on", "or", "our", "should", "so", "than", "that", "the", "their", "them", "then",
     "there", "these", "they", "this", "to", "was", "we", "were", "what", "when", "where", "which",
-    "who", "whom", "why", "will", "with", "would", "you", "your",
+    "who", "whom", "why", "will", "with", "would", "you", "your", "s", "t", "d", "ll", "m",
+    "re", "ve",
 ))
 
 
-def fts_query(text: str) -> str | None:
-    """An FTS5 MATCH expression for `text` (quoted words joined by OR), or None if no words."""
+def query_terms(text: str) -> list[str]:
+    """The distinct lower-case words of `text`, stopwords left out, at most MAX_QUERY_TERMS."""
     terms: list[str] = []
     for word in _WORD.findall(text.lower()):
         if word not in _STOPWORDS and word not in terms:
             terms.append(word)
+    return terms[:MAX_QUERY_TERMS]
+
+
+def fts_query(text: str, *, match_all: bool = False) -> str | None:
+    """An FTS5 MATCH expression for `text`: its quoted terms joined by OR (AND when
+    `match_all`), or None when it has no terms."""
+    terms = query_terms(text)
     if not terms:
         return None
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms[:MAX_QUERY_TERMS])
+    joiner = " AND " if match_all else " OR "
+    return joiner.join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
 def search(store: PersonalStore, query: str, k: int = 4, *, hybrid: bool = True,
            min_score: float = DEFAULT_MIN_SCORE) -> list[Hit]:
-    """The `k` best chunks for `query` whose cosine reaches `min_score`; [] for a blank query."""
+    """The `k` best chunks for `query` (see the module docstring); [] for a blank query."""
     if k < 1:
         raise ValueError(f"k: must be >= 1, got {k}")
     if not query.strip():
@@ -160,15 +171,21 @@ def search(store: PersonalStore, query: str, k: int = 4, *, hybrid: bool = True,
     vector_ranked = store.nearest(qvec, CANDIDATES)
     cosine = dict(vector_ranked)
     fused = {cid: 1.0 / (RRF_K + rank) for rank, (cid, _) in enumerate(vector_ranked, 1)}
-    match = fts_query(query) if hybrid else None
-    if match is not None:
-        keyword_ranked = store.keyword_search(match, CANDIDATES)
+    all_terms: set[int] = set()
+    any_match = fts_query(query) if hybrid else None
+    if any_match is not None:
+        keyword_ranked = store.keyword_search(any_match, CANDIDATES)
+        all_terms = set(store.keyword_search(fts_query(query, match_all=True) or any_match,
+                                             CANDIDATES))
         cosine.update(store.similarity(qvec, [c for c in keyword_ranked if c not in cosine]))
         for rank, cid in enumerate(keyword_ranked, 1):
             fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
-    admitted = [c for c in fused if cosine.get(c, -1.0) >= min_score]
-    admitted.sort(key=lambda c: (-fused[c], -cosine[c], c))
-    top = admitted[:k]
+
+    def admitted(c: int) -> bool:
+        floor = min(min_score, KEYWORD_MIN_SCORE) if c in all_terms else min_score
+        return cosine.get(c, -1.0) >= floor
+
+    top = sorted(filter(admitted, fused), key=lambda c: (-fused[c], -cosine[c], c))[:k]
     records = store.chunks(top)
     return [Hit(doc_id=r.doc_id, title=r.title, chunk_index=r.chunk_index, text=r.text,
                 score=cosine[c], privacy=r.privacy)

@@ -12,6 +12,8 @@ Guarantees:
   and their FTS rows by trigger, in the same transaction.
 - Bad input raises `InvalidField` (a `ValueError` and an `orchestrator.errors.BadRequest`) whose
   message starts with the field's name; an unknown id in `set_privacy` raises `NotFound`.
+- `PersonalStore(path, None)` opens an existing store without loading a model (list, get,
+  delete, set_privacy, count, check_consistency), e.g. for a CLI or a check after a crash.
 - Thread safety: one connection shared by all threads, every use under one lock. Embedding (the
   slow part of `add`) runs outside the lock, so searches are not blocked by an ingest. Other
   processes may use the same file (WAL, busy timeout); their commits are noticed through
@@ -120,10 +122,11 @@ def default_store_path() -> Path:
 class PersonalStore:
     """Documents, chunks, vectors and keyword index in one SQLite file."""
 
-    def __init__(self, path: Path, embedder: EmbedderLike) -> None:
+    def __init__(self, path: Path, embedder: EmbedderLike | None) -> None:
+        """Open or create the store; `embedder=None` opens an existing one without a model,
+        for listing, deleting, relabelling and checking (adding and searching then raise)."""
         self.path = Path(path)
-        self.embedder = embedder
-        self.dim = int(embedder.dim)
+        self._embedder = embedder
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -133,6 +136,14 @@ class PersonalStore:
         self._writes = 0  # our own commits; data_version only counts other connections'
         with self._lock:
             self._setup()
+            self.dim = self._check_embedder()
+
+    @property
+    def embedder(self) -> EmbedderLike:
+        if self._embedder is None:
+            raise RuntimeError(f"{self.path} was opened without an embedder; adding and "
+                               "searching need one")
+        return self._embedder
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -147,27 +158,32 @@ class PersonalStore:
         with self._transaction(counted=False):
             version = c.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
+                if self._embedder is None:
+                    raise InvalidField("embedder", f"needed to create a new store {self.path}")
                 for statement in _SCHEMA:
                     c.execute(statement)
                 c.execute("INSERT INTO meta VALUES ('embedder', ?), ('dim', ?)",
-                          (self._embedder_name(), str(self.dim)))
+                          (self._embedder_name(), str(int(self._embedder.dim))))
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: schema version {version}, this code reads "
                                    f"{SCHEMA_VERSION}")
-        self._check_embedder()
 
     def _embedder_name(self) -> str:
-        return str(getattr(self.embedder, "name", ""))
+        return str(getattr(self._embedder, "name", ""))
 
-    def _check_embedder(self) -> None:
+    def _check_embedder(self) -> int:
+        """The stored vectors' dimension, after checking the embedder gives the same kind."""
         meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("dim") != str(self.dim):
-            raise RuntimeError(f"{self.path}: vectors have dim {meta.get('dim')}, "
-                               f"the embedder gives {self.dim}")
+        dim = int(meta["dim"])
+        if self._embedder is None:
+            return dim
+        if int(self._embedder.dim) != dim:
+            raise RuntimeError(f"{self.path}: vectors have dim {dim}, not {self._embedder.dim}")
         stored, name = meta.get("embedder", ""), self._embedder_name()
         if stored and name and stored != name:
             raise RuntimeError(f"{self.path}: vectors come from {stored}, not {name}")
+        return dim
 
     def close(self) -> None:
         with self._lock:
@@ -200,8 +216,7 @@ class PersonalStore:
                  info.created_unix_ms, info.chunk_count))
             self._conn.executemany(
                 "INSERT INTO chunks (doc_id, idx, text, embedding) VALUES (?, ?, ?, ?)", rows)
-        logger.info("added document %s (%s, %s, %d chunks)", info.id, kind, privacy,
-                    len(chunks))
+        logger.info("added document %s (%s, %s, %d chunks)", info.id, kind, privacy, len(rows))
         return info
 
     def _embed_chunks(self, chunks: Sequence[str]) -> np.ndarray:
@@ -218,9 +233,7 @@ class PersonalStore:
         return cur.rowcount > 0
 
     def set_privacy(self, doc_id: str, privacy: str) -> DocumentInfo:
-        if privacy not in PRIVACIES:
-            raise InvalidField("privacy", f"must be one of {', '.join(PRIVACIES)}, "
-                                          f"got {privacy!r}")
+        _check_choice("privacy", privacy, PRIVACIES)
         with self._lock, self._transaction():
             self._conn.execute("UPDATE documents SET privacy = ? WHERE id = ?",
                                (privacy, doc_id))
@@ -283,9 +296,7 @@ class PersonalStore:
         return {c: float(matrix[pos[c]] @ q) for c in chunk_ids if c in pos}
 
     def keyword_search(self, match: str, limit: int) -> builtins.list[int]:
-        """Chunk ids matching an FTS5 MATCH expression, best bm25 first.
-
-        `match` must already be escaped (see `retrieval.fts_query`)."""
+        """Chunk ids matching an escaped FTS5 expression (`retrieval.fts_query`), best first."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
@@ -308,17 +319,12 @@ class PersonalStore:
             version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
             key = (version, self._writes)
             if self._cache is None or self._cache_key != key:
-                rows = self._conn.execute("SELECT id, embedding FROM chunks ORDER BY id")
-                ids, blobs = [], []
-                for chunk_id, blob in rows:
-                    ids.append(chunk_id)
-                    blobs.append(blob)
-                matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, self.dim)
-                self._cache = (matrix, np.asarray(ids, dtype=np.int64))
+                rows = self._conn.execute("SELECT id, embedding FROM chunks ORDER BY id").fetchall()
+                matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+                self._cache = (matrix.reshape(-1, self.dim),
+                               np.asarray([r[0] for r in rows], dtype=np.int64))
                 self._cache_key = key
             return self._cache
-
-    # --- checks -------------------------------------------------------------------------
 
     def check_consistency(self) -> builtins.list[str]:
         """Every problem found, in words; empty when the store is consistent."""
@@ -337,17 +343,19 @@ def _validate(title: str, text: str, kind: str, privacy: str, source: str) -> tu
     if size > MAX_DOCUMENT_BYTES:
         raise InvalidField("text", f"is {size} bytes, the limit is {MAX_DOCUMENT_BYTES}")
     kind = kind or "document"
-    if kind not in KINDS:
-        raise InvalidField("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
-    if privacy not in PRIVACIES:
-        raise InvalidField("privacy", f"must be one of {', '.join(PRIVACIES)}, got {privacy!r}")
+    _check_choice("kind", kind, KINDS)
+    _check_choice("privacy", privacy, PRIVACIES)
     if not isinstance(source, str):
         raise InvalidField("source", "must be a string")
     title = (title or "").strip() or text.strip().splitlines()[0].strip()[:80]
     if len(title) > MAX_TITLE_CHARS:
-        raise InvalidField("title", f"is {len(title)} characters, the limit is "
-                                    f"{MAX_TITLE_CHARS}")
+        raise InvalidField("title", f"is {len(title)} characters, the limit is {MAX_TITLE_CHARS}")
     return title, kind
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidField(name, f"must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def _require_fts5(conn: sqlite3.Connection) -> None:
@@ -378,8 +386,7 @@ _CHECKS = (  # (problem template, query whose rows fill it)
 
 
 def _find_problems(conn: sqlite3.Connection, dim: int) -> list[str]:
-    problems = [f"sqlite integrity: {r[0]}" for r in conn.execute("PRAGMA quick_check")
-                if r[0] != "ok"]
+    problems = [f"sqlite: {r[0]}" for r in conn.execute("PRAGMA quick_check") if r[0] != "ok"]
     for template, sql in _CHECKS:
         problems += [template.format(*row) for row in conn.execute(sql)]
     problems += [f"chunk {r[0]} has an embedding of {r[1]} bytes, expected {4 * dim}"

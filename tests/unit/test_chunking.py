@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import random
 import sqlite3
+from itertools import pairwise
 
 import pytest
 
-from orchestrator.retrieval import (Hit, chunk_spans, chunk_text, fts_query, inject_context,
-                                    prompt_to_messages, query_from_messages)
+from orchestrator.retrieval import (
+    Hit,
+    chunk_spans,
+    chunk_text,
+    fts_query,
+    inject_context,
+    prompt_to_messages,
+    query_from_messages,
+)
 
 
 def _assert_covers(text: str, max_chars: int, overlap: int) -> list[tuple[int, int]]:
@@ -20,7 +28,7 @@ def _assert_covers(text: str, max_chars: int, overlap: int) -> list[tuple[int, i
         covered[s:e] = b"\x01" * (e - s)
     lost = [i for i, ch in enumerate(text) if not covered[i] and not ch.isspace()]
     assert lost == [], f"characters at {lost[:10]} are in no chunk"
-    assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in pairwise(spans))
     assert chunk_text(text, max_chars, overlap) == [text[s:e] for s, e in spans]
     return spans
 
@@ -45,7 +53,7 @@ def test_one_giant_word_is_cut_into_overlapping_pieces() -> None:
     text = "".join(chr(ord("a") + i % 26) for i in range(5000))
     spans = _assert_covers(text, 800, 100)
     assert len(spans) == 7  # 0..800, 700..1500, ..., 4200..5000
-    assert all(b[0] == a[1] - 100 for a, b in zip(spans, spans[1:], strict=False))
+    assert all(b[0] == a[1] - 100 for a, b in pairwise(spans))
 
 
 def test_cuts_prefer_paragraphs_then_sentences() -> None:
@@ -65,7 +73,7 @@ def test_cuts_prefer_paragraphs_then_sentences() -> None:
 def test_consecutive_chunks_overlap() -> None:
     text = " ".join(f"w{i}" for i in range(2000))
     chunks = chunk_text(text, 200, 60)
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in pairwise(chunks):
         first_word = b.split()[0]
         assert first_word in a.split(), "the next chunk should start inside the previous one"
 
@@ -107,7 +115,8 @@ def test_fts_query_escapes_any_user_text() -> None:
 def test_fts_query_drops_stopwords_and_empty_input() -> None:
     assert fts_query("what is the") is None
     assert fts_query("  ?! ") is None
-    assert fts_query("What is my cat's vet called?") == '"cat" OR "s" OR "vet" OR "called"'
+    assert fts_query("What is my cat's vet called?") == '"cat" OR "vet" OR "called"'
+    assert fts_query("Dr. Alvarez", match_all=True) == '"dr" AND "alvarez"'
 
 
 def _hit(n: int, privacy: str = "private") -> Hit:
