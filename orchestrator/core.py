@@ -192,7 +192,7 @@ class Orchestrator:
                 call.cancel()
             if stats is None:
                 raise Unavailable("the edge node ended the stream without statistics")
-            self._learn(p.category, stats)
+            self._learn(p.category, stats, started.prompt_tokens)
             wall = time.perf_counter() - t0
             yield opb.GenerateTextResponse(stats=opb.OrchestratorStats(
                 route=decision.route, reason=decision.reason, generation=stats, switches=stats.switches,
@@ -200,18 +200,25 @@ class Orchestrator:
                 orchestrator_ms=orchestrator_ms, ttft_ms=1000 * ((first or time.perf_counter()) - t0),
                 tokens_per_s=stats.generated_tokens / wall if wall > 0 else 0.0, category=p.category))
 
-    def _learn(self, category: str, stats: common_pb2.GenerationStats) -> None:
+    def _learn(self, category: str, stats: common_pb2.GenerationStats, prompt_tokens: int) -> None:
+        """Fold what this answer measured into acceptance, link health and the routing cost model."""
         if stats.rounds >= 3:  # one or two rounds (an answer that fell back at once) are noise
             self.acceptance.observe(category, stats.accepted / stats.drafted)
         for switch in stats.switches:
             if switch.to_route == "local":
                 self.monitor.report_failure(switch.reason)
-        rate = stats.tokens_per_s
-        if rate > 0 and not stats.switches and stats.generated_tokens >= 8:
-            field = {"local": "device_decode_tps", "cloud": "cloud_decode_tps"}.get(stats.route)
-            if field is not None:
-                old = getattr(self.costs, field)
-                self.costs = dataclasses.replace(self.costs, **{field: 0.7 * old + 0.3 * rate})
+        if stats.switches or stats.generated_tokens < 8:
+            return
+        updates: dict[str, float] = {}
+        decode = {"local": "device_decode_tps", "cloud": "cloud_decode_tps"}.get(stats.route)
+        if decode and stats.tokens_per_s > 0:
+            updates[decode] = stats.tokens_per_s
+        prefill = {"local": "device_prefill_tps", "cloud": "cloud_prefill_tps"}.get(stats.route)
+        if prefill and prompt_tokens >= 16 and stats.ttft_ms > 0:
+            updates[prefill] = prompt_tokens / (stats.ttft_ms / 1000)  # an upper bound on the wait: TTFT
+        if updates:
+            self.costs = dataclasses.replace(self.costs, **{f: 0.7 * getattr(self.costs, f) + 0.3 * v
+                                                           for f, v in updates.items()})
 
     async def edge_healthy(self) -> bool:
         try:
