@@ -129,7 +129,7 @@ class Orchestrator:
         if request.options.use_personal_context:
             if self.personal is None:
                 raise BadRequest("options.use_personal_context", "personal context is disabled on this orchestrator")
-            hits = await self.personal.search(p.messages[-1]["content"], p.chunks)
+            hits = await self.personal.search(p.messages, p.chunks)
         private = any(h.privacy == "private" for h in hits)
         full = self.personal.inject(p.messages, hits) if hits and self.personal else p.messages
         prompt_tokens = await self._count_tokens(full)

@@ -54,9 +54,11 @@ class Personal:
             raise Unavailable(f"personal store unavailable: {exc}") from None
         return await loop.run_in_executor(self._pool, lambda: fn(store, *args))
 
-    async def search(self, query: str, k: int) -> list[Any]:
-        from orchestrator.retrieval import search
+    async def search(self, messages: list[dict[str, str]], k: int) -> list[Any]:
+        """The `k` best chunks for the conversation's last user turn."""
+        from orchestrator.retrieval import query_from_messages, search
 
+        query = query_from_messages(messages)
         return await self._call(lambda store: search(store, query, k=k))
 
     def inject(self, messages: list[dict[str, str]], hits: Sequence[Any]) -> list[dict[str, str]]:
@@ -69,7 +71,7 @@ class Personal:
             raise BadRequest("privacy", f"unknown value {request.privacy}")
 
         def add(store: Any) -> Any:
-            return store.add(request.title or "untitled", request.text, kind=request.kind or "document",
+            return store.add(request.title, request.text, kind=request.kind or "document",
                              privacy=PRIVACY_FROM_PROTO[request.privacy], source=request.source)
         return document_to_proto(await self._call(add))
 
