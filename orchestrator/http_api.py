@@ -347,6 +347,8 @@ def _to_api_error(err: Exception) -> ApiError:
         return ApiError(429, str(err), type="rate_limit_error", code="rate_limit_exceeded")
     if isinstance(err, errors.Unavailable):
         return ApiError(503, str(err), type="server_error", code="service_unavailable")
+    if isinstance(err, errors.DeadlineExceeded):
+        return ApiError(504, str(err), type="server_error", code="deadline_exceeded")
     if isinstance(err, errors.OrchestratorError):
         return ApiError(500, str(err), type="server_error")
     logger.exception("unexpected error while serving an OpenAI request", exc_info=err)

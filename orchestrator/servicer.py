@@ -11,7 +11,8 @@ Guarantees:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +24,7 @@ from protos.tandem.v1 import orchestrator_pb2 as opb
 from protos.tandem.v1 import orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = opb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 _CODES = {BadRequest: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
@@ -32,9 +34,19 @@ _CODES = {BadRequest: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCod
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, OrchestratorError):
-        await context.abort(_CODES.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
+        code = next((c for kind, c in _CODES.items() if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+        await context.abort(code, str(exc))
     log.exception("orchestrator call failed", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+
+async def _guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+    """Run a unary call; any error becomes its status (see `_abort`)."""
+    try:
+        return await call()
+    except Exception as exc:  # noqa: BLE001 - every error becomes a status
+        await _abort(context, exc)
+        raise
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -53,39 +65,29 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             await stream.aclose()
 
     async def AddDocument(self, request: opb.AddDocumentRequest, context: grpc.aio.ServicerContext) -> opb.Document:
-        try:
-            return await self._personal().add(request)
-        except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc)
-            raise
+        return await _guarded(context, lambda: self._personal().add(request))
 
     async def DeleteDocument(self, request: opb.DeleteDocumentRequest, context: grpc.aio.ServicerContext
                              ) -> opb.DeleteDocumentResponse:
-        try:
+        async def delete() -> opb.DeleteDocumentResponse:
             if not request.id:
                 raise BadRequest("id", "must not be empty")
             return opb.DeleteDocumentResponse(deleted=await self._personal().delete(request.id))
-        except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc)
-            raise
+        return await _guarded(context, delete)
 
     async def ListDocuments(self, request: opb.ListDocumentsRequest, context: grpc.aio.ServicerContext
                             ) -> opb.ListDocumentsResponse:
-        try:
+        async def documents() -> opb.ListDocumentsResponse:
             return opb.ListDocumentsResponse(documents=await self._personal().list())
-        except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc)
-            raise
+        return await _guarded(context, documents)
 
     async def SetDocumentPrivacy(self, request: opb.SetDocumentPrivacyRequest, context: grpc.aio.ServicerContext
                                  ) -> opb.Document:
-        try:
+        async def relabel() -> opb.Document:
             if not request.id:
                 raise BadRequest("id", "must not be empty")
             return await self._personal().set_privacy(request.id, request.privacy)
-        except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc)
-            raise
+        return await _guarded(context, relabel)
 
     async def Status(self, request: opb.StatusRequest, context: grpc.aio.ServicerContext) -> opb.StatusResponse:
         core = self.core

@@ -86,3 +86,21 @@ def test_relabelling_a_document_shareable_lets_it_reach_the_cloud(stack) -> None
             assert SECRET in _cloud_saw(stack)
         finally:
             client.set_document_privacy(doc.id, "private")
+
+
+def test_document_calls_reject_bad_input_with_a_status_naming_the_field(stack) -> None:
+    from tandem_sdk import InvalidArgument, NotFound
+
+    with Client(stack.orchestrator.grpc_address, timeout_s=60, retries=0) as client:
+        with pytest.raises(InvalidArgument, match="text"):
+            client.add_document("   ", title="blank")
+        with pytest.raises(InvalidArgument, match="kind"):
+            client.add_document("some text", title="t", kind="diary")
+        with pytest.raises(NotFound):
+            client.set_document_privacy("no-such-id", "shareable")
+        assert client.delete_document("no-such-id") is False
+        before = {d.id for d in client.list_documents()}
+        doc = client.add_document("A short note about tea.", title="tea", privacy="shareable")
+        assert doc.privacy == "shareable" and doc.chunks >= 1 and doc.id not in before
+        assert client.delete_document(doc.id) is True
+        assert {d.id for d in client.list_documents()} == before
