@@ -5,6 +5,11 @@ and bad requests answered with INVALID_ARGUMENT naming the field.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import grpc
 import openai
 import pytest
@@ -12,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.tandem.v1 import common_pb2
 from protos.tandem.v1 import orchestrator_pb2 as opb
-from tandem_sdk import AsyncClient, Client, InvalidArgument
+from tandem_sdk import AsyncClient, Client, DeadlineExceeded, InvalidArgument
 from tests.support.orch_stack import local_stack
 
 PROMPT = "def add(a, b):\n    return a + b\n"  # the tiny models answer it at length (no early eos)
@@ -143,3 +148,33 @@ def test_openai_completions_and_errors(oai) -> None:
     assert info.value.body["param"] == "temperature" or "temperature" in str(info.value)
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-nope", messages=[{"role": "user", "content": "x"}])
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True, input=stdin,
+                          timeout=120, env=env)
+
+
+def test_cli_generate_and_chat_against_the_real_orchestrator(stack) -> None:
+    address = stack.orchestrator.grpc_address
+    out = _cli("generate", PROMPT, "--address", address, "--route", "speculative", "--max-new-tokens", "10", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["stats"]["route"] == "speculative" and result["stats"]["generated_tokens"] == 10
+    chat = _cli("chat", "--address", address, "--route", "local", "--max-new-tokens", "6",
+                stdin="def add(a, b):\nreturn a + b\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip(), "two answers were streamed"
+    bad = _cli("generate", PROMPT, "--address", address, "--max-new-tokens", "100000")
+    assert bad.returncode == 2 and "max_new_tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_request_deadline_is_enforced(stack, client) -> None:
+    stack.shaper.set_conditions(rtt_ms=300)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            client.complete(prompt=PROMPT, route="speculative", max_new_tokens=60, deadline_s=0.5)
+    finally:
+        stack.shaper.set_conditions(rtt_ms=0)
+    assert client.status().edge_healthy
