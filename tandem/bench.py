@@ -75,6 +75,7 @@ def add_parser(sub: Any) -> None:
                         "is cut or black-holed mid-answer; cloud-scale: concurrent sessions against the Ray Serve "
                         "deployment")
     p.add_argument("--repeats", type=int, default=3, help="orchestrator suite: runs per prompt and path")
+    p.add_argument("--models", choices=("real", "tiny"), default="real", help="cloud-scale suite: fetched pair or tiny")
     p.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the shipped code/prose/chat set)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")

@@ -66,7 +66,7 @@ class DeploySpec:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     graceful_shutdown_timeout_s: float = 300.0  # a stopping replica lets its sessions finish
-    max_surge_percent: int = 100  # an upgrade starts new replicas before stopping old ones
+    max_surge_percent: int = 25  # an upgrade starts new replicas (at least 1) before stopping old ones
     replica_resource: str = "tandem_cloud"  # each cloud node offers 1: one replica per node
     replica_cpus: float = 6.0
     replica_memory_gb: float = 8.0  # 0 = no memory reservation
@@ -94,6 +94,8 @@ class DeploySpec:
                              f"got {self.target_ongoing_requests}")
         if self.proxy_location not in ("EveryNode", "HeadOnly", "Disabled"):
             raise ValueError(f"proxy_location: EveryNode, HeadOnly or Disabled, got {self.proxy_location!r}")
+        if not 0 <= self.max_surge_percent <= 100:
+            raise ValueError(f"max_surge_percent: must be in [0, 100], got {self.max_surge_percent}")
         if self.replica_cpus < 0 or self.replica_memory_gb < 0:
             raise ValueError("replica_cpus and replica_memory_gb: must be >= 0")
 
@@ -101,6 +103,16 @@ class DeploySpec:
     def max_ongoing_requests(self) -> int:
         """Above max_sessions, so the core's limit answers before Serve would queue a stream."""
         return self.max_sessions + SERVE_HEADROOM
+
+    @property
+    def max_worker_nodes(self) -> int:
+        """Cloud workers at full scale, plus room for the replicas an upgrade starts first (surge)."""
+        surge = -(-self.max_surge_percent * self.max_replicas // 100)
+        return self.max_replicas + surge - (1 if self.head_hosts_replica else 0)
+
+    @property
+    def min_worker_nodes(self) -> int:
+        return max(self.min_replicas - (1 if self.head_hosts_replica else 0), 0)
 
     def app_args(self) -> dict[str, Any]:
         args = {name: getattr(self, name) for name in APP_ARGS}
@@ -114,7 +126,8 @@ class DeploySpec:
         return env
 
 
-def _serve_names() -> tuple[str, str, list[str]]:
+def serve_names() -> tuple[str, str, list[str]]:
+    """(application, deployment, gRPC servicer functions) as `cloud_node.serve_app` defines them."""
     from cloud_node import serve_app
 
     deployment = serve_app.CloudVerifierDeployment.name  # type: ignore[attr-defined]  # a Serve Deployment
@@ -123,7 +136,7 @@ def _serve_names() -> tuple[str, str, list[str]]:
 
 def serve_config(spec: DeploySpec) -> dict[str, Any]:
     """The Serve config (the schema of `serve deploy` and of KubeRay's serveConfigV2)."""
-    app_name, deployment, servicers = _serve_names()
+    app_name, deployment, servicers = serve_names()
     actor: dict[str, Any] = {"num_cpus": spec.replica_cpus}
     if spec.replica_memory_gb:
         actor["memory"] = int(spec.replica_memory_gb * (1 << 30))
@@ -169,19 +182,18 @@ def cluster_config(spec: DeploySpec) -> dict[str, Any]:
     venv = "~/tandem/.venv/bin"
     start = f"{_env_prefix(spec)} RAY_AUTH_MODE=token {venv}/ray start"
     head_res = {spec.replica_resource: 1} if spec.head_hosts_replica else {}
-    workers = spec.max_replicas - (1 if spec.head_hosts_replica else 0)
     extras = ",".join(spec.extras)
     return {
         "cluster_name": spec.cluster_name,
-        "max_workers": workers,
+        "max_workers": spec.max_worker_nodes,
         "idle_timeout_minutes": 15,
         "provider": {"type": "aws", "region": "us-east-1", "availability_zone": "us-east-1a",
                      "cache_stopped_nodes": False},
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": {
             "head": {"resources": head_res, "node_config": {"InstanceType": "m7i.2xlarge", "ImageId": "ami-REPLACE-ME"}},
-            "cloud_worker": {"min_workers": max(spec.min_replicas - (1 if spec.head_hosts_replica else 0), 0),
-                             "max_workers": workers, "resources": {spec.replica_resource: 1},
+            "cloud_worker": {"min_workers": spec.min_worker_nodes, "max_workers": spec.max_worker_nodes,
+                             "resources": {spec.replica_resource: 1},
                              "node_config": {"InstanceType": "m7i.2xlarge", "ImageId": "ami-REPLACE-ME"}},
         },
         "head_node_type": "head",
@@ -234,7 +246,6 @@ def rayservice(spec: DeploySpec, serve_text: str) -> dict[str, Any]:
     head_ports = [("gcs-server", spec.gcs_port), ("dashboard", spec.dashboard_port), ("client", 10001),
                   ("metrics", spec.metrics_port), *serve_ports]
     head_res = {spec.replica_resource: 1} if spec.head_hosts_replica else {}
-    workers = spec.max_replicas - (1 if spec.head_hosts_replica else 0)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -256,9 +267,9 @@ def rayservice(spec: DeploySpec, serve_text: str) -> dict[str, Any]:
                 },
                 "workerGroupSpecs": [{
                     "groupName": "cloud",
-                    "replicas": max(spec.min_replicas - (1 if spec.head_hosts_replica else 0), 0),
-                    "minReplicas": max(spec.min_replicas - (1 if spec.head_hosts_replica else 0), 0),
-                    "maxReplicas": workers,
+                    "replicas": spec.min_worker_nodes,
+                    "minReplicas": spec.min_worker_nodes,
+                    "maxReplicas": spec.max_worker_nodes,
                     "rayStartParams": _start_params(spec, {spec.replica_resource: 1}, head=False),
                     "template": {"spec": {"containers": [
                         _container(spec, "ray-worker", [("metrics", spec.metrics_port), *serve_ports])]}},

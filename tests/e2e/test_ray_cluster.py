@@ -33,7 +33,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.deploy_gen import SERVE_CONFIG, DeploySpec, render
+from tandem.deploy_gen import SERVE_CONFIG, DeploySpec, render, serve_names
 from tandem.ray_cluster import LocalRayCluster, free_ports
 
 pytestmark = pytest.mark.slow
@@ -51,12 +51,6 @@ def _spec(tiny_models, home: Path) -> DeploySpec:
         http_port=http_port, grpc_port=grpc_port, proxy_location="HeadOnly", prefer_local_routing=True,
         min_replicas=2, max_replicas=2, target_ongoing_requests=1, graceful_shutdown_timeout_s=5,
         replica_cpus=0.5, replica_memory_gb=0)
-
-
-def _names() -> tuple[str, str]:
-    from cloud_node import serve_app
-
-    return serve_app.APP_NAME, serve_app.CloudVerifierDeployment.name
 
 
 def _cluster_processes(root: Path) -> list[int]:
@@ -135,7 +129,7 @@ class IdleStreams:
 def test_two_nodes_serve_survive_losing_the_serving_node_and_recover(tiny_models, edge_factory, tmp_path) -> None:
     from cloud_node.serve_app import wait_healthy
 
-    app, deployment = _names()
+    app, deployment, _ = serve_names()
     spec = _spec(tiny_models, tmp_path / "home")
     with LocalRayCluster(env=spec.node_env()) as cluster:
         root = cluster.root

@@ -19,7 +19,15 @@ import pytest
 import yaml
 
 from tandem import deploy_app, deploy_gen
-from tandem.deploy_gen import CLUSTER, DOCKERFILE_NAME, FILES, GRPC_PORT_NAME, RAYSERVICE, SERVE_CONFIG, DeploySpec
+from tandem.deploy_gen import (
+    CLUSTER,
+    DOCKERFILE_NAME,
+    FILES,
+    GRPC_PORT_NAME,
+    RAYSERVICE,
+    SERVE_CONFIG,
+    DeploySpec,
+)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -78,7 +86,7 @@ def test_shared_settings_agree_across_files() -> None:
         assert {"name": "TANDEM_HOME", "value": home} in container["env"]
     service_ports = {p["name"]: p["port"] for p in rayservice["spec"]["serveService"]["spec"]["ports"]}
     assert service_ports[GRPC_PORT_NAME] == grpc_port
-    assert str(grpc_port) in re.search(r"^EXPOSE (.*)$", docker, re.M).group(1).split()
+    assert str(grpc_port) in re.search(r"^EXPOSE (.*)$", docker, re.MULTILINE).group(1).split()
     assert f"TANDEM_HOME={home}" in docker
 
     worker_group = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
@@ -88,7 +96,10 @@ def test_shared_settings_agree_across_files() -> None:
     assert any(f"TANDEM_HOME={home} " in cmd for cmd in cluster["setup_commands"])
     replicas = deployment["autoscaling_config"]
     assert worker_group["maxReplicas"] == cluster["available_node_types"]["cloud_worker"]["max_workers"]
-    assert worker_group["maxReplicas"] >= replicas["max_replicas"] - (1 if DeploySpec().head_hosts_replica else 0)
+    # full scale plus at least one node for the replica an upgrade starts before stopping an old one
+    surge = 1 if deployment["max_surge_percent"] > 0 else 0
+    head = 1 if DeploySpec().head_hosts_replica else 0
+    assert worker_group["maxReplicas"] >= replicas["max_replicas"] + surge - head
 
 
 def test_versions_match_the_pinned_install() -> None:
