@@ -63,7 +63,7 @@ class Orchestrator:
         self.monitor = monitor
         self.personal = personal
         self.acceptance = AcceptanceTracker()
-        self.costs = RouteCosts(verify_ms=300.0)
+        self.costs = RouteCosts()
         self._edge = edge_pb2_grpc.EdgeNodeStub(edge_channel)
         self._edge_info: edge_pb2.EdgeInfo | None = None
         self._slots = asyncio.Semaphore(config.max_concurrent)

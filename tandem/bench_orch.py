@@ -100,7 +100,7 @@ def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = [o["tokens_per_s"] / pairs[(o["prompt"], o["rep"])]["tokens_per_s"] for o in by["orchestrator"]]
     identical = all(o["tokens"] == pairs[(o["prompt"], o["rep"])]["tokens"] for o in by["orchestrator"])
     return {"direct_tokens_per_s": med["direct"], "orchestrator_tokens_per_s": med["orchestrator"],
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_median": statistics.median(ratios), "ratio_of_medians": med["orchestrator"] / med["direct"], "ratio_min": min(ratios), "ratio_max": max(ratios),
             "direct_ttft_ms": ttft["direct"], "orchestrator_ttft_ms": ttft["orchestrator"],
             "identical_tokens": identical, "pairs": len(ratios)}
 
@@ -111,6 +111,7 @@ def _format(s: dict[str, Any]) -> str:
         f"direct edge   {s['direct_tokens_per_s']:>17.2f}   {s['direct_ttft_ms']:>16.1f}",
         f"orchestrator  {s['orchestrator_tokens_per_s']:>17.2f}   {s['orchestrator_ttft_ms']:>16.1f}",
         f"orchestrator / direct tokens/s: median {s['ratio_median']:.3f} (min {s['ratio_min']:.3f}, "
-        f"max {s['ratio_max']:.3f}, {s['pairs']} pairs); overhead {100 * (1 - s['ratio_median']):.1f}% "
-        f"(goal <= 5%); identical tokens: {'yes' if s['identical_tokens'] else 'NO'}",
+        f"max {s['ratio_max']:.3f}, {s['pairs']} pairs); ratio of the medians {s['ratio_of_medians']:.3f}",
+        f"overhead {100 * (1 - min(s['ratio_median'], s['ratio_of_medians'])):.1f}% at most (goal <= 5%); "
+        f"identical tokens: {'yes' if s['identical_tokens'] else 'NO'}",
     ])
