@@ -11,7 +11,8 @@ Which node serves the session: killing the head would kill the cluster (GCS), so
 must run on the worker's replica. The test keeps Serve's default routing here (the proxy tries
 the replica on its own node first, and only when that replica is full tries the others), then
 opens `max_ongoing_requests` idle Verify streams, which all land on the head's replica and fill
-it. The measured session therefore goes to the worker. The test does not trust this: the
+it; a probe session (opened and closed) shows when they have arrived, as it then lands on the
+worker. The measured session therefore goes to the worker. The test does not trust this: the
 generation must report a resume, which only happens if its replica went away. Right after
 killing the worker (SIGKILL to every process of its session, as a machine failure would), the
 idle streams are cancelled so that the head's replica can take the resumed session.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -115,9 +117,30 @@ class IdleStreams:
         from protos.tandem.v1 import cloud_pb2_grpc
 
         self.channel = grpc.insecure_channel(address)
-        stub = cloud_pb2_grpc.CloudVerifierStub(self.channel)
+        self.stub = cloud_pb2_grpc.CloudVerifierStub(self.channel)
         end = object()
-        self.calls = [stub.Verify(iter(queue.Queue().get, end), timeout=300) for _ in range(count)]
+        self.calls = [self.stub.Verify(iter(queue.Queue().get, end), timeout=300) for _ in range(count)]
+
+    def probe_node(self, cluster: LocalRayCluster) -> str:
+        """Open a session and close it: the name of the node whose replica took it."""
+        from protos.tandem.v1 import cloud_pb2
+
+        spec = cloud_pb2.SessionSpec(session_id="probe", prompt_tokens=PROMPT, max_new_tokens=4)
+        call = self.stub.Verify(iter([cloud_pb2.VerifyRequest(open=spec)]), timeout=60)
+        try:
+            pid = int(next(call).opened.replica.rsplit("pid=", 1)[1])
+        finally:
+            call.cancel()
+        node = cluster.node_of(pid)
+        return node.name if node is not None else "?"
+
+    def wait_until_full(self, cluster: LocalRayCluster, full: str, timeout_s: float = 60) -> None:
+        """Block until a new session goes past node `full`'s replica (the idle streams reached it)."""
+        deadline = time.monotonic() + timeout_s
+        while self.probe_node(cluster) == full:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.calls)} idle streams did not fill the {full} replica")
+            time.sleep(0.5)
 
     def release(self) -> None:
         for call in self.calls:
@@ -148,6 +171,7 @@ def test_two_nodes_serve_survive_losing_the_serving_node_and_recover(tiny_models
         assert len(undisturbed) > 8 and stats.resumes == 0
 
         idle = IdleStreams(ingress, spec.max_ongoing_requests)
+        idle.wait_until_full(cluster, "head")
         killed: list[int] = []
 
         def kill_worker() -> None:
