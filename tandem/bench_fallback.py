@@ -71,7 +71,7 @@ def run_suite(args: argparse.Namespace) -> int:
                               f"{row['max_gap_ms']:.0f} ms, verified {row['verified_tokens']} + local "
                               f"{row['local_tokens']} tokens")
             _wait_link_up(client)
-            routing = _link_down_routing(client, control)
+            routing = _link_down_routing(client, control, args.max_new_tokens)
     print(f"round deadline {deadline_ms} ms; goal: stall <= {deadline_ms + 250} ms")
     print("fault      stall after fault (ms)   max gap (ms)   verified+local tokens   switch")
     for row in rows:
@@ -79,7 +79,8 @@ def run_suite(args: argparse.Namespace) -> int:
         print(f"{row['fault']:<10} {row['stall_after_fault_ms'] or 0:>22.0f}   {row['max_gap_ms']:>12.0f}   "
               f"{row['verified_tokens']:>9} + {row['local_tokens']:<10}   {sw}")
     print(f"link down -> seen down after {routing['detect_ms']:.0f} ms (health interval 1000 ms); auto then routed "
-          f"{routing['down_route']!r}; link up again -> auto routed {routing['up_route']!r} for code")
+          f"{routing['down_route']!r}; link up again -> auto routed {routing['up_route']!r} for a "
+          f"{routing['max_new_tokens']}-token code answer")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"suite": "fallback", "round_deadline_ms": deadline_ms,
@@ -89,7 +90,17 @@ def run_suite(args: argparse.Namespace) -> int:
     return 0
 
 
-def _link_down_routing(client: Any, control: Any) -> dict[str, Any]:
+def _started(client: Any, prompt: str, n: int) -> Any:
+    """The route the orchestrator picks for an `n`-token answer (the answer is cancelled after
+    its first delta; the route is decided before it)."""
+    answer = client.generate(prompt=prompt, max_new_tokens=n, category="code")
+    next(iter(answer), None)
+    started = answer.started
+    answer.cancel()
+    return started
+
+
+def _link_down_routing(client: Any, control: Any, n: int) -> dict[str, Any]:
     """Take the link down: how long until the orchestrator sees it, and where `auto` goes."""
     prompt = "Write a Python function that checks whether a number is prime."
     control.set(mode="down")
@@ -97,12 +108,12 @@ def _link_down_routing(client: Any, control: Any) -> dict[str, Any]:
     while client.status().link.state != "down":
         time.sleep(0.02)
     detect_ms = 1000 * (time.monotonic() - t0)
-    down = client.complete(prompt=prompt, max_new_tokens=4)
+    down = _started(client, prompt, n)
     control.set(mode="up")
     _wait_link_up(client)
-    up = client.complete(prompt=prompt, max_new_tokens=4)
-    return {"detect_ms": detect_ms, "down_route": down.started.route, "down_reason": down.started.reason,
-            "up_route": up.started.route, "up_reason": up.started.reason}
+    up = _started(client, prompt, n)
+    return {"detect_ms": detect_ms, "max_new_tokens": n, "down_route": down.route, "down_reason": down.reason,
+            "up_route": up.route, "up_reason": up.reason}
 
 
 def _wait_link_up(client: Any, timeout_s: float = 60.0) -> None:
