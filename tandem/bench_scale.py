@@ -57,7 +57,8 @@ def _models(kind: str, args: argparse.Namespace, work: Path) -> tuple[Path, Path
     from tandem.cli import CliError
 
     if kind == "tiny":
-        tiny = _tiny_models_module()
+        from tandem import tiny_models as tiny
+
         _progress("building tiny random models ...")
         target = tiny.build_hf(work / "target", seed=1)
         drafter = tiny.build_onnx(tiny.perturb(target, work / "drafter", noise=0.03, seed=2), work / "drafter_onnx",
@@ -72,23 +73,6 @@ def _models(kind: str, args: argparse.Namespace, work: Path) -> tuple[Path, Path
     except models.ModelsMissing as exc:
         raise CliError(str(exc)) from None
     return models.target_dir(), models.drafter_onnx_dir(), args.dtype
-
-
-def _tiny_models_module() -> Any:
-    """tests/support/tiny_models.py of this checkout (the tests' own builder), loaded by path."""
-    import importlib.util
-
-    from tandem.cli import CliError
-
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        path = root / "tests" / "support" / "tiny_models.py"
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("tandem_bench_tiny_models", path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-    raise CliError("--models tiny needs the repository's tests/support/tiny_models.py (run from a checkout)")
 
 
 def _prompts(kind: str, target: Path) -> list[tuple[str, list[int]]]:

@@ -1,7 +1,8 @@
 """Tiny random-weight Qwen2 models for fast tests: an HF folder plus its ONNX export.
 
-Built once per test session inside a temp folder. They are real models on the real runtimes
-(transformers and onnxruntime-genai), only small and random, so acceptance rates mean nothing.
+Built in a temp folder (once per test session, or by `tandem bench --suite cloud-scale --models
+tiny`). They are real models on the real runtimes (transformers and onnxruntime-genai), only small
+and random, so acceptance rates mean nothing.
 """
 
 from __future__ import annotations
