@@ -271,7 +271,7 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
                 yield response
                 if response.finished:
                     return
-            return
+            raise LinkError("the stream ended before the answer finished")
         except LinkError as exc:
             if resumes >= max_resumes:
                 raise LinkError(f"cloud unreachable after {resumes} resumes: {exc}") from None

@@ -29,7 +29,8 @@ class OrchestratorConfig:
     default_max_new_tokens: int = 256
     context_chunks: int = 4                # personal chunks retrieved per request by default
     max_prompt_chars: int = 200_000
-    max_concurrent: int = 8                # generations at once; more get RESOURCE_EXHAUSTED
+    max_concurrent: int = 4                # generations at once (the edge node's default too); more get
+                                           # RESOURCE_EXHAUSTED before anything is streamed
     store_path: Path | None = None         # None = TANDEM_HOME/personal/store.sqlite3
     personal: bool = True                  # load the embedder and the personal store
     target_name: str = "qwen2.5-coder-1.5b-instruct"

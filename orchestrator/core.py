@@ -9,7 +9,7 @@ Guarantees:
 - Speculative and cloud answers always run with the edge's `fallback_local`: a round later than
   `round_deadline_ms`, a broken or hung link, continues on the device from the last committed
   token. The stream is: one `started`, deltas whose text concatenates to the answer, one `stats`.
-- What a request teaches is kept: acceptance per category, a mid-answer link failure opens the
+- What a request teaches is kept: acceptance per category, a mid-answer broken stream opens the
   circuit (`LinkMonitor.report_failure`), measured speeds refine the routing cost model.
 """
 
@@ -133,10 +133,6 @@ class Orchestrator:
         private = any(h.privacy == "private" for h in hits)
         full = self.personal.inject(p.messages, hits) if hits and self.personal else p.messages
         prompt_tokens = await self._count_tokens(full)
-        info = await self.edge_info()
-        if prompt_tokens + p.max_new_tokens >= info.context_length:
-            raise BadRequest("options.max_new_tokens", f"prompt of {prompt_tokens} tokens plus max_new_tokens "
-                             f"{p.max_new_tokens} exceeds the context length {info.context_length}")
         o = request.options
         try:
             decision = decide(RouteRequest(
@@ -153,6 +149,10 @@ class Orchestrator:
             dropped, hits = len(hits) - len(kept), kept
             full = self.personal.inject(p.messages, hits) if hits and self.personal else p.messages
             prompt_tokens = await self._count_tokens(full)
+        info = await self.edge_info()
+        if prompt_tokens + p.max_new_tokens >= info.context_length:
+            raise BadRequest("options.max_new_tokens", f"prompt of {prompt_tokens} tokens plus max_new_tokens "
+                             f"{p.max_new_tokens} exceeds the context length {info.context_length}")
         started = opb.GenerationStarted(route=decision.route, reason=decision.reason, citations=citations(hits),
                                         private_chunks_dropped=dropped, prompt_tokens=prompt_tokens)
         return decision, full, started
@@ -176,7 +176,12 @@ class Orchestrator:
             orchestrator_ms = 1000 * (time.perf_counter() - t0)
             first: float | None = None
             stats: common_pb2.GenerationStats | None = None
-            call = self._edge.Generate(edge_req, timeout=p.deadline_s or self.config.edge_timeout_s)
+            timeout = self.config.edge_timeout_s
+            if p.deadline_s is not None:  # the request's deadline counts from its arrival
+                timeout = p.deadline_s - (time.perf_counter() - t0)
+                if timeout <= 0:
+                    raise DeadlineExceeded("options.deadline_ms: the deadline passed while planning the answer")
+            call = self._edge.Generate(edge_req, timeout=timeout)
             try:
                 async for msg in call:
                     if msg.WhichOneof("kind") == "delta":
@@ -205,7 +210,10 @@ class Orchestrator:
         if stats.rounds >= 3:  # one or two rounds (an answer that fell back at once) are noise
             self.acceptance.observe(category, stats.accepted / stats.drafted)
         for switch in stats.switches:
-            if switch.to_route == "local":
+            # A broken stream says the link failed; a late reply may only be one slow round or a
+            # tight per-request TTFT budget, and must not cut every request off the cloud. The
+            # health probes (1 s timeout) catch a link that stays silent.
+            if switch.to_route == "local" and "no reply within" not in switch.reason:
                 self.monitor.report_failure(switch.reason)
         if stats.switches or stats.generated_tokens < 8:
             return
@@ -221,11 +229,12 @@ class Orchestrator:
                                                            for f, v in updates.items()})
 
     async def edge_healthy(self) -> bool:
+        """A fresh Info call (the cached info is refreshed: the edge may have restarted)."""
+        self._edge_info = None
         try:
             await self.edge_info()
             return True
         except Unavailable:
-            self._edge_info = None
             return False
 
 

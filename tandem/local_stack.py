@@ -69,7 +69,7 @@ def write_state(children: dict[str, procs.Child]) -> Path:
         "orchestrator_http": orch["http"],
         "started_unix": time.time(),
         "link_control": children["netshape"].fields.get("control", ""),  # the shaper's HTTP control endpoint
-        "processes": [{"name": name, "pid": c.proc.pid, "log": str(c.log_path),
+        "processes": [{"name": name, "pid": c.proc.pid, "identity": procs.identity(c.proc.pid), "log": str(c.log_path),
                        "address": c.fields.get("grpc") or c.fields.get("listen", "")} for name, c in children.items()],
     }
     path = state_file()

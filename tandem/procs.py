@@ -56,13 +56,15 @@ def _read_ready(child: Child, ready: re.Pattern, found: threading.Event) -> None
 
 
 def _watch_log(child: Child, ready: re.Pattern, found: threading.Event) -> None:
-    """For a detached child: find the ready line in its log file (stdout goes there directly)."""
+    """For a detached child: find the ready line in its log file (stdout goes there directly).
+    Only complete lines count: a half-flushed `cloud grpc=127.0.` must not pass for an address."""
     seen = 0
     while not found.is_set() and child.proc.poll() is None:
         try:
-            lines = child.log_path.read_text(errors="replace").splitlines()
+            text = child.log_path.read_text(errors="replace")
         except OSError:
-            lines = []
+            text = ""
+        lines = text[:text.rfind("\n") + 1].splitlines()
         for line in lines[seen:]:
             child.fields.update(dict(re.findall(r"(\w+)=(\S+)", line)))
             if ready.search(line):
@@ -141,7 +143,8 @@ def _kill_session(sid: int) -> None:
 
 def stop_session(sid: int, grace_s: float = 15.0) -> None:
     """Stop a detached child we are not the parent of (`tandem down`): SIGTERM its group, wait up
-    to `grace_s` for its session to empty, then SIGKILL what is left."""
+    to `grace_s` for its session to empty, then SIGKILL what is left. Check `same_process` first:
+    a recorded pid may have been reused."""
     try:
         os.killpg(sid, signal.SIGTERM)
     except ProcessLookupError:
@@ -154,6 +157,34 @@ def stop_session(sid: int, grace_s: float = 15.0) -> None:
 
 def session_alive(sid: int) -> bool:
     return bool(_session_members(sid))
+
+
+def identity(pid: int) -> str:
+    """What tells this process apart from a later one with the same pid: the boot id and the
+    process's start time in clock ticks since boot ("" if it is gone)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]  # field 22: starttime
+    except (OSError, IndexError):
+        return ""
+    return f"{boot}:{start}"
+
+
+def same_process(pid: int, recorded: str) -> bool:
+    """Whether `pid` still names the process recorded as `identity(pid)`, or, if that process has
+    exited, whether its session may still hold our children: the kernel does not hand out a pid
+    that is still some session's id, so a dead leader's pid with live session members is ours,
+    but only on the same boot."""
+    now = identity(pid)
+    if now:
+        return now == recorded
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return recorded.startswith(f.read().strip() + ":")
+    except OSError:
+        return False
 
 
 def _stop_group(child: Child, grace_s: float) -> None:

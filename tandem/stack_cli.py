@@ -15,6 +15,7 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -35,14 +36,24 @@ def add_parser(sub: Any) -> None:
     status.set_defaults(func=run_status)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _running(state: dict | None) -> list[dict]:
+def _ours(p: dict) -> bool:
+    """The recorded process (or its session) is still there, and its pid was not reused."""
     from tandem import procs
 
-    return [p for p in (state or {}).get("processes", []) if procs.session_alive(int(p["pid"]))]
+    pid = int(p["pid"])
+    return procs.same_process(pid, p.get("identity", "")) and procs.session_alive(pid)
+
+
+def _running(state: dict | None) -> list[dict]:
+    return [p for p in (state or {}).get("processes", []) if _ours(p)]
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -70,13 +81,19 @@ def run_up(args: argparse.Namespace) -> int:
     opts = local_stack.StackOptions(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
                                     grpc_port=args.port, http_port=args.http_port)
     _say(f"logs in {log_dir}")
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         children = local_stack.launch(start, opts, _say)
-    except (procs.ChildFailed, KeyboardInterrupt) as exc:
+    except BaseException as exc:  # noqa: BLE001 - whatever stops start-up, nothing is left running
         _say("start-up failed; stopping what was started")
         for child in reversed(started):
             procs.stop(child)
-        raise CliError(str(exc) or "interrupted") from None
+        if isinstance(exc, procs.ChildFailed | KeyboardInterrupt):
+            raise CliError(str(exc) or "interrupted") from None
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     path = local_stack.write_state(children)
     _say(f"recorded in {path}; `tandem down` stops it")
     orch = children["orchestrator"].fields
@@ -93,7 +110,7 @@ def run_down(args: argparse.Namespace) -> int:
         _say("nothing to stop: no stack recorded")
         return 0
     for p in reversed(state.get("processes", [])):
-        if procs.session_alive(int(p["pid"])):
+        if _ours(p):
             _say(f"stopping {p['name']} (pid {p['pid']})")
             procs.stop_session(int(p["pid"]))
     local_stack.state_file().unlink(missing_ok=True)
@@ -133,7 +150,7 @@ def run_status(args: argparse.Namespace) -> int:
         return 1
     healthy = True
     for p in state.get("processes", []):
-        alive = procs.session_alive(int(p["pid"]))
+        alive = _ours(p)
         address = p.get("address", "")
         check = _port_open if p["name"] == "netshape" else _grpc_healthy
         ok = alive and bool(address) and check(address)

@@ -62,6 +62,7 @@ class AsyncGeneration:
         self._deadline = deadline
         self._policy = policy
         self._call: Any = None
+        self._cancelled = False  # set by cancel(); honoured before the first message too
         self._state = StreamState()
         self.attempts = 0  # stream openings so far (1 + retries)
 
@@ -102,7 +103,8 @@ class AsyncGeneration:
         return self._state.result()
 
     def cancel(self) -> None:
-        """Stop the answer; a later step raises TandemError(CANCELLED)."""
+        """Stop the answer (also before it started); a later step raises TandemError(CANCELLED)."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()
 
@@ -111,6 +113,8 @@ class AsyncGeneration:
         return None if message is grpc.aio.EOF else message  # type: ignore[no-any-return]
 
     async def _next_message(self) -> orchestrator_pb2.GenerateTextResponse | None:
+        if self._cancelled and self._call is None:
+            raise from_rpc_error(_Cancelled()) from None
         if self._call is None:
             return await self._first_message()
         try:
@@ -130,9 +134,13 @@ class AsyncGeneration:
                 return await self._read()
             except grpc.RpcError as err:
                 delay = self._policy.delay_s(self.attempts, rpc_code(err), self._deadline)
-                if delay is None:
+                if delay is None or self._cancelled:
                     raise from_rpc_error(err) from None
                 await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                if self._call.cancelled() and not self._task_cancelling():
+                    raise from_rpc_error(_Cancelled()) from None
+                raise
 
     @staticmethod
     def _task_cancelling() -> bool:

@@ -36,7 +36,7 @@ from tandem_sdk._calls import (
     rpc_code,
     stream_timeout_s,
 )
-from tandem_sdk._errors import from_rpc_error
+from tandem_sdk._errors import TandemError, from_rpc_error
 from tandem_sdk._types import Delta, Document, Message, Result, Started, Stats, Status
 
 T = TypeVar("T")
@@ -66,6 +66,7 @@ class Generation:
         self._deadline = deadline
         self._policy = policy
         self._call: Any = None
+        self._cancelled = False  # set by cancel(); honoured before the first message too
         self._state = StreamState()
         self.attempts = 0  # stream openings so far (1 + retries)
 
@@ -106,11 +107,14 @@ class Generation:
         return self._state.result()
 
     def cancel(self) -> None:
-        """Stop the answer; a later `next()` raises TandemError(CANCELLED)."""
+        """Stop the answer (also before it started); a later `next()` raises TandemError(CANCELLED)."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()
 
     def _next_message(self) -> orchestrator_pb2.GenerateTextResponse | None:
+        if self._cancelled and self._call is None:
+            raise TandemError(grpc.StatusCode.CANCELLED, "cancelled by the client")
         if self._call is None:
             return self._first_message()
         try:
@@ -131,7 +135,7 @@ class Generation:
                 return None
             except grpc.RpcError as err:
                 delay = self._policy.delay_s(self.attempts, rpc_code(err), self._deadline)
-                if delay is None:
+                if delay is None or self._cancelled:
                     raise from_rpc_error(err) from None
                 time.sleep(delay)
 

@@ -178,3 +178,15 @@ def test_request_deadline_is_enforced(stack, client) -> None:
     finally:
         stack.shaper.set_conditions(rtt_ms=0)
     assert client.status().edge_healthy
+
+
+def test_cancel_before_the_first_message_sends_nothing(stack, client) -> None:
+    from tandem_sdk import TandemError
+
+    before = stack.orchestrator.running.core.requests
+    answer = client.generate(prompt=PROMPT, route="local", max_new_tokens=8)
+    answer.cancel()
+    with pytest.raises(TandemError) as info:
+        next(iter(answer))
+    assert info.value.code == grpc.StatusCode.CANCELLED
+    assert stack.orchestrator.running.core.requests == before
