@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -78,6 +79,31 @@ def q_rows_to_proto(q: np.ndarray | None) -> list[common_pb2.SparseDist]:
     return rows
 
 
+def _start_reader(call: Iterator[Any], into: queue.Queue) -> threading.Thread:
+    """A thread that moves a call's replies into `into`, then its error (if any), then _END, so
+    the caller can wait on the queue with a timeout."""
+    def read() -> None:
+        try:
+            for item in call:
+                into.put(item)
+        except grpc.RpcError as exc:
+            into.put(exc)
+        finally:
+            into.put(_END)
+
+    thread = threading.Thread(target=read, daemon=True, name="cloud-link-reader")
+    thread.start()
+    return thread
+
+
+def _link_error(err: grpc.RpcError) -> Exception:
+    """A broken stream is resumable (LinkError); a refusal is not (CloudRejected)."""
+    code, details = err.code(), err.details() or ""
+    if code in _RETRYABLE:
+        return LinkError(f"stream broke: {code.name} {details}")
+    return CloudRejected(code, details)
+
+
 class _Stream:
     """One Verify call: requests fed from a queue, responses read by a thread into a queue."""
 
@@ -85,17 +111,7 @@ class _Stream:
         self._requests: queue.Queue = queue.Queue()
         self._responses: queue.Queue = queue.Queue()
         self._call = stub.Verify(iter(self._requests.get, _END), timeout=total_timeout_s)
-        self._reader = threading.Thread(target=self._read, daemon=True, name="cloud-link-reader")
-        self._reader.start()
-
-    def _read(self) -> None:
-        try:
-            for response in self._call:
-                self._responses.put(response)
-        except grpc.RpcError as exc:
-            self._responses.put(exc)
-        finally:
-            self._responses.put(_END)
+        self._reader = _start_reader(self._call, self._responses)
 
     def send(self, request: cloud_pb2.VerifyRequest) -> None:
         self._requests.put(request)
@@ -106,10 +122,7 @@ class _Stream:
         except queue.Empty:
             raise LinkError(f"no reply within {timeout_s * 1000:.0f} ms") from None
         if isinstance(item, grpc.RpcError):
-            code, details = item.code(), item.details() or ""
-            if code in _RETRYABLE:
-                raise LinkError(f"stream broke: {code.name} {details}")
-            raise CloudRejected(code, details)
+            raise _link_error(item)
         if item is _END:
             raise LinkError("stream ended without a reply")
         return item
@@ -211,17 +224,7 @@ def _with_deadlines(call: Iterator[cloud_pb2.GenerateResponse], first_timeout_s:
     A reader thread feeds a queue so the wait can time out; the call is cancelled on any exit.
     """
     replies: queue.Queue = queue.Queue()
-
-    def read() -> None:
-        try:
-            for item in call:
-                replies.put(item)
-        except grpc.RpcError as exc:
-            replies.put(exc)
-        finally:
-            replies.put(_END)
-
-    threading.Thread(target=read, daemon=True, name="cloud-generate-reader").start()
+    _start_reader(call, replies)
     timeout, first = first_timeout_s, True
     try:
         while True:
@@ -232,10 +235,7 @@ def _with_deadlines(call: Iterator[cloud_pb2.GenerateResponse], first_timeout_s:
             if item is _END:
                 return
             if isinstance(item, grpc.RpcError):
-                code, details = item.code(), item.details() or ""
-                if code in _RETRYABLE:
-                    raise LinkError(f"stream broke: {code.name} {details}")
-                raise CloudRejected(code, details)
+                raise _link_error(item)
             if first:
                 first, timeout = False, gap_timeout_s
             yield item

@@ -228,14 +228,14 @@ class Orchestrator:
             self.costs = dataclasses.replace(self.costs, **{f: 0.7 * getattr(self.costs, f) + 0.3 * v
                                                            for f, v in updates.items()})
 
-    async def edge_healthy(self) -> bool:
-        """A fresh Info call (the cached info is refreshed: the edge may have restarted)."""
+    async def edge_status(self) -> edge_pb2.EdgeInfo | None:
+        """A fresh Info call (the cached info is refreshed: the edge may have restarted); None
+        when the edge node does not answer."""
         self._edge_info = None
         try:
-            await self.edge_info()
-            return True
+            return await self.edge_info()
         except Unavailable:
-            return False
+            return None
 
 
 def _edge_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:

@@ -92,8 +92,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     async def Status(self, request: opb.StatusRequest, context: grpc.aio.ServicerContext) -> opb.StatusResponse:
         core = self.core
         link = core.monitor.snapshot()
-        edge_ok = await core.edge_healthy()
-        info = core._edge_info
+        info = await core.edge_status()
+        edge_ok = info is not None
         personal = core.personal
         models = [opb.ModelInfo(role="drafter", name=info.drafter if info else "", where="edge", loaded=edge_ok),
                   opb.ModelInfo(role="target", name=core.config.target_name, where="cloud", loaded=link.state == "up")]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.bench_report import Run, aggregate, format_table, machine_info
+from tandem.bench_report import progress as _progress
 from tandem.cli import CliError
 
 METHODS = ("target", "assisted", "drafter", "tandem")
@@ -244,6 +244,3 @@ def _write_json(args: argparse.Namespace, rows: list[dict], runs: list[Run], met
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
     _progress(f"wrote {args.json}")
 
-
-def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from datetime import datetime
 from typing import Any
 
+from tandem.bench_report import progress as _progress
+
 FAULTS = ("cut", "blackhole")
 
-
-def _progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def _one(client: Any, control: Any, fault: str, prompt: str, n: int, after_tokens: int) -> dict[str, Any]:

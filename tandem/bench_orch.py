@@ -18,11 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tandem.bench_report import progress as _progress
 from tandem.cli import CliError
-
-
-def _progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def _direct(stub: Any, messages: list[dict[str, str]], n: int) -> tuple[float, float, list[int]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -142,3 +143,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     return "\n".join(out)
+
+
+def progress(message: str, tag: str = "bench") -> None:
+    """One progress line on stderr, for every bench suite."""
+    print(f"{tag}: {message}", file=sys.stderr, flush=True)

@@ -28,16 +28,18 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from tandem.bench_report import progress
+
+_progress = partial(progress, tag="cloud-scale")
 
 SESSIONS = (1, 2, 4, 8)
 REPLICAS = (1, 2)
 MAX_SESSIONS = 4  # per replica: small enough that 8 sessions on one replica show rejections
 
-
-def _progress(message: str) -> None:
-    print(f"[cloud-scale] {message}", file=sys.stderr, flush=True)
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
