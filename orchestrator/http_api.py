@@ -315,6 +315,7 @@ async def _stream(request: web.Request, parsed: ParsedRequest, env: Envelope,
         if env.kind == "chat":
             await send(chunk_json(env, "", None, role=True))
         await _pump(run, items, first, send_text)
+        await _close(items)  # a stop sequence ends the generation now, not after the trailer is written
         tandem = run.tandem()
         await send({**chunk_json(env, None, run.finish_reason), "tandem": tandem})
         if parsed.include_usage:
