@@ -95,7 +95,7 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str] = os.enviro
             except ValueError:
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: not a valid {f.name}: {env!r}") from None
     if "model_dir" not in values:
-        from tandem import models
+        from tandem.models import registry as models
 
         values["model_dir"] = models.target_dir()
     return CloudConfig(**values)
@@ -129,7 +129,7 @@ def _free_port() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tandem.cli import CliError
+    from tandem.cli.main import CliError
 
     try:
         config = config_from(args)
@@ -182,7 +182,7 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tandem.cli import CliError
+    from tandem.cli.main import CliError
 
     parser = argparse.ArgumentParser(prog="python -m cloud_node")
     add_cloud_parser(parser.add_subparsers(dest="command", required=True))

@@ -170,7 +170,7 @@ class VerifierCore:
         from transformers import AutoTokenizer
 
         from cloud_node.scorer import TargetModel
-        from tandem.local import read_eos_ids
+        from tandem.pair import read_eos_ids
 
         target = TargetModel(model_dir, dtype=dtype)
         try:
@@ -323,7 +323,7 @@ class VerifierCore:
             raise BadRequest("prompt_tokens: empty prompt (send prompt_tokens or messages)")
         if self.tokenizer is None:
             raise BadRequest("messages: this server has no tokenizer; send prompt_tokens")
-        from tandem.local import encode_prompt
+        from tandem.pair import encode_prompt
 
         try:
             ids = encode_prompt(self.tokenizer, messages=[{"role": r, "content": c} for r, c in spec.messages])

@@ -39,11 +39,11 @@ def add_edge_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from edge_node.drafter import DrafterModel
     from edge_node.server import EdgeSettings, create_server
-    from tandem.cli import CliError
+    from tandem.cli.main import CliError
 
     drafter_dir = args.drafter
     if drafter_dir is None:
-        from tandem import models
+        from tandem.models import registry as models
 
         drafter_dir = models.drafter_onnx_dir()
     try:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tandem.cli import CliError
+    from tandem.cli.main import CliError
 
     parser = argparse.ArgumentParser(prog="python -m edge_node")
     add_edge_parser(parser.add_subparsers(dest="command", required=True))

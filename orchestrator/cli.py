@@ -55,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tandem.cli import CliError
+    from tandem.cli.main import CliError
 
     try:
         config = config_from_args(args)
@@ -83,7 +83,7 @@ async def _serve(config: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tandem.cli import CliError
+    from tandem.cli.main import CliError
 
     parser = argparse.ArgumentParser(prog="python -m orchestrator")
     add_orchestrator_parser(parser.add_subparsers(dest="command", required=True))

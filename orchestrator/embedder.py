@@ -93,7 +93,7 @@ class Embedder:
 
 def default_embedder(*, num_threads: int | None = None) -> Embedder:
     """The embedder in Tandem's models folder; `EmbedderMissing` names the fetch command."""
-    from tandem import models
+    from tandem.models import registry as models
 
     folder = models.model_dir(models.MINILM)
     verdict = models.verify_folder(folder, deep=False)

@@ -1,5 +1,5 @@
 import sys
 
-from tandem.cli import main
+from tandem.cli.main import main
 
 sys.exit(main())

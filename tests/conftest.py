@@ -18,7 +18,7 @@ class TinyModels:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    from tandem.tiny_models import build_hf, build_onnx, perturb
+    from tandem.models.tiny import build_hf, build_onnx, perturb
 
     root = tmp_path_factory.mktemp("tiny")
     target = build_hf(root / "target", seed=1)

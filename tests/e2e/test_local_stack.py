@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from netshape.control import ShaperControl
-from tandem import models, paths
+from tandem import paths
+from tandem.models import registry as models
 from tandem_sdk import Client
 
 pytestmark = pytest.mark.slow

@@ -2,8 +2,8 @@
 
 The cluster: `ray start --head` and `ray start --address` for one worker, each in its own
 session with its own temporary folder, free ports and one `tandem_cloud` resource
-(`tandem.ray_cluster`). The application goes on with `serve deploy` of a Serve config rendered
-from the single source (`tandem.deploy_gen`) with test overrides: tiny fp32 models, free ports,
+(`tandem.ops.ray_cluster`). The application goes on with `serve deploy` of a Serve config rendered
+from the single source (`tandem.deploy.gen`) with test overrides: tiny fp32 models, free ports,
 2 replicas (min = max), small limits, the proxy on the head only (both nodes share one address
 here). The replicas need the custom resource, so there is one on each node.
 
@@ -35,8 +35,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.deploy_gen import SERVE_CONFIG, DeploySpec, render, serve_names
-from tandem.ray_cluster import LocalRayCluster, free_ports
+from tandem.deploy.gen import SERVE_CONFIG, DeploySpec, render, serve_names
+from tandem.ops.ray_cluster import LocalRayCluster, free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tandem import models
+from tandem.models import registry as models
 from tandem_core.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def fp32_pair():
-    from tandem.local import LocalPair
+    from tandem.pair import LocalPair
 
     target, drafter = models.require_pair()
     return LocalPair(target, drafter, dtype="fp32")
@@ -31,7 +31,7 @@ def fp32_pair():
     "Describe autumn in one sentence.",
 ])
 def test_greedy_speculative_equals_target_on_the_real_pair_fp32(fp32_pair, content: str) -> None:
-    from tandem.local import encode_prompt
+    from tandem.pair import encode_prompt
 
     ids = encode_prompt(fp32_pair.tokenizer, messages=[{"role": "user", "content": content}])
     target = fp32_pair.target_generate(ids, SamplingParams(), max_new_tokens=12)

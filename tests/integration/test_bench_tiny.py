@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tandem.bench_report import FIELDS
-from tandem.cli import main
+from tandem.bench.report import FIELDS
+from tandem.cli.main import main
 
 
 def test_bench_writes_the_documented_json(tiny_models, tmp_path: Path, capsys) -> None:

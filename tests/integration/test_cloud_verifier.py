@@ -21,7 +21,7 @@ from tests.support.cloud_client import CloudVerifierClient, draft_round
 from cloud_node.servicer import SERVICE_NAME, create_server
 from cloud_node.verifier import Limits, VerifierCore
 from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
-from tandem.local import LocalPair
+from tandem.pair import LocalPair
 from tandem_core.loop import Draft
 from tandem_core.sampling import SamplingParams
 

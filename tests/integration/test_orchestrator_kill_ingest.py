@@ -17,7 +17,7 @@ import time
 
 from orchestrator.embedder import default_embedder
 from orchestrator.store import PersonalStore
-from tandem import procs
+from tandem.ops import procs
 from tandem_sdk import Client, TandemError
 
 

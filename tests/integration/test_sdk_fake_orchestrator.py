@@ -28,7 +28,7 @@ import tandem_sdk
 from protos.tandem.v1 import common_pb2
 from protos.tandem.v1 import orchestrator_pb2 as pb
 from protos.tandem.v1 import orchestrator_pb2_grpc as pb_grpc
-from tandem.client_cli import DEFAULT_ADDRESS, resolve_address
+from tandem.cli.client import DEFAULT_ADDRESS, resolve_address
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD_DETAILS = "options.max_new_tokens: must be <= 4096"
@@ -385,7 +385,7 @@ def test_resolve_address_flag_env_stack_file_default(tmp_path: Path, monkeypatch
     assert resolve_address("host:9") == "host:9"
     monkeypatch.delenv("TANDEM_ADDRESS")
     stack.write_text("{not json")
-    from tandem.cli import CliError
+    from tandem.cli.main import CliError
 
     with pytest.raises(CliError, match="stack.json"):
         resolve_address(None)

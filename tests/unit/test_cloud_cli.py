@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cloud_node.cli import CloudConfig, add_cloud_parser, config_from
-from tandem.cli import main as tandem_main
+from tandem.cli.main import main as tandem_main
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 """deploy/ against its single source (`tandem.deploy_gen.DeploySpec`) and against itself.
 
 Fails when a generated file was edited by hand or the spec changed without regenerating
-(`python -m tandem.deploy_gen`), when two files disagree on a shared setting, or when a file is
+(`python -m tandem.deploy.gen`), when two files disagree on a shared setting, or when a file is
 not valid for the tool that reads it (Serve's config schema, `ray up`'s schema). No cluster,
 no models.
 """
@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tandem import deploy_app, deploy_gen
-from tandem.deploy_gen import (
+from tandem.deploy import app as deploy_app
+from tandem.deploy import gen as deploy_gen
+from tandem.deploy.gen import (
     CLUSTER,
     DOCKERFILE_NAME,
     FILES,
@@ -43,7 +44,7 @@ def _containers(rayservice: dict) -> dict[str, dict]:
 
 
 def test_deploy_files_are_what_the_spec_renders() -> None:
-    assert deploy_gen.check(DEPLOY) == [], "deploy/ drifted from tandem/deploy_gen.py: run `python -m tandem.deploy_gen`"
+    assert deploy_gen.check(DEPLOY) == [], "deploy/ drifted from tandem/deploy/gen.py: run `python -m tandem.deploy.gen`"
     assert (DEPLOY / "README.md").is_file()
 
 

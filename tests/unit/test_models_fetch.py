@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tandem import models, models_fetch
-from tandem.models import Extract, ModelsError, Part, PinnedFile
-from tandem.models_convert import check_tokenizers
+from tandem.models import registry as models
+from tandem.models import fetch as models_fetch
+from tandem.models.registry import Extract, ModelsError, Part, PinnedFile
+from tandem.models.convert import check_tokenizers
 
 
 def make_wheel(where: Path, name: str, version: str, files: dict[str, bytes]) -> Path:

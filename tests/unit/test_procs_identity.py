@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tandem import procs
+from tandem.ops import procs
 
 
 def test_identity_of_a_live_process_matches_itself() -> None:

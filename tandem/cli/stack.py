@@ -19,7 +19,7 @@ import signal
 import sys
 from typing import Any
 
-from tandem.cli import CliError
+from tandem.cli.main import CliError
 
 
 def add_parser(sub: Any) -> None:
@@ -46,7 +46,7 @@ def _say(message: str) -> None:
 
 def _ours(p: dict) -> bool:
     """The recorded process (or its session) is still there, and its pid was not reused."""
-    from tandem import procs
+    from tandem.ops import procs
 
     pid = int(p["pid"])
     return procs.same_process(pid, p.get("identity", "")) and procs.session_alive(pid)
@@ -57,7 +57,10 @@ def _running(state: dict | None) -> list[dict]:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from tandem import local_stack, models, paths, procs
+    from tandem import paths
+    from tandem.ops import local_stack
+    from tandem.models import registry as models
+    from tandem.ops import procs
 
     if args.link_rtt_ms < 0 or not 1 <= args.draft_len <= 16:
         raise CliError("--link-rtt-ms must be >= 0 and --draft-len in [1, 16]")
@@ -103,7 +106,8 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from tandem import local_stack, procs
+    from tandem.ops import local_stack
+    from tandem.ops import procs
 
     state = local_stack.read_state()
     if state is None:
@@ -142,7 +146,8 @@ def _port_open(address: str) -> bool:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from tandem import local_stack, procs
+    from tandem.ops import local_stack
+    from tandem.ops import procs
 
     state = local_stack.read_state()
     if state is None:

@@ -1,7 +1,7 @@
 """Edge processes for `tandem bench --suite cloud-scale`: each runs speculative sessions on demand.
 
 Guarantees:
-- `python -m tandem.bench_scale_edge --drafter DIR --cloud HOST:PORT` loads the ONNX drafter,
+- `python -m tandem.bench.scale_edge --drafter DIR --cloud HOST:PORT` loads the ONNX drafter,
   prints `{"ready": true}`, then for each JSON job line on stdin runs one greedy speculative
   session with the edge node's own code (`edge_node.generation` over `edge_node.cloud_link`)
   and prints one JSON result line. It exits when stdin closes.
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from edge_node.drafter import DrafterModel
 
-    parser = argparse.ArgumentParser(prog="python -m tandem.bench_scale_edge")
+    parser = argparse.ArgumentParser(prog="python -m tandem.bench.scale_edge")
     parser.add_argument("--drafter", type=Path, required=True)
     parser.add_argument("--cloud", required=True)
     args = parser.parse_args(argv)
@@ -87,7 +87,7 @@ class EdgePool:
 
     def __init__(self, n: int, drafter: Path, cloud: str, log_path: Path) -> None:
         self._log = open(log_path, "a")  # noqa: SIM115 - the processes' stderr until close()
-        argv = [sys.executable, "-m", "tandem.bench_scale_edge", "--drafter", str(drafter), "--cloud", cloud]
+        argv = [sys.executable, "-m", "tandem.bench.scale_edge", "--drafter", str(drafter), "--cloud", cloud]
         self.procs: list[subprocess.Popen] = []
         try:
             for _ in range(n):

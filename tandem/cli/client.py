@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from tandem.cli import CliError
+from tandem.cli.main import CliError
 
 if TYPE_CHECKING:
     from tandem_sdk import Client, Generation, Stats

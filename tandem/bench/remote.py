@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tandem.local import GenerationResult
+from tandem.pair import GenerationResult
 from tandem_core.sampling import SamplingParams, resolve_seed
 from tandem_core.stats import RequestStats
 

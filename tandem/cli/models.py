@@ -12,8 +12,8 @@ import logging
 import sys
 import time
 
-from tandem import models
-from tandem.cli import CliError
+from tandem.models import registry as models
+from tandem.cli.main import CliError
 
 GROUP_HELP = "pair (target + drafter, the default), smollm2, minilm; repeatable"
 
@@ -46,7 +46,7 @@ class _TqdmHandler(logging.Handler):
 def _log_to_stderr() -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("tandem.models", "tandem.models_fetch", "tandem.models_convert"):
+    for name in ("tandem.models.registry", "tandem.models.fetch", "tandem.models.convert"):
         log = logging.getLogger(name)
         if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
             log.addHandler(handler)
@@ -55,7 +55,7 @@ def _log_to_stderr() -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from tandem import models_fetch
+    from tandem.models import fetch as models_fetch
 
     _log_to_stderr()
     groups = args.only or list(models.DEFAULT_GROUPS)

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from tandem.models import ModelsError, progress_bar
+from tandem.models.registry import ModelsError, progress_bar
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tandem.cli import CliError
+from tandem.cli.main import CliError
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a string is a palindrome."
 
@@ -55,7 +55,7 @@ def _params(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tandem import models
+    from tandem.models import registry as models
 
     params = _params(args)
     try:
@@ -76,7 +76,9 @@ def _say(message: str) -> None:
 
 
 def _run_processes(args: argparse.Namespace, params: Any) -> int:
-    from tandem import local_stack, paths, procs
+    from tandem import paths
+    from tandem.ops import local_stack
+    from tandem.ops import procs
 
     log_dir = paths.tandem_home() / "logs" / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     signal.signal(signal.SIGTERM, _interrupt)
@@ -132,8 +134,8 @@ def _print_stats(n: int, tok_s: float, ttft_ms: float, acceptance: float, tau: f
 
 
 def _run_in_process(args: argparse.Namespace, params: Any) -> int:
-    from tandem import models
-    from tandem.local import LocalPair, encode_prompt
+    from tandem.models import registry as models
+    from tandem.pair import LocalPair, encode_prompt
 
     t0 = time.perf_counter()
     _say(f"loading the drafter (ONNX int4) and the target ({args.dtype}) in this process ...")

@@ -19,9 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tandem.bench_report import Run, aggregate, format_table, machine_info
-from tandem.bench_report import progress as _progress
-from tandem.cli import CliError
+from tandem.bench.report import Run, aggregate, format_table, machine_info
+from tandem.bench.report import progress as _progress
+from tandem.cli.main import CliError
 
 METHODS = ("target", "assisted", "drafter", "tandem")
 NETWORK_METHODS = ("tandem_grpc", "cloud_stream")  # over gRPC through Ray Serve and the link shaper
@@ -114,7 +114,7 @@ def _parse_rtts(text: str) -> list[float]:
 def _model_dirs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     if args.target and args.drafter:
         return args.target, args.drafter, args.drafter_hf or args.drafter
-    from tandem import models
+    from tandem.models import registry as models
 
     try:
         models.require_pair()
@@ -154,22 +154,23 @@ def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argpars
 
 
 def run(args: argparse.Namespace) -> int:
-    from tandem import paths, procs
-    from tandem.local import LocalPair, encode_prompt
+    from tandem import paths
+    from tandem.ops import procs
+    from tandem.pair import LocalPair, encode_prompt
 
     if args.max_new_tokens < 1 or args.draft_len < 1:
         raise CliError("--max-new-tokens and --draft-len must be >= 1")
     if args.suite == "orchestrator":
-        from tandem.bench_orch import run_suite
+        from tandem.bench.orchestrator import run_suite
 
         return run_suite(args, _select(load_prompts(args.prompts or default_prompts_path()), args.categories,
                                        args.limit))
     if args.suite == "fallback":
-        from tandem.bench_fallback import run_suite as run_fallback
+        from tandem.bench.fallback import run_suite as run_fallback
 
         return run_fallback(args)
     if args.suite == "cloud-scale":
-        from tandem.bench_scale import run_suite as run_scale
+        from tandem.bench.scale import run_suite as run_scale
 
         return run_scale(args)
     methods = _parse_methods(args.methods)
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     with procs.Stack(paths.tandem_home() / "logs" / "bench") as stack:
         remote = None
         if any(m in NETWORK_METHODS for m in methods):
-            from tandem.bench_grpc import RemoteStack
+            from tandem.bench.remote import RemoteStack
 
             remote = RemoteStack(stack, pair.drafter, dtype=args.dtype, model_dir=args.target, progress=_progress)
         runs = _run_all(pair, remote, methods, rtts, prompts, encoded, args)

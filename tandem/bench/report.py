@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from tandem.local import GenerationResult
+from tandem.pair import GenerationResult
 
 FIELDS = ("method", "category", "n_prompts", "tokens_per_s", "ttft_ms", "acceptance_rate",
           "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token",

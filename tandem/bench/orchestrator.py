@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tandem.bench_report import progress as _progress
-from tandem.cli import CliError
+from tandem.bench.report import progress as _progress
+from tandem.cli.main import CliError
 
 
 def _direct(stub: Any, messages: list[dict[str, str]], n: int) -> tuple[float, float, list[int]]:
@@ -50,7 +50,9 @@ def run_suite(args: argparse.Namespace, prompts: list[Any]) -> int:
     import grpc
 
     from protos.tandem.v1 import edge_pb2_grpc
-    from tandem import models, paths, procs
+    from tandem import paths
+    from tandem.models import registry as models
+    from tandem.ops import procs
     from tandem_sdk import Client
 
     drafter = args.drafter or models.drafter_onnx_dir()

@@ -94,7 +94,7 @@ class Extract:
 
 @dataclass(frozen=True)
 class Convert:
-    """A model folder converted from another one (`tandem.models_convert`)."""
+    """A model folder converted from another one (`tandem.models.convert`)."""
 
     folder: str
     source: str  # folder name of an Extract holding one .gguf file

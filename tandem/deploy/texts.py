@@ -1,6 +1,6 @@
 """Fixed texts of the generated deployment files (comments and the Dockerfile template).
 
-Guarantees: plain constants, no logic; `tandem.deploy_gen` fills every `{field}` from
+Guarantees: plain constants, no logic; `tandem.deploy.gen` fills every `{field}` from
 `DeploySpec`, so a port, name or version appears in one place only.
 """
 

@@ -1,10 +1,10 @@
 """`tandem bench --suite cloud-scale`: concurrent speculative sessions against the Serve deployment.
 
-It starts a two-node Ray cluster on this machine (`tandem.ray_cluster`: head + worker, one
-replica slot each), deploys the Serve config rendered from `tandem.deploy_gen` (the production
+It starts a two-node Ray cluster on this machine (`tandem.ops.ray_cluster`: head + worker, one
+replica slot each), deploys the Serve config rendered from `tandem.deploy.gen` (the production
 spec with bench overrides: models, ports, a fixed replica count, `max_sessions`), and for each
 replica count (1, 2) and each number of concurrent sessions N (1, 2, 4, 8) sends N greedy
-speculative sessions at once from N edge processes (`tandem.bench_scale_edge`). It reports
+speculative sessions at once from N edge processes (`tandem.bench.scale_edge`). It reports
 aggregate verified tokens/s, p50/p95 of the per-round verify round trip (the first round, which
 opens the session and prefills, is reported apart), sessions rejected (RESOURCE_EXHAUSTED) and
 failed, sessions per replica, and whether every prompt's output matched its first run.
@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tandem.bench_report import progress
+from tandem.bench.report import progress
 
 _progress = partial(progress, tag="cloud-scale")
 
@@ -48,7 +48,7 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
     except ValueError:
         values = ()
     if not values or min(values) < 1:
-        from tandem.cli import CliError
+        from tandem.cli.main import CliError
 
         raise CliError(f"--{name}: expected comma-separated integers >= 1, got {text!r}")
     return values
@@ -56,10 +56,10 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 
 def _models(kind: str, args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
     """(target folder, ONNX drafter folder, dtype) for `kind`."""
-    from tandem.cli import CliError
+    from tandem.cli.main import CliError
 
     if kind == "tiny":
-        from tandem import tiny_models as tiny
+        from tandem.models import tiny
 
         _progress("building tiny random models ...")
         target = tiny.build_hf(work / "target", seed=1)
@@ -68,7 +68,7 @@ def _models(kind: str, args: argparse.Namespace, work: Path) -> tuple[Path, Path
         return target, drafter, "fp32"
     if getattr(args, "target", None) and getattr(args, "drafter", None):
         return args.target, args.drafter, args.dtype
-    from tandem import models
+    from tandem.models import registry as models
 
     try:
         models.require_pair()
@@ -82,8 +82,8 @@ def _prompts(kind: str, target: Path) -> list[tuple[str, list[int]]]:
         return [(f"tiny-{i}", [(i * 37 + j * 11) % 500 + 3 for j in range(6 + i)]) for i in range(8)]
     from transformers import AutoTokenizer
 
-    from tandem.bench import default_prompts_path, load_prompts
-    from tandem.local import encode_prompt
+    from tandem.bench.main import default_prompts_path, load_prompts
+    from tandem.pair import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     return [(p.id, encode_prompt(tokenizer, p.prompt, p.messages)) for p in load_prompts(default_prompts_path())]
@@ -91,7 +91,7 @@ def _prompts(kind: str, target: Path) -> list[tuple[str, list[int]]]:
 
 def _spec(target: Path, dtype: str, replicas: int, max_sessions: int, ports: list[int]) -> Any:
     from tandem import paths
-    from tandem.deploy_gen import DeploySpec
+    from tandem.deploy.gen import DeploySpec
 
     return dataclasses.replace(
         DeploySpec(), model_dir=str(target), dtype=dtype, tandem_home=str(paths.tandem_home()),
@@ -139,7 +139,7 @@ def _jobs(prompts: list[tuple[str, list[int]]], n: int, args: argparse.Namespace
 
 def _run_replicas(cluster: Any, pool: Any, spec: Any, prompts: list, args: argparse.Namespace,
                   sessions: tuple[int, ...], reference: dict[str, list[int]]) -> list[dict[str, Any]]:
-    from tandem.deploy_gen import SERVE_CONFIG, render, serve_names
+    from tandem.deploy.gen import SERVE_CONFIG, render, serve_names
 
     config = cluster.root / f"serve-{spec.min_replicas}.yaml"
     config.write_text(render(spec)[SERVE_CONFIG])
@@ -189,7 +189,7 @@ def _exit_on_sigterm(*_: object) -> None:
 
 
 def run_suite(args: argparse.Namespace) -> int:
-    """Entry point for `tandem bench --suite cloud-scale` (and `python -m tandem.bench_scale`)."""
+    """Entry point for `tandem bench --suite cloud-scale` (and `python -m tandem.bench.scale`)."""
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return _run_suite(args)
@@ -198,16 +198,16 @@ def run_suite(args: argparse.Namespace) -> int:
 
 
 def _run_suite(args: argparse.Namespace) -> int:
-    from tandem.bench_report import machine_info
-    from tandem.bench_scale_edge import EdgePool
-    from tandem.ray_cluster import LocalRayCluster, free_ports
+    from tandem.bench.report import machine_info
+    from tandem.bench.scale_edge import EdgePool
+    from tandem.ops.ray_cluster import LocalRayCluster, free_ports
 
     kind = getattr(args, "models", "real")
     sessions = _ints(getattr(args, "sessions", ",".join(map(str, SESSIONS))), "sessions")
     replica_counts = _ints(getattr(args, "replicas", ",".join(map(str, REPLICAS))), "replicas")
     max_sessions = getattr(args, "max_sessions", MAX_SESSIONS)
     if max(replica_counts) > 2:
-        from tandem.cli import CliError
+        from tandem.cli.main import CliError
 
         raise CliError("--replicas: this machine runs a two-node cluster, so at most 2")
     t0 = time.monotonic()
@@ -240,9 +240,9 @@ def _run_suite(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tandem.cli import CliError
+    from tandem.cli.main import CliError
 
-    parser = argparse.ArgumentParser(prog="python -m tandem.bench_scale", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tandem.bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--models", choices=("real", "tiny"), default="real")
     parser.add_argument("--sessions", default=",".join(map(str, SESSIONS)), help="concurrent sessions, e.g. 1,2,4,8")
     parser.add_argument("--replicas", default=",".join(map(str, REPLICAS)), help="replica counts, at most 2")

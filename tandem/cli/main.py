@@ -14,16 +14,16 @@ from collections.abc import Sequence
 
 # subcommand name -> module that defines add_parser(subparsers)
 _SUBCOMMANDS = {
-    "models": "tandem.models_cli",
-    "bench": "tandem.bench",
-    "demo": "tandem.demo",
-    "serve": "tandem.serve_cli",
-    "generate": "tandem.client_cli",
-    "chat": "tandem.client_cli",
-    "docs": "tandem.client_cli",
-    "up": "tandem.stack_cli",
-    "down": "tandem.stack_cli",
-    "status": "tandem.stack_cli",
+    "models": "tandem.cli.models",
+    "bench": "tandem.bench.main",
+    "demo": "tandem.cli.demo",
+    "serve": "tandem.cli.serve",
+    "generate": "tandem.cli.client",
+    "chat": "tandem.cli.client",
+    "docs": "tandem.cli.client",
+    "up": "tandem.cli.stack",
+    "down": "tandem.cli.stack",
+    "status": "tandem.cli.stack",
 }
 
 

