@@ -2,8 +2,9 @@
 
 Guarantees: importable with grpcio and protobuf alone (no torch, numpy, onnxruntime, ray,
 transformers or aiohttp; a test proves it); importing changes nothing global. Every call has a
-deadline, UNAVAILABLE is retried only where that cannot repeat tokens, and failures raise
-`TandemError` subclasses carrying the gRPC status.
+deadline, UNAVAILABLE is retried (by gRPC, from the channel's service config; see `_retry`) only
+where that cannot repeat tokens, and failures raise `TandemError` subclasses carrying the gRPC
+status.
 
 Example:
     >>> from tandem_sdk import Client

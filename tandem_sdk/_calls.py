@@ -1,62 +1,41 @@
-"""What the sync and asyncio clients share: the retry policy and the answer's stream state.
+"""What the sync and asyncio clients share; each client is a thin layer over grpc or grpc.aio.
 
 Guarantees:
-- Only UNAVAILABLE is retried, at most `retries` times, with exponential backoff and jitter,
-  and never past the call's deadline (the deadline covers every attempt together).
-- A stream is retried only before its first message arrives; once a message has arrived the
-  error is raised (retrying would repeat tokens). The clients enforce this; `StreamState`
-  records whether any message arrived.
+- `ClientBase` validates the constructor's arguments (a `ValueError` naming the argument, before
+  any channel exists), builds the channel's options (retries: see `_retry`) and every request.
+  A client subclass only opens its kind of channel and runs the calls.
+- Every call carries a deadline: `timeout_s` for a unary call, and for an answer its request's
+  `deadline_s` plus `DEADLINE_GRACE_S`, else `generate_timeout_s`, counted from `generate()`.
+  Retries happen inside that deadline.
+- `GenerationBase` holds an answer's state: the stream opens on the first step, never when
+  `cancel()` came first (that step raises `TandemError(CANCELLED)` instead), and each message
+  updates `started`, `text` and `stats` in the order it arrived.
+- `Unary` describes one unary call: its method, its request, and how to read the response.
 """
 
 from __future__ import annotations
 
-import logging
-import random
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import grpc
 
-from protos.tandem.v1 import orchestrator_pb2
-from tandem_sdk import _convert
-from tandem_sdk._types import Delta, Result, Started, Stats
+from protos.tandem.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from tandem_sdk import _convert, _retry
+from tandem_sdk._errors import TandemError
+from tandem_sdk._retry import RetryPolicy
+from tandem_sdk._types import Delta, Document, Message, Result, Started, Stats, Status
 
-log = logging.getLogger(__name__)
+T = TypeVar("T")
+G = TypeVar("G")
+Messages = Sequence[Message | Mapping[str, str]]
+OpenStream = Callable[[float], Any]  # remaining seconds -> a started server-streaming call
 
 # The transport deadline of a stream exceeds the answer's deadline by this much, so that a
 # server that stops generating right at its deadline can still send the final stats.
 DEADLINE_GRACE_S = 0.5
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of UNAVAILABLE: attempt n (n >= 1) waits about backoff_s * 2**(n-1), capped."""
-
-    retries: int = 3  # extra attempts after the first
-    backoff_s: float = 0.1
-    max_backoff_s: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries: must be an integer >= 0 (got {self.retries!r})")
-        if not self.backoff_s >= 0 or not self.max_backoff_s >= self.backoff_s:
-            raise ValueError("backoff_s: must satisfy 0 <= backoff_s <= max_backoff_s")
-
-    def delay_s(self, attempt: int, code: grpc.StatusCode | None, deadline: float) -> float | None:
-        """Seconds to wait before retrying after failed `attempt`, or None to give up."""
-        if code != grpc.StatusCode.UNAVAILABLE or attempt > self.retries:
-            return None
-        cap = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-        delay = cap / 2 + random.uniform(0.0, cap / 2)  # "equal jitter"
-        if time.monotonic() + delay >= deadline:
-            return None
-        log.info("UNAVAILABLE on attempt %d; retrying in %.3f s", attempt, delay)
-        return delay
-
-
-def rpc_code(err: grpc.RpcError) -> grpc.StatusCode | None:
-    code_fn = getattr(err, "code", None)
-    return code_fn() if callable(code_fn) else None
 
 
 def remaining_s(deadline: float) -> float:
@@ -65,6 +44,7 @@ def remaining_s(deadline: float) -> float:
 
 
 def check_timeout(name: str, value: float) -> float:
+    """`value` as a float when it is a number of seconds > 0, else ValueError naming `name`."""
     if not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name}: must be a number of seconds > 0 (got {value!r})")
     return float(value)
@@ -75,6 +55,52 @@ def stream_timeout_s(deadline_s: float | None, default_s: float) -> float:
     return deadline_s + DEADLINE_GRACE_S if deadline_s else default_s
 
 
+def cancelled_error() -> TandemError:
+    """The error of a step taken on an answer that `cancel()` stopped."""
+    return TandemError(grpc.StatusCode.CANCELLED, "cancelled by the client")
+
+
+# --- unary calls ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unary(Generic[T]):
+    """One unary call: the stub's method name, its request, and the response's conversion."""
+
+    method: str
+    request: Any
+    convert: Callable[[Any], T]
+
+
+def add_document(text: str, *, title: str, kind: str, privacy: str, source: str) -> Unary[Document]:
+    request = _convert.add_document_request(text, title=title, kind=kind, privacy=privacy, source=source)
+    return Unary("AddDocument", request, _convert.document)
+
+
+def delete_document(doc_id: str) -> Unary[bool]:
+    request = orchestrator_pb2.DeleteDocumentRequest(id=_convert.document_id(doc_id))
+    return Unary("DeleteDocument", request, lambda r: bool(r.deleted))
+
+
+def list_documents() -> Unary[list[Document]]:
+    return Unary("ListDocuments", orchestrator_pb2.ListDocumentsRequest(),
+                 lambda r: [_convert.document(d) for d in r.documents])
+
+
+def set_document_privacy(doc_id: str, privacy: str) -> Unary[Document]:
+    request = orchestrator_pb2.SetDocumentPrivacyRequest(
+        id=_convert.document_id(doc_id), privacy=_convert.privacy_enum(privacy)
+    )
+    return Unary("SetDocumentPrivacy", request, _convert.document)
+
+
+def status() -> Unary[Status]:
+    return Unary("Status", orchestrator_pb2.StatusRequest(), _convert.status)
+
+
+# --- answers -------------------------------------------------------------------------------------
+
+
 @dataclass
 class StreamState:
     """What an answer's messages told so far: the start, the text, the final stats."""
@@ -82,12 +108,13 @@ class StreamState:
     started: Started | None = None
     stats: Stats | None = None
     parts: list[str] = field(default_factory=list)
-    received: int = 0  # messages received; retrying is allowed only while this is 0
     done: bool = False
 
-    def absorb(self, message: orchestrator_pb2.GenerateTextResponse) -> Delta | None:
-        """Record one message; the Delta when it carries text, else None."""
-        self.received += 1
+    def absorb(self, message: orchestrator_pb2.GenerateTextResponse | None) -> Delta | None:
+        """Record one message (None: the stream ended); the Delta when it carries text."""
+        if message is None:
+            self.done = True
+            return None
         kind = message.WhichOneof("kind")
         if kind == "started":
             self.started = _convert.started(message.started)
@@ -106,3 +133,128 @@ class StreamState:
     def result(self) -> Result:
         return Result(text=self.text, stats=self.stats, started=self.started)
 
+
+class GenerationBase:
+    """The state of one streamed answer; the sync and asyncio answers add the iteration."""
+
+    def __init__(self, open_stream: OpenStream, deadline: float) -> None:
+        self._open_stream = open_stream
+        self._deadline = deadline  # a time.monotonic() instant
+        self._call: Any = None
+        self._cancelled = False  # set by cancel(); honoured before the first message too
+        self._state = StreamState()
+
+    @property
+    def started(self) -> Started | None:
+        """The first message: route, reason and citations (None until it arrived)."""
+        return self._state.started
+
+    @property
+    def stats(self) -> Stats | None:
+        """The final statistics (None until the stream ended)."""
+        return self._state.stats
+
+    @property
+    def text(self) -> str:
+        """The text so far."""
+        return self._state.text
+
+    @property
+    def done(self) -> bool:
+        """True once the stream ended."""
+        return self._state.done
+
+    def cancel(self) -> None:
+        """Stop the answer (also before it started); a later step raises TandemError(CANCELLED)."""
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def _stream(self) -> Any:
+        """The call, opened on the first use; CANCELLED when `cancel()` came first."""
+        if self._call is None:
+            if self._cancelled:
+                raise cancelled_error()
+            self._call = self._open_stream(remaining_s(self._deadline))
+        return self._call
+
+
+# --- the client ----------------------------------------------------------------------------------
+
+
+class ClientBase(Generic[G]):
+    """Arguments, channel and requests of a client; `G` is the type of its streamed answers."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        generate_timeout_s: float = 600.0,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if not isinstance(address, str) or not address.strip():
+            raise ValueError(f"address: must be 'host:port' (got {address!r})")
+        self.address = address
+        self.timeout_s = check_timeout("timeout_s", timeout_s)
+        self.generate_timeout_s = check_timeout("generate_timeout_s", generate_timeout_s)
+        self.policy = RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self._channel = self._connect(address, _retry.channel_options(self.policy, channel_options))
+        self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+
+    def _connect(self, address: str, options: list[tuple[str, Any]]) -> Any:
+        """A new channel to `address` (grpc or grpc.aio)."""
+        raise NotImplementedError
+
+    def _answer(self, open_stream: OpenStream, deadline: float) -> G:
+        """A new streamed answer (sync or asyncio) over `open_stream`."""
+        raise NotImplementedError
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        route: str = "auto",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        deadline_s: float | None = None,
+        ttft_budget_s: float | None = None,
+        privacy: str = "strict",
+        use_personal_context: bool = False,
+        context_chunks: int | None = None,
+        category: str = "",
+    ) -> G:
+        """Stream an answer to `prompt` (raw text) or `messages` (chat); the call starts on the
+        answer's first step.
+
+        route: "auto" | "local" | "speculative" | "cloud". privacy: "strict" (private context
+        keeps the request on the device) | "cloud_quality" (private chunks are dropped so the
+        cloud may be used). temperature 0 or None is greedy. deadline_s bounds the whole answer.
+
+        Example:
+            >>> for delta in client.generate(prompt="Hi", route="local", seed=1, temperature=0.7):
+            ...     print(delta.text, end="")
+        """
+        request = _convert.generate_request(
+            prompt=prompt, messages=messages, route=route, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, deadline_s=deadline_s,
+            ttft_budget_s=ttft_budget_s, privacy=privacy, use_personal_context=use_personal_context,
+            context_chunks=context_chunks, category=category,
+        )
+        deadline = time.monotonic() + stream_timeout_s(deadline_s, self.generate_timeout_s)
+
+        def open_stream(remaining: float) -> Any:
+            return self._stub.Generate(request, timeout=remaining)
+
+        return self._answer(open_stream, deadline)
+
+    def _start(self, op: Unary[Any]) -> Any:
+        """Start `op` on the stub with the unary deadline: a response, or an awaitable of one."""
+        return getattr(self._stub, op.method)(op.request, timeout=self.timeout_s)

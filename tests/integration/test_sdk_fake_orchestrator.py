@@ -166,7 +166,7 @@ def test_fake_unavailable_before_first_message_is_retried(fake: Fake) -> None:
         gen = client.generate(prompt="fail-twice")
         result = gen.result()
     assert result.text == "fail-twice" and result.stats is not None
-    assert fake.servicer.attempts["fail-twice"] == 3 and gen.attempts == 3
+    assert fake.servicer.attempts["fail-twice"] == 3  # gRPC retried twice (counted server-side)
 
 
 def test_fake_retries_are_bounded(fake: Fake) -> None:
@@ -184,7 +184,7 @@ def test_fake_unavailable_after_a_delta_raises_and_is_not_retried(fake: Fake) ->
             next(gen)
     assert first.text == "partial" and gen.text == "partial"
     assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.details == "fake link cut"
-    assert fake.servicer.attempts["break-after-delta"] == 1 and gen.attempts == 1
+    assert fake.servicer.attempts["break-after-delta"] == 1
 
 
 def test_fake_invalid_argument_carries_the_details(fake: Fake) -> None:
@@ -245,13 +245,13 @@ async def test_async_fake_stream_retry_and_no_retry_after_a_delta(fake: Fake) ->
         assert gen.stats.generated_tokens == 4 and gen.stats.finish_reason == "stop"
 
         retried = client.generate(prompt="fail-twice")
-        assert (await retried.result()).text == "fail-twice" and retried.attempts == 3
+        assert (await retried.result()).text == "fail-twice"
 
         broken = client.generate(prompt="break-after-delta")
         with pytest.raises(tandem_sdk.Unavailable, match="fake link cut"):
             async for _ in broken:
                 pass
-        assert broken.text == "partial" and broken.attempts == 1
+        assert broken.text == "partial"
     assert fake.servicer.attempts["fail-twice"] == 3 and fake.servicer.attempts["break-after-delta"] == 1
 
 

@@ -1,4 +1,6 @@
-"""The SDK imports and works with grpcio and protobuf alone, and its conversions are exact.
+"""The SDK imports and works with grpcio and protobuf alone, its conversions are exact, and its
+retry arguments become a valid gRPC service config (tests/integration/test_sdk_retries.py
+shows gRPC acting on it).
 
 The subprocess blocks the heavy packages with a meta-path finder, imports `tandem_sdk`, serves a
 fake orchestrator in-process and streams an answer from it with both clients; none of the
@@ -7,18 +9,19 @@ blocked modules may end up loaded.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import grpc
 import pytest
 
 from protos.tandem.v1 import common_pb2, orchestrator_pb2
+import tandem_sdk
 from tandem_sdk import _convert
-from tandem_sdk._calls import RetryPolicy
+from tandem_sdk._retry import RetryPolicy, channel_options
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = ("torch", "transformers", "onnxruntime", "onnxruntime_genai", "ray", "numpy", "aiohttp")
@@ -164,15 +167,33 @@ def test_document_privacy_and_ids_are_checked() -> None:
     assert (doc.privacy, doc.kind) == ("private", "document")
 
 
-def test_retry_policy_retries_only_unavailable_within_bounds() -> None:
+def test_retry_policy_is_a_service_config_for_the_orchestrator_service() -> None:
     policy = RetryPolicy(retries=2, backoff_s=0.1, max_backoff_s=0.15)
-    far = float("inf")
-    assert policy.delay_s(1, grpc.StatusCode.INVALID_ARGUMENT, far) is None
-    first = policy.delay_s(1, grpc.StatusCode.UNAVAILABLE, far)
-    second = policy.delay_s(2, grpc.StatusCode.UNAVAILABLE, far)
-    assert first is not None and 0.05 <= first <= 0.1
-    assert second is not None and 0.075 <= second <= 0.15  # doubled, then capped
-    assert policy.delay_s(3, grpc.StatusCode.UNAVAILABLE, far) is None  # out of retries
-    assert policy.delay_s(1, grpc.StatusCode.UNAVAILABLE, 0.0) is None  # past the deadline
-    with pytest.raises(ValueError, match="^retries"):
-        RetryPolicy(retries=-1)
+    config = json.loads(policy.service_config())
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "tandem.v1.Orchestrator"}]
+    assert orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name == "tandem.v1.Orchestrator"
+    assert method["retryPolicy"] == {
+        "maxAttempts": 3, "initialBackoff": "0.100000000s", "maxBackoff": "0.150000000s",
+        "backoffMultiplier": 2.0, "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    assert "retryPolicy" not in json.loads(RetryPolicy(retries=0).service_config())["methodConfig"][0]
+    options = dict(channel_options(policy, [("grpc.max_receive_message_length", 1 << 20)]))
+    assert options["grpc.enable_retries"] == 1 and options["grpc.service_config"] == policy.service_config()
+    assert options["grpc.max_receive_message_length"] == 1 << 20
+    assert dict(channel_options(policy, [("grpc.enable_retries", 0)]))["grpc.enable_retries"] == 0  # caller wins
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"retries": -1}, "retries"),
+    ({"retries": 5}, "retries"),  # gRPC caps maxAttempts at 5
+    ({"retries": 1.5}, "retries"),
+    ({"backoff_s": 0}, "backoff_s"),
+    ({"backoff_s": 0.5, "max_backoff_s": 0.1}, "max_backoff_s"),
+    ({"max_backoff_s": float("inf")}, "max_backoff_s"),
+])
+def test_retry_arguments_are_checked(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match="^" + name + ":"):
+        RetryPolicy(**kwargs)
+    with pytest.raises(ValueError, match="^" + name + ":"):
+        tandem_sdk.Client("127.0.0.1:1", **kwargs)
