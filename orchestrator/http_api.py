@@ -1,7 +1,8 @@
 """The orchestrator's OpenAI-compatible HTTP endpoint (aiohttp): a thin adapter over the core.
 
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`,
-`POST /v1/completions`, streamed (server-sent events ending with `data: [DONE]`) or not.
+`POST /v1/completions`, streamed (server-sent events ending with `data: [DONE]`) or not, and
+`GET /openapi.json`, the request schema generated from `openai_schema`'s pydantic models.
 
 Guarantees:
 - Every error is a JSON body in OpenAI's shape `{"error": {message, type, param, code}}`:
@@ -47,6 +48,7 @@ from orchestrator.openai_schema import (
     ParsedRequest,
     chunk_json,
     decode_body,
+    openapi_document,
     parse_request,
     response_json,
     usage_chunk_json,
@@ -191,6 +193,7 @@ def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20) -> w
     app.router.add_get("/v1/models/{model_id}", _get_model)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
+    app.router.add_get("/openapi.json", _openapi)
     return app
 
 
@@ -225,6 +228,10 @@ async def _get_model(request: web.Request) -> web.Response:
         raise ApiError(404, f"The model '{model_id}' does not exist", param="model",
                        code="model_not_found")
     return web.json_response(_model_json(model_id))
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:

@@ -1,33 +1,50 @@
 """OpenAI request validation and response building for the orchestrator's HTTP endpoint.
 
+The request schema is a set of pydantic models (`ChatCompletionRequest`, `CompletionRequest`,
+`ChatMessage`, `TandemOptions`...), validated in strict mode: no coercion, so a string is not a
+number, a bool is not an integer and 5.0 is not an integer; NaN and infinities are refused.
+
 Guarantees:
 - `parse_request` turns a decoded `/v1/chat/completions` or `/v1/completions` body into a
   `GenerateTextRequest`, or raises `ApiError` naming the offending field (`param`, dotted path
-  such as `messages[1].content` or `tandem.deadline_ms`). Nothing a client sends makes it raise
-  anything else.
+  such as `messages[1].content` or `tandem.deadline_ms`; the message starts with it). Nothing a
+  client sends makes it raise anything else. When several fields are wrong, the first one in the
+  schema's order is reported (`model` first, and an unknown model is 404 "model_not_found").
 - A parameter Tandem cannot honour (n > 1, tools, logprobs, penalties, JSON mode...) is refused
-  with 400 rather than silently ignored; fields with no effect on the text (user, metadata...)
-  are ignored.
+  with 400 rather than silently ignored; unknown fields (user, metadata...) are ignored, except
+  inside the `tandem` extension, where an unknown key is refused (it is most likely a typo).
 - Sampling follows OpenAI's defaults: temperature 1 when absent (0 = greedy), top_p absent = 1.
+  A JSON null means the same as an absent field.
 - The model id must be one of the core's; "tandem-local", "tandem-speculative" and
   "tandem-cloud" pin the route, "tandem" lets the policy decide (or `tandem.route` in the body).
 - The builders return plain dicts in OpenAI's response and chunk shapes, plus the `tandem`
-  extension holding the orchestrator's statistics.
+  extension holding the orchestrator's statistics; `openapi_document` describes the endpoint.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import models_json_schema
+from pydantic_core import PydanticCustomError
 
 from protos.tandem.v1 import common_pb2, orchestrator_pb2
 
 Kind = Literal["chat", "completion"]
 JsonObj = dict[str, Any]
-_E = TypeVar("_E")  # a proto enum
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when the field is absent
 MAX_STOP_SEQUENCES = 4
@@ -49,29 +66,6 @@ _ROUTES = {
 _PRIVACY_MODES = {
     "strict": orchestrator_pb2.PRIVACY_MODE_STRICT,
     "cloud_quality": orchestrator_pb2.PRIVACY_MODE_CLOUD_QUALITY,
-}
-_TANDEM_KEYS = (
-    "route", "privacy", "use_personal_context", "deadline_ms", "ttft_budget_ms", "category",
-    "context_chunks",
-)
-_ROLES = ("system", "user", "assistant")
-
-# Parameters that change the answer in ways Tandem does not implement: accepted only at the value
-# that means "off".
-_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda v: not v,
-    "functions": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"),
-    "function_call": lambda v: v in (None, "none"),
-    "logprobs": lambda v: v in (None, False, 0),
-    "top_logprobs": lambda v: v in (None, 0),
-    "logit_bias": lambda v: not v,
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "best_of": lambda v: v in (None, 1),
-    "echo": lambda v: v in (None, False),
-    "suffix": lambda v: v in (None, ""),
 }
 
 
@@ -125,216 +119,278 @@ def decode_body(raw: bytes) -> JsonObj:
     except (ValueError, RecursionError) as err:
         raise _bad(None, f"the request body is not valid JSON ({err})") from None
     if not isinstance(body, dict):
-        raise _bad(None, f"the request body must be a JSON object, not {_json_type(body)}")
+        raise _bad(None, "the request body must be a JSON object")
     return body
 
 
-def parse_request(body: JsonObj, kind: Kind, model_ids: list[str]) -> ParsedRequest:
-    model = _model(body, model_ids)
-    for name, is_off in _UNSUPPORTED.items():
-        if not is_off(body.get(name)):
-            raise _bad(name, "is not supported by Tandem")
-    n = _opt_int(body, "n", 0, _UINT32_MAX)
-    if n is not None and n != 1:
-        raise _bad("n", f"only n=1 is supported (got {n})")
-    stream = bool(_opt_bool(body, "stream"))
-    request = orchestrator_pb2.GenerateTextRequest(options=_options(body, model))
-    if kind == "chat":
-        request.messages.extend(_messages(body.get("messages")))
-    else:
-        request.prompt = _prompt(body.get("prompt"))
-    return ParsedRequest(
-        kind=kind,
-        model=model,
-        stream=stream,
-        include_usage=stream and _include_usage(body.get("stream_options")),
-        stop=_stop(body.get("stop")),
-        core_request=request,
+# --- the request schema ---
+
+_STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+UInt32 = Annotated[int, Field(ge=0, le=_UINT32_MAX)]
+TokenCount = Annotated[int, Field(ge=1, le=_UINT32_MAX)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+# Parameters that change the answer in ways Tandem does not implement: accepted only at the value
+# that means "off".
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "function_call": lambda v: v in (None, "none"),
+    "logprobs": lambda v: v in (None, False, 0),
+    "top_logprobs": lambda v: v in (None, 0),
+    "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "best_of": lambda v: v in (None, 1),
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: v in (None, ""),
+}
+_OFF_ONLY = Field(None, description="Not supported by Tandem: accepted only at its 'off' value.")
+
+
+def _text_parts(value: Any) -> Any:
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    if not isinstance(value, list):
+        raise PydanticCustomError("content_type", "must be a string or an array of text parts")
+    return value
+
+
+def _listed(value: Any) -> Any:
+    if value == "":
+        raise PydanticCustomError("string_too_short", "must not be empty")
+    return [value] if isinstance(value, str) else value
+
+
+def _single_prompt(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise PydanticCustomError("prompt_type", "must be a string or an array of one string")
+    return value
+
+
+class TextPart(BaseModel):
+    """One part of a message's content; Tandem reads text parts only."""
+
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") != "text":
+            raise PydanticCustomError("unsupported", "only parts of type 'text' are supported")
+        return data
+
+
+class ChatMessage(BaseModel):
+    """A chat message; "developer" is OpenAI's newer name for "system"."""
+
+    model_config = _STRICT
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Annotated[list[TextPart], BeforeValidator(
+        _text_parts, json_schema_input_type=str | list[TextPart])]
+
+    def to_proto(self) -> common_pb2.ChatMessage:
+        role = "system" if self.role == "developer" else self.role
+        return common_pb2.ChatMessage(role=role, content="\n".join(p.text for p in self.content))
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool | None = None
+
+
+class TandemOptions(BaseModel):
+    """The `tandem` extension object (the OpenAI client's `extra_body`)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    route: Literal["auto", "local", "speculative", "cloud"] | None = None
+    privacy: Literal["strict", "cloud_quality"] | None = None
+    use_personal_context: bool | None = None
+    deadline_ms: UInt32 | None = None
+    ttft_budget_ms: UInt32 | None = None
+    category: str | None = None
+    context_chunks: UInt32 | None = None
+
+
+class _RequestBase(BaseModel):
+    """The fields `/v1/chat/completions` and `/v1/completions` share."""
+
+    model_config = _STRICT
+    model: NonEmptyStr
+    tools: Any = _OFF_ONLY
+    functions: Any = _OFF_ONLY
+    tool_choice: Any = _OFF_ONLY
+    function_call: Any = _OFF_ONLY
+    logprobs: Any = _OFF_ONLY
+    top_logprobs: Any = _OFF_ONLY
+    logit_bias: Any = _OFF_ONLY
+    presence_penalty: Any = _OFF_ONLY
+    frequency_penalty: Any = _OFF_ONLY
+    response_format: Any = _OFF_ONLY
+    best_of: Any = _OFF_ONLY
+    echo: Any = _OFF_ONLY
+    suffix: Any = _OFF_ONLY
+    n: UInt32 | None = None
+    stream: bool | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=_UINT64_MAX)
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
+    tandem: TandemOptions | None = None
+    stop: Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES),
+                    BeforeValidator(_listed, json_schema_input_type=NonEmptyStr | Annotated[
+                        list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)])] | None = None
+    stream_options: StreamOptions | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str, info: ValidationInfo) -> str:
+        model_ids = (info.context or {}).get("model_ids")
+        if model_ids is not None and model not in model_ids:
+            raise PydanticCustomError(
+                "model_not_found", "The model '{model}' does not exist; available: {available}",
+                {"model": model, "available": ", ".join(model_ids)})
+        return model
+
+    @field_validator(*_UNSUPPORTED)
+    @classmethod
+    def _off(cls, value: Any, info: ValidationInfo) -> Any:
+        if not _UNSUPPORTED[info.field_name or ""](value):
+            raise PydanticCustomError("unsupported", "is not supported by Tandem")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise PydanticCustomError("unsupported", "only n=1 is supported")
+        return n
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_token_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        max_tokens = info.data.get("max_tokens")
+        if value is not None and max_tokens is not None and value != max_tokens:
+            raise PydanticCustomError("conflict", "differs from max_tokens; send one of them")
+        return value
+
+
+class ChatCompletionRequest(_RequestBase):
+    """The body of `POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(_RequestBase):
+    """The body of `POST /v1/completions`."""
+
+    prompt: Annotated[str, BeforeValidator(_single_prompt, json_schema_input_type=str | Annotated[
+        list[str], Field(min_length=1, max_length=1)])]
+
+
+def parse_request(body: JsonObj, kind: Kind, model_ids: Sequence[str]) -> ParsedRequest:
+    """Validates `body` against the schema for `kind` and builds the core's request."""
+    schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        req = schema.model_validate(body, context={"model_ids": list(model_ids)})
+    except ValidationError as err:
+        raise api_error(err) from None
+    core_request = orchestrator_pb2.GenerateTextRequest(options=_options(req))
+    if isinstance(req, ChatCompletionRequest):
+        core_request.messages.extend(m.to_proto() for m in req.messages)
+    elif isinstance(req, CompletionRequest):
+        core_request.prompt = req.prompt
+    stream = bool(req.stream)
+    usage = req.stream_options is not None and bool(req.stream_options.include_usage)
+    return ParsedRequest(kind=kind, model=req.model, stream=stream,
+                         include_usage=stream and usage, stop=tuple(req.stop or ()),
+                         core_request=core_request)
+
+
+def api_error(err: ValidationError) -> ApiError:
+    """The first error of `err` in OpenAI's shape, `param` naming the field."""
+    first = err.errors(include_url=False)[0]
+    param = _param(first["loc"])
+    if first["type"] == "model_not_found":
+        return ApiError(404, first["msg"], param=param, code="model_not_found")
+    message = "Input should be an object" if first["type"] == "model_type" else first["msg"]
+    return _bad(param, message + _got(first["type"], first.get("input")))
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """("messages", 0, "content") -> "messages[0].content"."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or None
+
+
+def _got(kind: str, value: Any) -> str:
+    """" (got 3.0)" for a short scalar value that was refused."""
+    short = (isinstance(value, str) and len(value) <= 40) or isinstance(value, (bool, float)) or (
+        isinstance(value, int) and abs(value) < 10**20)
+    if kind in ("missing", "extra_forbidden") or not short:
+        return ""
+    return f" (got {json.dumps(value)})"
+
+
+def _options(req: _RequestBase) -> orchestrator_pb2.GenerateOptions:
+    ext = req.tandem or TandemOptions()
+    return orchestrator_pb2.GenerateOptions(
+        sampling=_sampling(req),
+        max_new_tokens=req.max_completion_tokens or req.max_tokens or 0,
+        route=_route(ext, req.model),
+        privacy=_PRIVACY_MODES[ext.privacy or "strict"],
+        use_personal_context=bool(ext.use_personal_context),
+        deadline_ms=ext.deadline_ms or 0,
+        ttft_budget_ms=ext.ttft_budget_ms or 0,
+        context_chunks=ext.context_chunks or 0,
+        category=ext.category or "",
     )
 
 
-def _model(body: JsonObj, model_ids: list[str]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("model", "is required and must be a string")
-    if model not in model_ids:
-        raise ApiError(
-            404,
-            f"The model '{model}' does not exist; available: {', '.join(model_ids)}",
-            param="model",
-            code="model_not_found",
-        )
-    return model
-
-
-def _options(body: JsonObj, model: str) -> orchestrator_pb2.GenerateOptions:
-    options = orchestrator_pb2.GenerateOptions(sampling=_sampling(body))
-    max_tokens = _opt_int(body, "max_tokens", 1, _UINT32_MAX)
-    max_completion = _opt_int(body, "max_completion_tokens", 1, _UINT32_MAX)
-    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
-        raise _bad("max_completion_tokens", "differs from max_tokens; send one of them")
-    options.max_new_tokens = max_completion or max_tokens or 0
-    ext = body.get("tandem")
-    if ext is None:
-        ext = {}
-    if not isinstance(ext, dict):
-        raise _bad("tandem", f"must be an object, not {_json_type(ext)}")
-    for key in ext:
-        if key not in _TANDEM_KEYS:
-            raise _bad(f"tandem.{key}", f"unknown option; known: {', '.join(_TANDEM_KEYS)}")
-    options.route = _route(ext, model)
-    privacy = _opt_choice(ext, "privacy", _PRIVACY_MODES, "tandem.")
-    options.privacy = privacy if privacy is not None else orchestrator_pb2.PRIVACY_MODE_STRICT
-    options.use_personal_context = bool(_opt_bool(ext, "use_personal_context", "tandem."))
-    options.deadline_ms = _opt_int(ext, "deadline_ms", 0, _UINT32_MAX, "tandem.") or 0
-    options.ttft_budget_ms = _opt_int(ext, "ttft_budget_ms", 0, _UINT32_MAX, "tandem.") or 0
-    options.context_chunks = _opt_int(ext, "context_chunks", 0, _UINT32_MAX, "tandem.") or 0
-    options.category = _opt_str(ext, "category", "tandem.") or ""
-    return options
-
-
-def _route(ext: JsonObj, model: str) -> orchestrator_pb2.Route:
+def _route(ext: TandemOptions, model: str) -> orchestrator_pb2.Route:
     pinned = MODEL_ROUTES.get(model, orchestrator_pb2.ROUTE_AUTO)
-    asked = _opt_choice(ext, "route", _ROUTES, "tandem.")
-    if asked is None:
+    if ext.route is None:
         return pinned
+    asked = _ROUTES[ext.route]
     if pinned != orchestrator_pb2.ROUTE_AUTO and asked != pinned:
         raise _bad("tandem.route", f"conflicts with model '{model}', which pins its own route")
     return asked
 
 
-def _sampling(body: JsonObj) -> common_pb2.SamplingParams:
-    temperature = _opt_number(body, "temperature", 0.0, 2.0)
-    sampling = common_pb2.SamplingParams(
-        temperature=DEFAULT_TEMPERATURE if temperature is None else temperature
-    )
-    top_p = _opt_number(body, "top_p", 0.0, 1.0)
-    if top_p is not None:
-        if top_p <= 0.0:
-            raise _bad("top_p", "must be in (0, 1]")
-        sampling.top_p = top_p
-    seed = _opt_int(body, "seed", 0, _UINT64_MAX)
-    if seed is not None:
-        sampling.seed = seed
+def _sampling(req: _RequestBase) -> common_pb2.SamplingParams:
+    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    sampling = common_pb2.SamplingParams(temperature=temperature)
+    if req.top_p is not None:
+        sampling.top_p = req.top_p
+    if req.seed is not None:
+        sampling.seed = req.seed
     return sampling
 
 
-def _messages(value: Any) -> list[common_pb2.ChatMessage]:
-    if not isinstance(value, list) or not value:
-        raise _bad("messages", "is required and must be a non-empty array")
-    out = []
-    for i, message in enumerate(value):
-        path = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _bad(path, f"must be an object, not {_json_type(message)}")
-        role = message.get("role")
-        role = "system" if role == "developer" else role
-        if role not in _ROLES:
-            raise _bad(f"{path}.role", f"must be one of {', '.join(_ROLES)} (got {role!r})")
-        content = _content_text(message.get("content"), f"{path}.content")
-        out.append(common_pb2.ChatMessage(role=role, content=content))
-    return out
-
-
-def _content_text(content: Any, path: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise _bad(path, "must be a string or an array of text parts")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text":
-            raise _bad(f"{path}[{j}]", "only parts of type 'text' are supported")
-        if not isinstance(part.get("text"), str):
-            raise _bad(f"{path}[{j}].text", "must be a string")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def _prompt(value: Any) -> str:
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, str):
-        raise _bad("prompt", "must be a string or an array of one string")
-    return value
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise _bad("stop", "must be a non-empty string or an array of non-empty strings")
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise _bad("stop", f"at most {MAX_STOP_SEQUENCES} sequences")
-    return tuple(stops)
-
-
-def _include_usage(value: Any) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, dict):
-        raise _bad("stream_options", f"must be an object, not {_json_type(value)}")
-    return bool(_opt_bool(value, "include_usage", "stream_options."))
-
-
-# --- typed field readers: None when absent or null, ApiError(400) when of the wrong type ---
-
-
-def _opt_int(obj: JsonObj, key: str, lo: int, hi: int, prefix: str = "") -> int | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(prefix + key, f"must be an integer, not {_json_type(value)}")
-    if not lo <= value <= hi:
-        raise _bad(prefix + key, f"must be in [{lo}, {hi}] (got {value})")
-    return value
-
-
-def _opt_number(obj: JsonObj, key: str, lo: float, hi: float) -> float | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(key, f"must be a number, not {_json_type(value)}")
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise _bad(key, f"must be in [{lo:g}, {hi:g}] (got {value})")
-    return float(value)
-
-
-def _opt_bool(obj: JsonObj, key: str, prefix: str = "") -> bool | None:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise _bad(prefix + key, f"must be a boolean, not {_json_type(value)}")
-    return value
-
-
-def _opt_str(obj: JsonObj, key: str, prefix: str = "") -> str | None:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, str):
-        raise _bad(prefix + key, f"must be a string, not {_json_type(value)}")
-    return value
-
-
-def _opt_choice(obj: JsonObj, key: str, choices: Mapping[str, _E], prefix: str) -> _E | None:
-    value = _opt_str(obj, key, prefix)
-    if value is None:
-        return None
-    if value not in choices:
-        raise _bad(prefix + key, f"must be one of {', '.join(choices)} (got {value!r})")
-    return choices[value]
-
-
-def _json_type(value: Any) -> str:
-    for py, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
-                     (list, "array"), (dict, "object")):
-        if isinstance(value, py):
-            return name
-    return "null" if value is None else type(value).__name__
-
-
 # --- responses ---
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: OpenAI's shape."""
+
+    error: ErrorDetail
 
 
 @dataclass(frozen=True)
@@ -348,6 +404,7 @@ class Envelope:
 
 
 def error_json(message: str, type: str, param: str | None, code: str | None) -> JsonObj:
+    """An error body; `ErrorResponse` documents this shape (a test keeps the two together)."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -392,3 +449,30 @@ def usage_chunk_json(env: Envelope, usage: JsonObj) -> JsonObj:
     obj = "chat.completion.chunk" if env.kind == "chat" else "text_completion"
     return {"id": env.id, "object": obj, "created": env.created, "model": env.model,
             "choices": [], "usage": usage}
+
+
+def openapi_document() -> JsonObj:
+    """An OpenAPI 3.1 document for the endpoint, its schemas generated from the models above."""
+    _, defs = models_json_schema(
+        [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation"),
+         (ErrorResponse, "serialization")], ref_template="#/components/schemas/{model}")
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+    def post(schema: str, summary: str) -> JsonObj:
+        body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+        return {"post": {"summary": summary, "requestBody": {"required": True, "content": body},
+                         "responses": {
+                             "200": {"description": "the answer; server-sent events if stream"},
+                             "400": {"description": "invalid request; param names the field",
+                                     **error},
+                             "404": {"description": "unknown model", **error}}}}
+
+    listed = {"200": {"description": "the models the core serves"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Tandem OpenAI-compatible API", "version": "1"},
+        "paths": {"/v1/chat/completions": post("ChatCompletionRequest", "Chat completion"),
+                  "/v1/completions": post("CompletionRequest", "Text completion"),
+                  "/v1/models": {"get": {"summary": "List models", "responses": listed}}},
+        "components": {"schemas": defs["$defs"]},
+    }

@@ -246,6 +246,22 @@ def test_extra_body_tandem_options_reach_fake_core(server: Server) -> None:
     assert (opts.deadline_ms, opts.ttft_budget_ms) == (5000, 300)
 
 
+def test_openapi_json_describes_the_endpoint_fake_core(server: Server) -> None:
+    status, doc = server.raw("GET", "/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.")
+    schemas = doc["components"]["schemas"]
+    for path, name in (("/v1/chat/completions", "ChatCompletionRequest"),
+                       ("/v1/completions", "CompletionRequest")):
+        post = doc["paths"][path]["post"]
+        body = post["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{name}"} and "model" in schemas[name]["required"]
+        assert set(post["responses"]) >= {"200", "400", "404"}
+    assert schemas["ChatCompletionRequest"]["properties"]["temperature"]["anyOf"][0]["maximum"] == 2
+    assert set(schemas["ErrorResponse"]["properties"]) == {"error"}
+    assert set(schemas["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+    assert server.core.requests == []
+
+
 @pytest.mark.parametrize(("kwargs", "param"), [
     ({"temperature": 3.0}, "temperature"),
     ({"temperature": "hot"}, "temperature"),

@@ -1,0 +1,322 @@
+"""The OpenAI request schema (`orchestrator.openai_schema`), without a server.
+
+Every refusal must be an `ApiError` with status 400, type "invalid_request_error", code None,
+and `param` naming the field in the endpoint's format (`messages[0].content[1].text`); the
+message starts with that param. Accepted bodies must reach the core's request unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from orchestrator.openai_schema import (
+    ApiError,
+    ChatCompletionRequest,
+    ErrorResponse,
+    decode_body,
+    error_json,
+    openapi_document,
+    parse_request,
+)
+from protos.tandem.v1 import orchestrator_pb2
+
+MODELS = ["tandem", "tandem-local", "tandem-speculative", "tandem-cloud"]
+UINT32_MAX = (1 << 32) - 1
+UINT64_MAX = (1 << 64) - 1
+
+
+def _chat(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "tandem", "messages": [{"role": "user", "content": "hi"}]}
+    body.update(fields)
+    return body
+
+
+def _tandem(**options: Any) -> dict[str, Any]:
+    return _chat(tandem=options)
+
+
+def _refused(body: dict[str, Any], kind: str = "chat") -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse_request(body, kind, MODELS)  # type: ignore[arg-type]
+    return info.value
+
+
+def _assert_400(body: dict[str, Any], param: str | None, kind: str = "chat") -> ApiError:
+    err = _refused(body, kind)
+    assert (err.status, err.param, err.type, err.code) == (400, param, "invalid_request_error", None)
+    if param is not None:
+        assert err.message.startswith(f"{param}: "), err.message
+    assert err.to_json() == {"error": {"message": err.message, "type": "invalid_request_error",
+                                       "param": param, "code": None}}
+    assert ErrorResponse.model_validate(err.to_json()).model_dump() == err.to_json()
+    return err
+
+
+WRONG_TYPES = [
+    (_chat(model=5), "model"),
+    (_chat(temperature="1"), "temperature"),
+    (_chat(temperature=True), "temperature"),
+    (_chat(top_p=[0.5]), "top_p"),
+    (_chat(max_tokens=1.5), "max_tokens"),
+    (_chat(max_tokens=8.0), "max_tokens"),
+    (_chat(max_tokens=True), "max_tokens"),
+    (_chat(max_completion_tokens="8"), "max_completion_tokens"),
+    (_chat(seed=1.0), "seed"),
+    (_chat(n=True), "n"),
+    (_chat(stream="yes"), "stream"),
+    (_chat(stream=1), "stream"),
+    (_chat(stream_options=True), "stream_options"),
+    (_chat(stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
+    (_chat(stop=5), "stop"),
+    (_chat(stop=["a", 3]), "stop[1]"),
+    (_chat(messages="hi"), "messages"),
+    (_chat(messages=None), "messages"),
+    (_chat(messages=[{"role": "user", "content": "a"}, "b"]), "messages[1]"),
+    (_chat(messages=[{"role": 3, "content": "a"}]), "messages[0].role"),
+    (_chat(messages=[{"role": "tool", "content": "a"}]), "messages[0].role"),
+    (_chat(messages=[{"content": "a"}]), "messages[0].role"),
+    (_chat(messages=[{"role": "user"}]), "messages[0].content"),
+    (_chat(messages=[{"role": "user", "content": 3}]), "messages[0].content"),
+    (_chat(messages=[{"role": "user", "content": None}]), "messages[0].content"),
+    (_chat(messages=[{"role": "user", "content": ["a"]}]), "messages[0].content[0]"),
+    (_chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                  {"type": "image_url"}]}]),
+     "messages[0].content[1]"),
+    (_chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+     "messages[0].content[0].text"),
+    (_chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+     "messages[0].content[0].text"),
+    (_chat(tandem=[]), "tandem"),
+    (_chat(tandem="cloud"), "tandem"),
+    (_tandem(route=1), "tandem.route"),
+    (_tandem(route="edge"), "tandem.route"),
+    (_tandem(privacy="public"), "tandem.privacy"),
+    (_tandem(use_personal_context=1), "tandem.use_personal_context"),
+    (_tandem(deadline_ms="5000"), "tandem.deadline_ms"),
+    (_tandem(deadline_ms=True), "tandem.deadline_ms"),
+    (_tandem(ttft_budget_ms=1.5), "tandem.ttft_budget_ms"),
+    (_tandem(context_chunks=[]), "tandem.context_chunks"),
+    (_tandem(category=3), "tandem.category"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), WRONG_TYPES)
+def test_wrong_types_are_refused_naming_the_field(body: dict[str, Any], param: str) -> None:
+    _assert_400(body, param)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_nan_and_infinities_are_refused(field: str, value: float) -> None:
+    err = _assert_400(_chat(**{field: value}), field)
+    assert "finite" in err.message
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (_chat(temperature=-0.1), "temperature"),
+    (_chat(temperature=2.01), "temperature"),
+    (_chat(temperature=10 ** 400), "temperature"),
+    (_chat(top_p=0.0), "top_p"),
+    (_chat(top_p=1.5), "top_p"),
+    (_chat(max_tokens=0), "max_tokens"),
+    (_chat(max_tokens=UINT32_MAX + 1), "max_tokens"),
+    (_chat(max_completion_tokens=0), "max_completion_tokens"),
+    (_chat(max_tokens=8, max_completion_tokens=9), "max_completion_tokens"),
+    (_chat(seed=-1), "seed"),
+    (_chat(seed=UINT64_MAX + 1), "seed"),
+    (_chat(n=0), "n"),
+    (_chat(n=2), "n"),
+    (_chat(n=UINT32_MAX + 1), "n"),
+    (_tandem(deadline_ms=-1), "tandem.deadline_ms"),
+    (_tandem(ttft_budget_ms=UINT32_MAX + 1), "tandem.ttft_budget_ms"),
+    (_tandem(context_chunks=-3), "tandem.context_chunks"),
+])
+def test_out_of_range_values_are_refused(body: dict[str, Any], param: str) -> None:
+    _assert_400(body, param)
+
+
+def test_range_boundaries_are_accepted() -> None:
+    parsed = parse_request(_chat(temperature=2, top_p=1, seed=UINT64_MAX, n=1,
+                                 max_tokens=UINT32_MAX, max_completion_tokens=UINT32_MAX,
+                                 tandem={"deadline_ms": 0, "context_chunks": UINT32_MAX}),
+                           "chat", MODELS)
+    opts = parsed.core_request.options
+    assert opts.sampling.temperature == 2.0 and opts.sampling.top_p == 1.0
+    assert opts.sampling.seed == UINT64_MAX and opts.max_new_tokens == UINT32_MAX
+    assert opts.deadline_ms == 0 and opts.context_chunks == UINT32_MAX
+    greedy = parse_request(_chat(temperature=0), "chat", MODELS).core_request.options.sampling
+    assert greedy.temperature == 0.0
+
+
+@pytest.mark.parametrize(("body", "param", "kind"), [
+    (_chat(model=""), "model", "chat"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "model", "chat"),
+    (_chat(messages=[]), "messages", "chat"),
+    ({"model": "tandem"}, "messages", "chat"),
+    (_chat(stop=""), "stop", "chat"),
+    (_chat(stop=["a", ""]), "stop[1]", "chat"),
+    ({"model": "tandem"}, "prompt", "completion"),
+    ({"model": "tandem", "prompt": []}, "prompt", "completion"),
+    ({"model": "tandem", "prompt": None}, "prompt", "completion"),
+    ({"model": "tandem", "prompt": ["a", "b"]}, "prompt", "completion"),
+    ({"model": "tandem", "prompt": [3]}, "prompt", "completion"),
+])
+def test_missing_or_empty_fields_are_refused(body: dict[str, Any], param: str, kind: str) -> None:
+    _assert_400(body, param, kind)
+
+
+def test_empty_text_is_accepted() -> None:
+    assert parse_request({"model": "tandem", "prompt": ""}, "completion", MODELS).core_request.prompt == ""
+    chat = parse_request(_chat(messages=[{"role": "user", "content": ""},
+                                         {"role": "user", "content": []}]), "chat", MODELS)
+    assert [m.content for m in chat.core_request.messages] == ["", ""]
+
+
+def test_huge_fields() -> None:
+    _assert_400(_chat(stop=["a", "b", "c", "d", "e"]), "stop")
+    text = "x" * (1 << 20)
+    parsed = parse_request(_chat(messages=[{"role": "user", "content": text}], stop=[text]),
+                           "chat", MODELS)
+    assert parsed.core_request.messages[0].content == text and parsed.stop == (text,)
+    err = _assert_400(_chat(temperature="9" * 1000), "temperature")
+    assert len(err.message) < 200  # a huge refused value is not echoed back
+    for field in ("seed", "temperature", "max_tokens"):
+        assert len(_assert_400(_chat(**{field: 10 ** 5000}), field).message) < 200
+    deep: Any = "leaf"
+    for _ in range(200):
+        deep = {"a": [deep]}
+    assert parse_request(_chat(metadata=deep), "chat", MODELS).model == "tandem"
+
+
+def test_unknown_fields_are_ignored_except_in_the_tandem_extension() -> None:
+    parsed = parse_request(_chat(
+        user="u1", metadata={"k": "v"}, store=False, future_param=[1, 2],
+        messages=[{"role": "user", "name": "bob", "content": [
+            {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}]}],
+        stream=True, stream_options={"include_usage": True, "include_obfuscation": False}),
+        "chat", MODELS)
+    assert parsed.core_request.messages[0].content == "a" and parsed.include_usage
+    err = _assert_400(_tandem(route="cloud", rout="cloud"), "tandem.rout")
+    assert "tandem.route" not in err.message
+
+
+@pytest.mark.parametrize(("field", "on", "off"), [
+    ("tools", [{"type": "function", "function": {"name": "f"}}], []),
+    ("functions", [{"name": "f"}], None),
+    ("tool_choice", "auto", "none"),
+    ("function_call", "auto", "none"),
+    ("logprobs", True, False),
+    ("top_logprobs", 3, 0),
+    ("logit_bias", {"50256": -100}, {}),
+    ("presence_penalty", 0.5, 0),
+    ("frequency_penalty", -1, 0.0),
+    ("response_format", {"type": "json_object"}, {"type": "text"}),
+    ("best_of", 2, 1),
+    ("echo", True, False),
+    ("suffix", "}", ""),
+])
+def test_unsupported_parameters_only_at_their_off_value(field: str, on: Any, off: Any) -> None:
+    err = _assert_400(_chat(**{field: on}), field)
+    assert "not supported" in err.message
+    assert parse_request(_chat(**{field: off}), "chat", MODELS).model == "tandem"
+
+
+def test_unknown_model_is_404_and_reported_before_other_errors() -> None:
+    err = _refused(_chat(model="gpt-4o", temperature=9, messages=[]))
+    assert (err.status, err.param, err.code) == (404, "model", "model_not_found")
+    assert "gpt-4o" in err.message and "tandem-cloud" in err.message
+
+
+def test_model_pins_the_route_and_a_conflicting_route_is_refused() -> None:
+    assert parse_request(_chat(model="tandem-local"), "chat", MODELS
+                         ).core_request.options.route == orchestrator_pb2.ROUTE_LOCAL
+    same = parse_request(_chat(model="tandem-cloud", tandem={"route": "cloud"}), "chat", MODELS)
+    assert same.core_request.options.route == orchestrator_pb2.ROUTE_CLOUD
+    asked = parse_request(_tandem(route="speculative"), "chat", MODELS)
+    assert asked.core_request.options.route == orchestrator_pb2.ROUTE_SPECULATIVE
+    err = _assert_400(_chat(model="tandem-local", tandem={"route": "cloud"}), "tandem.route")
+    assert "tandem-local" in err.message
+
+
+def test_accepted_chat_body_reaches_the_core_request() -> None:
+    parsed = parse_request(_chat(
+        messages=[{"role": "developer", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": "Say"},
+                                               {"type": "text", "text": "hi"}]},
+                  {"role": "assistant", "content": "Hi?"}],
+        max_tokens=16, max_completion_tokens=16, temperature=0.5, top_p=0.9, seed=7,
+        stop="END", stream=False, stream_options={"include_usage": True},
+        tandem={"privacy": "cloud_quality", "use_personal_context": True, "deadline_ms": 5000,
+                "ttft_budget_ms": 300, "category": "email", "context_chunks": 4}),
+        "chat", MODELS)
+    assert (parsed.kind, parsed.model, parsed.stream, parsed.stop) == ("chat", "tandem", False, ("END",))
+    assert not parsed.include_usage  # only a stream has a usage chunk
+    req = parsed.core_request
+    assert [(m.role, m.content) for m in req.messages] == [
+        ("system", "Be brief."), ("user", "Say\nhi"), ("assistant", "Hi?")]
+    opts = req.options
+    assert opts.max_new_tokens == 16 and opts.route == orchestrator_pb2.ROUTE_AUTO
+    assert opts.sampling.temperature == 0.5 and opts.sampling.top_p == pytest.approx(0.9)
+    assert opts.sampling.seed == 7 and opts.privacy == orchestrator_pb2.PRIVACY_MODE_CLOUD_QUALITY
+    assert opts.use_personal_context and opts.category == "email"
+    assert (opts.deadline_ms, opts.ttft_budget_ms, opts.context_chunks) == (5000, 300, 4)
+
+
+def test_null_means_absent() -> None:
+    parsed = parse_request(_chat(temperature=None, top_p=None, seed=None, n=None, stop=None,
+                                 max_tokens=None, stream=None, stream_options=None, tandem=None,
+                                 tools=None, logprobs=None), "chat", MODELS)
+    opts = parsed.core_request.options
+    assert opts.sampling.temperature == 1.0 and not opts.sampling.HasField("top_p")
+    assert not opts.sampling.HasField("seed") and opts.max_new_tokens == 0
+    assert opts.privacy == orchestrator_pb2.PRIVACY_MODE_STRICT and parsed.stop == ()
+    assert not parsed.stream and not parsed.include_usage
+
+
+def test_completion_prompt_as_a_string_or_an_array_of_one() -> None:
+    for prompt in ("def f():", ["def f():"]):
+        parsed = parse_request({"model": "tandem-speculative", "prompt": prompt, "stream": True,
+                                "stream_options": {"include_usage": True}}, "completion", MODELS)
+        assert parsed.core_request.prompt == "def f():" and not parsed.core_request.messages
+        assert parsed.include_usage and parsed.kind == "completion"
+        assert parsed.core_request.options.route == orchestrator_pb2.ROUTE_SPECULATIVE
+
+
+@pytest.mark.parametrize("raw", [b'{"model": NaN}', b'{"temperature": Infinity}', b"[]", b"\xff",
+                                 b"{", b"", b"null"])
+def test_decode_body_refuses_anything_but_a_json_object(raw: bytes) -> None:
+    with pytest.raises(ApiError) as info:
+        decode_body(raw)
+    assert (info.value.status, info.value.param, info.value.code) == (400, None, None)
+
+
+def test_openapi_document_is_generated_from_the_models() -> None:
+    doc = json.loads(json.dumps(openapi_document()))  # plain JSON
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["ChatCompletionRequest"]["properties"]) == set(
+        ChatCompletionRequest.model_fields)
+    assert schemas["ChatCompletionRequest"]["required"] == ["model", "messages"]
+    refs = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            refs.update([node["$ref"]] if "$ref" in node else [])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    assert refs and all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)
+    tandem = schemas["TandemOptions"]
+    assert tandem["additionalProperties"] is False
+    assert tandem["properties"]["deadline_ms"]["anyOf"][0]["maximum"] == UINT32_MAX
+
+
+def test_error_json_matches_the_documented_error_model() -> None:
+    body = error_json("busy", "rate_limit_error", None, "rate_limit_exceeded")
+    assert ErrorResponse.model_validate(body, strict=True).model_dump() == body
