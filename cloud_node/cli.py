@@ -15,7 +15,6 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -23,9 +22,12 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tandem.config import ConfigError, add_flags, load
+from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +35,26 @@ ENV_PREFIX = "TANDEM_CLOUD_"
 DTYPES = ("bf16", "fp32")
 
 
+def _f(default: Any, text: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": text, **extra})
+
+
 @dataclass(frozen=True)
 class CloudConfig:
     """Everything `tandem serve cloud` needs; one instance per process."""
 
-    model_dir: Path
-    address: str | None = None  # Ray cluster to join; None starts a local instance
-    port: int = 0  # gRPC port of Serve's proxy; 0 picks a free one
-    replicas: int = 1
-    replica_cpus: float = 1.0  # Ray CPUs reserved per replica
-    threads: int = 0  # torch threads per replica; 0 = the node's cores (Ray would pin 1)
-    dtype: str = "bf16"
-    max_sessions: int = 16
-    max_context: int = 4096
-    max_draft_len: int = 16
-    max_new_tokens: int = 4096
-    kv_budget_mb: int = 2048
+    model_dir: Path = field(metadata={"help": "target model folder (default: the fetched target)"})
+    address: str | None = _f(None, "Ray cluster to join (default: start a local instance)")
+    port: int = _f(0, "gRPC port of Serve's proxy; 0 picks a free one")
+    replicas: int = _f(1, "number of replicas")
+    replica_cpus: float = _f(1.0, "Ray CPUs reserved per replica")
+    threads: int = _f(0, "torch threads per replica; 0 = the node's cores (Ray would pin 1)")
+    dtype: str = _f("bf16", f"target weights dtype, one of {DTYPES}")
+    max_sessions: int = _f(16, "concurrent sessions per replica")
+    max_context: int = _f(MAX_CONTEXT, "prompt + generated tokens")
+    max_draft_len: int = _f(MAX_DRAFT_LEN, "drafts per round")
+    max_new_tokens: int = _f(MAX_NEW_TOKENS, "per request")
+    kv_budget_mb: int = _f(2048, "KV cache budget per replica")
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").exists():
@@ -66,6 +72,9 @@ class CloudConfig:
         for name in ("replicas", "max_sessions", "max_context", "max_draft_len", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name, most in (("max_draft_len", MAX_DRAFT_LEN), ("max_new_tokens", MAX_NEW_TOKENS)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name}: must be <= {most} (the protocol's limit), got {getattr(self, name)}")
 
     def limits(self) -> Any:  # -> cloud_node.verifier.Limits
         from cloud_node.verifier import Limits
@@ -75,49 +84,21 @@ class CloudConfig:
                       kv_budget_bytes=self.kv_budget_mb << 20)
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "model_dir": Path, "address": str, "port": int, "replicas": int, "replica_cpus": float, "threads": int, "dtype": str,
-    "max_sessions": int, "max_context": int, "max_draft_len": int, "max_new_tokens": int, "kv_budget_mb": int,
-}
-
-
 def config_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> CloudConfig:
-    """Flag > TANDEM_CLOUD_* > default. Raises ValueError naming the field or variable."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(CloudConfig):
-        flag = getattr(args, f.name, None)
-        env = environ.get(ENV_PREFIX + f.name.upper())
-        if flag is not None:
-            values[f.name] = flag
-        elif env:
-            try:
-                values[f.name] = _PARSERS[f.name](env)
-            except ValueError:
-                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: not a valid {f.name}: {env!r}") from None
-    if "model_dir" not in values:
-        from tandem.models import registry as models
+    """Flag > TANDEM_CLOUD_* > default (the fetched target for model_dir); raises ConfigError."""
+    if getattr(args, "model_dir", None) is None and not environ.get(ENV_PREFIX + "MODEL_DIR"):
+        from tandem.models import registry
 
-        values["model_dir"] = models.target_dir()
-    return CloudConfig(**values)
+        return load(CloudConfig, args, environ, env_prefix=ENV_PREFIX, model_dir=registry.target_dir())
+    return load(CloudConfig, args, environ, env_prefix=ENV_PREFIX)
 
 
 def add_cloud_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `cloud` subcommand (to `tandem serve` or `python -m cloud_node`)."""
     p = subparsers.add_parser("cloud", help="run the cloud verifier (target model) on Ray Serve over gRPC",
-                              description=f"Each flag falls back to {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT), "
+                              description=f"Each flag falls back to {ENV_PREFIX}<FIELD> (e.g. {ENV_PREFIX}PORT), "
                                           "then to its default.")
-    p.add_argument("--address", help="Ray cluster to join (default: start a local instance)")
-    p.add_argument("--port", type=int, help="gRPC port of Serve's proxy (default 0: a free port)")
-    p.add_argument("--replicas", type=int, help="number of replicas (default 1)")
-    p.add_argument("--replica-cpus", dest="replica_cpus", type=float, help="Ray CPUs per replica (default 1)")
-    p.add_argument("--threads", type=int, help="torch threads per replica (default 0: all cores)")
-    p.add_argument("--model-dir", dest="model_dir", type=Path, help="target model folder (default: the fetched target)")
-    p.add_argument("--dtype", choices=DTYPES, help="target weights dtype (default bf16)")
-    p.add_argument("--max-sessions", dest="max_sessions", type=int, help="concurrent sessions per replica (16)")
-    p.add_argument("--max-context", dest="max_context", type=int, help="prompt + generated tokens (4096)")
-    p.add_argument("--max-draft-len", dest="max_draft_len", type=int, help="drafts per round (16)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="per request (4096)")
-    p.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=int, help="KV cache budget per replica (2048)")
+    add_flags(p, CloudConfig, env_prefix=ENV_PREFIX)
     p.set_defaults(func=run)
     return p
 
@@ -129,12 +110,8 @@ def _free_port() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tandem.cli.main import CliError
-
-    try:
-        config = config_from(args)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    """Serve until SIGINT/SIGTERM; raises ConfigError for a bad setting."""
+    config = config_from(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s cloud %(levelname)s %(message)s", stream=sys.stderr)
     stop = threading.Event()
 
@@ -182,13 +159,11 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tandem.cli.main import CliError
-
     parser = argparse.ArgumentParser(prog="python -m cloud_node")
     add_cloud_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["cloud", *(argv if argv is not None else sys.argv[1:])])
     try:
         return int(args.func(args) or 0)
-    except CliError as exc:
+    except ConfigError as exc:
         print(f"cloud: error: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,8 @@ Guarantees:
 
 from __future__ import annotations
 
+import json
+
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
@@ -31,6 +33,32 @@ log = logging.getLogger(__name__)
 PREFILL_CHUNK = 16  # rows per prefill pass when the small-M kernel is installed (its max_rows)
 
 DTYPES = ("bf16", "fp32")
+
+
+def read_eos_ids(model_dir: str | Path) -> frozenset[int]:
+    """End-of-sequence ids from the model's generation_config.json (else config.json)."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return frozenset(eos if isinstance(eos, list) else [eos])
+    raise ValueError(f"no eos_token_id in {model_dir}")
+
+
+def encode_prompt(tokenizer: Any, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    """Chat messages go through the model's chat template; a plain prompt is encoded as is."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    if messages is not None:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    return [int(t) for t in ids]
 
 
 def torch_dtype(name: str):  # -> torch.dtype

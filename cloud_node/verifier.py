@@ -36,13 +36,9 @@ from cloud_node.session_store import (
     SessionStore,
     kv_bytes_per_token,
 )
-from tandem_core.loop import Draft, verify_round
-from tandem_core.sampling import (
-    VERIFIER_STREAM,
-    SamplingParams,
-    resolve_seed,
-    round_rng,
-)
+from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS
+from tandem_core.loop import Draft, target_round
+from tandem_core.sampling import SamplingParams, resolve_seed
 from tandem_core.verify import Verdict
 
 log = logging.getLogger(__name__)
@@ -63,9 +59,9 @@ class Limits:
     """Per-replica limits."""
 
     max_sessions: int = 16
-    max_context: int = 4096  # prompt + generated tokens; capped by the model's own context
-    max_draft_len: int = 16
-    max_new_tokens: int = 4096
+    max_context: int = MAX_CONTEXT  # prompt + generated tokens; capped by the model's own context
+    max_draft_len: int = MAX_DRAFT_LEN
+    max_new_tokens: int = MAX_NEW_TOKENS
     kv_budget_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
@@ -169,8 +165,7 @@ class VerifierCore:
         """Load the target, its tokenizer and EOS ids from a transformers folder."""
         from transformers import AutoTokenizer
 
-        from cloud_node.scorer import TargetModel
-        from tandem.pair import read_eos_ids
+        from cloud_node.scorer import TargetModel, read_eos_ids
 
         target = TargetModel(model_dir, dtype=dtype)
         try:
@@ -254,11 +249,8 @@ class VerifierCore:
                 prefill_ms = self._ensure_cache(record, len(draft.tokens))
                 t2 = time.perf_counter()
                 cache: Any = record.cache  # a local: close() may drop record.cache meanwhile
-                logits = cache.score(draft.tokens)
-                rng = round_rng(state.seed, VERIFIER_STREAM, position)
-                verdict = verify_round(draft, logits, state.params, rng, eos_ids=self.eos_ids,
-                                       remaining=remaining)
-                cache.commit(verdict.accepted, verdict.tokens)
+                verdict = target_round(cache, draft, state.params, seed=state.seed, position=position,
+                                       remaining=remaining, eos_ids=self.eos_ids)
             except BaseException:
                 record.cache = None  # never reuse a cache a failed pass may have left half-updated
                 raise
@@ -323,7 +315,7 @@ class VerifierCore:
             raise BadRequest("prompt_tokens: empty prompt (send prompt_tokens or messages)")
         if self.tokenizer is None:
             raise BadRequest("messages: this server has no tokenizer; send prompt_tokens")
-        from tandem.pair import encode_prompt
+        from cloud_node.scorer import encode_prompt
 
         try:
             ids = encode_prompt(self.tokenizer, messages=[{"role": r, "content": c} for r, c in spec.messages])

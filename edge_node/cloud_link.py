@@ -27,6 +27,8 @@ import grpc
 import numpy as np
 
 from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
+from tandem_core.link_health import backoff_delay
+from tandem_core.loop import Draft, SwitchCause, VerifierUnavailable
 from tandem_core.sampling import SamplingParams
 from tandem_core.verify import Verdict
 
@@ -40,8 +42,11 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 
 
-class LinkError(Exception):
-    """The stream broke, or a reply missed its deadline: resumable."""
+class LinkError(VerifierUnavailable):
+    """The stream broke, or a reply missed its deadline: resumable. `cause` says which."""
+
+    def __init__(self, message: str, cause: SwitchCause = SwitchCause.BROKEN_STREAM) -> None:
+        super().__init__(cause, message)
 
 
 class CloudRejected(Exception):
@@ -100,7 +105,9 @@ def _link_error(err: grpc.RpcError) -> Exception:
     """A broken stream is resumable (LinkError); a refusal is not (CloudRejected)."""
     code, details = err.code(), err.details() or ""
     if code in _RETRYABLE:
-        return LinkError(f"stream broke: {code.name} {details}")
+        refused = code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return LinkError(f"stream broke: {code.name} {details}",
+                         SwitchCause.CLOUD_REFUSED if refused else SwitchCause.BROKEN_STREAM)
     return CloudRejected(code, details)
 
 
@@ -120,7 +127,7 @@ class _Stream:
         try:
             item = self._responses.get(timeout=timeout_s)
         except queue.Empty:
-            raise LinkError(f"no reply within {timeout_s * 1000:.0f} ms") from None
+            raise LinkError(f"no reply within {timeout_s * 1000:.0f} ms", SwitchCause.LATE_VERDICT) from None
         if isinstance(item, grpc.RpcError):
             raise _link_error(item)
         if item is _END:
@@ -211,6 +218,10 @@ class CloudLink:
         return Verdict(accepted=v.accepted, tokens=tuple(v.tokens), finished=v.finished,
                        finish_reason=_FINISH.get(v.finish_reason))
 
+    @property
+    def is_open(self) -> bool:
+        return self._stream is not None
+
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
@@ -231,7 +242,8 @@ def _with_deadlines(call: Iterator[cloud_pb2.GenerateResponse], first_timeout_s:
             try:
                 item = replies.get(timeout=timeout)
             except queue.Empty:
-                raise LinkError(f"no reply within {timeout * 1000:.0f} ms") from None  # type: ignore[operator]
+                raise LinkError(f"no reply within {timeout * 1000:.0f} ms",  # type: ignore[operator]
+                                SwitchCause.LATE_VERDICT) from None
             if item is _END:
                 return
             if isinstance(item, grpc.RpcError):
@@ -274,7 +286,35 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
             raise LinkError("the stream ended before the answer finished")
         except LinkError as exc:
             if resumes >= max_resumes:
-                raise LinkError(f"cloud unreachable after {resumes} resumes: {exc}") from None
+                raise LinkError(f"cloud unreachable after {resumes} resumes: {exc}", exc.cause) from None
+            time.sleep(backoff_delay(resumes, backoff_s))
             resumes += 1
             log.info("cloud Generate stream broke (%s); resuming after %d tokens", exc, len(generated))
-            time.sleep(backoff_s * 2**resumes)
+
+
+class RemoteVerifier:
+    """A `tandem_core.loop.Verifier` in the cloud: each round over `link`, resumed on a break.
+
+    It keeps the committed tokens, so a broken stream re-opens with all of them and the same
+    round is re-sent, up to `max_resumes` times per request with `backoff_delay` between tries;
+    then the last `LinkError` (a `VerifierUnavailable` with its cause) propagates.
+    """
+
+    def __init__(self, link: CloudLink, *, max_resumes: int, backoff_s: float) -> None:
+        self.link, self.max_resumes, self.backoff_s = link, max_resumes, backoff_s
+        self.committed: list[int] = []
+
+    def verify(self, draft: Draft) -> Verdict:
+        if not self.link.is_open:
+            self.link.open(self.committed)
+        while True:
+            try:
+                verdict = self.link.verify(draft.tokens, draft.q)
+            except LinkError as exc:
+                if self.link.resumes >= self.max_resumes:
+                    raise LinkError(f"cloud unreachable after {self.link.resumes} resumes: {exc}", exc.cause) from None
+                time.sleep(backoff_delay(self.link.resumes, self.backoff_s))
+                self.link.resume(self.committed)
+                continue
+            self.committed.extend(verdict.tokens)
+            return verdict

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from edge_node.cloud_link import CloudLink, LinkError, cloud_generate
+from edge_node.cloud_link import CloudLink, LinkError, RemoteVerifier, cloud_generate
 from edge_node.drafter import DrafterModel, DrafterSession
-from tandem_core.loop import Draft
+from tandem.limits import MAX_DRAFT_LEN
+from tandem_core.loop import DraftLen, SwitchCause, VerifierUnavailable, speculative_generate
 from tandem_core.sampling import SamplingParams
-from tandem_core.stats import RequestStats, RoundStats
-from tandem_core.verify import Verdict
+from tandem_core.stats import RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ class Switch:
     at_token: int     # tokens committed before the switch
     from_route: str
     to_route: str
-    reason: str
+    reason: str       # for people
     at_ms: float      # since the request started
+    cause: SwitchCause
 
 
 @dataclass
@@ -103,11 +104,11 @@ def _continue_local(session: DrafterSession, eos_ids: frozenset[int], result: Ed
     result.finish_reason = "stop" if last in eos_ids else "length"
 
 
-def _fall_back(result: EdgeResult, clock: _Clock, exc: Exception) -> None:
-    log.warning("%s route: link failed after %d tokens (%s); continuing on the device",
-                result.route, len(result.tokens), exc)
+def _fall_back(result: EdgeResult, clock: _Clock, exc: VerifierUnavailable) -> None:
+    log.warning("%s route: link failed after %d tokens (%s: %s); continuing on the device",
+                result.route, len(result.tokens), exc.cause, exc)
     result.switches.append(Switch(len(result.tokens), result.route, "local", f"link failed: {exc}",
-                                  clock.elapsed_ms()))
+                                  clock.elapsed_ms(), exc.cause))
 
 
 def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: SamplingParams, seed: int, *,
@@ -121,39 +122,33 @@ def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: Sam
 
 
 def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Sequence[int], params: SamplingParams,
-                         seed: int, *, draft_len: int, max_new_tokens: int, on_tokens: OnTokens | None = None,
+                         seed: int, *, draft_len: DraftLen, max_new_tokens: int, on_tokens: OnTokens | None = None,
                          max_resumes: int = 3, backoff_s: float = 0.2, fallback_local: bool = False) -> EdgeResult:
-    """Speculative decoding with the cloud verifying over `link`."""
+    """Speculative decoding: `tandem_core.loop` with the cloud verifying over `link`.
+
+    Fallback wraps the loop: when the verifier gives up (`VerifierUnavailable`), the unsettled
+    draft is rolled back and the drafter goes on alone from the last committed token.
+    """
     clock, result = _Clock(), EdgeResult(route="speculative")
     session = drafter.new_session(prompt_ids, params, seed,
-                                  max_length=_max_length(prompt_ids, max_new_tokens, draft_len))
+                                  max_length=_max_length(prompt_ids, max_new_tokens, _longest(draft_len)))
+    verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s)
     try:
-        link.open()
-        while True:
-            k = min(draft_len, max_new_tokens - len(result.tokens) - 1)
-            draft = session.draft(k)
-            try:
-                verdict = _verify_with_resume(link, draft, result.tokens, 0 if fallback_local else max_resumes,
-                                              backoff_s)
-            except LinkError as exc:
-                if not fallback_local:
-                    raise
-                link.close()
-                session.rollback()
-                _fall_back(result, clock, exc)
-                _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
-                break
-            result.stats.add_round(RoundStats(drafted=len(draft.tokens), accepted=verdict.accepted,
-                                              emitted=len(verdict.tokens)))
+        for verdict in speculative_generate(session, verifier, draft_len=draft_len, max_new_tokens=max_new_tokens,
+                                            stats=result.stats):
             clock.mark_first()
             result.tokens.extend(verdict.tokens)
             result.verified_tokens += len(verdict.tokens)
+            result.finish_reason = verdict.finish_reason
             if on_tokens is not None:
                 on_tokens(verdict.tokens, "verified")
-            if verdict.finished:
-                result.finish_reason = verdict.finish_reason
-                break
-            session.commit(verdict.accepted, verdict.tokens)
+    except VerifierUnavailable as exc:
+        if not fallback_local:
+            raise
+        link.close()
+        session.rollback()
+        _fall_back(result, clock, exc)
+        _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
     finally:
         link.close()
         result.bytes_up, result.bytes_down, result.resumes = link.bytes_up, link.bytes_down, link.resumes
@@ -161,6 +156,10 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     # One target pass per round, plus the prefill of each (re)opened stream.
     result.stats.add_target_forwards(1 + result.resumes)
     return clock.finish(result)
+
+
+def _longest(draft_len: DraftLen) -> int:
+    return draft_len if isinstance(draft_len, int) else MAX_DRAFT_LEN
 
 
 def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Sequence[int], params: SamplingParams,
@@ -194,16 +193,3 @@ def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Seq
     result.stats.add_tokens(len(result.tokens))
     result.stats.add_target_forwards(result.verified_tokens)
     return clock.finish(result)
-
-
-def _verify_with_resume(link: CloudLink, draft: Draft, generated: list[int], max_resumes: int,
-                        backoff_s: float) -> Verdict:
-    """Verify one round; on a broken link, resume with the committed tokens and re-send it."""
-    while True:
-        try:
-            return link.verify(draft.tokens, draft.q)
-        except LinkError as exc:
-            if link.resumes >= max_resumes:
-                raise LinkError(f"cloud unreachable after {link.resumes} resumes: {exc}") from None
-            time.sleep(backoff_s * 2**link.resumes)
-            link.resume(generated)

@@ -27,20 +27,14 @@ from orchestrator.config import MAX_CONTEXT_CHUNKS, MAX_NEW_TOKENS, Orchestrator
 from orchestrator.errors import BadRequest, Busy, DeadlineExceeded, Unavailable
 from orchestrator.link_monitor import LinkMonitor
 from orchestrator.personal import Personal, citations
+from protos.enums import privacy_mode_from_proto, route_from_proto, route_to_edge_mode
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc, orchestrator_pb2 as opb
 from tandem_core.link_health import AcceptanceTracker, classify_prompt
-from tandem_core.routing import (PRIVACY_CLOUD_QUALITY, PRIVACY_STRICT, InvalidField, RouteCosts, RouteDecision,
-                                 RouteRequest, decide)
+from tandem_core.routing import InvalidField, Route, RouteCosts, RouteDecision, RouteRequest, decide
 from tandem_core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-_ROUTES = {opb.ROUTE_AUTO: None, opb.ROUTE_LOCAL: "local", opb.ROUTE_SPECULATIVE: "speculative",
-           opb.ROUTE_CLOUD: "cloud"}
-_PRIVACY = {opb.PRIVACY_MODE_UNSPECIFIED: PRIVACY_STRICT, opb.PRIVACY_MODE_STRICT: PRIVACY_STRICT,
-            opb.PRIVACY_MODE_CLOUD_QUALITY: PRIVACY_CLOUD_QUALITY}
-_EDGE_MODE = {"local": edge_pb2.EDGE_MODE_LOCAL, "speculative": edge_pb2.EDGE_MODE_SPECULATIVE,
-              "cloud": edge_pb2.EDGE_MODE_CLOUD}
 MODEL_IDS = {"tandem": None, "tandem-local": "local", "tandem-speculative": "speculative", "tandem-cloud": "cloud"}
 
 
@@ -92,10 +86,14 @@ class Orchestrator:
             raise BadRequest("prompt" if request.prompt else "messages",
                              f"longer than {self.config.max_prompt_chars} characters")
         o = request.options
-        if o.route not in _ROUTES:
-            raise BadRequest("options.route", f"unknown value {o.route}")
-        if o.privacy not in _PRIVACY:
-            raise BadRequest("options.privacy", f"unknown value {o.privacy}")
+        try:
+            route = route_from_proto(o.route)
+        except ValueError:
+            raise BadRequest("options.route", f"unknown value {o.route}") from None
+        try:
+            privacy = privacy_mode_from_proto(o.privacy)
+        except ValueError:
+            raise BadRequest("options.privacy", f"unknown value {o.privacy}") from None
         s = o.sampling
         try:
             SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p if s.HasField("top_p") else 1.0,
@@ -109,7 +107,7 @@ class Orchestrator:
         if len(o.category) > 64:
             raise BadRequest("options.category", "longer than 64 characters")
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        return _Parsed(messages, _ROUTES[o.route], _PRIVACY[o.privacy], s,
+        return _Parsed(messages, route, privacy, s,
                        o.max_new_tokens or self.config.default_max_new_tokens, o.context_chunks or self.config.context_chunks,
                        o.category or classify_prompt(last_user), o.deadline_ms / 1000 if o.deadline_ms else None)
 
@@ -169,7 +167,7 @@ class Orchestrator:
             yield opb.GenerateTextResponse(started=started)
             edge_req = edge_pb2.EdgeGenerateRequest(
                 messages=[common_pb2.ChatMessage(**m) for m in messages], sampling=p.sampling,
-                max_new_tokens=p.max_new_tokens, mode=_EDGE_MODE[decision.route], fallback_local=True,
+                max_new_tokens=p.max_new_tokens, mode=route_to_edge_mode(Route(decision.route)), fallback_local=True,
                 round_deadline_ms=self.config.round_deadline_ms,
                 open_deadline_ms=min(request.options.ttft_budget_ms or self.config.open_deadline_ms,
                                      self.config.open_deadline_ms))
@@ -213,7 +211,7 @@ class Orchestrator:
             # A broken stream says the link failed; a late reply may only be one slow round or a
             # tight per-request TTFT budget, and must not cut every request off the cloud. The
             # health probes (1 s timeout) catch a link that stays silent.
-            if switch.to_route == "local" and "no reply within" not in switch.reason:
+            if switch.to_route == "local" and switch.cause != common_pb2.SWITCH_CAUSE_LATE_VERDICT:
                 self.monitor.report_failure(switch.reason)
         if stats.switches or stats.generated_tokens < 8:
             return

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tandem_core.loop import Draft, speculative_generate
+from cloud_node.scorer import read_eos_ids
+from tandem_core.loop import Draft, TargetVerifier, speculative_generate
 from tandem_core.sampling import SamplingParams, resolve_seed
 from tandem_core.stats import RequestStats
 
@@ -70,37 +71,15 @@ class _MeteredDraft:
         with self.meter:
             self.inner.commit(accepted, tokens)
 
+    def rollback(self) -> None:
+        with self.meter:
+            self.inner.rollback()
+
 
 class _MeteredScore(_MeteredDraft):
     def score(self, draft_tokens: Sequence[int]) -> Any:
         with self.meter:
             return self.inner.score(draft_tokens)
-
-
-def read_eos_ids(model_dir: str | Path) -> frozenset[int]:
-    """End-of-sequence ids from the model's generation_config.json (else config.json)."""
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
-        if path.exists():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return frozenset(eos if isinstance(eos, list) else [eos])
-    raise ValueError(f"no eos_token_id in {model_dir}")
-
-
-def encode_prompt(tokenizer: Any, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-    """Chat messages go through the model's chat template; a plain prompt is encoded as is."""
-    if (prompt is None) == (messages is None):
-        raise ValueError("give exactly one of prompt or messages")
-    if messages is not None:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-    else:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens")
-    return [int(t) for t in ids]
 
 
 class _FirstTokenStreamer:
@@ -216,9 +195,11 @@ class LocalPair:
         with cloud:
             s = self.target.new_session(prompt_ids)
         stats.add_target_forwards(s.forwards)  # the prefill pass
-        chunks = speculative_generate(_MeteredDraft(d, edge), _MeteredScore(s, cloud), params, seed=seed,
-                                      start=len(prompt_ids), draft_len=draft_len, max_new_tokens=max_new_tokens,
-                                      eos_ids=self.eos_ids, stats=stats)
+        verifier = TargetVerifier(_MeteredScore(s, cloud), params, seed=seed, start=len(prompt_ids),
+                                  max_new_tokens=max_new_tokens, eos_ids=self.eos_ids)
+        rounds = speculative_generate(_MeteredDraft(d, edge), verifier, draft_len=draft_len,
+                                      max_new_tokens=max_new_tokens, stats=stats)
+        chunks = (verdict.tokens for verdict in rounds)
         tokens, first = _drain(chunks, on_tokens, single=False)
         wall = time.perf_counter() - t0
         return GenerationResult("tandem", tokens, first - t0, wall, edge.cpu_s, cloud.cpu_s, stats,

@@ -14,6 +14,8 @@ Guarantees:
   before it opened) are counted but change no state.
 - `AcceptanceTracker` keeps an exponentially weighted mean per key and one over all
   observations; values stay in [0, 1]; it forgets the least recently updated key past `max_keys`.
+- `backoff_delay(attempt, base_s)` is the one resume backoff of every stream the edge re-opens:
+  base_s * 2**attempt, capped at `cap_s`.
 - Bad arguments raise ValueError (TypeError for a wrong type) naming the argument.
 None of these classes lock: the caller serialises access (one owner, or its own lock).
 """
@@ -41,6 +43,14 @@ def _check_finite(name: str, value: float, low: float, high: float = math.inf) -
         bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be finite and {bounds}, got {value!r}")
     return float(value)
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float = 5.0) -> float:
+    """Seconds to wait before resume number `attempt` (0-based): exponential, capped."""
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    _check_finite("base_s", base_s, 0.0)
+    return min(base_s * 2.0**attempt, cap_s)
 
 
 class RttEstimator:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 
 from tandem_core.link_health import (  # noqa: F401 (category constants re-exported)
     CATEGORIES,
@@ -48,15 +49,27 @@ from tandem_core.link_health import (  # noqa: F401 (category constants re-expor
     CIRCUIT_STATES,
 )
 
-ROUTE_LOCAL = "local"
-ROUTE_SPECULATIVE = "speculative"
-ROUTE_CLOUD = "cloud"
-ROUTES = (ROUTE_LOCAL, ROUTE_SPECULATIVE, ROUTE_CLOUD)
-CLOUD_ROUTES = (ROUTE_SPECULATIVE, ROUTE_CLOUD)  # the routes that use the link (target quality)
+class Route(StrEnum):
+    """How an answer is generated."""
 
-PRIVACY_STRICT = "strict"
-PRIVACY_CLOUD_QUALITY = "cloud_quality"
-PRIVACY_MODES = (PRIVACY_STRICT, PRIVACY_CLOUD_QUALITY)
+    LOCAL = "local"              # the drafter alone, on the device
+    SPECULATIVE = "speculative"  # the device drafts, the cloud verifies
+    CLOUD = "cloud"              # the cloud's target alone
+
+
+class PrivacyMode(StrEnum):
+    """What a request allows to happen to private personal context."""
+
+    STRICT = "strict"                # private chunks retrieved -> the request stays on the device
+    CLOUD_QUALITY = "cloud_quality"  # private chunks are dropped so the request may use the cloud
+
+
+ROUTE_LOCAL, ROUTE_SPECULATIVE, ROUTE_CLOUD = Route.LOCAL, Route.SPECULATIVE, Route.CLOUD
+ROUTES = tuple(Route)
+CLOUD_ROUTES = (Route.SPECULATIVE, Route.CLOUD)  # the routes that use the link (target quality)
+
+PRIVACY_STRICT, PRIVACY_CLOUD_QUALITY = PrivacyMode.STRICT, PrivacyMode.CLOUD_QUALITY
+PRIVACY_MODES = tuple(PrivacyMode)
 
 
 class InvalidField(ValueError):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
@@ -44,6 +45,13 @@ from tandem_core.sampling import sample
 
 # How far a probability row's sum may drift from 1 (float32 rows over ~150k tokens stay within it).
 _SUM_TOLERANCE = 1e-4
+
+
+class FinishReason(StrEnum):
+    """Why an answer ended."""
+
+    STOP = "stop"      # an end-of-sequence token was committed
+    LENGTH = "length"  # the token budget (or the context window) was reached
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class Verdict:
     # after the first EOS and at the remaining budget. Length 1..k+1.
     tokens: tuple[int, ...]
     finished: bool  # the request is done (EOS emitted or budget reached)
-    finish_reason: str | None  # "stop" (EOS emitted), "length" (budget reached) or None
+    finish_reason: FinishReason | None  # None while the request goes on
 
 
 def finalize(accepted: int, proposed: Sequence[int], eos_ids: frozenset[int], remaining: int) -> Verdict:
@@ -71,15 +79,15 @@ def finalize(accepted: int, proposed: Sequence[int], eos_ids: frozenset[int], re
         raise ValueError(
             f"need 0 <= accepted <= len(proposed) and a non-empty proposal, got {accepted}, {tokens}"
         )
-    reason: str | None = None
+    reason: FinishReason | None = None
     for i, t in enumerate(tokens[:remaining]):
         if t in eos_ids:
-            tokens, reason = tokens[: i + 1], "stop"
+            tokens, reason = tokens[: i + 1], FinishReason.STOP
             break
     else:
         tokens = tokens[:remaining]
         if len(tokens) == remaining:
-            reason = "length"
+            reason = FinishReason.LENGTH
     return Verdict(
         accepted=min(accepted, len(tokens)),
         tokens=tokens,

@@ -83,7 +83,7 @@ def _prompts(kind: str, target: Path) -> list[tuple[str, list[int]]]:
     from transformers import AutoTokenizer
 
     from tandem.bench.main import default_prompts_path, load_prompts
-    from tandem.pair import encode_prompt
+    from cloud_node.scorer import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     return [(p.id, encode_prompt(tokenizer, p.prompt, p.messages)) for p in load_prompts(default_prompts_path())]

@@ -135,7 +135,8 @@ def _print_stats(n: int, tok_s: float, ttft_ms: float, acceptance: float, tau: f
 
 def _run_in_process(args: argparse.Namespace, params: Any) -> int:
     from tandem.models import registry as models
-    from tandem.pair import LocalPair, encode_prompt
+    from cloud_node.scorer import encode_prompt
+    from tandem.pair import LocalPair
 
     t0 = time.perf_counter()
     _say(f"loading the drafter (ONNX int4) and the target ({args.dtype}) in this process ...")

@@ -31,7 +31,7 @@ def fp32_pair():
     "Describe autumn in one sentence.",
 ])
 def test_greedy_speculative_equals_target_on_the_real_pair_fp32(fp32_pair, content: str) -> None:
-    from tandem.pair import encode_prompt
+    from cloud_node.scorer import encode_prompt
 
     ids = encode_prompt(fp32_pair.tokenizer, messages=[{"role": "user", "content": content}])
     target = fp32_pair.target_generate(ids, SamplingParams(), max_new_tokens=12)

@@ -7,7 +7,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge_node.drafter import DrafterModel
-from edge_node.server import EdgeSettings, create_server
+from edge_node.config import EdgeConfig
+from edge_node.servicer import create_server
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from tandem_core.sampling import SamplingParams
 
@@ -15,7 +16,7 @@ from tandem_core.sampling import SamplingParams
 @pytest.fixture(scope="module")
 def edge(tiny_models):
     drafter = DrafterModel(tiny_models.target_onnx)
-    server, port = create_server(drafter, EdgeSettings(cloud_address=None), "127.0.0.1:0")
+    server, port = create_server(drafter, EdgeConfig(cloud_address=None), "127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield drafter, channel

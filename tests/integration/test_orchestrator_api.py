@@ -41,7 +41,7 @@ def oai(stack):
                          timeout=60)
 
 
-def test_health_and_status(stack, client) -> None:
+def test_health_and_status(stack, client, tiny_models) -> None:
     with grpc.insecure_channel(stack.orchestrator.grpc_address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="tandem.v1.Orchestrator"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -49,7 +49,7 @@ def test_health_and_status(stack, client) -> None:
     assert s.link.state == "up" and s.link.circuit == "closed" and s.link.rtt_ms > 0
     assert s.edge_healthy
     roles = {m.role: m for m in s.models}
-    assert roles["drafter"].name == "tiny-drafter" and roles["drafter"].loaded
+    assert roles["drafter"].name == tiny_models.drafter_onnx.name and roles["drafter"].loaded
 
 
 @pytest.mark.parametrize("route", ["local", "speculative", "cloud"])

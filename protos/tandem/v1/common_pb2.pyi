@@ -12,9 +12,22 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+
+class SwitchCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SWITCH_CAUSE_UNSPECIFIED: _ClassVar[SwitchCause]
+    SWITCH_CAUSE_LATE_VERDICT: _ClassVar[SwitchCause]
+    SWITCH_CAUSE_BROKEN_STREAM: _ClassVar[SwitchCause]
+    SWITCH_CAUSE_CLOUD_REFUSED: _ClassVar[SwitchCause]
+    SWITCH_CAUSE_CONTEXT_FULL: _ClassVar[SwitchCause]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
+SWITCH_CAUSE_UNSPECIFIED: SwitchCause
+SWITCH_CAUSE_LATE_VERDICT: SwitchCause
+SWITCH_CAUSE_BROKEN_STREAM: SwitchCause
+SWITCH_CAUSE_CLOUD_REFUSED: SwitchCause
+SWITCH_CAUSE_CONTEXT_FULL: SwitchCause
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -85,15 +98,17 @@ class GenerationStats(_message.Message):
     def __init__(self, route: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., target_forwards: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_cpu_s: _Optional[float] = ..., resumes: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., local_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., switches: _Optional[_Iterable[_Union[RouteSwitch, _Mapping]]] = ...) -> None: ...
 
 class RouteSwitch(_message.Message):
-    __slots__ = ("at_token", "from_route", "to_route", "reason", "at_ms")
+    __slots__ = ("at_token", "from_route", "to_route", "reason", "at_ms", "cause")
     AT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FROM_ROUTE_FIELD_NUMBER: _ClassVar[int]
     TO_ROUTE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
     at_token: int
     from_route: str
     to_route: str
     reason: str
     at_ms: float
-    def __init__(self, at_token: _Optional[int] = ..., from_route: _Optional[str] = ..., to_route: _Optional[str] = ..., reason: _Optional[str] = ..., at_ms: _Optional[float] = ...) -> None: ...
+    cause: SwitchCause
+    def __init__(self, at_token: _Optional[int] = ..., from_route: _Optional[str] = ..., to_route: _Optional[str] = ..., reason: _Optional[str] = ..., at_ms: _Optional[float] = ..., cause: _Optional[_Union[SwitchCause, str]] = ...) -> None: ...

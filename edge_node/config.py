@@ -1,0 +1,51 @@
+"""The edge node's one frozen configuration (flags, `TANDEM_EDGE_*` variables, defaults).
+
+Guarantees: every value is validated in `__post_init__`; a bad one raises ValueError naming the
+field. `tandem.config.load` fills it from flag > environment > default, and the defaults are the
+shared ones of `tandem.limits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tandem.limits import (DEFAULT_DRAFT_LEN, MAX_CONCURRENT_GENERATIONS, MAX_DEADLINE_MS, MAX_DRAFT_LEN,
+                           OPEN_DEADLINE_MS, ROUND_DEADLINE_MS)
+
+ENV_PREFIX = "TANDEM_EDGE_"
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    cloud_address: str | None = field(default=None, metadata={
+        "flag": "--cloud", "help": "cloud verifier HOST:PORT (speculative and cloud routes)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
+    drafter: Path | None = field(default=None, metadata={"help": "ONNX drafter folder (default: the fetched one)"})
+    draft_len: int = field(default=DEFAULT_DRAFT_LEN, metadata={"help": "drafts per round"})
+    round_deadline_ms: int = field(default=ROUND_DEADLINE_MS, metadata={
+        "help": "a verdict later than this resumes the stream (or continues on the device)"})
+    open_deadline_ms: int = field(default=OPEN_DEADLINE_MS, metadata={
+        "help": "deadline for opening a cloud session, prefill included"})
+    max_concurrent: int = field(default=MAX_CONCURRENT_GENERATIONS, metadata={"help": "generations at once"})
+    max_resumes: int = field(default=3, metadata={"help": "cloud stream re-opens per request"})
+
+    def __post_init__(self) -> None:
+        if self.cloud_address is not None and ":" not in self.cloud_address:
+            raise ValueError(f"cloud_address: must be HOST:PORT, got {self.cloud_address!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if not 1 <= self.draft_len <= MAX_DRAFT_LEN:
+            raise ValueError(f"draft_len: must be in [1, {MAX_DRAFT_LEN}], got {self.draft_len}")
+        for name in ("round_deadline_ms", "open_deadline_ms"):
+            if not 1 <= getattr(self, name) <= MAX_DEADLINE_MS:
+                raise ValueError(f"{name}: must be in [1, {MAX_DEADLINE_MS}], got {getattr(self, name)}")
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent: must be >= 1, got {self.max_concurrent}")
+        if self.max_resumes < 0:
+            raise ValueError(f"max_resumes: must be >= 0, got {self.max_resumes}")
+
+    @property
+    def drafter_name(self) -> str:
+        return self.drafter.name if self.drafter is not None else ""
