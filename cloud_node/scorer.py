@@ -17,12 +17,12 @@ Guarantees:
 
 from __future__ import annotations
 
-import json
-
 import contextlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 

@@ -10,8 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem.limits import (DEFAULT_DRAFT_LEN, MAX_CONCURRENT_GENERATIONS, MAX_DEADLINE_MS, MAX_DRAFT_LEN,
-                           OPEN_DEADLINE_MS, ROUND_DEADLINE_MS)
+from tandem.limits import (
+    DEFAULT_DRAFT_LEN,
+    MAX_CONCURRENT_GENERATIONS,
+    MAX_DEADLINE_MS,
+    MAX_DRAFT_LEN,
+    OPEN_DEADLINE_MS,
+    ROUND_DEADLINE_MS,
+)
 
 ENV_PREFIX = "TANDEM_EDGE_"
 

@@ -12,8 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.limits import (MAX_CONCURRENT_GENERATIONS, MAX_DEADLINE_MS, MAX_NEW_TOKENS, OPEN_DEADLINE_MS,
-                           ROUND_DEADLINE_MS)
+from tandem.limits import (
+    MAX_CONCURRENT_GENERATIONS,
+    MAX_DEADLINE_MS,
+    MAX_NEW_TOKENS,
+    OPEN_DEADLINE_MS,
+    ROUND_DEADLINE_MS,
+)
 
 ENV_PREFIX = "TANDEM_ORCH_"
 MAX_CONTEXT_CHUNKS = 16

@@ -28,7 +28,8 @@ from orchestrator.errors import BadRequest, Busy, DeadlineExceeded, Unavailable
 from orchestrator.link_monitor import LinkMonitor
 from orchestrator.personal import Personal, citations
 from protos.enums import privacy_mode_from_proto, route_from_proto, route_to_edge_mode
-from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc, orchestrator_pb2 as opb
+from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
+from protos.tandem.v1 import orchestrator_pb2 as opb
 from tandem_core.link_health import AcceptanceTracker, classify_prompt
 from tandem_core.routing import InvalidField, Route, RouteCosts, RouteDecision, RouteRequest, decide
 from tandem_core.sampling import SamplingParams

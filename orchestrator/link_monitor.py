@@ -87,7 +87,7 @@ class LinkMonitor:
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.timeout_s, wait_for_ready=False)
             ok = reply.status == health_pb2.HealthCheckResponse.SERVING
-        except (grpc.RpcError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, grpc.RpcError) as exc:
             ok = False
             log.debug("cloud probe failed: %s", exc)
         now = time.monotonic()

@@ -93,7 +93,7 @@ def _find_cut(text: str, pos: int, max_chars: int, overlap: int) -> tuple[int, i
     for pattern, after in ((_PARAGRAPH, False), (_LINE, False), (_SENTENCE, True),
                            (_SPACE, False)):
         last = None
-        for last in pattern.finditer(text, lo, hi + 1):
+        for last in pattern.finditer(text, lo, hi + 1):  # noqa: B007 - keeps the last match
             pass
         if last is not None:  # the latest boundary gives the longest trimmed chunk
             cut = _trim_end(text, last.end() if after else last.start())

@@ -44,7 +44,7 @@ async def _guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitab
     """Run a unary call; any error becomes its status (see `_abort`)."""
     try:
         return await call()
-    except Exception as exc:  # noqa: BLE001 - every error becomes a status
+    except Exception as exc:
         await _abort(context, exc)
         raise
 

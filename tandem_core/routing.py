@@ -49,6 +49,7 @@ from tandem_core.link_health import (  # noqa: F401 (category constants re-expor
     CIRCUIT_STATES,
 )
 
+
 class Route(StrEnum):
     """How an answer is generated."""
 
@@ -198,7 +199,7 @@ class RouteDecision:
     route: str  # "local", "speculative" or "cloud"
     reason: str  # one human-readable sentence, starting with the route
     drop_private: bool  # the caller must withhold private chunks (cloud route, cloud_quality)
-    estimates: dict[str, RouteEstimate]  # route -> prediction, for every route weighed
+    estimates: dict[Route, RouteEstimate]  # route -> prediction, for every route weighed
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON types only."""
@@ -227,7 +228,7 @@ def _estimate(ttft_ms: float, rate: float, max_new_tokens: int) -> RouteEstimate
 
 def estimate_routes(
     req: RouteRequest, rtt_ms: float, acceptance: float, costs: RouteCosts
-) -> dict[str, RouteEstimate]:
+) -> dict[Route, RouteEstimate]:
     """TTFT, rate and finish time of each route under the speed model (module docstring)."""
     device_prefill = 1000.0 * req.prompt_tokens / costs.device_prefill_tps
     cloud_prefill = 1000.0 * req.prompt_tokens / costs.cloud_prefill_tps
@@ -276,7 +277,7 @@ def decide(req: RouteRequest, link: LinkView, costs: RouteCosts) -> RouteDecisio
     estimates = estimate_routes(req, rtt_ms, acceptance, costs)
     context = f"link up ({_rtt_text(link, costs)}), {_acceptance_text(req, acceptance)}"
     if req.override is not None:
-        est = estimates[req.override]
+        est = estimates[Route(req.override)]
         why = f"requested by the client; {context}; est. {_speed(est)}"
         if not meets_budget(req, est):
             why += f" (misses the {_missed_text(req, est)})"
@@ -285,7 +286,7 @@ def decide(req: RouteRequest, link: LinkView, costs: RouteCosts) -> RouteDecisio
     return _decision(req, route, why, estimates)
 
 
-def _choose(req: RouteRequest, est: dict[str, RouteEstimate], context: str) -> tuple[str, str]:
+def _choose(req: RouteRequest, est: dict[Route, RouteEstimate], context: str) -> tuple[str, str]:
     """Rule 4 over the estimates of all three routes."""
     fitting = [r for r in CLOUD_ROUTES if meets_budget(req, est[r])]
     if fitting:
@@ -308,7 +309,7 @@ def _choose(req: RouteRequest, est: dict[str, RouteEstimate], context: str) -> t
 
 
 def _decision(
-    req: RouteRequest, route: str, why: str, estimates: dict[str, RouteEstimate]
+    req: RouteRequest, route: str, why: str, estimates: dict[Route, RouteEstimate]
 ) -> RouteDecision:
     drop = (
         req.private_context and req.privacy_mode == PRIVACY_CLOUD_QUALITY and route != ROUTE_LOCAL

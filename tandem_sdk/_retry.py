@@ -44,7 +44,7 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= MAX_RETRIES:
             raise ValueError(f"retries: must be an integer from 0 to {MAX_RETRIES} (got {self.retries!r})")
-        if not isinstance(self.backoff_s, (int, float)) or not 0 < self.backoff_s:
+        if not isinstance(self.backoff_s, (int, float)) or not self.backoff_s > 0:
             raise ValueError(f"backoff_s: must be a number of seconds > 0 (got {self.backoff_s!r})")
         if not isinstance(self.max_backoff_s, (int, float)) or not self.backoff_s <= self.max_backoff_s < float("inf"):
             raise ValueError(f"max_backoff_s: must be a finite number >= backoff_s (got {self.max_backoff_s!r})")

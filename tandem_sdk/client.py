@@ -65,7 +65,7 @@ class Generation(GenerationBase):
 
     def _next_message(self) -> orchestrator_pb2.GenerateTextResponse | None:
         try:
-            return next(self._stream())  # type: ignore[no-any-return]
+            return next(self._stream())
         except StopIteration:
             return None
         except grpc.RpcError as err:

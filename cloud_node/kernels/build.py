@@ -42,7 +42,7 @@ def cpu_supported() -> bool:
         return False
     for line in text.splitlines():
         if line.startswith("flags"):
-            return REQUIRED_CPU_FLAGS <= set(line.split(":", 1)[1].split())
+            return set(line.split(":", 1)[1].split()) >= REQUIRED_CPU_FLAGS
     return False
 
 

@@ -48,8 +48,7 @@ def _one(client: Any, control: Any, fault: str, prompt: str, n: int, after_token
 def run_suite(args: argparse.Namespace) -> int:
     from netshape.control import ShaperControl
     from tandem import paths
-    from tandem.ops import local_stack
-    from tandem.ops import procs
+    from tandem.ops import local_stack, procs
     from tandem_sdk import Client
 
     log_dir = paths.tandem_home() / "logs" / f"bench-fallback-{datetime.now():%Y%m%d-%H%M%S}"

@@ -154,9 +154,9 @@ def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argpars
 
 
 def run(args: argparse.Namespace) -> int:
+    from cloud_node.scorer import encode_prompt
     from tandem import paths
     from tandem.ops import procs
-    from cloud_node.scorer import encode_prompt
     from tandem.pair import LocalPair
 
     if args.max_new_tokens < 1 or args.draft_len < 1:

@@ -99,7 +99,8 @@ def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = [o["tokens_per_s"] / pairs[(o["prompt"], o["rep"])]["tokens_per_s"] for o in by["orchestrator"]]
     identical = all(o["tokens"] == pairs[(o["prompt"], o["rep"])]["tokens"] for o in by["orchestrator"])
     return {"direct_tokens_per_s": med["direct"], "orchestrator_tokens_per_s": med["orchestrator"],
-            "ratio_median": statistics.median(ratios), "ratio_of_medians": med["orchestrator"] / med["direct"], "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_median": statistics.median(ratios), "ratio_of_medians": med["orchestrator"] / med["direct"],
+            "ratio_min": min(ratios), "ratio_max": max(ratios),
             "direct_ttft_ms": ttft["direct"], "orchestrator_ttft_ms": ttft["orchestrator"],
             "identical_tokens": identical, "pairs": len(ratios)}
 

@@ -12,7 +12,7 @@ import platform
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from tandem.pair import GenerationResult
@@ -49,7 +49,7 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
         groups.setdefault((run.result.method, run.rtt_ms, run.category), []).append(run)
         groups.setdefault((run.result.method, run.rtt_ms, "all"), []).append(run)
     rows = {key: _row(key[0], key[2], group) | {"rtt_ms": key[1]} for key, group in groups.items()}
-    for (method, rtt, category), row in rows.items():
+    for (_, _, category), row in rows.items():
         base = rows.get(("target", None, category))
         row["speedup_vs_target"] = _ratio(row["tokens_per_s"], base["tokens_per_s"]) if base else None
         row["decode_speedup_vs_target"] = (_ratio(row["decode_tokens_per_s"], base["decode_tokens_per_s"])
@@ -116,7 +116,7 @@ def machine_info() -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - an absent optional package is just not reported
             versions[mod] = None
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
-            "platform": platform.platform(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "platform": platform.platform(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "versions": versions}
 
 

@@ -82,8 +82,8 @@ def _prompts(kind: str, target: Path) -> list[tuple[str, list[int]]]:
         return [(f"tiny-{i}", [(i * 37 + j * 11) % 500 + 3 for j in range(6 + i)]) for i in range(8)]
     from transformers import AutoTokenizer
 
-    from tandem.bench.main import default_prompts_path, load_prompts
     from cloud_node.scorer import encode_prompt
+    from tandem.bench.main import default_prompts_path, load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     return [(p.id, encode_prompt(tokenizer, p.prompt, p.messages)) for p in load_prompts(default_prompts_path())]

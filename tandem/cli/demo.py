@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from tandem.cli.main import CliError
@@ -77,8 +76,7 @@ def _say(message: str) -> None:
 
 def _run_processes(args: argparse.Namespace, params: Any) -> int:
     from tandem import paths
-    from tandem.ops import local_stack
-    from tandem.ops import procs
+    from tandem.ops import local_stack, procs
 
     log_dir = paths.tandem_home() / "logs" / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     signal.signal(signal.SIGTERM, _interrupt)
@@ -134,8 +132,8 @@ def _print_stats(n: int, tok_s: float, ttft_ms: float, acceptance: float, tau: f
 
 
 def _run_in_process(args: argparse.Namespace, params: Any) -> int:
-    from tandem.models import registry as models
     from cloud_node.scorer import encode_prompt
+    from tandem.models import registry as models
     from tandem.pair import LocalPair
 
     t0 = time.perf_counter()

@@ -12,8 +12,8 @@ import logging
 import sys
 import time
 
-from tandem.models import registry as models
 from tandem.cli.main import CliError
+from tandem.models import registry as models
 
 GROUP_HELP = "pair (target + drafter, the default), smollm2, minilm; repeatable"
 

@@ -52,7 +52,10 @@ def shaper(cloud: str) -> Iterator[LinkShaper]:
         yield s
 
 
-def _run(drafter: DrafterModel, address: str, params: SamplingParams = SamplingParams(), *, seed: int = 0,
+GREEDY = SamplingParams()
+
+
+def _run(drafter: DrafterModel, address: str, params: SamplingParams = GREEDY, *, seed: int = 0,
          on_tokens=None, round_timeout_s: float = 5.0) -> EdgeResult:
     with grpc.insecure_channel(address) as channel:
         link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), params, seed, N),

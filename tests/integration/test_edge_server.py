@@ -6,8 +6,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edge_node.drafter import DrafterModel
 from edge_node.config import EdgeConfig
+from edge_node.drafter import DrafterModel
 from edge_node.servicer import create_server
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from tandem_core.sampling import SamplingParams

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tandem.models.tiny import EOS_ID
 from tandem.pair import LocalPair
 from tandem_core.sampling import SamplingParams
-from tandem.models.tiny import EOS_ID
 
 PROMPTS = [[5, 17, 99, 3, 44], [300], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
 GREEDY = SamplingParams()

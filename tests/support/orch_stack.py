@@ -20,8 +20,8 @@ import grpc
 
 from cloud_node.servicer import create_server as create_cloud_server
 from cloud_node.verifier import VerifierCore
-from edge_node.drafter import DrafterModel
 from edge_node.config import EdgeConfig
+from edge_node.drafter import DrafterModel
 from edge_node.servicer import create_server as create_edge_server
 from netshape.shaper import LinkShaper
 from orchestrator.app import InThread
@@ -131,7 +131,7 @@ def local_stack(target_hf: Path, drafter_onnx: Path, *, round_deadline_ms: int =
     with contextlib.ExitStack() as stack:
         stack.callback(cloud.stop, None)
         shaper = stack.enter_context(LinkShaper(f"127.0.0.1:{cloud_port}"))
-        link = "%s:%d" % shaper.address
+        link = f"{shaper.address[0]}:{shaper.address[1]}"
         drafter = DrafterModel(drafter_onnx)
         edge, edge_port = create_edge_server(drafter, EdgeConfig(cloud_address=link, drafter=drafter_onnx),
                                              "127.0.0.1:0")

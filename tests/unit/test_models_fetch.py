@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tandem.models import registry as models
 from tandem.models import fetch as models_fetch
-from tandem.models.registry import Extract, ModelsError, Part, PinnedFile
+from tandem.models import registry as models
 from tandem.models.convert import check_tokenizers
+from tandem.models.registry import Extract, ModelsError, Part, PinnedFile
 
 
 def make_wheel(where: Path, name: str, version: str, files: dict[str, bytes]) -> Path:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from protos.tandem.v1 import common_pb2, orchestrator_pb2
 import tandem_sdk
+from protos.tandem.v1 import common_pb2, orchestrator_pb2
 from tandem_sdk import _convert
 from tandem_sdk._retry import RetryPolicy, channel_options
 
@@ -109,7 +109,8 @@ def test_stats_proto_converts_to_the_typed_dataclass() -> None:
     assert (stats.ttft_ms, stats.tokens_per_s, stats.edge_ttft_ms, stats.edge_tokens_per_s) == (95.0, 18.5, 80.0, 20.0)
     assert (stats.local_tokens, stats.verified_tokens, stats.acceptance_rate) == (10, 30, 0.75)
     # the orchestrator's switches win over the edge's when it reports any
-    assert [(s.at_token, s.from_route, s.to_route, s.reason) for s in stats.switches] == [(7, "speculative", "local", "link down")]
+    switches = [(s.at_token, s.from_route, s.to_route, s.reason) for s in stats.switches]
+    assert switches == [(7, "speculative", "local", "link down")]
     assert stats.citations[0].privacy == "shareable" and stats.citations[0].chunk_index == 2
     assert stats.private_chunks_dropped == 1
     with pytest.raises(AttributeError):

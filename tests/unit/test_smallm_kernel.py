@@ -12,12 +12,12 @@ import copy
 import threading
 
 import pytest
-
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+import torch
 
 from cloud_node.kernels import linear as kl
 from cloud_node.kernels.build import load_kernel
+
+F = torch.nn.functional
 
 pytestmark = pytest.mark.skipif(load_kernel() is None, reason="small-M kernel unavailable (CPU or compiler)")
 
