@@ -55,10 +55,10 @@ _DONE = object()
 def add_cloud_verifier_bytes_to_server(servicer: Any, server: Any) -> None:
     """Register CloudVerifier on Serve's proxy with requests left as serialized bytes.
 
-    The proxy hands request messages to replicas through Ray, which pickles them. The generated
-    message classes are not picklable (their __module__ is "tandem.v1.cloud_pb2", the proto
-    path, which is not importable), and bytes are cheaper to forward anyway; the replica parses
-    them. Importing this module also puts the descriptors in the proxy's pool for reflection.
+    The proxy hands requests to replicas through Ray. Forwarding the serialized bytes costs less
+    than pickling parsed messages, and the replica parses them itself, so a malformed message is
+    answered by the replica's own status mapping rather than by the proxy. Importing this module
+    also puts the descriptors in the proxy's pool for reflection.
     """
     handlers = {
         "Verify": grpc.stream_stream_rpc_method_handler(

@@ -3,14 +3,12 @@ one asyncio loop.
 
 Guarantees: `Running.start()` returns once both listeners are bound (ports known) and health
 says SERVING; `Running.stop()` closes them, the monitor and the edge channel, whatever state
-they are in. `run_in_thread()` hosts the same thing on a background loop (tests, demo).
+they are in.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,33 +64,3 @@ class Running:
             await self._edge_channel.close()
         if self.personal is not None:
             self.personal.close()
-
-
-class InThread:
-    """The orchestrator on a background event loop; `stop()` joins it."""
-
-    def __init__(self, config: OrchestratorConfig, personal: Personal | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.running = Running(config, personal=personal)
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="orchestrator-loop")
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self.running.start(), self.loop).result(timeout=60)
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def grpc_address(self) -> str:
-        return f"{self.running.config.host}:{self.running.grpc_port}"
-
-    @property
-    def http_address(self) -> str:
-        return f"{self.running.config.host}:{self.running.http_port}"
-
-    def stop(self) -> None:
-        if self.loop.is_running():
-            asyncio.run_coroutine_threadsafe(self.running.stop(), self.loop).result(timeout=30)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=10)
-        self.loop.close()

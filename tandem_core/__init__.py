@@ -1,2 +1,8 @@
-"""The pure speculative-decoding core: sampling transforms, verification, statistics and the
-speculative loop over small interfaces. numpy at most; no I/O, no torch, no onnxruntime."""
+"""The pure core of speculative decoding: sampling transforms (`sampling`), lossless verification
+(`verify`, Leviathan et al. 2023, arXiv 2211.17192), statistics (`stats`), the one speculative loop
+over small interfaces (`loop`), and the routing and link-health policies (`routing`,
+`link_health`).
+
+May import: numpy and the standard library only. No I/O, no gRPC, no torch, no onnxruntime; every
+other package may import it.
+"""

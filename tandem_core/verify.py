@@ -20,13 +20,12 @@ request's remaining budget (`finalize`).
 Guarantee: each committed token is distributed exactly as p given the tokens before it, whatever
 q is (Leviathan et al., Theorem 1); greedy verification reproduces the target's greedy decoding.
 
-The split that a DSSD-style wire protocol needs (edge drafter, cloud target) falls out of the
-pieces here: the edge sends the drafts x_i and the scalars q_i(x_i) only; the cloud computes p,
-decides the accepted count with `count_accepted`, and returns p at the rejected position (or
-samples the bonus itself when all drafts pass); the edge, which still holds q_i, samples the
-recovered token from `residual_probs(p_i, q_i)`. No full q row ever crosses the wire. (The
-output distribution is the same as `verify_stochastic`'s; the random stream differs, since the
-uniforms and the recovered token are then drawn on different machines.)
+On the wire (`protos/tandem/v1/cloud.proto`) the edge sends the drafts x_i and, in sampling mode,
+each q_i row sparsely: the drafter samples from q capped to its most likely tokens
+(`tandem_core.sampling.cap_support`), so a row is at most that many (id, probability) pairs,
+and the cloud runs the whole of `verify_stochastic` in one round trip. `count_accepted` and
+`residual_probs` are its two halves with their inputs checked, for callers that split the
+sampler across machines (the edge keeping q, the cloud sending back p at the rejection).
 
 Malformed input (shape mismatches, token ids outside [0, V), NaN, infinite or negative
 probabilities) raises ValueError with a message naming the problem.

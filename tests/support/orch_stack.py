@@ -8,6 +8,7 @@ check what left the device.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -24,8 +25,9 @@ from edge_node.config import EdgeConfig
 from edge_node.drafter import DrafterModel
 from edge_node.servicer import create_server as create_edge_server
 from netshape.shaper import LinkShaper
-from orchestrator.app import InThread
+from orchestrator.app import Running
 from orchestrator.config import OrchestratorConfig
+from orchestrator.personal import Personal
 from protos.tandem.v1 import orchestrator_pb2 as opb
 from protos.tandem.v1 import orchestrator_pb2_grpc
 
@@ -121,6 +123,36 @@ class Stack:
                 raise AssertionError(f"link still {s.link.state!r} after {timeout_s} s, wanted {state!r}")
             time.sleep(0.05)
 
+
+
+class InThread:
+    """The orchestrator on a background event loop; `stop()` joins it."""
+
+    def __init__(self, config: OrchestratorConfig, personal: Personal | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.running = Running(config, personal=personal)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="orchestrator-loop")
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.running.start(), self.loop).result(timeout=60)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.running.config.host}:{self.running.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.running.config.host}:{self.running.http_port}"
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.running.stop(), self.loop).result(timeout=30)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        self.loop.close()
 
 @contextlib.contextmanager
 def local_stack(target_hf: Path, drafter_onnx: Path, *, round_deadline_ms: int = 1000,
