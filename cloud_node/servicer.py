@@ -177,7 +177,7 @@ def add_standard_services(server: grpc.Server, service_names: list[str]) -> None
 
 def create_server(core: VerifierCore, address: str = "127.0.0.1:0", max_workers: int | None = None,
                   interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
-    """A started grpcio server with the servicer, health and reflection; returns (server, port)."""
+    """A grpcio server (not started, as every node's) with the servicer, health and reflection; (server, port)."""
     # One worker per stream: more workers than sessions, so the session limit answers first.
     workers = max_workers or core.limits.max_sessions + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloud-grpc"),
@@ -186,7 +186,5 @@ def create_server(core: VerifierCore, address: str = "127.0.0.1:0", max_workers:
     add_standard_services(server, [SERVICE_NAME])
     port = server.add_insecure_port(address)
     if port == 0:
-        raise RuntimeError(f"could not bind {address}")
-    server.start()
-    log.info("cloud verifier serving on %s (port %d)", address, port)
+        raise OSError(f"cannot bind {address}")
     return server, port

@@ -76,6 +76,7 @@ def core(tiny_models) -> VerifierCore:
 
 def _serve(core: VerifierCore) -> Iterator[str]:
     server, port = create_server(core, "127.0.0.1:0")
+    server.start()
     try:
         yield f"127.0.0.1:{port}"
     finally:

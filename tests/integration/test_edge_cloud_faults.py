@@ -31,6 +31,7 @@ N = 40
 def cloud(tiny_models) -> Iterator[str]:
     core = VerifierCore.load(tiny_models.target_hf, dtype="fp32")
     server, port = create_server(core, "127.0.0.1:0")
+    server.start()
     yield f"127.0.0.1:{port}"
     server.stop(None)
 

@@ -160,6 +160,7 @@ def local_stack(target_hf: Path, drafter_onnx: Path, *, round_deadline_ms: int =
     recorder = TrafficRecorder()
     cloud, cloud_port = create_cloud_server(VerifierCore.load(target_hf, dtype="fp32"), "127.0.0.1:0",
                                             interceptors=[recorder])
+    cloud.start()
     with contextlib.ExitStack() as stack:
         stack.callback(cloud.stop, None)
         shaper = stack.enter_context(LinkShaper(f"127.0.0.1:{cloud_port}"))
