@@ -32,13 +32,12 @@ from cloud_node.verifier import (
     Timing,
     VerifierCore,
 )
-from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
+from protos.enums import finish_to_proto
+from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = cloud_pb2.DESCRIPTOR.services_by_name["CloudVerifier"].full_name
-_FINISH = {None: common_pb2.FINISH_REASON_UNSPECIFIED, "stop": common_pb2.FINISH_REASON_STOP,
-           "length": common_pb2.FINISH_REASON_LENGTH}
 
 
 # --- proto <-> core ------------------------------------------------------------------------
@@ -69,12 +68,12 @@ def opened_to_proto(o: Opened) -> cloud_pb2.VerifyResponse:
 def verdict_to_proto(v: RoundVerdict) -> cloud_pb2.VerifyResponse:
     return cloud_pb2.VerifyResponse(verdict=cloud_pb2.Verdict(
         round=v.round, accepted=v.accepted, tokens=v.tokens, finished=v.finished,
-        finish_reason=_FINISH[v.finish_reason], timing=timing_to_proto(v.timing)))
+        finish_reason=finish_to_proto(v.finish_reason), timing=timing_to_proto(v.timing)))
 
 
 def chunk_to_proto(c: GenerateChunk) -> cloud_pb2.GenerateResponse:
     return cloud_pb2.GenerateResponse(tokens=c.tokens, finished=c.finished,
-                                      finish_reason=_FINISH[c.finish_reason], timing=timing_to_proto(c.timing))
+                                      finish_reason=finish_to_proto(c.finish_reason), timing=timing_to_proto(c.timing))
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:

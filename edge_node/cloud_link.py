@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from protos.enums import finish_from_proto
 from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
 from tandem_core.link_health import backoff_delay
 from tandem_core.loop import Draft, SwitchCause, VerifierUnavailable
@@ -39,7 +40,6 @@ _GRPC_PREFIX = 5  # gRPC length-prefixed message framing
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL,
               grpc.StatusCode.UNKNOWN}
-_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 
 
 class LinkError(VerifierUnavailable):
@@ -216,7 +216,7 @@ class CloudLink:
         v = response.verdict
         self.server_verify_ms += v.timing.verify_ms
         return Verdict(accepted=v.accepted, tokens=tuple(v.tokens), finished=v.finished,
-                       finish_reason=_FINISH.get(v.finish_reason))
+                       finish_reason=finish_from_proto(v.finish_reason))
 
     @property
     def is_open(self) -> bool:

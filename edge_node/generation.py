@@ -27,6 +27,7 @@ import grpc
 
 from edge_node.cloud_link import CloudLink, LinkError, RemoteVerifier, cloud_generate
 from edge_node.drafter import DrafterModel, DrafterSession
+from protos.enums import finish_from_proto
 from tandem.limits import MAX_DRAFT_LEN
 from tandem_core.loop import DraftLen, SwitchCause, VerifierUnavailable, speculative_generate
 from tandem_core.sampling import SamplingParams
@@ -35,7 +36,6 @@ from tandem_core.stats import RequestStats
 log = logging.getLogger(__name__)
 
 OnTokens = Callable[[Sequence[int], str], None]  # (tokens, source): "verified" | "cloud" | "local"
-_FINISH = {1: "stop", 2: "length"}  # common_pb2.FinishReason
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Seq
                 if on_tokens is not None:
                     on_tokens(tuple(response.tokens), "cloud")
             if response.finished:
-                result.finish_reason = _FINISH.get(response.finish_reason)
+                result.finish_reason = finish_from_proto(response.finish_reason)
                 break
     except LinkError as exc:
         if not fallback_local:

@@ -36,7 +36,8 @@ from tandem_core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-MODEL_IDS = {"tandem": None, "tandem-local": "local", "tandem-speculative": "speculative", "tandem-cloud": "cloud"}
+# model id -> the route it pins (None: the routing policy decides)
+MODEL_ROUTES: dict[str, Route | None] = {"tandem": None, **{f"tandem-{r}": r for r in Route}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Orchestrator:
         self.requests = 0
 
     def model_ids(self) -> list[str]:
-        return list(MODEL_IDS)
+        return list(MODEL_ROUTES)
 
     async def edge_info(self) -> edge_pb2.EdgeInfo:
         if self._edge_info is None:

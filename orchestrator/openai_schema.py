@@ -41,7 +41,10 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
+from orchestrator.core import MODEL_ROUTES
+from protos.enums import privacy_mode_to_proto, route_to_proto
 from protos.tandem.v1 import common_pb2, orchestrator_pb2
+from tandem_core.routing import PrivacyMode, Route
 
 Kind = Literal["chat", "completion"]
 JsonObj = dict[str, Any]
@@ -51,22 +54,6 @@ MAX_STOP_SEQUENCES = 4
 _UINT32_MAX = (1 << 32) - 1
 _UINT64_MAX = (1 << 64) - 1
 
-MODEL_ROUTES: dict[str, orchestrator_pb2.Route] = {
-    "tandem": orchestrator_pb2.ROUTE_AUTO,
-    "tandem-local": orchestrator_pb2.ROUTE_LOCAL,
-    "tandem-speculative": orchestrator_pb2.ROUTE_SPECULATIVE,
-    "tandem-cloud": orchestrator_pb2.ROUTE_CLOUD,
-}
-_ROUTES = {
-    "auto": orchestrator_pb2.ROUTE_AUTO,
-    "local": orchestrator_pb2.ROUTE_LOCAL,
-    "speculative": orchestrator_pb2.ROUTE_SPECULATIVE,
-    "cloud": orchestrator_pb2.ROUTE_CLOUD,
-}
-_PRIVACY_MODES = {
-    "strict": orchestrator_pb2.PRIVACY_MODE_STRICT,
-    "cloud_quality": orchestrator_pb2.PRIVACY_MODE_CLOUD_QUALITY,
-}
 
 
 class ApiError(Exception):
@@ -348,7 +335,7 @@ def _options(req: _RequestBase) -> orchestrator_pb2.GenerateOptions:
         sampling=_sampling(req),
         max_new_tokens=req.max_completion_tokens or req.max_tokens or 0,
         route=_route(ext, req.model),
-        privacy=_PRIVACY_MODES[ext.privacy or "strict"],
+        privacy=privacy_mode_to_proto(PrivacyMode(ext.privacy or PrivacyMode.STRICT)),
         use_personal_context=bool(ext.use_personal_context),
         deadline_ms=ext.deadline_ms or 0,
         ttft_budget_ms=ext.ttft_budget_ms or 0,
@@ -357,14 +344,14 @@ def _options(req: _RequestBase) -> orchestrator_pb2.GenerateOptions:
     )
 
 
-def _route(ext: TandemOptions, model: str) -> orchestrator_pb2.Route:
-    pinned = MODEL_ROUTES.get(model, orchestrator_pb2.ROUTE_AUTO)
+def _route(ext: TandemOptions, model: str) -> int:
+    pinned = MODEL_ROUTES.get(model)
     if ext.route is None:
-        return pinned
-    asked = _ROUTES[ext.route]
-    if pinned != orchestrator_pb2.ROUTE_AUTO and asked != pinned:
+        return route_to_proto(pinned)
+    asked = None if ext.route == "auto" else Route(ext.route)
+    if pinned is not None and asked != pinned:
         raise _bad("tandem.route", f"conflicts with model '{model}', which pins its own route")
-    return asked
+    return route_to_proto(asked)
 
 
 def _sampling(req: _RequestBase) -> common_pb2.SamplingParams:
