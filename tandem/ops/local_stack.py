@@ -70,6 +70,7 @@ def write_state(children: dict[str, procs.Child]) -> Path:
         "orchestrator_http": orch["http"],
         "started_unix": time.time(),
         "link_control": children["netshape"].fields.get("control", ""),  # the shaper's HTTP control endpoint
+        # identity: "BOOT:START" in seconds (procs.identity); records from before psutil hold "BOOT_ID:TICKS"
         "processes": [{"name": name, "pid": c.proc.pid, "identity": procs.identity(c.proc.pid), "log": str(c.log_path),
                        "address": c.fields.get("grpc") or c.fields.get("listen", "")} for name, c in children.items()],
     }

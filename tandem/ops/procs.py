@@ -6,7 +6,13 @@ Guarantees:
 - `start` returns only once the child printed its ready line (`NAME key=HOST:PORT ...`); a child
   that exits or stays silent past the timeout raises `ChildFailed` with the tail of its log.
 - `Stack` stops every child it started when it exits, on success, error or Ctrl-C: SIGTERM to
-  the group, then SIGKILL after a grace period. Nothing is left running.
+  the group, then SIGKILL after a grace period, then SIGKILL to every process left in the
+  child's session (Ray's workers sit in process groups of their own). Nothing is left running.
+- Processes are found and signalled through psutil and POSIX sessions (`os.getsid`,
+  `os.killpg`), never by reading /proc: Linux and macOS alike (not Windows: no sessions).
+- A process is recorded by pid and `identity` (boot time + start time); `same_process` tells
+  whether a recorded pid still names that process, so `tandem down` never signals a reused pid.
+  Single kills also go through psutil, which re-checks the start time before each signal.
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger(__name__)
+
+_LEGACY_BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # before psutil
+_START_TOLERANCE_S = 0.005  # half of Linux's 10 ms start-time resolution
+_BOOT_TOLERANCE_S = 1.0
 
 
 class ChildFailed(RuntimeError):
@@ -83,10 +95,9 @@ def start(name: str, argv: Sequence[str], *, log_dir: Path, timeout_s: float, en
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    out = open(log_path, "w")
-    proc = subprocess.Popen(list(argv), stdout=out if detach else subprocess.PIPE, stderr=out,
-                            stdin=subprocess.DEVNULL, text=True, start_new_session=True, env=env, bufsize=1)
-    out.close()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(list(argv), stdout=out if detach else subprocess.PIPE, stderr=out,
+                                stdin=subprocess.DEVNULL, text=True, start_new_session=True, env=env, bufsize=1)
     child = Child(name, proc, log_path)
     found = threading.Event()
     pattern = re.compile(ready or rf"^{re.escape(name)}\s")
@@ -101,44 +112,52 @@ def start(name: str, argv: Sequence[str], *, log_dir: Path, timeout_s: float, en
     return child
 
 
-def _session_members(sid: int) -> list[int]:
-    """Every live process in session `sid` (Ray puts its workers in process groups of their own,
-    but they stay in the session the child was started in). Zombies are dead: skipped."""
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Every live process of session `sid`, zombies excepted (they are dead). Ray puts its workers
+    in process groups of their own, but they stay in the session the child was started in."""
     members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid and not _zombie(int(entry)):
-                    members.append(int(entry))
-            except OSError:
-                continue
+    for pid in psutil.pids():
+        try:
+            proc = psutil.Process(pid)  # taken first: its start time guards the signal sent later
+            if os.getsid(pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (OSError, psutil.Error):
+            continue
     return members
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+def session_members(sid: int) -> list[int]:
+    """The pids of `session_processes(sid)`."""
+    return [proc.pid for proc in session_processes(sid)]
+
+
+def session_alive(sid: int) -> bool:
+    return bool(session_processes(sid))
+
+
+def kill_session(sid: int, timeout_s: float = 5.0) -> list[int]:
+    """SIGKILL every process of session `sid` until none is left or `timeout_s` passed; the pids
+    still alive then (empty on success). psutil re-checks pid and start time before each signal,
+    so a pid reused meanwhile is never signalled."""
+    deadline = time.monotonic() + timeout_s
+    while left := session_processes(sid):
+        for proc in left:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        if time.monotonic() > deadline:
+            return [proc.pid for proc in left]
+        time.sleep(0.1)
+    return []
 
 
 def stop(child: Child, grace_s: float = 15.0) -> None:
     """SIGTERM the child's process group, then SIGKILL it if it lingers; then SIGKILL whatever is
     left in the child's session."""
     _stop_group(child, grace_s)
-    _kill_session(child.proc.pid)
-
-
-def _kill_session(sid: int) -> None:
-    deadline = time.monotonic() + 5.0
-    while (left := _session_members(sid)) and time.monotonic() < deadline:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
+    if left := kill_session(child.proc.pid):
+        log.warning("%s: processes %s survive SIGKILL", child.name, left)
 
 
 def stop_session(sid: int, grace_s: float = 15.0) -> None:
@@ -150,41 +169,61 @@ def stop_session(sid: int, grace_s: float = 15.0) -> None:
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + grace_s
-    while _session_members(sid) and time.monotonic() < deadline:
+    while session_alive(sid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    _kill_session(sid)
-
-
-def session_alive(sid: int) -> bool:
-    return bool(_session_members(sid))
+    if left := kill_session(sid):
+        log.warning("session %d: processes %s survive SIGKILL", sid, left)
 
 
 def identity(pid: int) -> str:
-    """What tells this process apart from a later one with the same pid: the boot id and the
-    process's start time in clock ticks since boot ("" if it is gone)."""
+    """What tells this process apart from a later one with the same pid: `BOOT:START`, the boot
+    time (whole seconds since the epoch) and the process's start in seconds after boot ("" if
+    it is gone). START does not move when the wall clock is set; BOOT moves with it."""
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        with open(f"/proc/{pid}/stat") as f:
-            start = f.read().rsplit(")", 1)[1].split()[19]  # field 22: starttime
-    except (OSError, IndexError):
+        boot = psutil.boot_time()
+        start = psutil.Process(pid).create_time() - boot
+    except psutil.Error:
         return ""
-    return f"{boot}:{start}"
+    return f"{boot:.0f}:{start:.3f}"
 
 
 def same_process(pid: int, recorded: str) -> bool:
     """Whether `pid` still names the process recorded as `identity(pid)`, or, if that process has
     exited, whether its session may still hold our children: the kernel does not hand out a pid
     that is still some session's id, so a dead leader's pid with live session members is ours,
-    but only on the same boot."""
-    now = identity(pid)
-    if now:
-        return now == recorded
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return recorded.startswith(f.read().strip() + ":")
-    except OSError:
+    but only on the same boot. A legacy record (`BOOT_ID:TICKS`, before psutil) is ours only
+    while its leader lives: its boot id can no longer be checked."""
+    rec = _Recorded.parse(recorded)
+    if rec is None:
         return False
+    now = _Recorded.parse(identity(pid))
+    if now is None:
+        return rec.boot is not None and _same_boot(rec.boot, psutil.boot_time())
+    assert now.boot is not None
+    same_start = abs(now.start - rec.start) < _START_TOLERANCE_S
+    return same_start and (rec.boot is None or _same_boot(rec.boot, now.boot))
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    boot: float | None  # boot time, seconds since the epoch; None for a legacy record
+    start: float  # the process's start, seconds after boot
+
+    @classmethod
+    def parse(cls, text: str) -> _Recorded | None:
+        boot, _, start = text.partition(":")
+        try:
+            if _LEGACY_BOOT_ID.fullmatch(boot):
+                return cls(None, int(start) / os.sysconf("SC_CLK_TCK"))
+            return cls(float(boot), float(start))
+        except (ValueError, OSError):
+            return None
+
+
+def _same_boot(recorded: float, now: float) -> bool:
+    # A later boot starts after the recorded process did, never within a second of this one;
+    # setting the clock by more than that makes us refuse (safe) rather than guess.
+    return abs(now - recorded) <= _BOOT_TOLERANCE_S
 
 
 def _stop_group(child: Child, grace_s: float) -> None:

@@ -7,7 +7,11 @@ Guarantees:
   own, with its own temporary directory and explicitly chosen free ports (never Ray's fixed
   defaults, so it can run beside other Ray instances on the machine). Every process of a node,
   raylet, agents and workers included, stays in that session: `RayNode.kill()` stops that node
-  alone, as a machine failure would.
+  alone, as a machine failure would (psutil and `os.getsid`, no /proc: Linux and macOS).
+- Each node carries the Ray label `tandem-node=<name>` (names are unique in a cluster), by which
+  its Ray node id is found once it is up. Actors are placed on nodes by that id, from Ray's own
+  state API, never by pid. A node that was killed is never matched again, even while the GCS
+  still reports it (and its actors) alive, which it does for some seconds after a SIGKILL.
 - The cluster uses token authentication with a token file in its own folder; nothing is read
   from or written to `~/.ray` or `/tmp/ray`.
 - `stop()` (also on leaving the `with` block, whatever happened) kills every process of every
@@ -20,9 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from tandem.ops import procs
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -41,6 +47,8 @@ _BIN = Path(sys.executable).parent
 _NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
 _HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
+NODE_LABEL = "tandem-node"  # Ray node label holding the RayNode's name
+_NODE_NAME = re.compile(r"[A-Za-z0-9]([-_.A-Za-z0-9]{0,61}[A-Za-z0-9])?")  # what a Ray label value may be
 
 
 class ClusterError(RuntimeError):
@@ -59,52 +67,27 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def session_members(sid: int) -> list[int]:
-    """Live processes of session `sid` (Ray's workers run in groups of their own, same session)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid and _alive(int(entry)):
-                    members.append(int(entry))
-            except OSError:
-                continue
-    return members
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @dataclass
 class RayNode:
-    """One `ray start`: its session id names every process of the node."""
+    """One `ray start`: its session id names every process of the node, its Ray node id the node
+    in Ray's state API ("" until it registered)."""
 
     name: str
     temp_dir: Path
     sid: int
     log_path: Path
     resources: dict[str, float] = field(default_factory=dict)
+    node_id: str = ""
+    killed: bool = False
 
     def pids(self) -> list[int]:
-        return session_members(self.sid)
+        return procs.session_members(self.sid)
 
     def kill(self, timeout_s: float = 15.0) -> None:
         """SIGKILL every process of the node (a node failure); returns once none is left."""
-        deadline = time.monotonic() + timeout_s
-        while pids := self.pids():
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if time.monotonic() > deadline:
-                raise ClusterError(f"node {self.name}: processes {pids} survive SIGKILL")
-            time.sleep(0.1)
+        self.killed = True
+        if left := procs.kill_session(self.sid, timeout_s):
+            raise ClusterError(f"node {self.name}: processes {left} survive SIGKILL")
 
 
 class LocalRayCluster:
@@ -124,12 +107,15 @@ class LocalRayCluster:
 
     def _ray_start(self, name: str, args: list[str], num_cpus: float, resources: Mapping[str, float],
                    timeout_s: float) -> RayNode:
+        if not _NODE_NAME.fullmatch(name) or any(node.name == name for node in self.nodes):
+            raise ClusterError(f"node name {name!r}: must be new in this cluster and a valid Ray label value")
+        deadline = time.monotonic() + timeout_s
         temp_dir = self.root / name
         temp_dir.mkdir(exist_ok=True)
         ports = dict(zip(_NODE_PORTS, free_ports(len(_NODE_PORTS))))
         argv = [str(_BIN / "ray"), "start", *args, "--temp-dir", str(temp_dir), "--node-ip-address", HOST,
                 "--num-cpus", f"{num_cpus:g}", "--resources", json.dumps(dict(resources)),
-                "--object-store-memory", str(80 << 20), "--disable-usage-stats",
+                "--labels", f"{NODE_LABEL}={name}", "--object-store-memory", str(80 << 20), "--disable-usage-stats",
                 *[f"--{k}={v}" for k, v in ports.items()]]
         log_path = self.root / f"{name}-start.log"
         with open(log_path, "ab") as out:
@@ -144,15 +130,44 @@ class LocalRayCluster:
         if rc != 0:
             raise ClusterError(f"`ray start` for {name} {'timed out' if rc is None else f'exited {rc}'}:\n"
                                + _tail(log_path))
-        log.info("node %s up (session %d)", name, node.sid)
+        node.node_id = self._registered_id(name, deadline)
+        log.info("node %s up (session %d, Ray node %s)", name, node.sid, node.node_id)
         return node
+
+    def _registered_id(self, name: str, deadline: float) -> str:
+        """The Ray node id of the live node labelled `name`, once the GCS lists it (the state API
+        can refuse for a moment right after the head starts)."""
+        while True:
+            try:
+                nodes, why = self._gcs_nodes(), ""
+            except ClusterError as exc:
+                nodes, why = [], f": {exc}"
+            ids = [n["node_id"] for n in nodes if (n.get("labels") or {}).get(NODE_LABEL) == name]
+            if len(ids) == 1:
+                return str(ids[0])
+            if len(ids) > 1 or time.monotonic() > deadline:
+                raise ClusterError(f"node {name}: {len(ids)} live Ray nodes labelled {NODE_LABEL}={name}{why}")
+            time.sleep(0.5)
+
+    def _gcs_nodes(self) -> list[dict[str, Any]]:
+        """The nodes the GCS reports ALIVE (it reports a SIGKILLed node so for some seconds)."""
+        return self.state_list("nodes", "state=ALIVE")
+
+    def state_list(self, kind: str, *filters: str) -> list[dict[str, Any]]:
+        """`ray list KIND` with these `key=value` filters, as JSON rows ([] when none matches)."""
+        out = self.cli(["ray", "list", kind, "--address", self.gcs_address, "--format", "json", "--limit", "1000",
+                        *[arg for f in filters for arg in ("--filter", f)]])
+        if out.strip() == "No resource in the cluster":  # what it prints for no rows, even as JSON
+            return []
+        return list(json.loads(out))
 
     def start_head(self, num_cpus: float, resources: Mapping[str, float], timeout_s: float = 120) -> RayNode:
         gcs, dashboard, client = free_ports(len(_HEAD_PORTS))
+        self.gcs_address = f"{HOST}:{gcs}"  # before the start: it finds the node's id there
         node = self._ray_start("head", ["--head", f"--port={gcs}", "--include-dashboard=true",
                                         f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
                                         f"--ray-client-server-port={client}"], num_cpus, resources, timeout_s)
-        self.gcs_address, self.dashboard_url = f"{HOST}:{gcs}", f"http://{HOST}:{dashboard}"
+        self.dashboard_url = f"http://{HOST}:{dashboard}"
         return node
 
     def add_worker(self, name: str, num_cpus: float, resources: Mapping[str, float],
@@ -180,38 +195,47 @@ class LocalRayCluster:
         return yaml.safe_load(self.cli(["serve", "status", "--address", self.dashboard_url])) or {}
 
     def alive_actors(self, class_name: str) -> list[dict[str, Any]]:
-        """Live actors of a class (e.g. a Serve replica class) with their node ids and pids."""
-        out = self.cli(["ray", "list", "actors", "--address", self.gcs_address, "--format", "json",
-                        "--filter", f"class_name={class_name}", "--filter", "state=ALIVE", "--limit", "1000"])
-        return json.loads(out)
+        """Live actors of a class (e.g. a Serve replica class) with their node ids and pids. The GCS
+        keeps the actors of a SIGKILLed node ALIVE until it notices the node died."""
+        return self.state_list("actors", f"class_name={class_name}", "state=ALIVE")
+
+    def live_nodes(self) -> dict[str, RayNode]:
+        """Our nodes by Ray node id: those not killed that the GCS reports alive."""
+        alive = {n["node_id"] for n in self._gcs_nodes()}
+        return {node.node_id: node for node in self.nodes if not node.killed and node.node_id in alive}
 
     def node_of(self, pid: int) -> RayNode | None:
-        """The node whose session holds process `pid` (e.g. a replica's actor process)."""
-        try:
-            sid = os.getsid(pid)
-        except OSError:
-            return None
-        return next((node for node in self.nodes if node.sid == sid), None)
+        """The live node running the live actor in process `pid` (e.g. a replica's), by Ray's
+        state API; None if there is no such actor or its node was killed or is gone."""
+        live = self.live_nodes()
+        actors = self.state_list("actors", f"pid={pid}", "state=ALIVE")
+        found = {live[a["node_id"]].name: live[a["node_id"]] for a in actors if a.get("node_id") in live}
+        return found.popitem()[1] if len(found) == 1 else None
 
     def replicas(self, app: str, deployment: str) -> list[tuple[str, int]]:
-        """(node name, pid) of each live replica actor of a Serve deployment."""
+        """(node name, pid) of each live replica actor of a Serve deployment; the name is "?" for a
+        replica whose node was killed or is not ours."""
         actors = self.alive_actors(f"ServeReplica:{app}:{deployment}")
-        return sorted((getattr(self.node_of(int(a["pid"])), "name", "?"), int(a["pid"])) for a in actors)
+        nodes = self.live_nodes()
+        return sorted((getattr(nodes.get(str(a.get("node_id"))), "name", "?"), int(a["pid"])) for a in actors)
 
     def wait_running(self, app: str, deployment: str, n: int, timeout_s: float = 180) -> list[tuple[str, int]]:
-        """Wait until Serve reports exactly n RUNNING replicas (and nothing else); their (node, pid)."""
+        """Wait until Serve reports exactly n RUNNING replicas (and nothing else), each an actor on a
+        live node of ours; their (node, pid). Right after a node is killed, Serve and the GCS still
+        report its replica running for some seconds: that replica does not count."""
         deadline = time.monotonic() + timeout_s
         states: Any = None
         while time.monotonic() < deadline:
             try:
                 apps = self.serve_status().get("applications") or {}
                 states = apps.get(app, {}).get("deployments", {}).get(deployment, {}).get("replica_states")
+                if states == {"RUNNING": n}:
+                    replicas = self.replicas(app, deployment)
+                    if len(replicas) == n and all(node != "?" for node, _ in replicas):
+                        return replicas
+                    states = {"RUNNING": n, "replicas": replicas}
             except ClusterError as exc:  # the dashboard can be busy right after a node change
                 states = str(exc)[:200]
-            if states == {"RUNNING": n}:
-                replicas = self.replicas(app, deployment)
-                if len(replicas) == n:
-                    return replicas
             time.sleep(1.0)
         raise ClusterError(f"{app}/{deployment}: not {n} running replicas after {timeout_s:.0f} s: {states}")
 

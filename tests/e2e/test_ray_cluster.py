@@ -15,7 +15,10 @@ it; a probe session (opened and closed) shows when they have arrived, as it then
 worker. The measured session therefore goes to the worker. The test does not trust this: the
 generation must report a resume, which only happens if its replica went away. Right after
 killing the worker (SIGKILL to every process of its session, as a machine failure would), the
-idle streams are cancelled so that the head's replica can take the resumed session.
+idle streams are cancelled so that the head's replica can take the resumed session. Replicas are
+placed on nodes by Ray's state API (each node's Ray node id, found by its `tandem-node` label);
+for some seconds after the kill Serve and the GCS still report the dead worker's replica running,
+and that replica must not count as one of the two (`LocalRayCluster.wait_running`).
 
 Checks: replicas one per node; greedy output through the edge node equal across an undisturbed
 run, the run whose worker is killed mid-answer (resumed on the head), and a run after the
@@ -26,13 +29,13 @@ the cluster (also on failure) leaves no process and no folder.
 from __future__ import annotations
 
 import dataclasses
-import os
 import queue
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from tandem.deploy.gen import SERVE_CONFIG, DeploySpec, render, serve_names
@@ -57,29 +60,23 @@ def _spec(tiny_models, home: Path) -> DeploySpec:
 
 def _cluster_processes(root: Path) -> list[int]:
     """Any process on the machine whose command line mentions the cluster's folder."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if str(root) in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
+    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if str(root) in " ".join(p.info["cmdline"] or ())]
 
 
 @pytest.fixture
 def edge_factory(tiny_models) -> Iterator[Callable[[str], str]]:
     """Starts real edge nodes (the gRPC service, in this process) on free ports."""
+    from edge_node.config import EdgeConfig
     from edge_node.drafter import DrafterModel
-    from edge_node.server import EdgeSettings, create_server
+    from edge_node.servicer import create_server
 
     drafter = DrafterModel(tiny_models.drafter_onnx)
     servers = []
 
     def start(cloud: str) -> str:
-        server, port = create_server(drafter, EdgeSettings(cloud_address=cloud, round_deadline_ms=30000,
-                                                           max_resumes=6))
+        server, port = create_server(drafter, EdgeConfig(cloud_address=cloud, round_deadline_ms=30000,
+                                                         max_resumes=6), "127.0.0.1:0")
         server.start()
         servers.append(server)
         return f"127.0.0.1:{port}"
