@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from netshape.control import is_loopback
-from netshape.shaper import (MODES, Address, LinkConditions, LinkShaper, format_address,
-                             parse_address)
+from netshape.link import MODES, Address, LinkConditions, format_address, parse_address
+from netshape.shaper import LinkShaper
 
 
 def _address(text: str) -> Address:

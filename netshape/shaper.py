@@ -28,6 +28,9 @@ Guarantees:
 
 Not modelled: packet loss, MTU, the TCP handshake's round trip (connecting to the shaper completes
 at once and the upstream connect gets no added delay).
+
+The delay model's arithmetic is in `netshape.link` (pure); the control endpoint, when asked for,
+is `netshape.control_server`.
 """
 
 from __future__ import annotations
@@ -36,109 +39,38 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-import math
 import random
 import socket
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from netshape.link import (
+    MAX_PIECE,
+    Address,
+    DelayLine,
+    LinkConditions,
+    LinkStats,
+    Serializer,
+    format_address,
+    parse_address,
+    piece_size,
+)
+
+if TYPE_CHECKING:
+    from netshape.control_server import ControlServer
 
 log = logging.getLogger(__name__)
 
-MODES = ("up", "down", "blackhole")
-_CHUNK = 64 * 1024  # largest read and largest piece, bytes
-_PIECE_S = 0.02  # under a bandwidth limit a piece is about this much serialization time
-_MIN_PIECE = 1024  # bytes
 _MAX_BACKLOG_S = 0.25  # serializer backlog above which a reader waits
 _QUEUE_PIECES = 256  # pieces queued per direction per connection
 _CONNECT_TIMEOUT_S = 10.0
 _CALL_TIMEOUT_S = 10.0  # cross-thread calls into the shaper's loop
 
-Address = tuple[str, int]
+_UNSHAPED = LinkConditions()  # the default: no delay, no limit, "up"
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class LinkConditions:
-    rtt_ms: float = 0.0  # round-trip time added; each direction gets rtt/2
-    jitter_ms: float = 0.0  # per-piece one-way delay varies uniformly in [-jitter, +jitter]
-    bandwidth_kbps: float = 0.0  # per direction, 1 kbps = 1000 bit/s; 0 = unlimited
-    mode: str = "up"  # "up", "down" or "blackhole"
-
-    def __post_init__(self) -> None:
-        for name in ("rtt_ms", "jitter_ms", "bandwidth_kbps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name}: expected a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}: must be finite and >= 0, got {value!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
-
-
-@dataclass(frozen=True)
-class LinkStats:
-    bytes_up: int  # delivered client -> upstream
-    bytes_down: int  # delivered upstream -> client
-    bytes_blackholed: int  # read in blackhole mode and discarded, both directions
-    connections_accepted: int  # every accepted client connection, refused ones included
-    connections_active: int  # live proxied connections now
-    connections_dropped: int  # reset by drop_connections, by "down" or by leaving blackhole
-    connections_refused: int  # accepted and reset at once because the mode was "down"
-
-
-def parse_address(text: str) -> Address:
-    """'HOST:PORT' or '[V6HOST]:PORT' -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
-def format_address(address: Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def piece_size(bandwidth_kbps: float) -> int:
-    if bandwidth_kbps <= 0:
-        return _CHUNK
-    return max(_MIN_PIECE, min(_CHUNK, int(bandwidth_kbps * 1000 / 8 * _PIECE_S)))
-
-
-class Serializer:
-    """One direction of the link: when each piece has finished going onto the wire."""
-
-    def __init__(self) -> None:
-        self.free_at = 0.0  # loop time at which the link is idle again
-
-    def transmit(self, nbytes: int, now: float, bandwidth_kbps: float) -> float:
-        if bandwidth_kbps <= 0:
-            return now
-        self.free_at = max(self.free_at, now) + nbytes * 8 / (bandwidth_kbps * 1000)
-        return self.free_at
-
-    def backlog(self, now: float) -> float:
-        return max(0.0, self.free_at - now)
-
-
-class DelayLine:
-    """Delivery times for one direction of one connection; pure, the caller passes `now`."""
-
-    def __init__(self, serializer: Serializer, rng: random.Random) -> None:
-        self.serializer = serializer
-        self._rng = rng
-        self._last = 0.0  # delivery time of the previous piece
-
-    def schedule(self, nbytes: int, now: float, conditions: LinkConditions) -> float:
-        tx_done = self.serializer.transmit(nbytes, now, conditions.bandwidth_kbps)
-        jitter = self._rng.uniform(-conditions.jitter_ms, conditions.jitter_ms)
-        one_way = max(0.0, (conditions.rtt_ms / 2 + jitter) / 1000)
-        self._last = max(tx_done + one_way, self._last)
-        return self._last
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -170,7 +102,7 @@ class _Connection:
 
     async def run(self, blackholed: bool) -> None:
         if blackholed:
-            while data := await self._reader.read(_CHUNK):
+            while data := await self._reader.read(MAX_PIECE):
                 self._shaper._count("blackholed", len(data))
             self._writers[0].close()
             return
@@ -204,7 +136,7 @@ class _Connection:
     async def _read_side(self, src: asyncio.StreamReader,
                          queue: asyncio.Queue[tuple[float, bytes] | None], line: DelayLine) -> None:
         loop = asyncio.get_running_loop()
-        while data := await src.read(_CHUNK):
+        while data := await src.read(MAX_PIECE):
             size = piece_size(self._shaper.conditions.bandwidth_kbps)
             for start in range(0, len(data), size):
                 backlog = line.serializer.backlog(loop.time())
@@ -241,7 +173,7 @@ class LinkShaper:
     any thread.
     """
 
-    def __init__(self, upstream: Address | str, conditions: LinkConditions = LinkConditions(), *,
+    def __init__(self, upstream: Address | str, conditions: LinkConditions = _UNSHAPED, *,
                  listen: Address = ("127.0.0.1", 0), control: Address | None = None,
                  seed: int | None = None) -> None:
         self.upstream = parse_address(upstream) if isinstance(upstream, str) else upstream
@@ -255,7 +187,8 @@ class LinkShaper:
         self._live: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._passing: asyncio.Event = asyncio.Event()  # set unless mode is "blackhole"
-        self._servers: list[asyncio.Server] = []
+        self._server: asyncio.Server | None = None
+        self._control_server: ControlServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -265,36 +198,41 @@ class LinkShaper:
     @property
     def address(self) -> Address:
         """The listen address actually bound (port 0 resolved)."""
-        host, port = self._servers[0].sockets[0].getsockname()[:2]
+        assert self._server is not None, "not started"
+        host, port = self._server.sockets[0].getsockname()[:2]
         return host, port
 
     @property
     def control_address(self) -> Address | None:
-        if self._control is None:
-            return None
-        host, port = self._servers[1].sockets[0].getsockname()[:2]
-        return host, port
+        """The control endpoint's bound address, or None when it has none."""
+        return None if self._control_server is None else self._control_server.address
 
     async def start(self) -> None:
-        from netshape.control import start_control_server
-
         self._loop = asyncio.get_running_loop()
         if self._conditions.mode != "blackhole":
             self._passing.set()
-        self._servers.append(await asyncio.start_server(self._accept, *self._listen))
+        self._server = await asyncio.start_server(self._accept, *self._listen)
         if self._control is not None:
-            self._servers.append(await start_control_server(self, *self._control))
+            from netshape.control_server import start_control_server  # needs aiohttp
+
+            try:
+                self._control_server = await start_control_server(self, *self._control)
+            except BaseException:
+                self._server.close()
+                raise
         log.info("shaping %s -> %s under %s", format_address(self.address),
                  format_address(self.upstream), self._conditions)
 
     async def aclose(self) -> None:
-        for server in self._servers:
-            server.close()
+        if self._control_server is not None:
+            await self._control_server.aclose()
+        if self._server is not None:
+            self._server.close()
         tasks = [conn.task for conn in self._live if conn.task is not None]
         self._drop_all()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for server in self._servers:
-            await server.wait_closed()
+        if self._server is not None:
+            await self._server.wait_closed()
 
     def set_conditions(self, conditions: LinkConditions | None = None,
                        **fields: Any) -> LinkConditions:
@@ -334,7 +272,7 @@ class LinkShaper:
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(self.start())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
             ready.set_exception(exc)
             loop.close()
             return
@@ -359,7 +297,7 @@ class LinkShaper:
         def call() -> None:
             try:
                 done.set_result(fn(*args))
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
                 done.set_exception(exc)
 
         loop.call_soon_threadsafe(call)

@@ -8,7 +8,6 @@ table to stdout.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
@@ -34,34 +33,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     ls.set_defaults(func=run_list)
 
 
-class _TqdmHandler(logging.Handler):
-    """Log lines that do not tear the progress bars."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(self.format(record), file=sys.stderr)
-
-
-def _log_to_stderr() -> None:
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("tandem.models.registry", "tandem.models.fetch", "tandem.models.convert"):
-        log = logging.getLogger(name)
-        if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
-            log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 def run_fetch(args: argparse.Namespace) -> int:
     from tandem.models import fetch as models_fetch
 
-    _log_to_stderr()
     groups = args.only or list(models.DEFAULT_GROUPS)
     t0 = time.monotonic()
     try:
-        lines = models_fetch.fetch(groups, manifest=models.MANIFEST)
+        with models.progress_logging():
+            lines = models_fetch.fetch(groups, manifest=models.MANIFEST)
     except models.ModelsError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:

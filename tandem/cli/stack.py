@@ -58,9 +58,8 @@ def _running(state: dict | None) -> list[dict]:
 
 def run_up(args: argparse.Namespace) -> int:
     from tandem import paths
-    from tandem.ops import local_stack
     from tandem.models import registry as models
-    from tandem.ops import procs
+    from tandem.ops import local_stack, procs
 
     if args.link_rtt_ms < 0 or not 1 <= args.draft_len <= 16:
         raise CliError("--link-rtt-ms must be >= 0 and --draft-len in [1, 16]")
@@ -87,7 +86,7 @@ def run_up(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         children = local_stack.launch(start, opts, _say)
-    except BaseException as exc:  # noqa: BLE001 - whatever stops start-up, nothing is left running
+    except BaseException as exc:
         _say("start-up failed; stopping what was started")
         for child in reversed(started):
             procs.stop(child)
@@ -106,8 +105,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from tandem.ops import local_stack
-    from tandem.ops import procs
+    from tandem.ops import local_stack, procs
 
     state = local_stack.read_state()
     if state is None:
@@ -147,7 +145,6 @@ def _port_open(address: str) -> bool:
 
 def run_status(args: argparse.Namespace) -> int:
     from tandem.ops import local_stack
-    from tandem.ops import procs
 
     state = local_stack.read_state()
     if state is None:

@@ -34,7 +34,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +255,28 @@ def progress_bar(total: int | None, desc: str, unit: str = "B"):  # type: ignore
     scale = unit == "B"
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale
                 else 1000, leave=False, mininterval=0.5, dynamic_ncols=True, disable=total == 0)
+
+
+@contextmanager
+def progress_logging(level: int = logging.INFO) -> Iterator[None]:
+    """While open, log lines of `tandem.models.*` at `level` and up go to stderr above the bars.
+
+    tqdm's `logging_redirect_tqdm` writes each record through `tqdm.write`, so a line never tears
+    a bar. The records stop at `tandem.models` (one copy each); on exit its level, propagation
+    and handlers are as they were.
+    """
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    log = logging.getLogger("tandem.models")
+    saved = log.level, log.propagate
+    log.setLevel(level)
+    log.propagate = False
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            yield
+    finally:
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def output_files(folder: Path) -> list[Path]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.client
+import json
 import os
 import queue
 import random
@@ -191,6 +193,78 @@ def test_control_endpoint(shaper: LinkShaper) -> None:
         control.set(bogus=1)
     with pytest.raises(ValueError, match="loopback"):
         ShaperControl("192.0.2.1:80")
+
+
+# --- malformed control requests: a clear 4xx JSON reply, never a 500 -------------------------
+
+_JSON = {"Content-Type": "application/json"}
+
+
+def _request(address: tuple[str, int], method: str, path: str, body: bytes = b"",
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], dict[str, object]]:
+    """One request on its own connection; returns (status, headers, JSON body)."""
+    conn = http.client.HTTPConnection(*address, timeout=5)
+    try:
+        conn.request(method, path, body=body or None, headers=headers or {})
+        response = conn.getresponse()
+        assert response.getheader("Content-Type", "").startswith("application/json")
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, message", [
+    ("POST", "/conditions", b"{rtt_ms: 1", _JSON, 400, "body is not JSON"),
+    ("POST", "/conditions", b"\xff\xfe", _JSON, 400, "body is not JSON"),
+    ("POST", "/conditions", b"[1, 2]", _JSON, 400, "JSON object"),
+    ("POST", "/conditions", b'{"bogus": 1}', _JSON, 400, "bogus: not a LinkConditions field"),
+    ("POST", "/conditions", b'{"conditions": {}}', _JSON, 400, "conditions: not a"),
+    ("POST", "/conditions", b'{"rtt_ms": "20"}', _JSON, 400, "rtt_ms: expected a number"),
+    ("POST", "/conditions", b'{"jitter_ms": null}', _JSON, 400, "jitter_ms: expected a number"),
+    ("POST", "/conditions", b'{"rtt_ms": NaN}', _JSON, 400, "rtt_ms: must be finite"),
+    ("POST", "/conditions", b'{"rtt_ms": 1e400}', _JSON, 400, "rtt_ms: must be finite"),
+    ("POST", "/conditions", b'{"bandwidth_kbps": 1' + b"0" * 400 + b"}", _JSON, 400,
+     "bandwidth_kbps: must be finite"),
+    ("POST", "/conditions", b'{"mode": ["up"]}', _JSON, 400, "mode: must be one of"),
+    ("POST", "/conditions", b'{"rtt_ms": 5}', {"Content-Type": "text/plain"}, 415,
+     "application/json"),
+    ("POST", "/conditions", b'{"rtt_ms": 5}', {}, 415, "application/json"),
+    ("POST", "/conditions", b"{" + b" " * 70_000 + b"}", _JSON, 413, "too large"),
+    ("POST", "/drop", b'{"all": true}', _JSON, 400, "all: /drop takes no fields"),
+    ("GET", "/nowhere", b"", {}, 404, "no such endpoint '/nowhere'"),
+    ("GET", "/", b"", {}, 404, "no such endpoint"),
+    ("DELETE", "/conditions", b"", {}, 405, "/conditions takes GET or POST, not DELETE"),
+    ("GET", "/drop", b"", {}, 405, "/drop takes POST"),
+    ("PUT", "/stats", b"{}", _JSON, 405, "/stats takes GET"),
+    ("GET", "/stats", b"", {"Host": "attacker.example:80"}, 403, "loopback"),
+])
+def test_control_refuses_malformed_requests_with_json_4xx(
+        shaper: LinkShaper, method: str, path: str, body: bytes, headers: dict[str, str],
+        status: int, message: str) -> None:
+    assert shaper.control_address is not None
+    shaper.set_conditions(rtt_ms=7)
+    got, reply_headers, reply = _request(shaper.control_address, method, path, body, headers)
+    assert (got, message in str(reply.get("error"))) == (status, True), reply
+    if status == 405:
+        assert reply_headers.get("Allow")
+    assert shaper.conditions == LinkConditions(rtt_ms=7), "a refused request changes nothing"
+    assert ShaperControl(shaper.control_address).stats().connections_dropped == 0
+
+
+def test_control_accepts_an_empty_body_and_survives_garbage(shaper: LinkShaper) -> None:
+    address = shaper.control_address
+    assert address is not None
+    assert _request(address, "POST", "/conditions", b"", _JSON)[0] == 200  # changes nothing
+    assert _request(address, "POST", "/drop", b"", _JSON)[2] == {"dropped": 0}
+    with socket.create_connection(address, timeout=5) as sock:  # not HTTP at all
+        sock.sendall(b"\x16\x03\x01 hello\r\n\r\n")
+        assert sock.recv(65536).split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    assert ShaperControl(address).set(rtt_ms=3).rtt_ms == 3
+
+
+def test_control_endpoint_binds_loopback_only(echo: tuple[str, int]) -> None:
+    with pytest.raises(ValueError, match="loopback"), LinkShaper(echo, control=("0.0.0.0", 0)):
+        pass
 
 
 def test_in_the_callers_event_loop(echo: tuple[str, int]) -> None:

@@ -8,8 +8,7 @@ import random
 import pytest
 
 from netshape.__main__ import main
-from netshape.shaper import (DelayLine, LinkConditions, Serializer, format_address,
-                             parse_address, piece_size)
+from netshape.shaper import DelayLine, LinkConditions, Serializer, format_address, parse_address, piece_size
 
 
 @pytest.mark.parametrize("field, value", [
