@@ -32,6 +32,7 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import gRPCInputStream
 
+from cloud_node.cpus import available_cpus
 from cloud_node.servicer import (
     SERVICE_NAME,
     VerifyStream,
@@ -113,8 +114,9 @@ class CloudVerifierDeployment:
         import torch
 
         # Ray pins OMP_NUM_THREADS to the actor's num_cpus (1 by default); the target's matmuls
-        # want the node's cores. threads == 0 means all of them.
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        # want the node's cores. threads == 0 means all this process may use: its affinity and
+        # its cgroup's CPU quota (a pod's limit), never the host's core count.
+        torch.set_num_threads(threads or available_cpus())
         # The Ray actor name plus the process id: enough to find (or, in fault tests, kill) it.
         replica = f"{serve.get_replica_context().replica_id.to_full_id_str()} pid={os.getpid()}"
         self.core = VerifierCore.load(model_dir, dtype=dtype, limits=limits, model_name=model_name,

@@ -6,7 +6,9 @@ Guarantees:
 - The file appears atomically: it is compiled under a temporary name and moved into place with
   `os.replace`, so concurrent processes never load a half-written library.
 - `load_kernel()` returns None, after logging one warning, when the CPU lacks AVX2 or FMA, when
-  no C compiler is found, or when compiling or loading fails. Callers then stay on torch.
+  no C compiler is found, or when anything else fails (a missing source file in an install,
+  a failed compile or load). Callers then stay on torch.
+- The source ships in the wheel (package data), so a non-editable install compiles it too.
 - Nothing happens on import; the first `load_kernel()` call does the work and caches the result.
 """
 
@@ -92,8 +94,8 @@ def load_kernel() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("small-M kernel off: no C compiler (cc, gcc or $CC) found")
         return None
-    path = library_path(compiler)
     try:
+        path = library_path(compiler)
         if not path.exists():
             log.info("compiling %s with %s", SOURCE.name, compiler)
             compile_library(compiler, path)
@@ -104,6 +106,6 @@ def load_kernel() -> ctypes.CDLL | None:
         return _declare(ctypes.CDLL(str(path)))
     except subprocess.CalledProcessError as e:
         log.warning("small-M kernel off: compiling failed: %s", (e.stderr or "").strip()[-2000:])
-    except OSError as e:
-        log.warning("small-M kernel off: %s", e)
+    except Exception as e:  # noqa: BLE001 - the promise: any failure means no kernel, logged
+        log.warning("small-M kernel off: %s: %s", type(e).__name__, e)
     return None

@@ -52,7 +52,7 @@ def run_suite(args: argparse.Namespace) -> int:
     from tandem_sdk import Client
 
     log_dir = paths.tandem_home() / "logs" / f"bench-fallback-{datetime.now():%Y%m%d-%H%M%S}"
-    opts = local_stack.StackOptions(dtype=args.dtype, grpc_port=0, http_port=0)
+    opts = local_stack.StackConfig(dtype=args.dtype, grpc_port=0, http_port=0)
     deadline_ms = opts.round_deadline_ms
     prompt = "Write a Python function that merges two sorted lists into one sorted list."
     rows: list[dict[str, Any]] = []

@@ -80,7 +80,7 @@ def _run_processes(args: argparse.Namespace, params: Any) -> int:
 
     log_dir = paths.tandem_home() / "logs" / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     signal.signal(signal.SIGTERM, _interrupt)
-    opts = local_stack.StackOptions(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
+    opts = local_stack.StackConfig(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
                                     grpc_port=0, http_port=0)
     with procs.Stack(log_dir) as stack:
         try:

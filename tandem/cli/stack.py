@@ -80,7 +80,7 @@ def run_up(args: argparse.Namespace) -> int:
         started.append(child)
         return child
 
-    opts = local_stack.StackOptions(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
+    opts = local_stack.StackConfig(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
                                     grpc_port=args.port, http_port=args.http_port)
     _say(f"logs in {log_dir}")
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}

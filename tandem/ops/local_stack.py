@@ -24,7 +24,7 @@ StartFn = Callable[..., procs.Child]  # (name, argv, *, timeout_s, ready=None) -
 
 
 @dataclass(frozen=True)
-class StackOptions:
+class StackConfig:
     dtype: str = "bf16"
     link_rtt_ms: float = 0.0
     draft_len: int = 4
@@ -33,7 +33,7 @@ class StackOptions:
     round_deadline_ms: int = 1000
 
 
-def launch(start: StartFn, opts: StackOptions, say: Callable[[str], None]) -> dict[str, procs.Child]:
+def launch(start: StartFn, opts: StackConfig, say: Callable[[str], None]) -> dict[str, procs.Child]:
     """Start cloud -> shaper -> edge -> orchestrator; returns the children by name."""
     py, t0 = sys.executable, time.perf_counter()
     children: dict[str, procs.Child] = {}

@@ -182,3 +182,15 @@ def test_library_name_tracks_source_and_flags(monkeypatch: pytest.MonkeyPatch, t
     assert build.library_path("/usr/bin/clang") != path
     monkeypatch.setattr(build, "FLAGS", (*build.FLAGS, "-g"))
     assert build.library_path("/usr/bin/cc") != path
+
+
+def test_a_missing_source_means_no_kernel_not_a_crash(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """An install without the C source (the old wheel) must fall back to torch, as promised."""
+    from cloud_node.kernels import build
+
+    monkeypatch.setattr(build, "SOURCE", tmp_path / "missing.c")
+    build.load_kernel.cache_clear()
+    try:
+        assert build.load_kernel() is None
+    finally:
+        build.load_kernel.cache_clear()
