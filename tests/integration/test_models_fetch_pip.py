@@ -62,11 +62,11 @@ def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, step: Extract, *argv: str) -> int:
-    from tandem.cli.main import main as cli
+    from tandem.cli.main import main
 
     monkeypatch.setattr(models, "MANIFEST", {"pair": (step,)})
     monkeypatch.setattr(models, "DEFAULT_GROUPS", ("pair",))
-    return cli.main(["models", *argv])
+    return main(["models", *argv])
 
 
 def test_fetch_joins_verifies_then_skips(index: Path, monkeypatch: pytest.MonkeyPatch,
