@@ -32,6 +32,7 @@ from tandem.limits import MAX_DRAFT_LEN
 from tandem_core.loop import DraftLen, SwitchCause, VerifierUnavailable, speculative_generate
 from tandem_core.sampling import SamplingParams
 from tandem_core.stats import RequestStats
+from tandem_core.verify import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class EdgeResult:
     resumes: int = 0
     local_tokens: int = 0
     verified_tokens: int = 0
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     switches: list[Switch] = field(default_factory=list)
 
 
@@ -101,7 +102,7 @@ def _continue_local(session: DrafterSession, eos_ids: frozenset[int], result: Ed
         if on_tokens is not None:
             on_tokens((token,), "local")
     last = result.tokens[-1] if result.tokens else None
-    result.finish_reason = "stop" if last in eos_ids else "length"
+    result.finish_reason = FinishReason.STOP if last in eos_ids else FinishReason.LENGTH
 
 
 def _fall_back(result: EdgeResult, clock: _Clock, exc: VerifierUnavailable) -> None:

@@ -9,6 +9,8 @@ Guarantees:
   no C compiler is found, or when anything else fails (a missing source file in an install,
   a failed compile or load). Callers then stay on torch.
 - The source ships in the wheel (package data), so a non-editable install compiles it too.
+- With `$TANDEM_SMALLM_KERNEL` naming a library compiled ahead of time (the image's build stage),
+  that file is loaded and no compiler is looked for; the operator vouches that it matches.
 - Nothing happens on import; the first `load_kernel()` call does the work and caches the result.
 """
 
@@ -30,6 +32,9 @@ from tandem.paths import tandem_home
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("smallm_gemm.c")
+# Names a library compiled ahead of time (the container image's build stage); it is loaded as is
+# and no compiler is needed.
+PREBUILT_ENV = "TANDEM_SMALLM_KERNEL"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
 
@@ -90,13 +95,14 @@ def load_kernel() -> ctypes.CDLL | None:
     if not cpu_supported():
         log.warning("small-M kernel off: this CPU lacks %s", "/".join(sorted(REQUIRED_CPU_FLAGS)))
         return None
-    compiler = find_compiler()
-    if compiler is None:
-        log.warning("small-M kernel off: no C compiler (cc, gcc or $CC) found")
+    prebuilt = os.environ.get(PREBUILT_ENV)
+    compiler = None if prebuilt else find_compiler()
+    if not prebuilt and compiler is None:
+        log.warning("small-M kernel off: no C compiler (cc, gcc or $CC) found and no $%s", PREBUILT_ENV)
         return None
     try:
-        path = library_path(compiler)
-        if not path.exists():
+        path = Path(prebuilt) if prebuilt else library_path(compiler)  # type: ignore[arg-type]
+        if compiler is not None and not path.exists():
             log.info("compiling %s with %s", SOURCE.name, compiler)
             compile_library(compiler, path)
         # Load after torch: the library's libgomp.so.1 then resolves to the copy torch already

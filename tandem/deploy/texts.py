@@ -1,4 +1,4 @@
-"""Fixed texts of the generated deployment files (comments and the Dockerfile template).
+"""Fixed texts of the generated deployment files (comments, the Dockerfile and .dockerignore).
 
 Guarantees: plain constants, no logic; `tandem.deploy.gen` fills every `{field}` from
 `DeploySpec`, so a port, name or version appears in one place only.
@@ -9,27 +9,35 @@ from __future__ import annotations
 FILE_NOTES = {
     "serve_config.yaml": """
 Ray Serve config of the cloud verifier (the target model behind Serve's gRPC proxy).
-Deploy:  serve deploy deploy/serve_config.yaml --address http://HEAD:{dashboard_port}
+Deploy (token auth on):  RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.ray/auth_token \\
+  serve deploy deploy/serve_config.yaml --address http://HEAD:{dashboard_port}
 One replica per cloud node (custom resource); the autoscaler keeps min..max replicas and adds
 one when a replica carries more than target_ongoing_requests sessions (each Verify stream is one
-long request). See deploy/README.md.
+long request). `threads` is the replica's num_cpus, never the host's core count.
+See deploy/README.md.
 """,
     "cluster.yaml": """
-Ray cluster launcher file:  ray up deploy/cluster.yaml   (run from the repository root)
-A head node plus a group of cloud workers; each worker offers one `{resource}` resource, so
-each runs one verifier replica. Then deploy the app:
-  ray exec deploy/cluster.yaml 'cd ~/tandem && .venv/bin/serve deploy deploy/serve_config.yaml'
+Ray cluster launcher file:  ray up deploy/cluster.yaml   (run from the repository root; the aws
+provider needs `pip install boto3` where you run it). A head node plus a group of cloud workers;
+each worker offers one `{resource}` resource, so each runs one verifier replica. Then deploy:
+  ray exec deploy/cluster.yaml '{deploy_cmd}'
 """,
     "rayservice.yaml": """
-KubeRay RayService:  kubectl apply -f deploy/rayservice.yaml   (KubeRay >= 1.5.1, Ray token auth)
+KubeRay RayService:  kubectl apply -f deploy/rayservice.yaml   (KubeRay >= {kuberay_version}, Ray token auth)
+KubeRay {kuberay_version} is the first release whose Serve Service keeps ports named `serve-*`
+(KubeRay PR #4558); older releases keep only `serve` and drop `{grpc_name}`.
 serveConfigV2 is deploy/serve_config.yaml verbatim. Clients reach the gRPC ingress through the
 Service `<name>-serve`, port `{grpc_name}` ({grpc_port}). The image is built from deploy/Dockerfile.
 """,
     "Dockerfile": """
-Image of a cloud node (head or worker) for deploy/rayservice.yaml:
-  docker build -f deploy/Dockerfile -t {image} .    (from the repository root)
-NOT BUILT OR TESTED HERE: the development machine runs no Docker engine. The same steps (venv,
-pinned install, `tandem models fetch`) run for real in the cluster launcher's setup commands.
+Image of a cloud node (head or worker) for deploy/rayservice.yaml, linux/amd64, from the repository root:
+  docker build --platform linux/amd64 -f deploy/Dockerfile -t {image} .
+Stages: deps (the locked dependencies), models (`tandem models fetch`, baked into the image in
+its own layer), build (gcc compiles the small-M kernel), runtime (no compiler, user {uid}).
+NOT BUILT HERE: the development machine runs no Docker engine; tests lint this file (hadolint).
+""",
+    ".dockerignore": """
+The build context of deploy/Dockerfile: everything is ignored except what its COPY lines name.
 """,
 }
 
@@ -37,7 +45,8 @@ PROVIDER_NOTES = """
 PLACEHOLDER: not tested, no cloud account is reachable from the development machine.
 Replace with your provider before `ray up`:
   aws:   region/availability_zone here; InstanceType and ImageId (an Ubuntu 22.04+ AMI with
-         python3.11) under each node type's node_config; IAM as in Ray's aws example.
+         python3.11) under each node type's node_config; IAM as in Ray's aws example. The
+         launcher imports boto3, which the lock does not pin: `pip install boto3` first.
   gcp:   type: gcp, region, availability_zone, project_id; node_config with machineType and disks.
   local: type: local, head_ip and worker_ips of machines you own (ssh reachable, same user).
 The rest of the file is provider-independent. Size the nodes for one replica each: the target
@@ -60,36 +69,77 @@ its replica should be the least loaded, not the one next to the proxy the client
 """,
 }
 
+# {base}: python:X.Y-slim@sha256:...; {copy_source}: one COPY line per package of the wheel.
 DOCKERFILE = """\
-FROM python:{python}-slim
-
-# gcc: the small-M verification kernel is compiled on first use (cloud_node/kernels);
-# wget: KubeRay's probes use it.
-RUN apt-get update \\
- && apt-get install -y --no-install-recommends gcc libc6-dev wget \\
- && rm -rf /var/lib/apt/lists/*
-
+FROM {base} AS deps
 ENV PIP_NO_CACHE_DIR=1 \\
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \\
+    PATH=/opt/venv/bin:$PATH \\
+    TANDEM_HOME={home}
+WORKDIR /opt/src
+# 1. The locked third-party dependencies. Only the lock and the project metadata are copied, so
+#    this layer is rebuilt when they change, not when the code does (the project itself is
+#    installed from its wheel in the runtime stage).
+COPY requirements.lock pyproject.toml README.md ./
+RUN python -m venv /opt/venv \\
+ && pip install --extra-index-url https://download.pytorch.org/whl/cpu -c requirements.lock ".[{extras}]" \\
+ && pip uninstall -y tandem
+
+# 2. The models, fetched and converted at build time into their own layer. Only the modules that
+#    `tandem models fetch` runs are copied, so a code change elsewhere reuses this layer.
+FROM deps AS models
+COPY tandem/__init__.py tandem/paths.py tandem/
+COPY tandem/models/ tandem/models/
+RUN python -c "from tandem.models import fetch; fetch.fetch()" \\
+ && rm -rf {home}/downloads
+
+# 3. gcc lives in this stage only: it builds the wheel and compiles the small-M kernel
+#    (cloud_node/kernels) into {home}/kernels, which the runtime stage copies.
+FROM deps AS build
+# Debian's package versions move with its security updates; the base image is pinned by digest.
+# hadolint ignore=DL3008
+RUN apt-get update \\
+ && apt-get install -y --no-install-recommends gcc libc6-dev \\
+ && rm -rf /var/lib/apt/lists/*
+{copy_source}
+WORKDIR /
+RUN pip wheel --no-deps --wheel-dir /opt/wheels /opt/src \\
+ && pip install --no-deps /opt/wheels/*.whl \\
+ && python -c "{compile_kernel}"
+
+# 4. The runtime: the base image, wget (KubeRay's readiness probes run it), the dependencies,
+#    the models, the project's wheel and the compiled kernel; no compiler; a non-root user.
+FROM {base} AS runtime
+# Debian's package versions move with its security updates; the base image is pinned by digest.
+# hadolint ignore=DL3008
+RUN apt-get update \\
+ && apt-get install -y --no-install-recommends wget \\
+ && rm -rf /var/lib/apt/lists/* \\
+ && useradd --create-home --uid {uid} --user-group --shell /bin/bash tandem
+ENV PIP_NO_CACHE_DIR=1 \\
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \\
     PYTHONUNBUFFERED=1 \\
     PATH=/opt/venv/bin:$PATH \\
     {env}
-
-WORKDIR /opt/src
-COPY requirements.lock pyproject.toml README.md ./
-COPY tandem/ tandem/
-COPY tandem_core/ tandem_core/
-COPY tandem_sdk/ tandem_sdk/
-COPY edge_node/ edge_node/
-COPY cloud_node/ cloud_node/
-COPY orchestrator/ orchestrator/
-COPY protos/ protos/
-COPY netshape/ netshape/
-RUN python -m venv /opt/venv \\
- && pip install --extra-index-url https://download.pytorch.org/whl/cpu -c requirements.lock ".[{extras}]"
-
-# The models are part of the image (about 1.6 GB of downloads, converted once at build time);
-# mount a volume at $TANDEM_HOME instead to keep the image small.
-RUN tandem models fetch
-
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=models {home}/models {home}/models
+COPY --from=build /opt/wheels /opt/wheels
+RUN pip install --no-deps /opt/wheels/*.whl \\
+ && rm -rf /opt/wheels
+# The runtime has no compiler: the replicas load this prebuilt library (TANDEM_SMALLM_KERNEL).
+COPY --from=build {home}/kernels {home}/kernels
+ENV TANDEM_SMALLM_KERNEL={home}/kernels/smallm_gemm.so
+USER {uid}
+WORKDIR /home/tandem
 EXPOSE {ports}
+"""
+
+# Compiles the kernel for the CPU flags in cloud_node/kernels/build.py (AVX2/FMA), whatever the
+# build machine's own CPU; run from / so that it imports the installed wheel.
+COMPILE_KERNEL = ("from pathlib import Path; from cloud_node.kernels import build as k; "
+                  "k.compile_library(k.find_compiler(), Path('{home}/kernels/smallm_gemm.so'))")
+
+DOCKERIGNORE_TAIL = """\
+**/__pycache__
+**/*.pyc
 """

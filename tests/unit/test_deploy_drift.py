@@ -1,9 +1,10 @@
-"""deploy/ against its single source (`tandem.deploy_gen.DeploySpec`) and against itself.
+"""deploy/ against its single source (`tandem.deploy.gen.DeploySpec`) and against itself.
 
-Fails when a generated file was edited by hand or the spec changed without regenerating
-(`python -m tandem.deploy.gen`), when two files disagree on a shared setting, or when a file is
-not valid for the tool that reads it (Serve's config schema, `ray up`'s schema). No cluster,
-no models.
+Fails when a generated file (deploy/ and the root .dockerignore) was edited by hand or the spec
+changed without regenerating (`python -m tandem.deploy.gen`), when two files disagree on a
+shared setting (ports, resources, drain time, image, user, threads), or when a file is not
+valid for the tool that reads it (Serve's config schema, `ray up`'s schema; the strict checks
+are in test_deploy_schema.py). No cluster, no models.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tandem.deploy import gen as deploy_gen
 from tandem.deploy.gen import (
     CLUSTER,
     DOCKERFILE_NAME,
+    DOCKERIGNORE,
     FILES,
     GRPC_PORT_NAME,
     RAYSERVICE,
@@ -44,20 +46,39 @@ def _containers(rayservice: dict) -> dict[str, dict]:
 
 
 def test_deploy_files_are_what_the_spec_renders() -> None:
-    assert deploy_gen.check(DEPLOY) == [], "deploy/ drifted from tandem/deploy/gen.py: run `python -m tandem.deploy.gen`"
+    assert deploy_gen.check(DEPLOY, root=DEPLOY.parent) == [], \
+        "deploy/ or .dockerignore drifted from tandem/deploy/gen.py: run `python -m tandem.deploy.gen`"
     assert (DEPLOY / "README.md").is_file()
 
 
 def test_a_hand_edit_is_reported_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    deploy_gen.write(tmp_path)
-    assert deploy_gen.main(["--check", "--out", str(tmp_path)]) == 0
-    text = (tmp_path / RAYSERVICE).read_text()
-    (tmp_path / RAYSERVICE).write_text(text.replace("containerPort: 9000", "containerPort: 9001", 1))
-    (tmp_path / DOCKERFILE_NAME).unlink()
-    assert deploy_gen.check(tmp_path) == [RAYSERVICE, DOCKERFILE_NAME]
-    assert deploy_gen.main(["--check", "--out", str(tmp_path)]) == 1
+    out = tmp_path / "deploy"
+    deploy_gen.write(out, root=tmp_path)
+    assert deploy_gen.main(["--check", "--out", str(out)]) == 0  # the root defaults to the folder above
+    text = (out / RAYSERVICE).read_text()
+    (out / RAYSERVICE).write_text(text.replace("containerPort: 9000", "containerPort: 9001", 1))
+    (out / DOCKERFILE_NAME).unlink()
+    (tmp_path / DOCKERIGNORE).write_text("*\n")
+    assert deploy_gen.check(out, root=tmp_path) == [RAYSERVICE, DOCKERFILE_NAME, DOCKERIGNORE]
+    assert deploy_gen.main(["--check", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert RAYSERVICE in err and DOCKERFILE_NAME in err and SERVE_CONFIG not in err
+    assert RAYSERVICE in err and DOCKERFILE_NAME in err and DOCKERIGNORE in err and SERVE_CONFIG not in err
+
+
+def test_the_image_reference_is_rendered_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    sets = ["image_registry=localhost:5000/team", "image_tag=3f2c1ab"]
+    assert deploy_gen.main(["--print-image", *(f"--set={s}" for s in sets)]) == 0
+    image = capsys.readouterr().out.strip()
+    assert image == "localhost:5000/team/tandem-cloud:3f2c1ab"
+    files = deploy_gen.render(deploy_gen.apply_overrides(DeploySpec(), sets))
+    assert files[RAYSERVICE].count(f"image: {image}\n") == 2 and f"-t {image} ." in files[DOCKERFILE_NAME]
+    for container in _containers(yaml.safe_load(files[RAYSERVICE])).values():
+        assert container["imagePullPolicy"] == "IfNotPresent"
+    with pytest.raises(ValueError, match="image_tag"):
+        DeploySpec(image_tag="latest")
+    assert DeploySpec(image_tag="latest", image_pull_policy="Always").image == "tandem-cloud:latest"
+    with pytest.raises(ValueError, match="image_pull_policy"):
+        DeploySpec(image_pull_policy="Sometimes")
 
 
 def test_rendering_is_deterministic_and_overrides_reach_every_file() -> None:
@@ -91,7 +112,8 @@ def test_shared_settings_agree_across_files() -> None:
     assert f"TANDEM_HOME={home}" in docker
 
     worker_group = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-    assert resource in yaml.safe_load(yaml.safe_load(worker_group["rayStartParams"]["resources"]))
+    assert worker_group["resources"] == {resource: "1"}  # group-level: KubeRay 1.5 mangles the rayStartParams string
+    assert "resources" not in worker_group["rayStartParams"]
     assert cluster["available_node_types"]["cloud_worker"]["resources"] == {resource: 1}
     assert any(f'"{resource}":1' in cmd for cmd in cluster["worker_start_ray_commands"])
     assert any(f"TANDEM_HOME={home} " in cmd for cmd in cluster["setup_commands"])
@@ -101,6 +123,49 @@ def test_shared_settings_agree_across_files() -> None:
     surge = 1 if deployment["max_surge_percent"] > 0 else 0
     head = 1 if DeploySpec().head_hosts_replica else 0
     assert worker_group["maxReplicas"] >= replicas["max_replicas"] + surge - head
+    # a new cluster starts its nodes for initial_replicas at once, and takes traffic at that capacity
+    assert worker_group["replicas"] == replicas.get("initial_replicas", replicas["min_replicas"]) - head
+
+
+def test_drain_time_reaches_pods_and_the_old_cluster() -> None:
+    serve, rayservice = _load(SERVE_CONFIG), _load(RAYSERVICE)
+    drain = serve["applications"][0]["deployments"][0]["graceful_shutdown_timeout_s"]
+    spec = rayservice["spec"]
+    assert spec["rayClusterDeletionDelaySeconds"] > drain
+    assert spec["upgradeStrategy"] == {"type": "NewCluster"}
+    cluster = spec["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert group["template"]["spec"]["terminationGracePeriodSeconds"] == spec["rayClusterDeletionDelaySeconds"]
+
+
+def test_threads_come_from_the_replicas_cpus_not_the_host() -> None:
+    serve, rayservice = _load(SERVE_CONFIG), _load(RAYSERVICE)
+    app = serve["applications"][0]
+    cpus = app["deployments"][0]["ray_actor_options"]["num_cpus"]
+    assert app["args"]["threads"] == int(cpus) >= 1
+    worker = _containers(rayservice)["ray-worker"]
+    assert app["args"]["threads"] <= float(worker["resources"]["limits"]["cpu"])
+    assert dataclasses.replace(DeploySpec(), replica_cpus=0.5).app_args()["threads"] == 1
+    assert dataclasses.replace(DeploySpec(), threads=3).app_args()["threads"] == 3
+
+
+def test_the_head_hosts_no_replica_and_offers_no_cpu() -> None:
+    cluster, rayservice = _load(CLUSTER), _load(RAYSERVICE)
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0" and "resources" not in head
+    assert "--num-cpus=0" in cluster["head_start_ray_commands"][-1]
+    files = deploy_gen.render(dataclasses.replace(DeploySpec(), head_hosts_replica=True))
+    head = yaml.safe_load(files[RAYSERVICE])["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == str(DeploySpec().node_cpus) and head["resources"]
+
+
+def test_the_image_user_is_the_pods_user() -> None:
+    rayservice = _load(RAYSERVICE)
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    uid = DeploySpec().image_uid
+    assert f"\nUSER {uid}\n" in (DEPLOY / DOCKERFILE_NAME).read_text()
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert group["template"]["spec"]["securityContext"] == {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid}
 
 
 def test_versions_match_the_pinned_install() -> None:
@@ -109,7 +174,7 @@ def test_versions_match_the_pinned_install() -> None:
     ray_version = rayservice["spec"]["rayClusterConfig"]["rayVersion"]
     assert f"\nray=={ray_version}\n" in f"\n{lock}"
     assert ray_version == importlib.metadata.version("ray")
-    assert (DEPLOY / DOCKERFILE_NAME).read_text().count(f"FROM python:{DeploySpec().python_version}-slim") == 1
+    assert (DEPLOY / DOCKERFILE_NAME).read_text().count(f"FROM python:{DeploySpec().python_version}-slim@sha256:") == 2
 
 
 def test_serve_config_is_valid_for_serve_and_matches_the_code() -> None:

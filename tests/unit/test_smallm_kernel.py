@@ -194,3 +194,21 @@ def test_a_missing_source_means_no_kernel_not_a_crash(monkeypatch: pytest.Monkey
         assert build.load_kernel() is None
     finally:
         build.load_kernel.cache_clear()
+
+
+def test_a_prebuilt_library_loads_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The image's runtime stage has no compiler: $TANDEM_SMALLM_KERNEL names the library built earlier."""
+    from cloud_node.kernels import build
+
+    prebuilt = tmp_path / "smallm_gemm.so"
+    build.compile_library(build.find_compiler(), prebuilt)
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    build.load_kernel.cache_clear()
+    try:
+        assert build.load_kernel() is None  # no compiler and nothing prebuilt: torch stays in charge
+        build.load_kernel.cache_clear()
+        monkeypatch.setenv(build.PREBUILT_ENV, str(prebuilt))
+        lib = build.load_kernel()
+        assert lib is not None and hasattr(lib, "smallm_linear")
+    finally:
+        build.load_kernel.cache_clear()
