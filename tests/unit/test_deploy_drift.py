@@ -47,7 +47,7 @@ def _containers(rayservice: dict) -> dict[str, dict]:
 
 def test_deploy_files_are_what_the_spec_renders() -> None:
     assert deploy_gen.check(DEPLOY, root=DEPLOY.parent) == [], \
-        "deploy/ or .dockerignore drifted from tandem/deploy/gen.py: run `python -m tandem.deploy.gen`"
+        "deploy/ or .dockerignore drifted from tandem/deploy/spec.py: run `python -m tandem.deploy.gen`"
     assert (DEPLOY / "README.md").is_file()
 
 
