@@ -72,7 +72,9 @@ def torch_dtype(name: str):  # -> torch.dtype
 class TargetModel:
     """The loaded target model; sessions share its weights and own their caches."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "bf16", small_m_kernel: bool = True) -> None:
+    def __init__(self, model_dir: str | Path, dtype: str = "bf16", small_m_kernel: bool | None = None) -> None:
+        """`small_m_kernel`: None picks by CPU (on where the CPU has no native bf16 matmul),
+        True forces it where it can load, False keeps torch everywhere."""
         from transformers import AutoModelForCausalLM
 
         self.dtype = dtype
@@ -81,7 +83,7 @@ class TargetModel:
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 32768))
         log.info("loaded target %s (%s, vocab %d)", model_dir, dtype, self.vocab_size)
-        self.small_m_layers = self._install_small_m_kernel() if small_m_kernel else 0
+        self.small_m_layers = self._install_small_m_kernel(bool(small_m_kernel)) if small_m_kernel is not False else 0
         self.warmup()
 
     def warmup(self) -> float:
@@ -96,9 +98,15 @@ class TargetModel:
         log.info("warm-up prefill + round took %.2f s", took)
         return took
 
-    def _install_small_m_kernel(self) -> int:
+    def _install_small_m_kernel(self, forced: bool) -> int:
         """Number of Linear layers the sessions' forwards may route to the small-M kernel."""
         from cloud_node.kernels import install_small_m_linear
+        from cloud_node.kernels.build import native_bf16_matmul
+
+        if not forced and native_bf16_matmul():
+            log.info("small-M kernel not installed: this CPU has native bf16 matmuls (AVX512-BF16/AMX), "
+                     "where torch's are faster; prefill runs in one pass")
+            return 0
 
         patched = install_small_m_linear(self.model)
         if patched:
