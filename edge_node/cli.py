@@ -1,6 +1,9 @@
 """`tandem serve edge` / `python -m edge_node`: run the edge node's gRPC service.
 
-Prints `edge grpc=HOST:PORT` once it serves, and stops cleanly on SIGINT or SIGTERM.
+Prints `edge grpc=HOST:PORT` once it serves. On SIGTERM or SIGINT it drains: health turns
+NOT_SERVING, new generations are refused with UNAVAILABLE, and the running ones finish within
+`drain_s` seconds; then it exits 0. A second signal, or the end of the drain period, stops it at
+once (running streams are cancelled).
 Settings come from flags, then TANDEM_EDGE_* environment variables, then defaults
 (`edge_node.config.EdgeConfig`); a bad value exits with code 2 and a message naming it.
 """
@@ -12,12 +15,16 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from edge_node.config import ENV_PREFIX, EdgeConfig
 from tandem.config import ConfigError, add_flags, load
+
+log = logging.getLogger(__name__)
+_SEND_GRACE_S = 5.0
 
 
 def add_edge_parser(sub: Any) -> argparse.ArgumentParser:
@@ -34,10 +41,28 @@ def _default_drafter() -> Path:
     return registry.drafter_onnx_dir()
 
 
+class _Signals:
+    """SIGTERM/SIGINT: the first sets `first` (drain), any later one `second` (stop at once)."""
+
+    def __init__(self) -> None:
+        self.first, self.second = threading.Event(), threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, *_: object) -> None:
+        (self.second if self.first.is_set() else self.first).set()
+
+    def wait_first(self) -> None:
+        # Python runs handlers on the main thread only, and a signal that lands on one of gRPC's
+        # threads does not wake a main thread blocked without a timeout: poll.
+        while not self.first.wait(0.1):
+            pass
+
+
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM; raises ConfigError for a bad setting."""
+    """Serve until SIGINT/SIGTERM, then drain; raises ConfigError for a bad setting."""
     from edge_node.drafter import DrafterModel
-    from edge_node.servicer import create_server
+    from edge_node.servicer import create_node
 
     config = load(EdgeConfig, args, env_prefix=ENV_PREFIX)
     if config.drafter is None:
@@ -45,14 +70,20 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(config.drafter) / "genai_config.json").exists():  # type: ignore[arg-type]
         raise ConfigError(f"drafter: no ONNX drafter at {config.drafter}; run `tandem models fetch`")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s edge %(levelname)s %(message)s")
-    server, port = create_server(DrafterModel(config.drafter), config)  # type: ignore[arg-type]
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server.start()
-    print(f"edge grpc={config.host}:{port}", flush=True)
-    stop.wait()
-    server.stop(grace=2).wait()
+    node = create_node(DrafterModel(config.drafter), config)  # type: ignore[arg-type]
+    signals = _Signals()
+    node.server.start()
+    print(f"edge grpc={config.host}:{node.port}", flush=True)
+    signals.wait_first()
+    log.info("draining: up to %.0f s for %d running generation(s)", config.drain_s, node.core.running)
+    t0 = time.monotonic()
+    drained = node.drain(config.drain_s, hurry=signals.second)
+    left = node.core.running
+    # Drained: the streams only have their last messages to send; a grace lets them (and any
+    # unary call) finish. Otherwise cancel at once.
+    node.server.stop(grace=_SEND_GRACE_S if drained else 0).wait()
+    log.info("stopped after draining %.2f s (%s)", time.monotonic() - t0,
+             "every generation finished" if drained else f"{left} generation(s) cut")
     return 0
 
 

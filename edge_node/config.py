@@ -20,6 +20,8 @@ from tandem.limits import (
 )
 
 ENV_PREFIX = "TANDEM_EDGE_"
+DEFAULT_DRAIN_S = 30.0  # `tandem down` waits a little longer than this before it kills
+MAX_DRAIN_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class EdgeConfig:
         "help": "deadline for opening a cloud session, prefill included"})
     max_concurrent: int = field(default=MAX_CONCURRENT_GENERATIONS, metadata={"help": "generations at once"})
     max_resumes: int = field(default=3, metadata={"help": "cloud stream re-opens per request"})
+    drain_s: float = field(default=DEFAULT_DRAIN_S, metadata={
+        "help": "on SIGTERM, how long running generations may take to finish before the node stops"})
 
     def __post_init__(self) -> None:
         if self.cloud_address is not None and ":" not in self.cloud_address:
@@ -51,6 +55,8 @@ class EdgeConfig:
             raise ValueError(f"max_concurrent: must be >= 1, got {self.max_concurrent}")
         if self.max_resumes < 0:
             raise ValueError(f"max_resumes: must be >= 0, got {self.max_resumes}")
+        if not 0 <= self.drain_s <= MAX_DRAIN_S:
+            raise ValueError(f"drain_s: must be in [0, {MAX_DRAIN_S:g}], got {self.drain_s}")
 
     @property
     def drafter_name(self) -> str:

@@ -1,24 +1,31 @@
 """The edge node's gRPC service: translates protos to `edge_node.core` and streams token deltas.
 
 Guarantees:
-- The servicer only translates: request fields -> `EdgeCore.encode/prepare` (INVALID_ARGUMENT
-  naming the field), the generation runs in a worker thread, and each committed piece is
-  streamed as a `TokenDelta` whose text, concatenated, is the answer; the last message carries
-  the statistics.
-- A client that goes away stops its generation; a cloud that stays unreachable past the resume
-  budget ends the stream with UNAVAILABLE; the server keeps serving either way.
-- At most `max_concurrent` generations run at once; beyond it RESOURCE_EXHAUSTED.
-- Health checking (grpc.health.v1) and server reflection are registered. `create_server`
-  returns the server not started, as every node's does.
+- The servicer only translates: request fields -> `EdgeCore.encode/prepare`, the core's
+  `Piece`s -> `TokenDelta`s whose text, concatenated, is the answer, and its `EdgeResult` ->
+  the last message's statistics.
+- One status map (`_status`): a bad field is INVALID_ARGUMENT naming it; all slots taken is
+  RESOURCE_EXHAUSTED; a draining node is UNAVAILABLE; a cloud that stays unreachable past the
+  resume budget is UNAVAILABLE and a cloud refusal keeps the cloud's code. Server-side failures
+  carry a generic message and a request id, their details go to the log (`rpc_guard.fault`):
+  no status message holds a traceback, a path, a pid or an address. Undecodable request bytes
+  are INVALID_ARGUMENT and anything unforeseen INTERNAL, on every service of the server
+  (`rpc_guard.RpcGuard`).
+- A client that goes away stops its generation at the next token and frees its slot; the
+  server keeps serving either way.
+- `create_node` returns an `EdgeServer` (not started) with health checking and reflection
+  registered; `EdgeServer.drain` reports NOT_SERVING, refuses new generations and waits for
+  the running ones. `create_server` returns the bare (server, port), as every node's does.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,10 +33,10 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_node.cloud_link import CloudRejected, LinkError
 from edge_node.config import EdgeConfig
-from edge_node.core import Busy, EdgeCore, EdgeJob
+from edge_node.core import Busy, Draining, EdgeCore, EdgeJob, Piece
 from edge_node.drafter import DrafterModel
 from edge_node.generation import EdgeResult
-from edge_node.text import TextStream
+from edge_node.rpc_guard import RpcGuard, fault
 from protos.enums import cause_to_proto, edge_mode_to_route, finish_to_proto
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from tandem_core.sampling import SamplingParams
@@ -37,11 +44,6 @@ from tandem_core.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeNode"].full_name
-_DONE = object()
-
-
-class _Cancelled(Exception):
-    pass
 
 
 def _encode(core: EdgeCore, request: edge_pb2.EdgeGenerateRequest) -> list[int]:
@@ -58,6 +60,33 @@ def _job(core: EdgeCore, request: edge_pb2.EdgeGenerateRequest) -> EdgeJob:
                         fallback_local=request.fallback_local)
 
 
+def _status(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    """The one map from the core's errors to statuses; server-side failures via `fault`."""
+    if isinstance(exc, ValueError):  # BadRequest, or the sampling params / mode naming their field
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, Busy):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, Draining):
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    _failure(context, exc)
+
+
+def _failure(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    """A running generation failed: never the client's fault, so no detail leaves the node."""
+    if isinstance(exc, CloudRejected):
+        fault(context, exc.code, f"the cloud verifier refused the request ({exc.code.name})", exc)
+    if isinstance(exc, LinkError):
+        fault(context, grpc.StatusCode.UNAVAILABLE, "the cloud verifier is unreachable", exc)
+    fault(context, grpc.StatusCode.INTERNAL, "generation failed", exc)
+
+
+def _to_proto(item: Piece | EdgeResult) -> edge_pb2.EdgeGenerateResponse:
+    if isinstance(item, Piece):
+        return edge_pb2.EdgeGenerateResponse(delta=edge_pb2.TokenDelta(tokens=item.tokens, text=item.text,
+                                                                       source=item.source))
+    return edge_pb2.EdgeGenerateResponse(stats=stats_to_proto(item))
+
+
 class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
     def __init__(self, core: EdgeCore) -> None:
         self._core = core
@@ -66,7 +95,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
         try:
             return edge_pb2.TokenCount(prompt_tokens=len(_encode(self._core, request)))
         except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            _status(context, exc)
 
     def Info(self, request: edge_pb2.EdgeInfoRequest, context: grpc.ServicerContext) -> edge_pb2.EdgeInfo:
         c = self._core.config
@@ -77,57 +106,18 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
     def Generate(self, request: edge_pb2.EdgeGenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[edge_pb2.EdgeGenerateResponse]:
         try:
-            job = _job(self._core, request)
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            generation = self._core.start(_job(self._core, request))
+        except (ValueError, Busy, Draining) as exc:
+            _status(context, exc)
+        if not context.add_callback(generation.cancel):  # the client left already
+            generation.cancel()
         try:
-            with self._core.slot():
-                yield from self._stream(job, context)
-        except Busy as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-
-    def _stream(self, job: EdgeJob, context: grpc.ServicerContext) -> Iterator[edge_pb2.EdgeGenerateResponse]:
-        out: queue.Queue = queue.Queue()
-        text = TextStream(self._core.drafter.decode)
-        last_source = [job.route.value if job.route == "local" else "verified"]
-
-        def on_tokens(tokens: Sequence[int], source: str) -> None:
-            if not context.is_active():
-                raise _Cancelled()
-            last_source[0] = source
-            out.put(edge_pb2.EdgeGenerateResponse(delta=edge_pb2.TokenDelta(
-                tokens=list(tokens), text=text.push(tokens), source=source)))
-
-        def work() -> None:
-            try:
-                out.put(self._core.run(job, on_tokens))
-            except BaseException as exc:  # noqa: BLE001 - handed to the serving thread
-                out.put(exc)
-            finally:
-                out.put(_DONE)
-
-        threading.Thread(target=work, daemon=True, name="edge-generate").start()
-        while (item := out.get()) is not _DONE:
-            if isinstance(item, edge_pb2.EdgeGenerateResponse):
-                yield item
-            elif isinstance(item, EdgeResult):
-                tail = text.flush()
-                if tail:
-                    yield edge_pb2.EdgeGenerateResponse(delta=edge_pb2.TokenDelta(text=tail, source=last_source[0]))
-                yield edge_pb2.EdgeGenerateResponse(stats=stats_to_proto(item))
-            elif isinstance(item, _Cancelled):
-                return
-            else:
-                _abort(context, item)
-
-
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
-    if isinstance(exc, CloudRejected):
-        context.abort(exc.code, str(exc))
-    if isinstance(exc, LinkError):
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"cloud verifier unreachable: {exc}")
-    log.error("generation failed", exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {exc}")
+            for item in generation:
+                yield _to_proto(item)
+        except Exception as exc:  # noqa: BLE001 - the worker's error, mapped in _failure
+            _failure(context, exc)
+        finally:
+            generation.cancel()
 
 
 def stats_to_proto(r: EdgeResult) -> common_pb2.GenerationStats:
@@ -145,15 +135,31 @@ def stats_to_proto(r: EdgeResult) -> common_pb2.GenerationStats:
                   for w in r.switches])
 
 
-def create_server(drafter: DrafterModel, config: EdgeConfig, address: str | None = None,
-                  max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """A grpc server (not started) with the edge service, health and reflection; (server, port).
+@dataclass
+class EdgeServer:
+    """A built edge node: the grpc server, its port, the core and the health service."""
 
-    `address` defaults to the config's host and port.
-    """
+    server: grpc.Server
+    port: int
+    core: EdgeCore
+    health: health.HealthServicer
+
+    def drain(self, period_s: float, hurry: threading.Event | None = None) -> bool:
+        """Health NOT_SERVING ("" and the service), new Generate UNAVAILABLE, then wait for the
+        running generations: True once none runs, False when `period_s` passed or `hurry` was set."""
+        self.health.enter_graceful_shutdown()
+        self.core.drain()
+        return self.core.wait_idle(period_s, hurry)
+
+
+def create_node(drafter: DrafterModel, config: EdgeConfig, address: str | None = None,
+                max_workers: int = 16) -> EdgeServer:
+    """The edge node's server (not started); `address` defaults to the config's host and port."""
     channel = grpc.insecure_channel(config.cloud_address) if config.cloud_address else None
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edge-rpc"))
-    edge_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(EdgeCore(drafter, config, channel)), server)
+    core = EdgeCore(drafter, config, channel)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edge-rpc"),
+                         interceptors=[RpcGuard()])
+    edge_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(core), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -163,4 +169,11 @@ def create_server(drafter: DrafterModel, config: EdgeConfig, address: str | None
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}")
-    return server, port
+    return EdgeServer(server, port, core, health_servicer)
+
+
+def create_server(drafter: DrafterModel, config: EdgeConfig, address: str | None = None,
+                  max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """A grpc server (not started) with the edge service, health and reflection; (server, port)."""
+    node = create_node(drafter, config, address, max_workers)
+    return node.server, node.port

@@ -2,34 +2,85 @@
 one asyncio loop.
 
 Guarantees: `Running.start()` returns once both listeners are bound (ports known) and health
-says SERVING; `Running.stop()` closes them, the monitor and the edge channel, whatever state
-they are in.
+says SERVING. `Running.drain(period_s)` is the graceful part of a shutdown: health turns
+NOT_SERVING ("" and the service), every new generation is refused (gRPC UNAVAILABLE, HTTP 503
+in OpenAI's error shape: `errors.Unavailable`) while both listeners stay up to say so, and it
+returns once the generations in flight have finished (True), or when `period_s` passed or
+`hurry` was set (False). `Running.stop()` then closes the listeners, the monitor and the edge
+channel, whatever state they are in; what still runs is cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.core import Orchestrator
+from orchestrator.errors import Unavailable
 from orchestrator.link_monitor import LinkMonitor
 from orchestrator.personal import Personal
 from orchestrator.servicer import create_server, mark_serving
+from protos.tandem.v1 import orchestrator_pb2 as opb
 
 log = logging.getLogger(__name__)
+
+
+class Admission:
+    """Counts the generations in flight; once closed, refuses new ones."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if not self.open:
+            raise Unavailable("the orchestrator is draining (shutting down); retry on another one")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
+class AdmittedOrchestrator(Orchestrator):
+    """The core, with every generation passing through `admission` (both transports use this)."""
+
+    admission: Admission
+
+    async def generate(self, request: opb.GenerateTextRequest) -> AsyncIterator[opb.GenerateTextResponse]:
+        self.admission.enter()  # before the first item: gRPC UNAVAILABLE, HTTP 503
+        items = cast(AsyncGenerator[opb.GenerateTextResponse, None], super().generate(request))
+        try:
+            async for item in items:
+                yield item
+        finally:
+            try:
+                await items.aclose()
+            finally:
+                self.admission.leave()
 
 
 @dataclass
 class Running:
     config: OrchestratorConfig
     personal: Personal | None = None
-    core: Orchestrator | None = None
+    core: AdmittedOrchestrator | None = None
     grpc_port: int = 0
     http_port: int | None = None
+    admission: Admission = field(default_factory=Admission)
     _server: grpc.aio.Server | None = None
     _http: Any = None
     _edge_channel: grpc.aio.Channel | None = None
@@ -42,7 +93,8 @@ class Running:
                                     open_s=c.circuit_open_s)
         if c.personal and self.personal is None:
             self.personal = Personal(c.store_path)
-        self.core = Orchestrator(c, self._edge_channel, self._monitor, self.personal)
+        self.core = AdmittedOrchestrator(c, self._edge_channel, self._monitor, self.personal)
+        self.core.admission = self.admission
         self._server, self.grpc_port = create_server(self.core, f"{c.host}:{c.grpc_port}")
         await self._server.start()
         if c.http_port is not None:
@@ -52,6 +104,19 @@ class Running:
         self._monitor.start()
         await mark_serving(self._server)
         return self
+
+    async def drain(self, period_s: float, hurry: asyncio.Event | None = None) -> bool:
+        """NOT_SERVING, refuse new generations, wait for those in flight (see the module docstring)."""
+        if self._server is not None:
+            await self._server.health.enter_graceful_shutdown()
+        self.admission.open = False
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.admission.idle())]
+        if hurry is not None:
+            waits.append(asyncio.ensure_future(hurry.wait()))
+        done, pending = await asyncio.wait(waits, timeout=period_s, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return waits[0] in done
 
     async def stop(self) -> None:
         if self._monitor is not None:

@@ -7,7 +7,9 @@ Guarantees:
   as HOST:PORT. Progress goes to stderr. If any process fails, everything started is stopped and
   the exit code is 2 with the failing process's log tail. A stack already running is an error.
 - `down` stops every process `up` started (their whole sessions, Ray's workers included) and
-  removes the record; with nothing running it says so and succeeds.
+  removes the record; with nothing running it says so and succeeds. Each process gets SIGTERM
+  and `_down_grace_s()` to drain (the nodes' default drain period plus 10 s to exit) before
+  SIGKILL, so answers in flight finish; the orchestrator goes first, the edge under it next.
 - `status` shows each process's health (exit 0 when all are healthy, 1 otherwise) and the
   orchestrator's view of the link.
 """
@@ -104,6 +106,13 @@ def run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _down_grace_s() -> float:
+    from edge_node.config import DEFAULT_DRAIN_S as EDGE_DRAIN_S
+    from orchestrator.cli import DEFAULT_DRAIN_S as ORCH_DRAIN_S
+
+    return max(EDGE_DRAIN_S, ORCH_DRAIN_S) + 10.0
+
+
 def run_down(args: argparse.Namespace) -> int:
     from tandem.ops import local_stack, procs
 
@@ -114,7 +123,7 @@ def run_down(args: argparse.Namespace) -> int:
     for p in reversed(state.get("processes", [])):
         if _ours(p):
             _say(f"stopping {p['name']} (pid {p['pid']})")
-            procs.stop_session(int(p["pid"]))
+            procs.stop_session(int(p["pid"]), grace_s=_down_grace_s())
     local_stack.state_file().unlink(missing_ok=True)
     _say("stopped")
     return 0

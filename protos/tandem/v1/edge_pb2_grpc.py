@@ -26,7 +26,21 @@ if _version_not_supported:
 
 
 class EdgeNodeStub:
-    """Missing associated documentation comment in .proto file."""
+    """Statuses, for every method (and the health and reflection services on the same server):
+    INVALID_ARGUMENT    a field is out of bounds (the message starts with the field's name), or
+    the request bytes are not a valid message (invalid UTF-8 in a string, a
+    corrupt or truncated encoding); the limits are given with each field
+    RESOURCE_EXHAUSTED  every generation slot is taken (Generate), or the request is over the
+    4 MiB gRPC message limit
+    UNAVAILABLE         the node is draining (shutting down: health says NOT_SERVING; retry on
+    another node), or the cloud verifier stays unreachable (cloud routes)
+    INTERNAL            a fault of the node; the message says only "... (request id ID)" and the
+    node's log holds the details under that id (also in the trailing
+    metadata `tandem-request-id`). No status message carries a traceback,
+    a file path, a pid or an address.
+    A cloud route may also end with the code the cloud verifier refused the request with.
+    Unknown fields are ignored.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,10 +66,25 @@ class EdgeNodeStub:
 
 
 class EdgeNodeServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Statuses, for every method (and the health and reflection services on the same server):
+    INVALID_ARGUMENT    a field is out of bounds (the message starts with the field's name), or
+    the request bytes are not a valid message (invalid UTF-8 in a string, a
+    corrupt or truncated encoding); the limits are given with each field
+    RESOURCE_EXHAUSTED  every generation slot is taken (Generate), or the request is over the
+    4 MiB gRPC message limit
+    UNAVAILABLE         the node is draining (shutting down: health says NOT_SERVING; retry on
+    another node), or the cloud verifier stays unreachable (cloud routes)
+    INTERNAL            a fault of the node; the message says only "... (request id ID)" and the
+    node's log holds the details under that id (also in the trailing
+    metadata `tandem-request-id`). No status message carries a traceback,
+    a file path, a pid or an address.
+    A cloud route may also end with the code the cloud verifier refused the request with.
+    Unknown fields are ignored.
+    """
 
     def Generate(self, request, context):
         """Streams token deltas as they are committed; the last message carries the statistics.
+        A client that cancels the call stops its generation at the next token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +131,21 @@ def add_EdgeNodeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EdgeNode:
-    """Missing associated documentation comment in .proto file."""
+    """Statuses, for every method (and the health and reflection services on the same server):
+    INVALID_ARGUMENT    a field is out of bounds (the message starts with the field's name), or
+    the request bytes are not a valid message (invalid UTF-8 in a string, a
+    corrupt or truncated encoding); the limits are given with each field
+    RESOURCE_EXHAUSTED  every generation slot is taken (Generate), or the request is over the
+    4 MiB gRPC message limit
+    UNAVAILABLE         the node is draining (shutting down: health says NOT_SERVING; retry on
+    another node), or the cloud verifier stays unreachable (cloud routes)
+    INTERNAL            a fault of the node; the message says only "... (request id ID)" and the
+    node's log holds the details under that id (also in the trailing
+    metadata `tandem-request-id`). No status message carries a traceback,
+    a file path, a pid or an address.
+    A cloud route may also end with the code the cloud verifier refused the request with.
+    Unknown fields are ignored.
+    """
 
     @staticmethod
     def Generate(request,
