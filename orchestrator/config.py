@@ -14,6 +14,7 @@ from typing import Any
 
 from tandem.limits import (
     MAX_CONCURRENT_GENERATIONS,
+    MAX_CONTEXT,
     MAX_DEADLINE_MS,
     MAX_NEW_TOKENS,
     OPEN_DEADLINE_MS,
@@ -44,6 +45,9 @@ class OrchestratorConfig:
     default_max_new_tokens: int = _f(256, "answer length when a request sets none", flag="--max-new-tokens")
     context_chunks: int = _f(4, "personal chunks retrieved per request by default")
     max_prompt_chars: int = _f(200_000, "longest prompt accepted")
+    cloud_max_context: int = _f(MAX_CONTEXT, "prompt + answer tokens the cloud keeps (its --max-context); the "
+                                             "speculative and cloud routes are held to it, the local route to "
+                                             "the edge's context")
     max_concurrent: int = _f(MAX_CONCURRENT_GENERATIONS, "generations at once; more get RESOURCE_EXHAUSTED "
                                                          "before anything is streamed")
     store_path: Path | None = _f(None, "personal store file (default TANDEM_HOME/personal/store.sqlite3)",
@@ -75,5 +79,7 @@ class OrchestratorConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 1 <= self.default_max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"default_max_new_tokens must be in [1, {MAX_NEW_TOKENS}]")
+        if not 2 <= self.cloud_max_context <= MAX_CONTEXT:
+            raise ValueError(f"cloud_max_context must be in [2, {MAX_CONTEXT}], got {self.cloud_max_context}")
         if not 0 <= self.context_chunks <= MAX_CONTEXT_CHUNKS:
             raise ValueError(f"context_chunks must be in [0, {MAX_CONTEXT_CHUNKS}]")

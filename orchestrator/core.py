@@ -1,7 +1,18 @@
 """The orchestrator's core: validate, personalize, route, then stream the edge node's answer.
 
 Guarantees:
-- A bad request raises `BadRequest` naming the field before anything is streamed.
+- A bad request raises `BadRequest` naming the field before anything is streamed
+  (`validation.parse_generate`: every field within the limits the proto documents).
+- Context: the prompt (templated, personal context included) plus max_new_tokens must fit the
+  route's context: the edge's drafter (`EdgeInfo.context_length`) on the local route, the
+  smaller of it and `cloud_max_context` (the deployed cloud's 4096 by default) on the
+  speculative and cloud routes, which also run the drafter. Under `auto`, a request that fits
+  only on the device is served locally and the reason says so; one that forces a cloud route
+  raises `ContextTooLong` naming the limit, as does one that fits nowhere.
+- At most `max_concurrent` generations run at once (`active_generations` counts them); more
+  raise `Busy` before anything is streamed. A generation ends (and frees its slot and its edge
+  call) however its consumer stops: end, error, `aclose()` or cancellation.
+- Error messages name no address: the edge's address goes to the log only.
 - Personal context: retrieval runs on the device; with private chunks retrieved, the routing
   policy (`tandem_core.routing.decide`) either keeps the request `local` (strict privacy) or
   has them dropped before anything is sent (cloud quality). Private text therefore only ever
@@ -23,16 +34,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from orchestrator.config import MAX_CONTEXT_CHUNKS, MAX_NEW_TOKENS, OrchestratorConfig
-from orchestrator.errors import BadRequest, Busy, DeadlineExceeded, Unavailable
+from orchestrator.config import OrchestratorConfig
+from orchestrator.errors import BadRequest, Busy, ContextTooLong, DeadlineExceeded, Unavailable
 from orchestrator.link_monitor import LinkMonitor
 from orchestrator.personal import Personal, citations
-from protos.enums import privacy_mode_from_proto, route_from_proto, route_to_edge_mode
+from orchestrator.validation import ParsedGenerate, parse_generate
+from protos.enums import route_to_edge_mode
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from protos.tandem.v1 import orchestrator_pb2 as opb
-from tandem_core.link_health import AcceptanceTracker, classify_prompt
+from tandem_core.link_health import AcceptanceTracker
 from tandem_core.routing import InvalidField, Route, RouteCosts, RouteDecision, RouteRequest, decide
-from tandem_core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +52,13 @@ MODEL_ROUTES: dict[str, Route | None] = {"tandem": None, **{f"tandem-{r}": r for
 
 
 @dataclasses.dataclass(frozen=True)
-class _Parsed:
+class _Prompt:
+    """The prompt a route would be sent: messages with the personal context kept, and its size."""
+
     messages: list[dict[str, str]]
-    override: str | None
-    privacy: str
-    sampling: common_pb2.SamplingParams
-    max_new_tokens: int
-    chunks: int
-    category: str
-    deadline_s: float | None
+    tokens: int
+    hits: list  # retrieval.Hit, the chunks injected
+    dropped: int = 0  # private chunks withheld from it
 
 
 class Orchestrator:
@@ -64,6 +73,7 @@ class Orchestrator:
         self._edge_info: edge_pb2.EdgeInfo | None = None
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self.requests = 0
+        self.active_generations = 0  # generations holding a slot now
 
     def model_ids(self) -> list[str]:
         return list(MODEL_ROUTES)
@@ -73,45 +83,13 @@ class Orchestrator:
             try:
                 self._edge_info = await self._edge.Info(edge_pb2.EdgeInfoRequest(), timeout=5)
             except grpc.aio.AioRpcError as exc:
-                raise Unavailable(f"edge node at {self.config.edge_address} unreachable: {exc.code().name}") from None
+                raise _edge_down(exc, self.config.edge_address) from None
         return self._edge_info
 
-    def _parse(self, request: opb.GenerateTextRequest) -> _Parsed:
-        if bool(request.prompt) == bool(request.messages):
-            raise BadRequest("prompt", "give exactly one of prompt or messages")
-        messages = [{"role": "user", "content": request.prompt}] if request.prompt else []
-        for i, m in enumerate(request.messages):
-            if m.role not in ("system", "user", "assistant"):
-                raise BadRequest(f"messages[{i}].role", f"must be system, user or assistant, got {m.role!r}")
-            messages.append({"role": m.role, "content": m.content})
-        if sum(len(m["content"]) for m in messages) > self.config.max_prompt_chars:
-            raise BadRequest("prompt" if request.prompt else "messages",
-                             f"longer than {self.config.max_prompt_chars} characters")
-        o = request.options
-        try:
-            route = route_from_proto(o.route)
-        except ValueError:
-            raise BadRequest("options.route", f"unknown value {o.route}") from None
-        try:
-            privacy = privacy_mode_from_proto(o.privacy)
-        except ValueError:
-            raise BadRequest("options.privacy", f"unknown value {o.privacy}") from None
-        s = o.sampling
-        try:
-            SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p if s.HasField("top_p") else 1.0,
-                           seed=s.seed if s.HasField("seed") else None)
-        except ValueError as exc:
-            raise BadRequest("options.sampling", str(exc)) from None
-        if o.max_new_tokens > MAX_NEW_TOKENS:
-            raise BadRequest("options.max_new_tokens", f"must be at most {MAX_NEW_TOKENS}, got {o.max_new_tokens}")
-        if o.context_chunks > MAX_CONTEXT_CHUNKS:
-            raise BadRequest("options.context_chunks", f"must be at most {MAX_CONTEXT_CHUNKS}")
-        if len(o.category) > 64:
-            raise BadRequest("options.category", "longer than 64 characters")
-        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        return _Parsed(messages, route, privacy, s,
-                       o.max_new_tokens or self.config.default_max_new_tokens, o.context_chunks or self.config.context_chunks,
-                       o.category or classify_prompt(last_user), o.deadline_ms / 1000 if o.deadline_ms else None)
+    def _parse(self, request: opb.GenerateTextRequest) -> ParsedGenerate:
+        c = self.config
+        return parse_generate(request, max_prompt_chars=c.max_prompt_chars,
+                              default_max_new_tokens=c.default_max_new_tokens, default_chunks=c.context_chunks)
 
     async def _count_tokens(self, messages: list[dict[str, str]]) -> int:
         req = edge_pb2.EdgeGenerateRequest(messages=[common_pb2.ChatMessage(**m) for m in messages])
@@ -120,9 +98,9 @@ class Orchestrator:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise BadRequest("messages", exc.details() or "rejected by the edge node") from None
-            raise Unavailable(f"edge node at {self.config.edge_address} unreachable: {exc.code().name}") from None
+            raise _edge_down(exc, self.config.edge_address) from None
 
-    async def _plan(self, p: _Parsed, request: opb.GenerateTextRequest
+    async def _plan(self, p: ParsedGenerate, request: opb.GenerateTextRequest
                     ) -> tuple[RouteDecision, list[dict[str, str]], opb.GenerationStarted]:
         """Retrieve personal context, decide the route, and build the prompt that will be sent."""
         hits = []
@@ -131,31 +109,42 @@ class Orchestrator:
                 raise BadRequest("options.use_personal_context", "personal context is disabled on this orchestrator")
             hits = await self.personal.search(p.messages, p.chunks)
         private = any(h.privacy == "private" for h in hits)
-        full = self.personal.inject(p.messages, hits) if hits and self.personal else p.messages
-        prompt_tokens = await self._count_tokens(full)
+        full = await self._prompt(p, hits)
+        decision, prompt = self._decide(p, request, full, private), full
+        if decision.route != "local" and private:
+            # Whatever the policy said, private text never goes to a route the cloud sees.
+            kept = [h for h in hits if h.privacy != "private"]
+            prompt = await self._prompt(p, kept, dropped=len(hits) - len(kept))
+        info = await self.edge_info()
+        device = int(info.context_length)
+        if decision.route != "local":
+            cloud = min(self.config.cloud_max_context, device)
+            if not _fits(prompt.tokens, p, cloud):
+                if p.override is not None:
+                    raise _too_long(p, prompt.tokens, cloud, f"the {decision.route} route's")
+                prompt, decision = full, _local_for_context(p, full.tokens, cloud)
+        if not _fits(prompt.tokens, p, device):
+            raise _too_long(p, prompt.tokens, device, "the device's")
+        started = opb.GenerationStarted(route=decision.route, reason=decision.reason, citations=citations(prompt.hits),
+                                        private_chunks_dropped=prompt.dropped, prompt_tokens=prompt.tokens)
+        return decision, prompt.messages, started
+
+    async def _prompt(self, p: ParsedGenerate, hits: list, dropped: int = 0) -> _Prompt:
+        """The prompt with `hits` injected, and its size in tokens."""
+        messages = self.personal.inject(p.messages, hits) if hits and self.personal else p.messages
+        return _Prompt(messages, await self._count_tokens(messages), hits, dropped)
+
+    def _decide(self, p: ParsedGenerate, request: opb.GenerateTextRequest, full: _Prompt, private: bool
+                ) -> RouteDecision:
         o = request.options
         try:
-            decision = decide(RouteRequest(
-                prompt_tokens=prompt_tokens, max_new_tokens=p.max_new_tokens, override=p.override,
+            return decide(RouteRequest(
+                prompt_tokens=full.tokens, max_new_tokens=p.max_new_tokens, override=p.override,
                 deadline_ms=o.deadline_ms or None, ttft_budget_ms=o.ttft_budget_ms or None, private_context=private,
                 privacy_mode=p.privacy, acceptance=self.acceptance.get(p.category), category=p.category),
                 self.monitor.view(), self.costs)
         except InvalidField as exc:
             raise BadRequest(f"options.{exc.field}", str(exc)) from None
-        dropped = 0
-        if decision.route != "local" and private:
-            # Whatever the policy said, private text never goes to a route the cloud sees.
-            kept = [h for h in hits if h.privacy != "private"]
-            dropped, hits = len(hits) - len(kept), kept
-            full = self.personal.inject(p.messages, hits) if hits and self.personal else p.messages
-            prompt_tokens = await self._count_tokens(full)
-        info = await self.edge_info()
-        if prompt_tokens + p.max_new_tokens >= info.context_length:
-            raise BadRequest("options.max_new_tokens", f"prompt of {prompt_tokens} tokens plus max_new_tokens "
-                             f"{p.max_new_tokens} exceeds the context length {info.context_length}")
-        started = opb.GenerationStarted(route=decision.route, reason=decision.reason, citations=citations(hits),
-                                        private_chunks_dropped=dropped, prompt_tokens=prompt_tokens)
-        return decision, full, started
 
     async def generate(self, request: opb.GenerateTextRequest) -> AsyncIterator[opb.GenerateTextResponse]:
         """One answer: `started`, then deltas, then `stats` (see the module docstring)."""
@@ -165,45 +154,57 @@ class Orchestrator:
             raise Busy(f"the orchestrator already runs {self.config.max_concurrent} generations")
         async with self._slots:
             self.requests += 1
-            decision, messages, started = await self._plan(p, request)
-            yield opb.GenerateTextResponse(started=started)
-            edge_req = edge_pb2.EdgeGenerateRequest(
-                messages=[common_pb2.ChatMessage(**m) for m in messages], sampling=p.sampling,
-                max_new_tokens=p.max_new_tokens, mode=route_to_edge_mode(Route(decision.route)), fallback_local=True,
-                round_deadline_ms=self.config.round_deadline_ms,
-                open_deadline_ms=min(request.options.ttft_budget_ms or self.config.open_deadline_ms,
-                                     self.config.open_deadline_ms))
-            orchestrator_ms = 1000 * (time.perf_counter() - t0)
-            first: float | None = None
-            stats: common_pb2.GenerationStats | None = None
-            timeout = self.config.edge_timeout_s
-            if p.deadline_s is not None:  # the request's deadline counts from its arrival
-                timeout = p.deadline_s - (time.perf_counter() - t0)
-                if timeout <= 0:
-                    raise DeadlineExceeded("options.deadline_ms: the deadline passed while planning the answer")
-            call = self._edge.Generate(edge_req, timeout=timeout)
+            self.active_generations += 1
             try:
-                async for msg in call:
-                    if msg.WhichOneof("kind") == "delta":
-                        if first is None and msg.delta.tokens:
-                            first = time.perf_counter()
-                        d = msg.delta
-                        yield opb.GenerateTextResponse(delta=opb.TextDelta(text=d.text, tokens=d.tokens, source=d.source))
-                    else:
-                        stats = msg.stats
-            except grpc.aio.AioRpcError as exc:
-                raise _edge_error(exc, self.config.edge_address) from None
+                decision, messages, started = await self._plan(p, request)
+                yield opb.GenerateTextResponse(started=started)
+                edge_req, timeout = self._edge_request(p, request, decision, messages, t0)
+                orchestrator_ms = 1000 * (time.perf_counter() - t0)
+                first: float | None = None
+                stats: common_pb2.GenerationStats | None = None
+                call = self._edge.Generate(edge_req, timeout=timeout)
+                try:
+                    async for msg in call:
+                        if msg.WhichOneof("kind") == "delta":
+                            d = msg.delta
+                            if first is None and d.tokens:
+                                first = time.perf_counter()
+                            yield opb.GenerateTextResponse(delta=opb.TextDelta(text=d.text, tokens=d.tokens,
+                                                                               source=d.source))
+                        else:
+                            stats = msg.stats
+                except grpc.aio.AioRpcError as exc:
+                    raise _edge_error(exc, self.config.edge_address) from None
+                finally:
+                    call.cancel()
+                if stats is None:
+                    raise Unavailable("the edge node ended the stream without statistics")
+                self._learn(p.category, stats, started.prompt_tokens)
+                wall = time.perf_counter() - t0
+                yield opb.GenerateTextResponse(stats=opb.OrchestratorStats(
+                    route=decision.route, reason=decision.reason, generation=stats, switches=stats.switches,
+                    citations=started.citations, private_chunks_dropped=started.private_chunks_dropped,
+                    orchestrator_ms=orchestrator_ms, ttft_ms=1000 * ((first or time.perf_counter()) - t0),
+                    tokens_per_s=stats.generated_tokens / wall if wall > 0 else 0.0, category=p.category))
             finally:
-                call.cancel()
-            if stats is None:
-                raise Unavailable("the edge node ended the stream without statistics")
-            self._learn(p.category, stats, started.prompt_tokens)
-            wall = time.perf_counter() - t0
-            yield opb.GenerateTextResponse(stats=opb.OrchestratorStats(
-                route=decision.route, reason=decision.reason, generation=stats, switches=stats.switches,
-                citations=started.citations, private_chunks_dropped=started.private_chunks_dropped,
-                orchestrator_ms=orchestrator_ms, ttft_ms=1000 * ((first or time.perf_counter()) - t0),
-                tokens_per_s=stats.generated_tokens / wall if wall > 0 else 0.0, category=p.category))
+                self.active_generations -= 1
+
+    def _edge_request(self, p: ParsedGenerate, request: opb.GenerateTextRequest, decision: RouteDecision,
+                      messages: list[dict[str, str]], t0: float) -> tuple[edge_pb2.EdgeGenerateRequest, float]:
+        """The edge call for the planned answer, and its timeout (the request's deadline counts from
+        its arrival)."""
+        c = self.config
+        edge_req = edge_pb2.EdgeGenerateRequest(
+            messages=[common_pb2.ChatMessage(**m) for m in messages], sampling=p.sampling,
+            max_new_tokens=p.max_new_tokens, mode=route_to_edge_mode(Route(decision.route)), fallback_local=True,
+            round_deadline_ms=c.round_deadline_ms,
+            open_deadline_ms=min(request.options.ttft_budget_ms or c.open_deadline_ms, c.open_deadline_ms))
+        if p.deadline_s is None:
+            return edge_req, c.edge_timeout_s
+        timeout = p.deadline_s - (time.perf_counter() - t0)
+        if timeout <= 0:
+            raise DeadlineExceeded("options.deadline_ms: the deadline passed while planning the answer")
+        return edge_req, timeout
 
     def _learn(self, category: str, stats: common_pb2.GenerationStats, prompt_tokens: int) -> None:
         """Fold what this answer measured into acceptance, link health and the routing cost model."""
@@ -238,6 +239,26 @@ class Orchestrator:
             return None
 
 
+def _fits(prompt_tokens: int, p: ParsedGenerate, context: int) -> bool:
+    return prompt_tokens + p.max_new_tokens < context
+
+
+def _too_long(p: ParsedGenerate, prompt_tokens: int, context: int, whose: str) -> ContextTooLong:
+    return ContextTooLong(p.context_field, f"the prompt's {prompt_tokens} tokens plus max_new_tokens {p.max_new_tokens} "
+                          f"do not fit {whose} context length of {context} tokens")
+
+
+def _local_for_context(p: ParsedGenerate, prompt_tokens: int, cloud: int) -> RouteDecision:
+    why = (f"the prompt's {prompt_tokens} tokens plus max_new_tokens {p.max_new_tokens} fit only the device's "
+           f"context (the cloud's context length is {cloud} tokens)")
+    return RouteDecision("local", f"local: {why}", False, {})
+
+
+def _edge_down(exc: grpc.aio.AioRpcError, address: str) -> Unavailable:
+    log.warning("edge node at %s: %s %s", address, exc.code().name, exc.details())
+    return Unavailable(f"the edge node is unreachable ({exc.code().name})")
+
+
 def _edge_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
     code = exc.code()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -246,4 +267,5 @@ def _edge_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
         return Busy(exc.details() or "the edge node is busy")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded("options.deadline_ms: the answer did not finish within the request's deadline")
-    return Unavailable(f"edge node at {address}: {code.name}: {exc.details()}")
+    log.warning("edge node at %s failed a generation: %s %s", address, code.name, exc.details())
+    return Unavailable(f"the edge node failed the generation ({code.name})")

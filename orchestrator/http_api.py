@@ -6,25 +6,27 @@ Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`,
 
 Guarantees:
 - Every error is a JSON body in OpenAI's shape `{"error": {message, type, param, code}}`:
-  400 bad input (param names the field), 404 unknown model (code "model_not_found") or URL,
-  405 wrong method, 413 body over `max_body_bytes`, 429 core Busy, 503 core Unavailable, 500 for
-  anything unexpected (logged). No request crashes the server.
+  400 bad input (param names the field in the request's own terms, e.g. `max_tokens` or
+  `tandem.category`), 404 unknown model (code "model_not_found") or URL, 405 wrong method,
+  408 a body not received within `body_timeout_s` (`BODY_TIMEOUT_S`), 413 body over `max_body_bytes`, 429 core
+  Busy, 503 core Unavailable, 504 past the request's deadline. The status of a core error comes
+  from `errors.status_of` (the one table). 500 only for a bug: a generic message with a request
+  id, the details in the log. No request crashes the server.
 - Errors the core raises before its first item get those statuses; an error once a stream has
   started is sent as one `data: {"error": ...}` event, and the stream ends without `[DONE]`.
 - The core's generator is always closed: at the end, on error, and when the client disconnects
   mid-stream (`start_http` enables handler cancellation, so a disconnect stops a generator that is
-  waiting on the cloud; a failed write does the same).
-- `usage`: prompt_tokens = started.prompt_tokens, completion_tokens = the core's
-  generated_tokens. Streamed, usage comes in a last chunk (`choices: []`) only when
-  `stream_options.include_usage` is true, as OpenAI does.
-- `tandem` extension (on the non-streamed response; streamed, on the chunk carrying
-  finish_reason and on the usage chunk): route, reason, ttft_ms, tokens_per_s, acceptance_rate,
-  local_tokens, verified_tokens, switches, citations, private_chunks_dropped, category,
-  stopped_by_sequence.
-- `stop` is applied here: the text is cut before the first stop sequence (a streamed delta never
-  shows part of one), finish_reason is "stop" and the core's generator is closed at once. The
-  core then sends no statistics, so the stats fields of `tandem` are null and completion_tokens
-  counts the tokens of the deltas received up to the cut.
+  waiting on the cloud; a failed write does the same). A client that stops reading a stream for
+  `WRITE_TIMEOUT_S` is dropped, so it cannot hold a generation slot.
+- Slow clients (slowloris): a connection must deliver a complete request head within
+  `header_timeout_s` of opening (or of the previous response): aiohttp's keep-alive timer runs
+  from the connection's start and closes a connection still waiting for a head, however slowly
+  it trickles bytes. Heads are bounded by aiohttp (request line and each header at most 8190
+  bytes, at most 128 headers), bodies by `max_body_bytes` and `body_timeout_s`. (aiohttp has
+  no connection cap; each held connection costs one file descriptor for at most those timeouts.)
+- Usage, the `tandem` extension and stop sequences: see `openai_run`. `stop` is applied here:
+  the text is cut before the first stop sequence, finish_reason is "stop" and the core's
+  generator is closed at once.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Protocol
 from aiohttp import web
 
 from orchestrator import errors
+from orchestrator.openai_run import GenerationRun, StopMatcher, tandem_json
 from orchestrator.openai_schema import (
     ApiError,
     Envelope,
@@ -52,11 +55,17 @@ from orchestrator.openai_schema import (
     parse_request,
     response_json,
     usage_chunk_json,
-    usage_json,
 )
-from protos.tandem.v1 import common_pb2, orchestrator_pb2
+from protos.tandem.v1 import orchestrator_pb2
 
 logger = logging.getLogger(__name__)
+
+HEADER_TIMEOUT_S = 10.0  # a connection's request head must be complete within this
+BODY_TIMEOUT_S = 30.0  # a request body must be received within this
+WRITE_TIMEOUT_S = 30.0  # a streamed piece must be taken by the client within this
+# Core fields whose name differs in the OpenAI request; other "options.X" are "tandem.X".
+_PARAMS = {"options.max_new_tokens": "max_tokens", "options.sampling": "temperature", "options.route": "model",
+           "request": None}
 
 
 class GenerationCore(Protocol):
@@ -71,124 +80,24 @@ class GenerationCore(Protocol):
 
 CORE_KEY = web.AppKey("tandem_core", GenerationCore)
 MAX_BODY_KEY = web.AppKey("tandem_max_body_bytes", int)
-
-
-class StopMatcher:
-    """Cuts a text arriving in pieces before the first stop sequence; holds back a tail that
-    could be the start of one, so no emitted piece ever contains part of a stop sequence."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop sequence was hit)."""
-        buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return buf[: min(hits)], True
-        keep = max((k for s in self._stops for k in range(1, len(s)) if buf.endswith(s[:k])),
-                   default=0)
-        self._held = buf[len(buf) - keep:]
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
-
-
-class GenerationRun:
-    """Folds the core's started/delta/stats stream into OpenAI terms (text, usage, finish)."""
-
-    def __init__(self, stop: tuple[str, ...]) -> None:
-        self.started: orchestrator_pb2.GenerationStarted | None = None
-        self.stats: orchestrator_pb2.OrchestratorStats | None = None
-        self.stopped_by_sequence = False
-        self._matcher = StopMatcher(stop)
-        self._delta_tokens = 0
-
-    @property
-    def done(self) -> bool:
-        return self.stats is not None or self.stopped_by_sequence
-
-    def feed(self, item: orchestrator_pb2.GenerateTextResponse) -> str:
-        """The text to emit for one item of the core's stream."""
-        kind = item.WhichOneof("kind")
-        if kind == "started":
-            self.started = item.started
-        elif kind == "delta":
-            self._delta_tokens += len(item.delta.tokens)
-            text, self.stopped_by_sequence = self._matcher.feed(item.delta.text)
-            return text
-        elif kind == "stats":
-            self.stats = item.stats
-            return self._matcher.flush()
-        return ""
-
-    def flush(self) -> str:
-        return self._matcher.flush()
-
-    @property
-    def finish_reason(self) -> str:
-        length = self.stats is not None and (
-            self.stats.generation.finish_reason == common_pb2.FINISH_REASON_LENGTH)
-        return "length" if length and not self.stopped_by_sequence else "stop"
-
-    def usage(self) -> JsonObj:
-        prompt = self.started.prompt_tokens if self.started is not None else 0
-        if self.stats is not None:
-            return usage_json(prompt, self.stats.generation.generated_tokens)
-        return usage_json(prompt, self._delta_tokens)
-
-    def tandem(self) -> JsonObj:
-        return tandem_json(self.started, self.stats, self.stopped_by_sequence)
-
-
-def tandem_json(started: orchestrator_pb2.GenerationStarted | None,
-                stats: orchestrator_pb2.OrchestratorStats | None,
-                stopped_by_sequence: bool = False) -> JsonObj:
-    """The `tandem` extension: the orchestrator's statistics (stats fields null without stats)."""
-    gen = stats.generation if stats is not None else None
-    citations = list(stats.citations) if stats is not None and stats.citations else (
-        list(started.citations) if started is not None else [])
-    switches = list(stats.switches or stats.generation.switches) if stats is not None else []
-    return {
-        "route": (stats.route if stats is not None else "") or (started.route if started else ""),
-        "reason": (stats.reason if stats is not None else "") or (
-            started.reason if started else ""),
-        "ttft_ms": round(stats.ttft_ms, 3) if stats is not None else None,
-        "tokens_per_s": round(stats.tokens_per_s, 3) if stats is not None else None,
-        "acceptance_rate": round(gen.acceptance_rate, 4) if gen is not None else None,
-        "local_tokens": gen.local_tokens if gen is not None else None,
-        "verified_tokens": gen.verified_tokens if gen is not None else None,
-        "switches": [
-            {"at_token": s.at_token, "from_route": s.from_route, "to_route": s.to_route,
-             "reason": s.reason, "at_ms": round(s.at_ms, 3)} for s in switches],
-        "citations": [
-            {"document_id": c.document_id, "title": c.title, "chunk_index": c.chunk_index,
-             "score": round(c.score, 4), "privacy": _privacy_name(c.privacy)} for c in citations],
-        "private_chunks_dropped": (stats.private_chunks_dropped if stats is not None else (
-            started.private_chunks_dropped if started is not None else 0)),
-        "category": stats.category if stats is not None else None,
-        "stopped_by_sequence": stopped_by_sequence,
-    }
-
-
-def _privacy_name(privacy: int) -> str:
-    return "shareable" if privacy == orchestrator_pb2.PRIVACY_SHAREABLE else "private"
+BODY_TIMEOUT_KEY = web.AppKey("tandem_body_timeout_s", float)
 
 
 # --- the aiohttp app ---
 
 
-def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20) -> web.Application:
-    """The OpenAI-compatible app over `core`; bodies over `max_body_bytes` get 413."""
+def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20,
+                    body_timeout_s: float = BODY_TIMEOUT_S) -> web.Application:
+    """The OpenAI-compatible app over `core`; bodies over `max_body_bytes` get 413, bodies not
+    received within `body_timeout_s` 408."""
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes: must be positive (got {max_body_bytes})")
+    if not body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s: must be > 0 (got {body_timeout_s})")
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_error_middleware])
     app[CORE_KEY] = core
     app[MAX_BODY_KEY] = max_body_bytes
+    app[BODY_TIMEOUT_KEY] = float(body_timeout_s)
     app.router.add_get("/v1/models", _list_models)
     app.router.add_get("/v1/models/{model_id}", _get_model)
     app.router.add_post("/v1/chat/completions", _chat_completions)
@@ -197,10 +106,14 @@ def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20) -> w
     return app
 
 
-async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_http(app: web.Application, host: str, port: int, *,
+                     header_timeout_s: float = HEADER_TIMEOUT_S) -> tuple[web.AppRunner, int]:
     """Serve `app` on host:port in the running loop (port 0 picks one); (runner, bound port).
-    Stop with `await runner.cleanup()`."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    A connection without a complete request head `header_timeout_s` after it opened (or after
+    its previous response) is closed. Stop with `await runner.cleanup()`."""
+    if not header_timeout_s > 0:
+        raise ValueError(f"header_timeout_s: must be > 0 (got {header_timeout_s})")
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=header_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -225,7 +138,7 @@ async def _list_models(request: web.Request) -> web.Response:
 async def _get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     if model_id not in request.app[CORE_KEY].model_ids():
-        raise ApiError(404, f"The model '{model_id}' does not exist", param="model",
+        raise ApiError(404, f"The model {errors.shown(model_id)} does not exist", param="model",
                        code="model_not_found")
     return web.json_response(_model_json(model_id))
 
@@ -242,9 +155,18 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "completion")
 
 
+async def _read_body(request: web.Request) -> bytes:
+    limit = request.app[BODY_TIMEOUT_KEY]
+    try:
+        async with asyncio.timeout(limit):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limit:g} s", code="request_timeout") from None
+
+
 async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     core = request.app[CORE_KEY]
-    parsed = parse_request(decode_body(await request.read()), kind, core.model_ids())
+    parsed = parse_request(decode_body(await _read_body(request)), kind, core.model_ids())
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     env = Envelope(kind, prefix + uuid.uuid4().hex, int(time.time()), parsed.model)
     items = core.generate(parsed.core_request)
@@ -312,7 +234,13 @@ async def _stream(request: web.Request, parsed: ParsedRequest, env: Envelope,
 
     async def send(obj: JsonObj | str) -> None:
         data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
-        await resp.write(f"data: {data}\n\n".encode())
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await resp.write(f"data: {data}\n\n".encode())
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.close()
+            raise ConnectionResetError("the client stopped reading the stream") from None
 
     async def send_text(text: str) -> None:
         await send(chunk_json(env, text, None))
@@ -332,9 +260,8 @@ async def _stream(request: web.Request, parsed: ParsedRequest, env: Envelope,
         logger.info("client went away mid-stream (%s); generation stopped", env.id)
         return resp
     except Exception as err:  # noqa: BLE001 - after the headers went out, errors travel as an SSE event
-        api_err = _to_api_error(err)
         try:
-            await send(api_err.to_json())
+            await send(_to_api_error(err).to_json())
         except ConnectionError:
             return resp
     await resp.write_eof()
@@ -344,30 +271,31 @@ async def _stream(request: web.Request, parsed: ParsedRequest, env: Envelope,
 # --- errors ---
 
 
+def _param(field: str) -> str | None:
+    """A core field ("options.category") in the OpenAI request's terms ("tandem.category")."""
+    if field in _PARAMS:
+        return _PARAMS[field]
+    return "tandem." + field.removeprefix("options.") if field.startswith("options.") else field
+
+
 def _to_api_error(err: Exception) -> ApiError:
     if isinstance(err, ApiError):
         return err
+    status = errors.status_of(err)
+    message = errors.public_message(err, "the OpenAI endpoint")
+    param = None
     if isinstance(err, errors.BadRequest):
-        return ApiError(400, str(err), param=err.field)
-    if isinstance(err, errors.NotFound):
-        return ApiError(404, str(err), code="not_found")
-    if isinstance(err, errors.Busy):
-        return ApiError(429, str(err), type="rate_limit_error", code="rate_limit_exceeded")
-    if isinstance(err, errors.Unavailable):
-        return ApiError(503, str(err), type="server_error", code="service_unavailable")
-    if isinstance(err, errors.DeadlineExceeded):
-        return ApiError(504, str(err), type="server_error", code="deadline_exceeded")
-    if isinstance(err, errors.OrchestratorError):
-        return ApiError(500, str(err), type="server_error")
-    logger.exception("unexpected error while serving an OpenAI request", exc_info=err)
-    return ApiError(500, "internal error in the orchestrator", type="server_error")
+        param = _param(err.field)
+        message = message.removeprefix(f"{err.field}: ")
+        message = f"{param}: {message}" if param else message
+    return ApiError(status.http, message, param=param, type=status.type, code=status.code)
 
 
 def _http_error(request: web.Request, err: web.HTTPException) -> ApiError:
     if err.status == 404:
-        return ApiError(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+        return ApiError(404, f"Invalid URL ({request.method} {errors.shown(request.path, 200)})", code="unknown_url")
     if err.status == 405:
-        return ApiError(405, f"Method {request.method} not allowed for {request.path}")
+        return ApiError(405, f"Method {request.method} not allowed for {errors.shown(request.path, 200)}")
     if err.status == 413:
         limit = request.app[MAX_BODY_KEY]
         return ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
@@ -393,4 +321,5 @@ async def _error_middleware(
     return web.json_response(api_err.to_json(), status=api_err.status, headers=headers)
 
 
-__all__ = ["CORE_KEY", "GenerationCore", "GenerationRun", "StopMatcher", "create_http_app", "start_http", "tandem_json"]
+__all__ = ["BODY_TIMEOUT_S", "CORE_KEY", "HEADER_TIMEOUT_S", "WRITE_TIMEOUT_S", "GenerationCore", "GenerationRun",
+           "StopMatcher", "create_http_app", "start_http", "tandem_json"]

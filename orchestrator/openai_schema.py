@@ -17,8 +17,13 @@ Guarantees:
   A JSON null means the same as an absent field.
 - The model id must be one of the core's; "tandem-local", "tandem-speculative" and
   "tandem-cloud" pin the route, "tandem" lets the policy decide (or `tandem.route` in the body).
-- The builders return plain dicts in OpenAI's response and chunk shapes, plus the `tandem`
-  extension holding the orchestrator's statistics; `openapi_document` describes the endpoint.
+- Every string and array has a limit (`orchestrator.validation`, the same as the gRPC API's):
+  at most 512 messages of at most 64 content parts, at most 4 stop sequences of at most 256
+  characters, model ids of at most 64 characters, `tandem.category` at most 64 characters;
+  max_tokens at most 4096, seed below 2^63, `tandem.deadline_ms` and `ttft_budget_ms` at most
+  3600000, `tandem.context_chunks` at most 16. The prompt's length is the core's limit.
+- The response builders live in `openai_replies` (re-exported here); `openapi_document`
+  describes the endpoint.
 """
 
 from __future__ import annotations
@@ -41,46 +46,43 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
+from orchestrator.config import MAX_CONTEXT_CHUNKS
 from orchestrator.core import MODEL_ROUTES
+from orchestrator.openai_replies import (
+    ApiError,
+    Envelope,
+    ErrorDetail,
+    ErrorResponse,
+    JsonObj,
+    Kind,
+    bad_request,
+    chunk_json,
+    decode_body,
+    error_json,
+    response_json,
+    usage_chunk_json,
+    usage_json,
+)
+from orchestrator.validation import (
+    MAX_CATEGORY_CHARS,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_MODEL_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+)
 from protos.enums import privacy_mode_to_proto, route_to_proto
 from protos.tandem.v1 import common_pb2, orchestrator_pb2
+from tandem.limits import MAX_DEADLINE_MS, MAX_NEW_TOKENS
 from tandem_core.routing import PrivacyMode, Route
 
-Kind = Literal["chat", "completion"]
-JsonObj = dict[str, Any]
+__all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "Envelope", "ErrorDetail", "ErrorResponse",
+           "JsonObj", "Kind", "ParsedRequest", "chunk_json", "decode_body", "error_json", "openapi_document",
+           "parse_request", "response_json", "usage_chunk_json", "usage_json"]
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when the field is absent
-MAX_STOP_SEQUENCES = 4
 _UINT32_MAX = (1 << 32) - 1
-_UINT64_MAX = (1 << 64) - 1
-
-
-
-class ApiError(Exception):
-    """An error in OpenAI's shape: HTTP status, message, type, param and code."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.type = type
-        self.code = code
-
-    def to_json(self) -> JsonObj:
-        return error_json(self.message, self.type, self.param, self.code)
-
-
-def _bad(param: str | None, message: str) -> ApiError:
-    return ApiError(400, f"{param}: {message}" if param else message, param=param)
+_SEED_MAX = (1 << 63) - 1  # the sampler's seeds are below 2^63
 
 
 @dataclass(frozen=True)
@@ -93,29 +95,14 @@ class ParsedRequest:
     core_request: orchestrator_pb2.GenerateTextRequest
 
 
-def decode_body(raw: bytes) -> JsonObj:
-    """The JSON object in a request body; ApiError(400) for anything else (NaN included)."""
-
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
-    except UnicodeDecodeError:
-        raise _bad(None, "the request body is not UTF-8") from None
-    except (ValueError, RecursionError) as err:
-        raise _bad(None, f"the request body is not valid JSON ({err})") from None
-    if not isinstance(body, dict):
-        raise _bad(None, "the request body must be a JSON object")
-    return body
-
-
 # --- the request schema ---
 
 _STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 UInt32 = Annotated[int, Field(ge=0, le=_UINT32_MAX)]
-TokenCount = Annotated[int, Field(ge=1, le=_UINT32_MAX)]
+Millis = Annotated[int, Field(ge=0, le=MAX_DEADLINE_MS)]
+TokenCount = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 # Parameters that change the answer in ways Tandem does not implement: accepted only at the value
@@ -180,8 +167,8 @@ class ChatMessage(BaseModel):
 
     model_config = _STRICT
     role: Literal["system", "user", "assistant", "developer"]
-    content: Annotated[list[TextPart], BeforeValidator(
-        _text_parts, json_schema_input_type=str | list[TextPart])]
+    content: Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS), BeforeValidator(
+        _text_parts, json_schema_input_type=str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)])]
 
     def to_proto(self) -> common_pb2.ChatMessage:
         role = "system" if self.role == "developer" else self.role
@@ -200,17 +187,17 @@ class TandemOptions(BaseModel):
     route: Literal["auto", "local", "speculative", "cloud"] | None = None
     privacy: Literal["strict", "cloud_quality"] | None = None
     use_personal_context: bool | None = None
-    deadline_ms: UInt32 | None = None
-    ttft_budget_ms: UInt32 | None = None
-    category: str | None = None
-    context_chunks: UInt32 | None = None
+    deadline_ms: Millis | None = None
+    ttft_budget_ms: Millis | None = None
+    category: Annotated[str, Field(max_length=MAX_CATEGORY_CHARS)] | None = None
+    context_chunks: Annotated[int, Field(ge=0, le=MAX_CONTEXT_CHUNKS)] | None = None
 
 
 class _RequestBase(BaseModel):
     """The fields `/v1/chat/completions` and `/v1/completions` share."""
 
     model_config = _STRICT
-    model: NonEmptyStr
+    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)]
     tools: Any = _OFF_ONLY
     functions: Any = _OFF_ONLY
     tool_choice: Any = _OFF_ONLY
@@ -228,13 +215,13 @@ class _RequestBase(BaseModel):
     stream: bool | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=_UINT64_MAX)
+    seed: int | None = Field(None, ge=0, le=_SEED_MAX)
     max_tokens: TokenCount | None = None
     max_completion_tokens: TokenCount | None = None
     tandem: TandemOptions | None = None
-    stop: Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES),
-                    BeforeValidator(_listed, json_schema_input_type=NonEmptyStr | Annotated[
-                        list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)])] | None = None
+    stop: Annotated[list[StopStr], Field(max_length=MAX_STOP_SEQUENCES),
+                    BeforeValidator(_listed, json_schema_input_type=StopStr | Annotated[
+                        list[StopStr], Field(max_length=MAX_STOP_SEQUENCES)])] | None = None
     stream_options: StreamOptions | None = None
 
     @field_validator("model")
@@ -273,7 +260,7 @@ class _RequestBase(BaseModel):
 class ChatCompletionRequest(_RequestBase):
     """The body of `POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 class CompletionRequest(_RequestBase):
@@ -309,7 +296,7 @@ def api_error(err: ValidationError) -> ApiError:
     if first["type"] == "model_not_found":
         return ApiError(404, first["msg"], param=param, code="model_not_found")
     message = "Input should be an object" if first["type"] == "model_type" else first["msg"]
-    return _bad(param, message + _got(first["type"], first.get("input")))
+    return bad_request(param, message + _got(first["type"], first.get("input")))
 
 
 def _param(loc: tuple[int | str, ...]) -> str | None:
@@ -350,7 +337,7 @@ def _route(ext: TandemOptions, model: str) -> int:
         return route_to_proto(pinned)
     asked = None if ext.route == "auto" else Route(ext.route)
     if pinned is not None and asked != pinned:
-        raise _bad("tandem.route", f"conflicts with model '{model}', which pins its own route")
+        raise bad_request("tandem.route", f"conflicts with model '{model}', which pins its own route")
     return route_to_proto(asked)
 
 
@@ -364,78 +351,7 @@ def _sampling(req: _RequestBase) -> common_pb2.SamplingParams:
     return sampling
 
 
-# --- responses ---
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every error body: OpenAI's shape."""
-
-    error: ErrorDetail
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """What every response or chunk of one request repeats."""
-
-    kind: Kind
-    id: str
-    created: int  # unix seconds
-    model: str
-
-
-def error_json(message: str, type: str, param: str | None, code: str | None) -> JsonObj:
-    """An error body; `ErrorResponse` documents this shape (a test keeps the two together)."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def usage_json(prompt_tokens: int, completion_tokens: int) -> JsonObj:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def response_json(env: Envelope, text: str, finish: str, usage: JsonObj, tandem: JsonObj) -> JsonObj:
-    """The whole (non-streamed) answer."""
-    if env.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": finish, "logprobs": None}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        obj = "text_completion"
-    return {"id": env.id, "object": obj, "created": env.created, "model": env.model,
-            "choices": [choice], "usage": usage, "tandem": tandem}
-
-
-def chunk_json(env: Envelope, text: str | None, finish: str | None, *, role: bool = False) -> JsonObj:
-    """One streamed chunk holding `text` (chat: a delta; role=True adds the assistant role)."""
-    if env.kind == "chat":
-        delta: JsonObj = {"role": "assistant"} if role else {}
-        if text is not None:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        obj = "text_completion"
-    return {"id": env.id, "object": obj, "created": env.created, "model": env.model,
-            "choices": [choice]}
-
-
-def usage_chunk_json(env: Envelope, usage: JsonObj) -> JsonObj:
-    """The last chunk when stream_options.include_usage is set: no choices, only usage."""
-    obj = "chat.completion.chunk" if env.kind == "chat" else "text_completion"
-    return {"id": env.id, "object": obj, "created": env.created, "model": env.model,
-            "choices": [], "usage": usage}
+# --- the OpenAPI document ---
 
 
 def openapi_document() -> JsonObj:

@@ -2,11 +2,17 @@
 
 Guarantees:
 - Loading the embedder (torch + all-MiniLM-L6-v2, a few seconds) never blocks serving: it
-  starts at construction in a worker thread; calls wait for it, and a failed load (model not
-  fetched) turns into `Unavailable` with the fix in the message.
+  starts at construction in a worker thread; calls wait for it, and a failed load turns into
+  `Unavailable`: with the fix in the message when the model is not fetched, else a generic
+  message (the cause, which may name files, is logged, not sent).
 - Store calls run in a single worker thread (embedding is CPU-bound; SQLite writes serialize
   anyway), so the event loop stays responsive.
-- The store's own errors (`BadRequest` naming the field, `NotFound` for unknown ids) pass through.
+- The store's own errors (`BadRequest` naming the field, `NotFound` for unknown ids, `Conflict`
+  for a reused idempotency key) pass through.
+- Replies are bounded: `list_page` returns at most `page_size` documents and stops before the
+  page's serialized size passes `MAX_PAGE_BYTES` (at least one document per page, each at most
+  a few tens of KB since titles and sources are cut to their limits), and every Document or
+  Citation it builds has its title and source cut to the API's limits.
 """
 
 from __future__ import annotations
@@ -19,6 +25,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator.errors import BadRequest, Unavailable
+from orchestrator.validation import (
+    MAX_PAGE_BYTES,
+    MAX_SOURCE_CHARS,
+    MAX_TITLE_CHARS,
+    check_add,
+    clip_text,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+)
 from protos.tandem.v1 import orchestrator_pb2 as opb
 
 log = logging.getLogger(__name__)
@@ -51,7 +67,7 @@ class Personal:
         try:
             store = await asyncio.wrap_future(self._store)
         except Exception as exc:  # noqa: BLE001 - reported to the client
-            raise Unavailable(f"personal store unavailable: {exc}") from None
+            raise _unavailable(exc) from None
         return await loop.run_in_executor(self._pool, lambda: fn(store, *args))
 
     async def search(self, messages: list[dict[str, str]], k: int) -> list[Any]:
@@ -67,19 +83,34 @@ class Personal:
         return inject_context(messages, list(hits))
 
     async def add(self, request: opb.AddDocumentRequest) -> opb.Document:
+        check_add(request)
         if request.privacy not in PRIVACY_FROM_PROTO:
             raise BadRequest("privacy", f"unknown value {request.privacy}")
 
         def add(store: Any) -> Any:
             return store.add(request.title, request.text, kind=request.kind or "document",
-                             privacy=PRIVACY_FROM_PROTO[request.privacy], source=request.source)
+                             privacy=PRIVACY_FROM_PROTO[request.privacy], source=request.source,
+                             idempotency_key=request.idempotency_key)
         return document_to_proto(await self._call(add))
 
     async def delete(self, doc_id: str) -> bool:
         return bool(await self._call(lambda store: store.delete(doc_id)))
 
-    async def list(self) -> list[opb.Document]:
-        return [document_to_proto(d) for d in await self._call(lambda store: store.list())]
+    async def list_page(self, request: opb.ListDocumentsRequest) -> opb.ListDocumentsResponse:
+        """One page of documents, oldest first (see the module docstring for its bounds)."""
+        after, limit = decode_page_token(request.page_token), page_size(request.page_size)
+        rows = await self._call(lambda store: store.page(after, limit + 1))
+        reply, size = opb.ListDocumentsResponse(), 0
+        for d in rows[:limit]:
+            doc = document_to_proto(d)
+            size += doc.ByteSize() + 8  # field tag and length prefix, generously
+            if reply.documents and size > MAX_PAGE_BYTES:
+                break
+            reply.documents.append(doc)
+        if len(reply.documents) < len(rows):
+            last = reply.documents[-1]
+            reply.next_page_token = encode_page_token(last.created_unix_ms, last.id)
+        return reply
 
     async def set_privacy(self, doc_id: str, privacy: int) -> opb.Document:
         if privacy not in (opb.PRIVACY_PRIVATE, opb.PRIVACY_SHAREABLE):
@@ -96,11 +127,24 @@ class Personal:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _unavailable(exc: BaseException) -> Unavailable:
+    from orchestrator.embedder import FETCH_COMMAND, EmbedderMissing
+
+    if isinstance(exc, EmbedderMissing):
+        return Unavailable(f"personal store unavailable: the embedder is not fetched; run `{FETCH_COMMAND}`")
+    log.error("the personal store failed to open", exc_info=exc)
+    return Unavailable("personal store unavailable: it failed to open (the orchestrator's log says why)")
+
+
 def document_to_proto(d: Any) -> opb.Document:
-    return opb.Document(id=d.id, title=d.title, kind=d.kind, privacy=PRIVACY_TO_PROTO.get(d.privacy, 0),
-                        chunks=d.chunk_count, bytes=d.bytes, created_unix_ms=d.created_unix_ms, source=d.source)
+    """The reply for a stored document, title and source cut to their limits."""
+    title, cut_title = clip_text(d.title, MAX_TITLE_CHARS)
+    source, cut_source = clip_text(d.source, MAX_SOURCE_CHARS)
+    return opb.Document(id=d.id, title=title, kind=d.kind, privacy=PRIVACY_TO_PROTO.get(d.privacy, 0),
+                        chunks=d.chunk_count, bytes=d.bytes, created_unix_ms=d.created_unix_ms, source=source,
+                        truncated=bool(getattr(d, "truncated", False) or cut_title or cut_source))
 
 
 def citations(hits: Sequence[Any]) -> list[opb.Citation]:
-    return [opb.Citation(document_id=h.doc_id, title=h.title, chunk_index=h.chunk_index, score=h.score,
-                         privacy=PRIVACY_TO_PROTO.get(h.privacy, 0)) for h in hits]
+    return [opb.Citation(document_id=h.doc_id, title=clip_text(h.title, MAX_TITLE_CHARS)[0], chunk_index=h.chunk_index,
+                         score=h.score, privacy=PRIVACY_TO_PROTO.get(h.privacy, 0)) for h in hits]

@@ -1,93 +1,84 @@
 """The orchestrator's gRPC service (grpc.aio): translation between protos and `Orchestrator`.
 
 Guarantees:
-- Errors from the core become statuses with its message: BadRequest -> INVALID_ARGUMENT (the
-  message names the field), NotFound -> NOT_FOUND, Busy -> RESOURCE_EXHAUSTED, Unavailable ->
-  UNAVAILABLE, DeadlineExceeded -> DEADLINE_EXCEEDED. Anything else is logged and INTERNAL.
-- A client that cancels a Generate cancels the edge call under it.
+- The service is registered with a generic handler that receives each request as raw bytes and
+  parses it here: bytes that are not a valid message of the method's type (truncated or garbled
+  protobuf, invalid UTF-8 in a string field) get INVALID_ARGUMENT "request: ...", never UNKNOWN
+  or INTERNAL. Unknown fields are ignored (proto3).
+- Every error becomes a status through `errors.status_of` (the one table): the message of an
+  expected error as is; anything unexpected is logged with a request id and answered INTERNAL
+  with a generic message quoting that id (no traceback, path or address reaches the client).
+- A client that cancels a Generate (or whose deadline passes) cancels the edge call under it and
+  frees its generation slot.
+- At most `MAX_CONCURRENT_RPCS` calls run at once; more get RESOURCE_EXHAUSTED from gRPC.
 - Health (grpc.health.v1, "" and the Orchestrator service) and reflection are registered.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator.core import Orchestrator
-from orchestrator.errors import BadRequest, Busy, DeadlineExceeded, NotFound, OrchestratorError, Unavailable
+from orchestrator.errors import BadRequest, Disabled, public_message, status_of
+from orchestrator.personal import Personal
+from orchestrator.validation import check_id
 from protos.tandem.v1 import orchestrator_pb2 as opb
-from protos.tandem.v1 import orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 SERVICE_NAME = opb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
-_CODES = {BadRequest: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
-          Busy: grpc.StatusCode.RESOURCE_EXHAUSTED, Unavailable: grpc.StatusCode.UNAVAILABLE,
-          DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED}
+MAX_RECEIVE_BYTES = 8 << 20  # the largest request message accepted
+MAX_CONCURRENT_RPCS = 256
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    if isinstance(exc, OrchestratorError):
-        code = next((c for kind, c in _CODES.items() if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-        await context.abort(code, str(exc))
-    log.exception("orchestrator call failed", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    """End the call with the status `exc` maps to (see the module docstring)."""
+    await context.abort(grpc.StatusCode[status_of(exc).grpc], public_message(exc, method))
 
 
-async def _guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
-    """Run a unary call; any error becomes its status (see `_abort`)."""
+def _decode(kind: type[M], raw: bytes) -> M:
     try:
-        return await call()
-    except Exception as exc:
-        await _abort(context, exc)
-        raise
+        return kind.FromString(raw)
+    except (DecodeError, ValueError):
+        raise BadRequest("request", f"is not a valid {kind.DESCRIPTOR.full_name} message "
+                                    "(truncated or garbled protobuf, or a string that is not UTF-8)") from None
 
 
-class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+class OrchestratorServicer:
+    """The Orchestrator methods over decoded requests; `handler()` registers them."""
+
     def __init__(self, core: Orchestrator) -> None:
         self.core = core
 
     async def Generate(self, request: opb.GenerateTextRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[opb.GenerateTextResponse]:
-        stream = self.core.generate(request)
-        try:
-            async for item in stream:
-                yield item
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            await _abort(context, exc)
-        finally:
-            await stream.aclose()
+        async for item in self.core.generate(request):
+            yield item
 
     async def AddDocument(self, request: opb.AddDocumentRequest, context: grpc.aio.ServicerContext) -> opb.Document:
-        return await _guarded(context, lambda: self._personal().add(request))
+        return await self._personal().add(request)
 
     async def DeleteDocument(self, request: opb.DeleteDocumentRequest, context: grpc.aio.ServicerContext
                              ) -> opb.DeleteDocumentResponse:
-        async def delete() -> opb.DeleteDocumentResponse:
-            if not request.id:
-                raise BadRequest("id", "must not be empty")
-            return opb.DeleteDocumentResponse(deleted=await self._personal().delete(request.id))
-        return await _guarded(context, delete)
+        doc_id = check_id("id", request.id)
+        return opb.DeleteDocumentResponse(deleted=await self._personal().delete(doc_id))
 
     async def ListDocuments(self, request: opb.ListDocumentsRequest, context: grpc.aio.ServicerContext
                             ) -> opb.ListDocumentsResponse:
-        async def documents() -> opb.ListDocumentsResponse:
-            return opb.ListDocumentsResponse(documents=await self._personal().list())
-        return await _guarded(context, documents)
+        return await self._personal().list_page(request)
 
     async def SetDocumentPrivacy(self, request: opb.SetDocumentPrivacyRequest, context: grpc.aio.ServicerContext
                                  ) -> opb.Document:
-        async def relabel() -> opb.Document:
-            if not request.id:
-                raise BadRequest("id", "must not be empty")
-            return await self._personal().set_privacy(request.id, request.privacy)
-        return await _guarded(context, relabel)
+        return await self._personal().set_privacy(check_id("id", request.id), request.privacy)
 
     async def Status(self, request: opb.StatusRequest, context: grpc.aio.ServicerContext) -> opb.StatusResponse:
         core = self.core
@@ -108,16 +99,63 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             models=models, edge_address=core.config.edge_address,
             documents=await personal.count() if personal is not None else 0, edge_healthy=edge_ok)
 
-    def _personal(self):  # type: ignore[no-untyped-def]
+    def _personal(self) -> Personal:
         if self.core.personal is None:
-            raise Unavailable("personal documents are disabled on this orchestrator (--no-personal)")
+            raise Disabled("personal documents are disabled on this orchestrator (--no-personal)")
         return self.core.personal
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service as raw-bytes handlers: each parses its request itself (module docstring)."""
+        def unary(name: str, kind: type[Message], reply: type[Message]) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary(getattr(self, name), kind, name), request_deserializer=None,
+                response_serializer=reply.SerializeToString)
 
-def create_server(core: Orchestrator, address: str) -> tuple[grpc.aio.Server, int]:
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                _stream(self.Generate, opb.GenerateTextRequest, "Generate"), request_deserializer=None,
+                response_serializer=opb.GenerateTextResponse.SerializeToString),
+            "AddDocument": unary("AddDocument", opb.AddDocumentRequest, opb.Document),
+            "DeleteDocument": unary("DeleteDocument", opb.DeleteDocumentRequest, opb.DeleteDocumentResponse),
+            "ListDocuments": unary("ListDocuments", opb.ListDocumentsRequest, opb.ListDocumentsResponse),
+            "SetDocumentPrivacy": unary("SetDocumentPrivacy", opb.SetDocumentPrivacyRequest, opb.Document),
+            "Status": unary("Status", opb.StatusRequest, opb.StatusResponse),
+        })
+
+
+def _unary(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]], kind: type[Message], name: str
+           ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[T]]:
+    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(_decode(kind, raw), context)
+        except Exception as exc:  # every error becomes a status (abort raises)
+            await _abort(context, exc, name)
+            raise
+    return call
+
+
+def _stream(method: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[T]], kind: type[Message], name: str
+            ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[T]]:
+    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+        stream: AsyncIterator[T] | None = None
+        try:
+            stream = method(_decode(kind, raw), context)
+            async for item in stream:
+                yield item
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            await _abort(context, exc, name)
+        finally:
+            if stream is not None:
+                await stream.aclose()  # type: ignore[attr-defined]
+    return call
+
+
+def create_server(core: Orchestrator, address: str, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+                  ) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server (not started) with the Orchestrator service, health and reflection."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
-    orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(core), server)
+    server = grpc.aio.server(interceptors=list(interceptors), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+                             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+    server.add_generic_rpc_handlers((OrchestratorServicer(core).handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)

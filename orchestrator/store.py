@@ -23,11 +23,19 @@ Guarantees:
   fine up to a few tens of thousands of chunks (tens of MB); beyond that use an ANN index.
 - The FTS5 table keeps its own copy of each chunk's text (a regular FTS5 table, not external
   content), so `check_consistency` can compare it row by row with `chunks`.
+- Idempotency: `add(..., idempotency_key=k)` with a key already stored returns that document
+  and stores nothing (checked before embedding, and again inside the write transaction, so two
+  concurrent adds with one key store one document); the same key with a different title, text,
+  kind, privacy or source raises `Conflict`. Schema and migrations: `store_schema`.
+- Bounded reads: `page` and `chunks` read titles and sources cut to the API's limits in SQL
+  (`truncated` says so), so rows written before the limits existed, however large, never make a
+  listing or a citation grow.
 """
 
 from __future__ import annotations
 
 import builtins
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -41,42 +49,17 @@ from typing import Protocol, Self
 
 import numpy as np
 
-from orchestrator.errors import BadRequest, NotFound
+from orchestrator import store_schema
+from orchestrator.errors import BadRequest, Conflict, NotFound, shown
 from orchestrator.retrieval import chunk_text
+from orchestrator.validation import MAX_DOCUMENT_BYTES, MAX_SOURCE_CHARS, MAX_TITLE_CHARS
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-MAX_DOCUMENT_BYTES = 2_000_000  # UTF-8 bytes of one document's text
-MAX_TITLE_CHARS = 300
+SCHEMA_VERSION = store_schema.SCHEMA_VERSION
 KINDS = ("document", "note", "profile")
 PRIVACIES = ("private", "shareable")
-
-_SCHEMA = (
-    """CREATE TABLE documents (
-        id TEXT PRIMARY KEY,
-        title TEXT NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('document', 'note', 'profile')),
-        privacy TEXT NOT NULL CHECK (privacy IN ('private', 'shareable')),
-        source TEXT NOT NULL DEFAULT '',
-        bytes INTEGER NOT NULL,
-        created_unix_ms INTEGER NOT NULL,
-        chunk_count INTEGER NOT NULL)""",
-    """CREATE TABLE chunks (
-        id INTEGER PRIMARY KEY,
-        doc_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-        idx INTEGER NOT NULL,
-        text TEXT NOT NULL,
-        embedding BLOB NOT NULL,
-        UNIQUE (doc_id, idx))""",
-    "CREATE VIRTUAL TABLE chunks_fts USING fts5(text, tokenize = 'porter unicode61')",
-    # Cascaded deletes fire these too, so the FTS rows follow the chunks in every transaction.
-    """CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
-        INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text); END""",
-    """CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
-        DELETE FROM chunks_fts WHERE rowid = old.id; END""",
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-)
+__all__ = ["MAX_DOCUMENT_BYTES", "MAX_TITLE_CHARS", "DocumentInfo", "InvalidField", "PersonalStore"]
 
 
 class InvalidField(BadRequest, ValueError):
@@ -99,6 +82,7 @@ class DocumentInfo:
     bytes: int  # UTF-8 size of the text
     created_unix_ms: int
     chunk_count: int
+    truncated: bool = False  # title or source cut to its limit (`page` only)
 
 
 @dataclass(frozen=True)
@@ -149,25 +133,18 @@ class PersonalStore:
 
     def _setup(self) -> None:
         c = self._conn
-        _require_fts5(c)
+        store_schema.require_fts5(c)
         c.execute("PRAGMA foreign_keys = ON")
         mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise RuntimeError(f"{self.path}: cannot use WAL journal mode (got {mode})")
         c.execute("PRAGMA synchronous = FULL")
         with self._transaction(counted=False):
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
+            if c.execute("PRAGMA user_version").fetchone()[0] == 0:
                 if self._embedder is None:
                     raise InvalidField("embedder", f"needed to create a new store {self.path}")
-                for statement in _SCHEMA:
-                    c.execute(statement)
-                c.execute("INSERT INTO meta VALUES ('embedder', ?), ('dim', ?)",
-                          (self._embedder_name(), str(int(self._embedder.dim))))
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path}: schema version {version}, this code reads "
-                                   f"{SCHEMA_VERSION}")
+                store_schema.create(c, self._embedder_name(), int(self._embedder.dim))
+            store_schema.migrate(c, self.path)
 
     def _embedder_name(self) -> str:
         return str(getattr(self._embedder, "name", ""))
@@ -198,9 +175,13 @@ class PersonalStore:
     # --- writes -------------------------------------------------------------------------
 
     def add(self, title: str, text: str, *, kind: str = "document", privacy: str = "private",
-            source: str = "") -> DocumentInfo:
-        """Chunk, embed, then store the document atomically; returns what was stored."""
+            source: str = "", idempotency_key: str = "") -> DocumentInfo:
+        """Chunk, embed, then store the document atomically; returns what was stored (or, for
+        a key already used, the document stored under it)."""
         title, kind = _validate(title, text, kind, privacy, source)
+        digest = _request_digest(title, text, kind, privacy, source)
+        if idempotency_key and (known := self._by_key(idempotency_key, digest)) is not None:
+            return known
         chunks = chunk_text(text)
         vectors = self._embed_chunks(chunks)
         info = DocumentInfo(id=uuid.uuid4().hex, title=title, kind=kind, privacy=privacy,
@@ -209,15 +190,28 @@ class PersonalStore:
                             chunk_count=len(chunks))
         rows = [(info.id, i, chunk, vectors[i].tobytes()) for i, chunk in enumerate(chunks)]
         with self._lock, self._transaction():
+            if idempotency_key and (known := self._by_key(idempotency_key, digest)) is not None:
+                return known  # a concurrent add with the same key won the race
             self._conn.execute(
-                "INSERT INTO documents (id, title, kind, privacy, source, bytes, "
-                "created_unix_ms, chunk_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO documents (id, title, kind, privacy, source, bytes, created_unix_ms, "
+                "chunk_count, idempotency_key, request_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (info.id, info.title, info.kind, info.privacy, info.source, info.bytes,
-                 info.created_unix_ms, info.chunk_count))
+                 info.created_unix_ms, info.chunk_count, idempotency_key or None, digest))
             self._conn.executemany(
                 "INSERT INTO chunks (doc_id, idx, text, embedding) VALUES (?, ?, ?, ?)", rows)
         logger.info("added document %s (%s, %s, %d chunks)", info.id, kind, privacy, len(rows))
         return info
+
+    def _by_key(self, key: str, digest: str) -> DocumentInfo | None:
+        """The document stored under idempotency `key`; Conflict if it came from another request."""
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_DOC_COLUMNS}, request_sha256 FROM documents "
+                                     "WHERE idempotency_key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        if row[-1] != digest:
+            raise Conflict("idempotency_key: already used for a different document; send a new key")
+        return DocumentInfo(*row[:-1])
 
     def _embed_chunks(self, chunks: Sequence[str]) -> np.ndarray:
         vectors = np.ascontiguousarray(self.embedder.embed(chunks), dtype=np.float32)
@@ -270,6 +264,19 @@ class PersonalStore:
                                       "ORDER BY created_unix_ms, id").fetchall()
         return [DocumentInfo(*r) for r in rows]
 
+    def page(self, after: tuple[int, str] | None, limit: int) -> builtins.list[DocumentInfo]:
+        """Up to `limit` documents after position (created_unix_ms, id), oldest first; titles and
+        sources cut to MAX_TITLE_CHARS / MAX_SOURCE_CHARS in SQL (`truncated` marks them)."""
+        created, doc_id = after if after is not None else (-(2**63), "")
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, substr(title, 1, ?), kind, privacy, substr(source, 1, ?), bytes, "
+                "created_unix_ms, chunk_count, length(title) > ? OR length(source) > ? FROM documents "
+                "WHERE (created_unix_ms, id) > (?, ?) ORDER BY created_unix_ms, id LIMIT ?",
+                (MAX_TITLE_CHARS, MAX_SOURCE_CHARS, MAX_TITLE_CHARS, MAX_SOURCE_CHARS, created, doc_id,
+                 limit)).fetchall()
+        return [DocumentInfo(*r[:-1], truncated=bool(r[-1])) for r in rows]
+
     def count(self) -> int:
         with self._lock:
             return int(self._conn.execute("SELECT count(*) FROM documents").fetchone()[0])
@@ -310,8 +317,9 @@ class PersonalStore:
         marks = ",".join("?" * len(ids))
         with self._lock:
             rows = self._conn.execute(
-                "SELECT c.id, c.doc_id, d.title, c.idx, c.text, d.privacy FROM chunks c "
-                f"JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({marks})", ids).fetchall()
+                "SELECT c.id, c.doc_id, substr(d.title, 1, ?), c.idx, c.text, d.privacy FROM chunks c "
+                f"JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({marks})",
+                [MAX_TITLE_CHARS, *ids]).fetchall()
         return {int(r[0]): ChunkRecord(*r) for r in rows}
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +337,7 @@ class PersonalStore:
     def check_consistency(self) -> builtins.list[str]:
         """Every problem found, in words; empty when the store is consistent."""
         with self._lock:
-            return _find_problems(self._conn, self.dim)
+            return store_schema.find_problems(self._conn, self.dim)
 
 
 _DOC_COLUMNS = "id, title, kind, privacy, source, bytes, created_unix_ms, chunk_count"
@@ -347,53 +355,23 @@ def _validate(title: str, text: str, kind: str, privacy: str, source: str) -> tu
     _check_choice("privacy", privacy, PRIVACIES)
     if not isinstance(source, str):
         raise InvalidField("source", "must be a string")
+    if len(source) > MAX_SOURCE_CHARS:
+        raise InvalidField("source", f"is {len(source)} characters, the limit is {MAX_SOURCE_CHARS}")
     title = (title or "").strip() or text.strip().splitlines()[0].strip()[:80]
     if len(title) > MAX_TITLE_CHARS:
         raise InvalidField("title", f"is {len(title)} characters, the limit is {MAX_TITLE_CHARS}")
     return title, kind
 
 
+def _request_digest(title: str, text: str, kind: str, privacy: str, source: str) -> str:
+    """What an idempotency key is bound to: the normalized request, hashed."""
+    h = hashlib.sha256()
+    for part in (title, kind, privacy, source, text):
+        data = part.encode("utf-8", errors="surrogatepass")
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise InvalidField(name, f"must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def _require_fts5(conn: sqlite3.Connection) -> None:
-    try:
-        conn.execute("CREATE VIRTUAL TABLE temp.fts5_probe USING fts5(x)")
-        conn.execute("DROP TABLE temp.fts5_probe")
-    except sqlite3.OperationalError as err:
-        raise RuntimeError(f"this Python's SQLite ({sqlite3.sqlite_version}) lacks FTS5, "
-                           "which the personal store needs for keyword search") from err
-
-
-_CHECKS = (  # (problem template, query whose rows fill it)
-    ("document {} has chunk_count {} but {} chunk rows",
-     ("SELECT d.id, d.chunk_count, count(c.id) FROM documents d LEFT JOIN chunks c "
-      "ON c.doc_id = d.id GROUP BY d.id HAVING d.chunk_count != count(c.id)")),
-    ("document {} has chunk indexes {}..{}, not 0..chunk_count-1",
-     ("SELECT doc_id, min(idx), max(idx) FROM chunks GROUP BY doc_id "
-      "HAVING min(idx) != 0 OR max(idx) != count(*) - 1")),
-    ("chunk {} belongs to missing document {}",
-     ("SELECT c.id, c.doc_id FROM chunks c LEFT JOIN documents d ON d.id = c.doc_id "
-      "WHERE d.id IS NULL")),
-    ("chunk {} has no FTS row or a different FTS text",
-     ("SELECT c.id FROM chunks c LEFT JOIN chunks_fts f ON f.rowid = c.id "
-      "WHERE f.rowid IS NULL OR f.text IS NOT c.text")),
-    ("FTS row {} has no chunk",
-     "SELECT f.rowid FROM chunks_fts f LEFT JOIN chunks c ON c.id = f.rowid WHERE c.id IS NULL"),
-)
-
-
-def _find_problems(conn: sqlite3.Connection, dim: int) -> list[str]:
-    problems = [f"sqlite: {r[0]}" for r in conn.execute("PRAGMA quick_check") if r[0] != "ok"]
-    for template, sql in _CHECKS:
-        problems += [template.format(*row) for row in conn.execute(sql)]
-    problems += [f"chunk {r[0]} has an embedding of {r[1]} bytes, expected {4 * dim}"
-                 for r in conn.execute("SELECT id, length(embedding) FROM chunks "
-                                       "WHERE length(embedding) != ?", (4 * dim,))]
-    try:
-        conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('integrity-check')")
-    except sqlite3.DatabaseError as err:
-        problems.append(f"FTS index: {err}")
-    return problems
+        raise InvalidField(name, f"must be one of {', '.join(allowed)}, got {shown(value)}")

@@ -17,6 +17,7 @@ Example:
 
 from tandem_sdk._errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -47,6 +48,7 @@ __all__ = [
     "DeadlineExceeded",
     "Delta",
     "Document",
+    "FailedPrecondition",
     "Generation",
     "InvalidArgument",
     "LinkStatus",

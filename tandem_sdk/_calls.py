@@ -11,11 +11,18 @@ Guarantees:
   `cancel()` came first (that step raises `TandemError(CANCELLED)` instead), and each message
   updates `started`, `text` and `stats` in the order it arrived.
 - `Unary` describes one unary call: its method, its request, and how to read the response.
+- `add_document` puts a fresh idempotency key (a random UUID) into its request: gRPC's retries
+  re-send the same request bytes, so every attempt of one logical call carries the same key and
+  the orchestrator stores one document however many attempts reached it.
+- `Pages` walks ListDocuments' pages: each page is one unary call (its own deadline and
+  retries); it stops at an empty next_page_token, and raises `TandemError(INTERNAL)` rather
+  than loop when a server hands back the token it was given.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -73,7 +80,8 @@ class Unary(Generic[T]):
 
 
 def add_document(text: str, *, title: str, kind: str, privacy: str, source: str) -> Unary[Document]:
-    request = _convert.add_document_request(text, title=title, kind=kind, privacy=privacy, source=source)
+    request = _convert.add_document_request(text, title=title, kind=kind, privacy=privacy, source=source,
+                                            idempotency_key=uuid.uuid4().hex)
     return Unary("AddDocument", request, _convert.document)
 
 
@@ -82,9 +90,32 @@ def delete_document(doc_id: str) -> Unary[bool]:
     return Unary("DeleteDocument", request, lambda r: bool(r.deleted))
 
 
-def list_documents() -> Unary[list[Document]]:
-    return Unary("ListDocuments", orchestrator_pb2.ListDocumentsRequest(),
-                 lambda r: [_convert.document(d) for d in r.documents])
+Page = tuple[list[Document], str]  # the documents of one page, and the next page's token ("" = none)
+
+
+def list_documents(page_token: str = "", page_size: int | None = None) -> Unary[Page]:
+    """One page of ListDocuments."""
+    return Unary("ListDocuments", _convert.list_documents_request(page_token, page_size),
+                 lambda r: ([_convert.document(d) for d in r.documents], r.next_page_token))
+
+
+class Pages:
+    """The page requests of one listing: `first()`, then `after(page)` until it returns None."""
+
+    def __init__(self, page_size: int | None) -> None:
+        _convert.list_documents_request("", page_size)  # a bad page_size fails before any call
+        self.page_size = page_size
+
+    def first(self) -> Unary[Page]:
+        return list_documents("", self.page_size)
+
+    def after(self, sent: Unary[Page], page: Page) -> Unary[Page] | None:
+        token = page[1]
+        if not token:
+            return None
+        if token == sent.request.page_token:
+            raise TandemError(grpc.StatusCode.INTERNAL, "ListDocuments returned the page token it was sent")
+        return list_documents(token, self.page_size)
 
 
 def set_document_privacy(doc_id: str, privacy: str) -> Unary[Document]:

@@ -164,14 +164,31 @@ def generate_request(
 
 
 def add_document_request(
-    text: str, *, title: str, kind: str = "document", privacy: str = "private", source: str = ""
+    text: str,
+    *,
+    title: str,
+    kind: str = "document",
+    privacy: str = "private",
+    source: str = "",
+    idempotency_key: str = "",
 ) -> orchestrator_pb2.AddDocumentRequest:
-    for name, value in (("text", text), ("title", title), ("kind", kind), ("source", source)):
+    for name, value in (("text", text), ("title", title), ("kind", kind), ("source", source),
+                        ("idempotency_key", idempotency_key)):
         if not isinstance(value, str):
             raise ValueError(f"{name}: must be a string")  # noqa: TRY004
     return orchestrator_pb2.AddDocumentRequest(
-        title=title, text=text, kind=kind, privacy=privacy_enum(privacy), source=source
+        title=title, text=text, kind=kind, privacy=privacy_enum(privacy), source=source,
+        idempotency_key=idempotency_key,
     )
+
+
+def list_documents_request(page_token: str, page_size: int | None) -> orchestrator_pb2.ListDocumentsRequest:
+    request = orchestrator_pb2.ListDocumentsRequest(page_token=page_token)
+    if page_size is not None:
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size: must be a positive integer (got {page_size!r})")
+        _assign(request, "page_size", "page_size", page_size)
+    return request
 
 
 def document_id(doc_id: str) -> str:
@@ -257,6 +274,7 @@ def document(d: orchestrator_pb2.Document) -> Document:
         bytes=d.bytes,
         created_unix_ms=d.created_unix_ms,
         source=d.source,
+        truncated=d.truncated,
     )
 
 

@@ -46,12 +46,18 @@ class ResourceExhausted(TandemError):
     """The orchestrator is busy (too many requests at once); try again later."""
 
 
+class FailedPrecondition(TandemError):
+    """The request contradicts the orchestrator's state (e.g. an idempotency key reused for
+    another document, or personal documents turned off)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[TandemError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 
 

@@ -137,6 +137,7 @@ class Document:
     bytes: int = 0
     created_unix_ms: int = 0
     source: str = ""
+    truncated: bool = False  # title or source cut to the server's limit (stored longer, before limits)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, Self, TypeVar
 
 import grpc
@@ -124,9 +125,20 @@ class AsyncClient(ClientBase[AsyncGeneration]):
         """Delete a document; True when it existed."""
         return await self._unary(_calls.delete_document(id))
 
-    async def list_documents(self) -> list[Document]:
-        """Every stored document."""
-        return await self._unary(_calls.list_documents())
+    async def list_documents(self, *, page_size: int | None = None) -> list[Document]:
+        """Every stored document, oldest first (fetched page by page; see `iter_documents`)."""
+        return [doc async for doc in self.iter_documents(page_size=page_size)]
+
+    async def iter_documents(self, *, page_size: int | None = None) -> AsyncIterator[Document]:
+        """Every stored document, oldest first, one ListDocuments call per page (as
+        `Client.iter_documents`)."""
+        pages = _calls.Pages(page_size)
+        op: Unary[_calls.Page] | None = pages.first()
+        while op is not None:
+            page = await self._unary(op)
+            for doc in page[0]:
+                yield doc
+            op = pages.after(op, page)
 
     async def set_document_privacy(self, id: str, privacy: str) -> Document:
         """Relabel a document "private" or "shareable"."""

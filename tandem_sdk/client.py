@@ -132,9 +132,24 @@ class Client(ClientBase[Generation]):
         """Delete a document; True when it existed."""
         return self._unary(_calls.delete_document(id))
 
-    def list_documents(self) -> list[Document]:
-        """Every stored document."""
-        return self._unary(_calls.list_documents())
+    def list_documents(self, *, page_size: int | None = None) -> list[Document]:
+        """Every stored document, oldest first (fetched page by page; see `iter_documents`)."""
+        return list(self.iter_documents(page_size=page_size))
+
+    def iter_documents(self, *, page_size: int | None = None) -> Iterator[Document]:
+        """Every stored document, oldest first, one ListDocuments call per page (`page_size`
+        documents at most; None = the server's default). Each page has its own deadline.
+
+        Example:
+            >>> for doc in client.iter_documents(page_size=50):
+            ...     print(doc.id, doc.title)
+        """
+        pages = _calls.Pages(page_size)
+        op: Unary[_calls.Page] | None = pages.first()
+        while op is not None:
+            page = self._unary(op)
+            yield from page[0]
+            op = pages.after(op, page)
 
     def set_document_privacy(self, id: str, privacy: str) -> Document:
         """Relabel a document "private" (never leaves the device) or "shareable"."""

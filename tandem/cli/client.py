@@ -3,8 +3,10 @@
 Guarantees: every command talks to a running orchestrator through `tandem_sdk` at the address
 `resolve_address` picks (flag, then TANDEM_ADDRESS, then the stack file `tandem up` writes,
 then 127.0.0.1:7070). Answers stream to stdout as they arrive; statistics and notices go to
-stderr. An unreachable orchestrator, a request the server rejects (INVALID_ARGUMENT), an unknown
-document or an unreadable file is one line on stderr and exit code 2, never a traceback.
+stderr. `docs list` fetches the documents page by page, so it works whatever the store holds
+(a title stored longer than the server's limit shows cut, ending in "…"). An unreachable
+orchestrator, a request the server rejects (INVALID_ARGUMENT), an unknown document or an
+unreadable file is one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ def run_docs_add(args: argparse.Namespace) -> int:
 
 def run_docs_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        docs = client.list_documents()
+        docs = client.list_documents()  # page by page: no reply grows past gRPC's message limit
     if args.json:
         print(json.dumps([dataclasses.asdict(d) for d in docs], ensure_ascii=False))
         return 0
@@ -296,7 +298,8 @@ def run_docs_list(args: argparse.Namespace) -> int:
     width = max(len(d.id) for d in docs)
     print(f"{'id':<{width}}  {'privacy':<9}  {'kind':<8}  {'chunks':>6}  {'bytes':>8}  title")
     for d in docs:
-        print(f"{d.id:<{width}}  {d.privacy:<9}  {d.kind:<8}  {d.chunks:>6}  {d.bytes:>8}  {d.title}")
+        title = f"{d.title}…" if d.truncated else d.title  # stored longer than the server's limit
+        print(f"{d.id:<{width}}  {d.privacy:<9}  {d.kind:<8}  {d.chunks:>6}  {d.bytes:>8}  {title}")
     return 0
 
 

@@ -323,7 +323,8 @@ def test_core_errors_map_to_statuses_fake_core(server: Server) -> None:
     server.core.mode = "bad_request"
     with pytest.raises(openai.BadRequestError) as bad:
         _chat(client, stream=True)
-    assert bad.value.param == "options.max_new_tokens" and "over the server" in bad.value.message
+    # The core's field, in the OpenAI request's terms; the message starts with it.
+    assert bad.value.param == "max_tokens" and bad.value.body["message"].startswith("max_tokens: over the server")
     server.core.mode = "unavailable"
     with pytest.raises(openai.InternalServerError) as unavailable:
         _chat(client)
@@ -335,6 +336,7 @@ def test_core_errors_map_to_statuses_fake_core(server: Server) -> None:
     with pytest.raises(openai.InternalServerError) as crash:
         client.completions.create(model="tandem", prompt="x")
     assert crash.value.status_code == 500 and "fake bug" not in crash.value.message
+    assert "request id" in crash.value.message and "Traceback" not in crash.value.message
     server.core.mode = "ok"
     assert _chat(client).choices[0].message.content == TEXT
 

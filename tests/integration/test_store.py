@@ -13,7 +13,7 @@ import pytest
 from orchestrator.embedder import Embedder, default_embedder
 from orchestrator.errors import BadRequest, NotFound
 from orchestrator.retrieval import inject_context, prompt_to_messages, search
-from orchestrator.store import MAX_DOCUMENT_BYTES, PersonalStore
+from orchestrator.store import MAX_DOCUMENT_BYTES, SCHEMA_VERSION, PersonalStore
 
 VET = ("My cat Miso's vet is Dr. Alvarez at the Riverside Animal Clinic on Elm Street. "
        "Miso gets her yearly checkup and vaccines every March.")
@@ -174,7 +174,7 @@ def test_wal_mode_and_schema_version(store: PersonalStore) -> None:
     store.add("Diet", DIET)
     raw = sqlite3.connect(store.path)
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     raw.close()
 
 

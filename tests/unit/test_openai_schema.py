@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.config import MAX_CONTEXT_CHUNKS
 from orchestrator.openai_schema import (
     ApiError,
     ChatCompletionRequest,
@@ -21,11 +22,14 @@ from orchestrator.openai_schema import (
     openapi_document,
     parse_request,
 )
+from orchestrator.validation import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_STOP_CHARS
 from protos.tandem.v1 import orchestrator_pb2
+from tandem.limits import MAX_DEADLINE_MS, MAX_NEW_TOKENS
 
 MODELS = ["tandem", "tandem-local", "tandem-speculative", "tandem-cloud"]
 UINT32_MAX = (1 << 32) - 1
 UINT64_MAX = (1 << 64) - 1
+SEED_MAX = (1 << 63) - 1
 
 
 def _chat(**fields: Any) -> dict[str, Any]:
@@ -127,6 +131,13 @@ def test_nan_and_infinities_are_refused(field: str, value: float) -> None:
     (_chat(max_tokens=8, max_completion_tokens=9), "max_completion_tokens"),
     (_chat(seed=-1), "seed"),
     (_chat(seed=UINT64_MAX + 1), "seed"),
+    (_chat(seed=SEED_MAX + 1), "seed"),
+    (_chat(max_tokens=MAX_NEW_TOKENS + 1), "max_tokens"),
+    (_chat(max_completion_tokens=MAX_NEW_TOKENS + 1), "max_completion_tokens"),
+    (_tandem(deadline_ms=MAX_DEADLINE_MS + 1), "tandem.deadline_ms"),
+    (_tandem(context_chunks=MAX_CONTEXT_CHUNKS + 1), "tandem.context_chunks"),
+    (_tandem(category="c" * 65), "tandem.category"),
+    (_chat(model="m" * 65), "model"),
     (_chat(n=0), "n"),
     (_chat(n=2), "n"),
     (_chat(n=UINT32_MAX + 1), "n"),
@@ -139,14 +150,16 @@ def test_out_of_range_values_are_refused(body: dict[str, Any], param: str) -> No
 
 
 def test_range_boundaries_are_accepted() -> None:
-    parsed = parse_request(_chat(temperature=2, top_p=1, seed=UINT64_MAX, n=1,
-                                 max_tokens=UINT32_MAX, max_completion_tokens=UINT32_MAX,
-                                 tandem={"deadline_ms": 0, "context_chunks": UINT32_MAX}),
+    parsed = parse_request(_chat(temperature=2, top_p=1, seed=SEED_MAX, n=1,
+                                 max_tokens=MAX_NEW_TOKENS, max_completion_tokens=MAX_NEW_TOKENS,
+                                 tandem={"deadline_ms": 0, "ttft_budget_ms": MAX_DEADLINE_MS,
+                                         "context_chunks": MAX_CONTEXT_CHUNKS, "category": "c" * 64}),
                            "chat", MODELS)
     opts = parsed.core_request.options
     assert opts.sampling.temperature == 2.0 and opts.sampling.top_p == 1.0
-    assert opts.sampling.seed == UINT64_MAX and opts.max_new_tokens == UINT32_MAX
-    assert opts.deadline_ms == 0 and opts.context_chunks == UINT32_MAX
+    assert opts.sampling.seed == SEED_MAX and opts.max_new_tokens == MAX_NEW_TOKENS
+    assert opts.deadline_ms == 0 and opts.context_chunks == MAX_CONTEXT_CHUNKS
+    assert opts.ttft_budget_ms == MAX_DEADLINE_MS
     greedy = parse_request(_chat(temperature=0), "chat", MODELS).core_request.options.sampling
     assert greedy.temperature == 0.0
 
@@ -178,9 +191,17 @@ def test_empty_text_is_accepted() -> None:
 def test_huge_fields() -> None:
     _assert_400(_chat(stop=["a", "b", "c", "d", "e"]), "stop")
     text = "x" * (1 << 20)
-    parsed = parse_request(_chat(messages=[{"role": "user", "content": text}], stop=[text]),
+    stop = "s" * MAX_STOP_CHARS
+    parsed = parse_request(_chat(messages=[{"role": "user", "content": text}], stop=[stop]),
                            "chat", MODELS)
-    assert parsed.core_request.messages[0].content == text and parsed.stop == (text,)
+    assert parsed.core_request.messages[0].content == text and parsed.stop == (stop,)
+    _assert_400(_chat(stop=[stop + "s"]), "stop[0]")
+    _assert_400(_chat(stop=stop + "s"), "stop[0]")
+    user = {"role": "user", "content": "hi"}
+    assert len(parse_request(_chat(messages=[user] * MAX_MESSAGES), "chat", MODELS).core_request.messages) == MAX_MESSAGES
+    _assert_400(_chat(messages=[user] * (MAX_MESSAGES + 1)), "messages")
+    _assert_400(_chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}] * (MAX_CONTENT_PARTS + 1)}]),
+                "messages[0].content")
     err = _assert_400(_chat(temperature="9" * 1000), "temperature")
     assert len(err.message) < 200  # a huge refused value is not echoed back
     for field in ("seed", "temperature", "max_tokens"):
@@ -314,7 +335,11 @@ def test_openapi_document_is_generated_from_the_models() -> None:
     assert refs and all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)
     tandem = schemas["TandemOptions"]
     assert tandem["additionalProperties"] is False
-    assert tandem["properties"]["deadline_ms"]["anyOf"][0]["maximum"] == UINT32_MAX
+    assert tandem["properties"]["deadline_ms"]["anyOf"][0]["maximum"] == MAX_DEADLINE_MS
+    assert tandem["properties"]["category"]["anyOf"][0]["maxLength"] == 64
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert chat["messages"]["maxLength" if "maxLength" in chat["messages"] else "maxItems"] == MAX_MESSAGES
+    assert chat["max_tokens"]["anyOf"][0]["maximum"] == MAX_NEW_TOKENS
 
 
 def test_error_json_matches_the_documented_error_model() -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctandem/v1/orchestrator.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\x95\x02\n\x0fGenerateOptions\x12\x1f\n\x05route\x18\x01 \x01(\x0e\x32\x10.tandem.v1.Route\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\r\x12\x16\n\x0ettft_budget_ms\x18\x03 \x01(\r\x12\'\n\x07privacy\x18\x04 \x01(\x0e\x32\x16.tandem.v1.PrivacyMode\x12\x1c\n\x14use_personal_context\x18\x05 \x01(\x08\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x16\n\x0e\x63ontext_chunks\x18\x08 \x01(\r\x12\x10\n\x08\x63\x61tegory\x18\t \x01(\t\"|\n\x13GenerateTextRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.tandem.v1.GenerateOptions\"w\n\x08\x43itation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x02\x12#\n\x07privacy\x18\x05 \x01(\x0e\x32\x12.tandem.v1.Privacy\"\x91\x01\n\x11GenerationStarted\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12&\n\tcitations\x18\x03 \x03(\x0b\x32\x13.tandem.v1.Citation\x12\x1e\n\x16private_chunks_dropped\x18\x04 \x01(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"9\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x0e\n\x06source\x18\x03 \x01(\t\"\xa6\x02\n\x11OrchestratorStats\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\ngeneration\x18\x03 \x01(\x0b\x32\x1a.tandem.v1.GenerationStats\x12(\n\x08switches\x18\x04 \x03(\x0b\x32\x16.tandem.v1.RouteSwitch\x12&\n\tcitations\x18\x05 \x03(\x0b\x32\x13.tandem.v1.Citation\x12\x1e\n\x16private_chunks_dropped\x18\x06 \x01(\r\x12\x17\n\x0forchestrator_ms\x18\x07 \x01(\x02\x12\x0f\n\x07ttft_ms\x18\x08 \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\t \x01(\x02\x12\x10\n\x08\x63\x61tegory\x18\n \x01(\t\"\xa5\x01\n\x14GenerateTextResponse\x12/\n\x07started\x18\x01 \x01(\x0b\x32\x1c.tandem.v1.GenerationStartedH\x00\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.tandem.v1.TextDeltaH\x00\x12-\n\x05stats\x18\x03 \x01(\x0b\x32\x1c.tandem.v1.OrchestratorStatsH\x00\x42\x06\n\x04kind\"\xa0\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12#\n\x07privacy\x18\x04 \x01(\x0e\x32\x12.tandem.v1.Privacy\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x0e\n\x06source\x18\x08 \x01(\t\"t\n\x12\x41\x64\x64\x44ocumentRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12#\n\x07privacy\x18\x04 \x01(\x0e\x32\x12.tandem.v1.Privacy\x12\x0e\n\x06source\x18\x05 \x01(\t\"#\n\x15\x44\x65leteDocumentRequest\x12\n\n\x02id\x18\x01 \x01(\t\")\n\x16\x44\x65leteDocumentResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x16\n\x14ListDocumentsRequest\"?\n\x15ListDocumentsResponse\x12&\n\tdocuments\x18\x01 \x03(\x0b\x32\x13.tandem.v1.Document\"L\n\x19SetDocumentPrivacyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x07privacy\x18\x02 \x01(\x0e\x32\x12.tandem.v1.Privacy\"\x0f\n\rStatusRequest\"\xa2\x01\n\nLinkStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0f\n\x07\x63ircuit\x18\x02 \x01(\t\x12\x0e\n\x06rtt_ms\x18\x03 \x01(\x02\x12\x15\n\rrtt_jitter_ms\x18\x04 \x01(\x02\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\x12\x18\n\x10last_probe_age_s\x18\x06 \x01(\x02\x12\x15\n\rcloud_address\x18\x07 \x01(\t\"F\n\tModelInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05where\x18\x03 \x01(\t\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\"\xc7\x02\n\x0eStatusResponse\x12#\n\x04link\x18\x01 \x01(\x0b\x32\x15.tandem.v1.LinkStatus\x12\x19\n\x11recent_acceptance\x18\x02 \x01(\x02\x12S\n\x16\x61\x63\x63\x65ptance_by_category\x18\x03 \x03(\x0b\x32\x33.tandem.v1.StatusResponse.AcceptanceByCategoryEntry\x12$\n\x06models\x18\x04 \x03(\x0b\x32\x14.tandem.v1.ModelInfo\x12\x14\n\x0c\x65\x64ge_address\x18\x05 \x01(\t\x12\x11\n\tdocuments\x18\x06 \x01(\r\x12\x14\n\x0c\x65\x64ge_healthy\x18\x07 \x01(\x08\x1a;\n\x19\x41\x63\x63\x65ptanceByCategoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01*P\n\x05Route\x12\x0e\n\nROUTE_AUTO\x10\x00\x12\x0f\n\x0bROUTE_LOCAL\x10\x01\x12\x15\n\x11ROUTE_SPECULATIVE\x10\x02\x12\x0f\n\x0bROUTE_CLOUD\x10\x03*d\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13PRIVACY_MODE_STRICT\x10\x01\x12\x1e\n\x1aPRIVACY_MODE_CLOUD_QUALITY\x10\x02*N\n\x07Privacy\x12\x17\n\x13PRIVACY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPRIVACY_PRIVATE\x10\x01\x12\x15\n\x11PRIVACY_SHAREABLE\x10\x02\x32\xdb\x03\n\x0cOrchestrator\x12M\n\x08Generate\x12\x1e.tandem.v1.GenerateTextRequest\x1a\x1f.tandem.v1.GenerateTextResponse0\x01\x12\x41\n\x0b\x41\x64\x64\x44ocument\x12\x1d.tandem.v1.AddDocumentRequest\x1a\x13.tandem.v1.Document\x12U\n\x0e\x44\x65leteDocument\x12 .tandem.v1.DeleteDocumentRequest\x1a!.tandem.v1.DeleteDocumentResponse\x12R\n\rListDocuments\x12\x1f.tandem.v1.ListDocumentsRequest\x1a .tandem.v1.ListDocumentsResponse\x12O\n\x12SetDocumentPrivacy\x12$.tandem.v1.SetDocumentPrivacyRequest\x1a\x13.tandem.v1.Document\x12=\n\x06Status\x12\x18.tandem.v1.StatusRequest\x1a\x19.tandem.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctandem/v1/orchestrator.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\x95\x02\n\x0fGenerateOptions\x12\x1f\n\x05route\x18\x01 \x01(\x0e\x32\x10.tandem.v1.Route\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\r\x12\x16\n\x0ettft_budget_ms\x18\x03 \x01(\r\x12\'\n\x07privacy\x18\x04 \x01(\x0e\x32\x16.tandem.v1.PrivacyMode\x12\x1c\n\x14use_personal_context\x18\x05 \x01(\x08\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x16\n\x0e\x63ontext_chunks\x18\x08 \x01(\r\x12\x10\n\x08\x63\x61tegory\x18\t \x01(\t\"|\n\x13GenerateTextRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.tandem.v1.GenerateOptions\"w\n\x08\x43itation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x02\x12#\n\x07privacy\x18\x05 \x01(\x0e\x32\x12.tandem.v1.Privacy\"\x91\x01\n\x11GenerationStarted\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12&\n\tcitations\x18\x03 \x03(\x0b\x32\x13.tandem.v1.Citation\x12\x1e\n\x16private_chunks_dropped\x18\x04 \x01(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"9\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x0e\n\x06source\x18\x03 \x01(\t\"\xa6\x02\n\x11OrchestratorStats\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\ngeneration\x18\x03 \x01(\x0b\x32\x1a.tandem.v1.GenerationStats\x12(\n\x08switches\x18\x04 \x03(\x0b\x32\x16.tandem.v1.RouteSwitch\x12&\n\tcitations\x18\x05 \x03(\x0b\x32\x13.tandem.v1.Citation\x12\x1e\n\x16private_chunks_dropped\x18\x06 \x01(\r\x12\x17\n\x0forchestrator_ms\x18\x07 \x01(\x02\x12\x0f\n\x07ttft_ms\x18\x08 \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\t \x01(\x02\x12\x10\n\x08\x63\x61tegory\x18\n \x01(\t\"\xa5\x01\n\x14GenerateTextResponse\x12/\n\x07started\x18\x01 \x01(\x0b\x32\x1c.tandem.v1.GenerationStartedH\x00\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.tandem.v1.TextDeltaH\x00\x12-\n\x05stats\x18\x03 \x01(\x0b\x32\x1c.tandem.v1.OrchestratorStatsH\x00\x42\x06\n\x04kind\"\xb3\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12#\n\x07privacy\x18\x04 \x01(\x0e\x32\x12.tandem.v1.Privacy\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x11\n\ttruncated\x18\t \x01(\x08\"\x8d\x01\n\x12\x41\x64\x64\x44ocumentRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12#\n\x07privacy\x18\x04 \x01(\x0e\x32\x12.tandem.v1.Privacy\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"#\n\x15\x44\x65leteDocumentRequest\x12\n\n\x02id\x18\x01 \x01(\t\")\n\x16\x44\x65leteDocumentResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"=\n\x14ListDocumentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x15ListDocumentsResponse\x12&\n\tdocuments\x18\x01 \x03(\x0b\x32\x13.tandem.v1.Document\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x19SetDocumentPrivacyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x07privacy\x18\x02 \x01(\x0e\x32\x12.tandem.v1.Privacy\"\x0f\n\rStatusRequest\"\xa2\x01\n\nLinkStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0f\n\x07\x63ircuit\x18\x02 \x01(\t\x12\x0e\n\x06rtt_ms\x18\x03 \x01(\x02\x12\x15\n\rrtt_jitter_ms\x18\x04 \x01(\x02\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\x12\x18\n\x10last_probe_age_s\x18\x06 \x01(\x02\x12\x15\n\rcloud_address\x18\x07 \x01(\t\"F\n\tModelInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05where\x18\x03 \x01(\t\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\"\xc7\x02\n\x0eStatusResponse\x12#\n\x04link\x18\x01 \x01(\x0b\x32\x15.tandem.v1.LinkStatus\x12\x19\n\x11recent_acceptance\x18\x02 \x01(\x02\x12S\n\x16\x61\x63\x63\x65ptance_by_category\x18\x03 \x03(\x0b\x32\x33.tandem.v1.StatusResponse.AcceptanceByCategoryEntry\x12$\n\x06models\x18\x04 \x03(\x0b\x32\x14.tandem.v1.ModelInfo\x12\x14\n\x0c\x65\x64ge_address\x18\x05 \x01(\t\x12\x11\n\tdocuments\x18\x06 \x01(\r\x12\x14\n\x0c\x65\x64ge_healthy\x18\x07 \x01(\x08\x1a;\n\x19\x41\x63\x63\x65ptanceByCategoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01*P\n\x05Route\x12\x0e\n\nROUTE_AUTO\x10\x00\x12\x0f\n\x0bROUTE_LOCAL\x10\x01\x12\x15\n\x11ROUTE_SPECULATIVE\x10\x02\x12\x0f\n\x0bROUTE_CLOUD\x10\x03*d\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13PRIVACY_MODE_STRICT\x10\x01\x12\x1e\n\x1aPRIVACY_MODE_CLOUD_QUALITY\x10\x02*N\n\x07Privacy\x12\x17\n\x13PRIVACY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPRIVACY_PRIVATE\x10\x01\x12\x15\n\x11PRIVACY_SHAREABLE\x10\x02\x32\xdb\x03\n\x0cOrchestrator\x12M\n\x08Generate\x12\x1e.tandem.v1.GenerateTextRequest\x1a\x1f.tandem.v1.GenerateTextResponse0\x01\x12\x41\n\x0b\x41\x64\x64\x44ocument\x12\x1d.tandem.v1.AddDocumentRequest\x1a\x13.tandem.v1.Document\x12U\n\x0e\x44\x65leteDocument\x12 .tandem.v1.DeleteDocumentRequest\x1a!.tandem.v1.DeleteDocumentResponse\x12R\n\rListDocuments\x12\x1f.tandem.v1.ListDocumentsRequest\x1a .tandem.v1.ListDocumentsResponse\x12O\n\x12SetDocumentPrivacy\x12$.tandem.v1.SetDocumentPrivacyRequest\x1a\x13.tandem.v1.Document\x12=\n\x06Status\x12\x18.tandem.v1.StatusRequest\x1a\x19.tandem.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATUSRESPONSE_ACCEPTANCEBYCATEGORYENTRY']._loaded_options = None
   _globals['_STATUSRESPONSE_ACCEPTANCEBYCATEGORYENTRY']._serialized_options = b'8\001'
-  _globals['_ROUTE']._serialized_start=2378
-  _globals['_ROUTE']._serialized_end=2458
-  _globals['_PRIVACYMODE']._serialized_start=2460
-  _globals['_PRIVACYMODE']._serialized_end=2560
-  _globals['_PRIVACY']._serialized_start=2562
-  _globals['_PRIVACY']._serialized_end=2640
+  _globals['_ROUTE']._serialized_start=2487
+  _globals['_ROUTE']._serialized_end=2567
+  _globals['_PRIVACYMODE']._serialized_start=2569
+  _globals['_PRIVACYMODE']._serialized_end=2669
+  _globals['_PRIVACY']._serialized_start=2671
+  _globals['_PRIVACY']._serialized_end=2749
   _globals['_GENERATEOPTIONS']._serialized_start=68
   _globals['_GENERATEOPTIONS']._serialized_end=345
   _globals['_GENERATETEXTREQUEST']._serialized_start=347
@@ -55,29 +55,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATETEXTRESPONSE']._serialized_start=1099
   _globals['_GENERATETEXTRESPONSE']._serialized_end=1264
   _globals['_DOCUMENT']._serialized_start=1267
-  _globals['_DOCUMENT']._serialized_end=1427
-  _globals['_ADDDOCUMENTREQUEST']._serialized_start=1429
-  _globals['_ADDDOCUMENTREQUEST']._serialized_end=1545
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1547
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1582
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1584
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1625
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=1627
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1649
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=1651
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=1714
-  _globals['_SETDOCUMENTPRIVACYREQUEST']._serialized_start=1716
-  _globals['_SETDOCUMENTPRIVACYREQUEST']._serialized_end=1792
-  _globals['_STATUSREQUEST']._serialized_start=1794
-  _globals['_STATUSREQUEST']._serialized_end=1809
-  _globals['_LINKSTATUS']._serialized_start=1812
-  _globals['_LINKSTATUS']._serialized_end=1974
-  _globals['_MODELINFO']._serialized_start=1976
-  _globals['_MODELINFO']._serialized_end=2046
-  _globals['_STATUSRESPONSE']._serialized_start=2049
-  _globals['_STATUSRESPONSE']._serialized_end=2376
-  _globals['_STATUSRESPONSE_ACCEPTANCEBYCATEGORYENTRY']._serialized_start=2317
-  _globals['_STATUSRESPONSE_ACCEPTANCEBYCATEGORYENTRY']._serialized_end=2376
-  _globals['_ORCHESTRATOR']._serialized_start=2643
-  _globals['_ORCHESTRATOR']._serialized_end=3118
+  _globals['_DOCUMENT']._serialized_end=1446
+  _globals['_ADDDOCUMENTREQUEST']._serialized_start=1449
+  _globals['_ADDDOCUMENTREQUEST']._serialized_end=1590
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1592
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1627
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1629
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1670
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=1672
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1733
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=1735
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=1823
+  _globals['_SETDOCUMENTPRIVACYREQUEST']._serialized_start=1825
+  _globals['_SETDOCUMENTPRIVACYREQUEST']._serialized_end=1901
+  _globals['_STATUSREQUEST']._serialized_start=1903
+  _globals['_STATUSREQUEST']._serialized_end=1918
+  _globals['_LINKSTATUS']._serialized_start=1921
+  _globals['_LINKSTATUS']._serialized_end=2083
+  _globals['_MODELINFO']._serialized_start=2085
+  _globals['_MODELINFO']._serialized_end=2155
+  _globals['_STATUSRESPONSE']._serialized_start=2158
+  _globals['_STATUSRESPONSE']._serialized_end=2485
+  _globals['_STATUSRESPONSE_ACCEPTANCEBYCATEGORYENTRY']._serialized_start=2426
+  _globals['_STATUSRESPONSE_ACCEPTANCEBYCATEGORYENTRY']._serialized_end=2485
+  _globals['_ORCHESTRATOR']._serialized_start=2752
+  _globals['_ORCHESTRATOR']._serialized_end=3227
 # @@protoc_insertion_point(module_scope)

@@ -142,7 +142,7 @@ class GenerateTextResponse(_message.Message):
     def __init__(self, started: _Optional[_Union[GenerationStarted, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., stats: _Optional[_Union[OrchestratorStats, _Mapping]] = ...) -> None: ...
 
 class Document(_message.Message):
-    __slots__ = ("id", "title", "kind", "privacy", "chunks", "bytes", "created_unix_ms", "source")
+    __slots__ = ("id", "title", "kind", "privacy", "chunks", "bytes", "created_unix_ms", "source", "truncated")
     ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class Document(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     id: str
     title: str
     kind: str
@@ -159,21 +160,24 @@ class Document(_message.Message):
     bytes: int
     created_unix_ms: int
     source: str
-    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., kind: _Optional[str] = ..., privacy: _Optional[_Union[Privacy, str]] = ..., chunks: _Optional[int] = ..., bytes: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    truncated: bool
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., kind: _Optional[str] = ..., privacy: _Optional[_Union[Privacy, str]] = ..., chunks: _Optional[int] = ..., bytes: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., source: _Optional[str] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class AddDocumentRequest(_message.Message):
-    __slots__ = ("title", "text", "kind", "privacy", "source")
+    __slots__ = ("title", "text", "kind", "privacy", "source", "idempotency_key")
     TITLE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     title: str
     text: str
     kind: str
     privacy: Privacy
     source: str
-    def __init__(self, title: _Optional[str] = ..., text: _Optional[str] = ..., kind: _Optional[str] = ..., privacy: _Optional[_Union[Privacy, str]] = ..., source: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, title: _Optional[str] = ..., text: _Optional[str] = ..., kind: _Optional[str] = ..., privacy: _Optional[_Union[Privacy, str]] = ..., source: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class DeleteDocumentRequest(_message.Message):
     __slots__ = ("id",)
@@ -188,14 +192,20 @@ class DeleteDocumentResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class ListDocumentsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListDocumentsResponse(_message.Message):
-    __slots__ = ("documents",)
+    __slots__ = ("documents", "next_page_token")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[Document]
-    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SetDocumentPrivacyRequest(_message.Message):
     __slots__ = ("id", "privacy")
