@@ -8,8 +8,12 @@ Guarantees:
   accident); with --address it joins that cluster. It deploys the app and, once the gRPC health
   check through Serve's proxy answers SERVING, prints exactly one line to stdout:
   `cloud grpc=HOST:PORT` (flushed).
-- SIGINT or SIGTERM shuts down cleanly: the app (or, for a local instance, Serve and Ray) is
-  stopped, and the process exits 0.
+- SIGINT or SIGTERM drains, then shuts down cleanly: the drain switch (`cloud_node.serve_drain`)
+  makes every replica turn NOT_SERVING, refuse new sessions with UNAVAILABLE and end each stream
+  after its round in flight, so edges resume elsewhere with their committed tokens; then the
+  app (or, for a local instance, Serve and Ray) is stopped, Serve waiting up to its
+  graceful-shutdown timeout (`serve_app.GRACEFUL_SHUTDOWN_TIMEOUT_S`) for the streams to end,
+  and the process exits 0.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
     import ray
     from ray import serve
 
-    from cloud_node import serve_app
+    from cloud_node import serve_app, serve_drain
     from cloud_node.cpus import available_cpus
 
     local = config.address is None
@@ -87,6 +91,7 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
     after_init()
     try:
         log.info("ray %s at %s", "local instance" if local else "cluster", ray.get_runtime_context().gcs_address)
+        switch = serve_drain.create_switch()  # before the replicas start: each one waits on it
         serve_app.start(config.model_dir, grpc_port=port, http_port=_free_port(), dtype=config.dtype,
                         limits=config.limits(), replicas=config.replicas, num_cpus=config.replica_cpus,
                         threads=config.threads)
@@ -94,14 +99,28 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
         serve_app.wait_healthy(f"127.0.0.1:{port}", timeout_s=120)
         print(f"cloud grpc={host}:{port}", flush=True)
         stop.wait()
-        log.info("shutting down")
+        _drain(switch)
     finally:
-        try:
-            serve.shutdown() if local else serve.delete(serve_app.APP_NAME)
+        try:  # the app first: Serve lets its replicas finish their streams, then the proxies go
+            serve.delete(serve_app.APP_NAME)
+            if local:
+                serve.shutdown()
         except Exception:  # Ray may already be going down with the same signal
             log.warning("Serve shutdown was not clean", exc_info=True)
         ray.shutdown()
     return 0
+
+
+def _drain(switch: Any) -> None:
+    """Tell every replica to drain: they refuse new sessions and end their streams after the round in flight."""
+    from cloud_node import serve_drain
+
+    log.info("draining: replicas refuse new sessions and end their streams after the round in flight")
+    try:
+        serve_drain.flip(switch)
+    except Exception:  # Ray may already be going down with the same signal
+        log.warning("could not drain the replicas; shutting down without", exc_info=True)
+    log.info("shutting down")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,13 +6,27 @@ Guarantees:
 - A Verify stream is one Serve request: the proxy forwards the whole bidirectional stream to ONE
   replica (the method receives a `gRPCInputStream`), so every round of a session reaches the
   replica that holds its KV cache (stickiness by construction). The stream's end, for any
-  reason (client close, cancel, error), closes the session on that replica.
-- If a replica dies, its streams fail (the client sees a retryable status) and the client
-  resumes on a new stream carrying its committed tokens; any replica can re-prefill them.
-- Status codes: BadRequest -> INVALID_ARGUMENT, ResourceExhausted -> RESOURCE_EXHAUSTED, with
-  the core's message, set on the Serve gRPC context before the error propagates.
+  reason (client close, cancel, error, a cancel while the session opens), closes the session.
+- If a replica dies, its streams fail (UNAVAILABLE) and the client resumes on a new stream
+  carrying its committed tokens; any replica can re-prefill them.
+- Status codes: the replica parses the forwarded bytes itself (`cloud_node.protocol.parse`) and
+  maps every failure with `cloud_node.status.status_for`, setting the code and a one-line
+  message with a request id on Serve's gRPC context; the proxy passes them on. What Serve itself
+  would answer with exception text (a dead replica's traceback, with its pid, address and actor
+  id) is rewritten in the proxy by `cloud_node.serve_proxy`. `SessionOpened.replica` is Serve's
+  opaque replica tag; the replica's log line `replica TAG is ... pid=...` maps it.
 - Health: `grpc.health.v1.Health/Check` is routed to a replica and answers SERVING for "" and
-  the service (an unknown service gets NOT_FOUND); Serve's proxy serves reflection itself.
+  the service (an unknown service gets NOT_FOUND), NOT_SERVING once the replica drains; Serve's
+  proxy serves reflection itself.
+- Drain: once told (the drain switch of `cloud_node.serve_drain`, which `python -m cloud_node`
+  flips on SIGTERM, or the deployment's `user_config` `{"draining": true}` in a config deploy),
+  a replica answers health NOT_SERVING, refuses new sessions with UNAVAILABLE, finishes the
+  round in flight on each stream, then ends the stream with UNAVAILABLE "draining" (an idle
+  stream within `_DRAIN_POLL_S`), so edges resume elsewhere. Serve gives a replica no signal
+  when the controller alone stops it (scale-down, upgrade, `serve delete`): then Serve waits up
+  to `graceful_shutdown_timeout_s` for the streams to end by themselves (checking every
+  `graceful_shutdown_wait_loop_s`), and cuts those still open; the edge resumes them. No token
+  is lost either way.
 - `max_ongoing_requests` exceeds `max_sessions`, so the core's limit (RESOURCE_EXHAUSTED)
   answers before Serve would queue a stream.
 """
@@ -22,24 +36,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import Message
 from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import gRPCInputStream
 
 from cloud_node.cpus import available_cpus
-from cloud_node.servicer import (
-    SERVICE_NAME,
-    VerifyStream,
-    chunk_to_proto,
-    spec_from_proto,
-    status_for,
-)
+from cloud_node.errors import Draining, SessionGone, echo
+from cloud_node.protocol import DRAINING, Admission, VerifyStream, chunk_to_proto, open_generate
+from cloud_node.serve_drain import watch as watch_drain_switch
+from cloud_node.serve_proxy import install_status_scrubber
+from cloud_node.servicer import SERVICE_NAME
+from cloud_node.servicer import add_cloud_verifier_bytes_to_server as _register
+from cloud_node.status import new_request_id, status_for
 from cloud_node.verifier import Limits, VerifierCore
 from protos.tandem.v1 import cloud_pb2
 
@@ -50,27 +65,19 @@ SERVICER_FUNCTIONS = [
     "cloud_node.serve_app.add_cloud_verifier_bytes_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
-_DONE = object()
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0  # `python -m cloud_node`'s drain period (deploy/ sets its own)
+GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 0.5
+_DRAIN_POLL_S = 0.25  # an idle stream notices a drain within this
+# The ends of streams are None, never an `object()` sentinel: Serve may pickle the deployment
+# class by value, and a copied sentinel is not the module's own.
 
 
 def add_cloud_verifier_bytes_to_server(servicer: Any, server: Any) -> None:
-    """Register CloudVerifier on Serve's proxy with requests left as serialized bytes.
-
-    The proxy hands requests to replicas through Ray. Forwarding the serialized bytes costs less
-    than pickling parsed messages, and the replica parses them itself, so a malformed message is
-    answered by the replica's own status mapping rather than by the proxy. Importing this module
-    also puts the descriptors in the proxy's pool for reflection.
-    """
-    handlers = {
-        "Verify": grpc.stream_stream_rpc_method_handler(
-            servicer.Verify, request_deserializer=None,
-            response_serializer=cloud_pb2.VerifyResponse.SerializeToString),
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=None,
-            response_serializer=cloud_pb2.GenerateResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    """Register CloudVerifier on Serve's proxy: requests forwarded as bytes (cheaper than pickled
+    messages through Ray, and parsed by the replica's own status mapping), and the statuses Serve
+    writes itself scrubbed of exception text (`cloud_node.serve_proxy`)."""
+    install_status_scrubber(server, SERVICE_NAME)
+    _register(servicer, server)
 
 
 def _log_to_stderr() -> None:
@@ -83,28 +90,49 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _after(step: Future[Any] | None, fn: Callable[[], Any]) -> None:
-    """Run fn now, or once `step` finishes: a cancelled await leaves a pool step running, and
-    closing a session (or generator) under it would race with it."""
-    if step is None or step.done():
-        fn()
-    else:
-        step.add_done_callback(lambda _: fn())
+def _fail(grpc_context: Any, exc: Exception, request_id: str) -> NoReturn:
+    """Put the client-facing status on the Serve context and end the call."""
+    status = status_for(exc, request_id)
+    grpc_context.set_code(status.code)
+    grpc_context.set_details(status.details)
+    raise RuntimeError(status.details) from None
 
 
-def _parse(message: Any, cls: Any) -> Any:
-    return cls.FromString(message) if isinstance(message, bytes) else message
+def _close_when_opened(opening: Future[Any]) -> None:
+    """Close what `opening` opens, now or once it has (a cancelled await leaves it running)."""
+    def close(_: Any = None) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            opening.result().close()
+
+    opening.add_done_callback(close)
 
 
-def _fail(grpc_context: Any, exc: BaseException) -> None:
-    """Put the client-facing status on the Serve context; the caller re-raises."""
-    status = status_for(exc)
-    if status is not None:
-        grpc_context.set_code(status[0])
-        grpc_context.set_details(status[1])
+async def _next_request(requests: AsyncIterator[Any], admission: Admission) -> Any:
+    """The next request (bytes), or None at the end; raises Draining if the replica drains while it waits.
+
+    Serve forwards the client's end of stream as one more item (grpc.aio's EOF sentinel, a bare
+    object after pickling): anything but bytes or a message is the end. A stream that breaks
+    under us (the proxy gone) is SessionGone, not a server fault."""
+    waiting = asyncio.ensure_future(anext(requests, None))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=_DRAIN_POLL_S)
+            if done:
+                try:
+                    item = waiting.result()
+                except Exception as exc:  # noqa: BLE001 - e.g. ActorDiedError of the proxy
+                    raise SessionGone(f"request stream: broke ({type(exc).__name__})") from None
+                return item if isinstance(item, bytes | bytearray | memoryview | Message) else None
+            if admission.draining.is_set():
+                raise Draining(DRAINING)
+    finally:
+        if not waiting.done():
+            waiting.cancel()
 
 
-@serve.deployment(name="CloudVerifier")
+@serve.deployment(name="CloudVerifier", user_config={"draining": False},
+                  graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
+                  graceful_shutdown_wait_loop_s=GRACEFUL_SHUTDOWN_WAIT_LOOP_S)
 class CloudVerifierDeployment:
     """One replica: a VerifierCore, its CPU work on a thread pool off the replica's event loop."""
 
@@ -117,65 +145,68 @@ class CloudVerifierDeployment:
         # want the node's cores. threads == 0 means all this process may use: its affinity and
         # its cgroup's CPU quota (a pod's limit), never the host's core count.
         torch.set_num_threads(threads or available_cpus())
-        # The Ray actor name plus the process id: enough to find (or, in fault tests, kill) it.
-        replica = f"{serve.get_replica_context().replica_id.to_full_id_str()} pid={os.getpid()}"
+        context = serve.get_replica_context()
+        replica = context.replica_tag  # opaque; the log line below maps it to the process
         self.core = VerifierCore.load(model_dir, dtype=dtype, limits=limits, model_name=model_name,
                                       replica=replica)
+        self.admission = Admission()
         self._pool = ThreadPoolExecutor(max_workers=limits.max_sessions + 2, thread_name_prefix="verifier")
-        log.info("replica %s ready (torch threads %d)", replica, torch.get_num_threads())
+        log.info("replica %s is %s pid=%d, ready (torch threads %d)", replica,
+                 context.replica_id.to_full_id_str(), os.getpid(), torch.get_num_threads())
+        watch_drain_switch(self.drain)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's user_config: `{"draining": true}` starts the drain (it is never undone)."""
+        if config.get("draining"):
+            self.drain()
+
+    def drain(self) -> None:
+        if not self.admission.draining.is_set():
+            log.info("replica %s draining: %d open sessions", self.core.replica, len(self.core.store))
+            self.admission.draining.set()
 
     async def Verify(self, requests: gRPCInputStream,
                      grpc_context: Any) -> AsyncIterator[cloud_pb2.VerifyResponse]:
-        stream = VerifyStream(self.core)
-        step: Future[Any] | None = None
+        request_id, stream = new_request_id(), VerifyStream(self.core, self.admission)
         try:
-            async for request in requests:
-                step = self._pool.submit(stream.handle, _parse(request, cloud_pb2.VerifyRequest))
-                try:
-                    response = await asyncio.wrap_future(step)
-                except Exception as exc:
-                    _fail(grpc_context, exc)
-                    raise
-                yield response
+            while (data := await _next_request(requests, self.admission)) is not None:
+                if self.admission.draining.is_set():
+                    raise Draining(DRAINING)
+                yield await asyncio.wrap_future(self._pool.submit(stream.handle, data))
                 if stream.finished:
                     return
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, here
+            _fail(grpc_context, exc, request_id)
         finally:
-            _after(step, stream.close)
+            stream.close()  # safe while a step still runs: the session closes once it exists
 
-    async def Generate(self, request: cloud_pb2.GenerateRequest,
-                       grpc_context: Any) -> AsyncIterator[cloud_pb2.GenerateResponse]:
-        spec = spec_from_proto(_parse(request, cloud_pb2.GenerateRequest).session)
-        opening = self._pool.submit(self.core.generate, spec)
+    async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[cloud_pb2.GenerateResponse]:
+        request_id = new_request_id()
+        opening = self._pool.submit(open_generate, self.core, self.admission, request)
         try:
             chunks = await asyncio.wrap_future(opening)
-        except asyncio.CancelledError:  # the session may still open: close it once it has
-            _after(opening, lambda: None if opening.exception() else opening.result().close())
-            raise
-        except Exception as exc:
-            _fail(grpc_context, exc)
-            raise
-        step: Future[Any] | None = None
-        try:
-            while True:
-                step = self._pool.submit(next, chunks, _DONE)
-                chunk = await asyncio.wrap_future(step)
-                if chunk is _DONE:
-                    return
+            while (chunk := await asyncio.wrap_future(self._pool.submit(next, chunks, None))) is not None:
                 yield chunk_to_proto(chunk)
+                if self.admission.draining.is_set() and not chunk.finished:
+                    raise Draining(DRAINING)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, here
+            _fail(grpc_context, exc, request_id)
         finally:
-            _after(step, chunks.close)
+            _close_when_opened(opening)
 
     async def Check(self, request: Any, grpc_context: Any) -> Any:
         from grpc_health.v1 import health_pb2
 
         if request.service not in ("", SERVICE_NAME):
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
-            grpc_context.set_details(f"unknown service {request.service!r}")
-            raise KeyError(request.service)
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+            grpc_context.set_details(f"unknown service {echo(request.service)}")
+            raise KeyError("unknown service")
+        serving = not self.admission.draining.is_set()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving
+                                              else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:
-        """Reports the current status once (a replica has no status changes to stream)."""
+        """Reports the current status once (a replica streams no status changes)."""
         yield await self.Check(request, grpc_context)
 
 

@@ -8,6 +8,8 @@ Guarantees:
   the caches of the least recently used *other* sessions until the estimated KV bytes of all
   resident caches fit `kv_budget_bytes`. A single session larger than the budget on its own is
   allowed (its context is bounded by max_context); it is never evicted while it is being served.
+- A removed session never gets a cache back (`attach` refuses), so a prefill that finishes after
+  its session was closed holds no memory the store does not see.
 - The store is pure bookkeeping: no torch, no gRPC. A cache is any object with `cached_len`
   (a `cloud_node.scorer.ScorerSession` in production, a fake in unit tests). Thread-safe.
 """
@@ -107,6 +109,15 @@ class SessionStore:
             record = self._records[key]
             self._records.move_to_end(key)
             return record
+
+    def attach(self, key: str, cache: Cache) -> bool:
+        """Give an open session its cache; False (and nothing kept) if the session was removed."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is None:
+                return False
+            record.cache = cache
+            return True
 
     def remove(self, key: str) -> SessionRecord | None:
         """Forget a session and drop its cache; unknown keys are ignored (idempotent)."""

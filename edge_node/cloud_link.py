@@ -10,6 +10,12 @@ Guarantees:
 - Bytes are counted per direction as gRPC message bytes (serialized size plus the 5-byte
   length prefix), so figures are comparable across runs.
 - INVALID_ARGUMENT and other client errors raise `CloudRejected` and are never retried.
+  RESOURCE_EXHAUSTED and UNAVAILABLE "draining" (a replica shutting down) are resumable refusals
+  (`SwitchCause.CLOUD_REFUSED`).
+- Drafts stay within the cloud's limits once its SessionOpened is known: `draft_room` gives the
+  largest k it verifies (`max_draft_len`, and max_context - position - 1), and
+  `RemoteVerifier` drops drafts past it; before that the cloud drops them itself. An answer that reaches the cloud's
+  context ends with finish reason "length".
 """
 
 from __future__ import annotations
@@ -105,7 +111,8 @@ def _link_error(err: grpc.RpcError) -> Exception:
     """A broken stream is resumable (LinkError); a refusal is not (CloudRejected)."""
     code, details = err.code(), err.details() or ""
     if code in _RETRYABLE:
-        refused = code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        refused = code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
+            code == grpc.StatusCode.UNAVAILABLE and details.startswith("draining"))
         return LinkError(f"stream broke: {code.name} {details}",
                          SwitchCause.CLOUD_REFUSED if refused else SwitchCause.BROKEN_STREAM)
     return CloudRejected(code, details)
@@ -201,6 +208,13 @@ class CloudLink:
         log.info("resuming cloud session %s after %d tokens", self._request.session_id, len(generated))
         self.open(generated)
 
+    def draft_room(self, wanted: int, position: int) -> int:
+        """The drafts worth sending after `position` tokens (prompt + committed): at most `wanted`,
+        within the cloud's max_draft_len and context once its SessionOpened has come."""
+        if self.opened is None:
+            return wanted
+        return max(0, min(wanted, self.opened.max_draft_len, self.opened.max_context - position - 1))
+
     def verify(self, draft_tokens: Sequence[int], q: np.ndarray | None) -> Verdict:
         """Send one round and wait for its verdict (the first round also waits for the open ack)."""
         if self._stream is None:
@@ -261,7 +275,8 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
                    counter: dict[str, int] | None = None) -> Iterator[cloud_pb2.GenerateResponse]:
     """Cloud-only generation over a server stream; on a break it re-asks with the tokens received.
 
-    Each response is yielded once; `counter` (if given) accumulates "up"/"down" message bytes.
+    Each response is yielded once; `counter` (if given) accumulates "up"/"down" message bytes
+    and counts "resumes".
     The first reply (prefill included) must come within `first_timeout_s` and each later one
     within `gap_timeout_s` of the previous (None = no limit), else the stream counts as broken.
     A break past `max_resumes` raises `LinkError`; a refusal raises `CloudRejected`.
@@ -289,6 +304,7 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
                 raise LinkError(f"cloud unreachable after {resumes} resumes: {exc}", exc.cause) from None
             time.sleep(backoff_delay(resumes, backoff_s))
             resumes += 1
+            counter["resumes"] = resumes
             log.info("cloud Generate stream broke (%s); resuming after %d tokens", exc, len(generated))
 
 
@@ -300,16 +316,29 @@ class RemoteVerifier:
     then the last `LinkError` (a `VerifierUnavailable` with its cause) propagates.
     """
 
-    def __init__(self, link: CloudLink, *, max_resumes: int, backoff_s: float) -> None:
+    def __init__(self, link: CloudLink, *, max_resumes: int, backoff_s: float, prompt_len: int) -> None:
         self.link, self.max_resumes, self.backoff_s = link, max_resumes, backoff_s
+        self.prompt_len = prompt_len
         self.committed: list[int] = []
+
+    @property
+    def position(self) -> int:
+        """Tokens the cloud holds before the next round: prompt + committed."""
+        return self.prompt_len + len(self.committed)
+
+    def draft_len(self, wanted: int) -> int:
+        """`wanted`, within the cloud's limits (see `CloudLink.draft_room`)."""
+        return self.link.draft_room(wanted, self.position)
 
     def verify(self, draft: Draft) -> Verdict:
         if not self.link.is_open:
             self.link.open(self.committed)
         while True:
             try:
-                verdict = self.link.verify(draft.tokens, draft.q)
+                # Drafts past the cloud's limits are dropped here (the verdict accepts at most those
+                # sent); the drafter's commit keeps only the accepted ones anyway.
+                keep = self.draft_len(len(draft.tokens))
+                verdict = self.link.verify(draft.tokens[:keep], None if draft.q is None else draft.q[:keep])
             except LinkError as exc:
                 if self.link.resumes >= self.max_resumes:
                     raise LinkError(f"cloud unreachable after {self.link.resumes} resumes: {exc}", exc.cause) from None

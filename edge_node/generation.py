@@ -10,6 +10,9 @@ Guarantees:
   token at once: the unsettled draft is rolled back and the drafter generates the rest. Either
   way no committed token is lost or repeated: `on_tokens` sees each token once, in order, and
   the wait for a broken round is bounded by the round deadline.
+- Each round drafts within the cloud's limits (its max_draft_len and context, learnt from the
+  session's SessionOpened), and an answer that reaches the cloud's context ends with finish
+  reason "length", as on the cloud route.
 - Cloud-only generation relays the target's stream; with `fallback_local` a break continues
   on the device from the tokens received, the drafter re-prefilling prompt + answer so far.
 - Every result carries the statistics the edge service reports (`EdgeResult`), including each
@@ -133,10 +136,11 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     clock, result = _Clock(), EdgeResult(route="speculative")
     session = drafter.new_session(prompt_ids, params, seed,
                                   max_length=_max_length(prompt_ids, max_new_tokens, _longest(draft_len)))
-    verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s)
+    verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s,
+                              prompt_len=len(prompt_ids))
     try:
-        for verdict in speculative_generate(session, verifier, draft_len=draft_len, max_new_tokens=max_new_tokens,
-                                            stats=result.stats):
+        for verdict in speculative_generate(session, verifier, draft_len=_within_cloud(draft_len, verifier),
+                                            max_new_tokens=max_new_tokens, stats=result.stats):
             clock.mark_first()
             result.tokens.extend(verdict.tokens)
             result.verified_tokens += len(verdict.tokens)
@@ -157,6 +161,14 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     # One target pass per round, plus the prefill of each (re)opened stream.
     result.stats.add_target_forwards(1 + result.resumes)
     return clock.finish(result)
+
+
+def _within_cloud(draft_len: DraftLen, verifier: RemoteVerifier) -> DraftLen:
+    """`draft_len`, clamped each round to what the cloud verifies at the session's position."""
+    def k(stats: RequestStats) -> int:
+        return verifier.draft_len(draft_len(stats) if callable(draft_len) else draft_len)
+
+    return k
 
 
 def _longest(draft_len: DraftLen) -> int:
@@ -191,6 +203,7 @@ def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Seq
         _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
     finally:
         result.bytes_up, result.bytes_down = counter.get("up", 0), counter.get("down", 0)
+        result.resumes = counter.get("resumes", 0)
     result.stats.add_tokens(len(result.tokens))
     result.stats.add_target_forwards(result.verified_tokens)
     return clock.finish(result)

@@ -202,7 +202,7 @@ BAD_INPUTS = {
     "round_before_open": ([_round([5])], "before"),
     "empty_request": ([cloud_pb2.VerifyRequest()], "request"),
     "draft_outside_vocab": ([_open(), _round([5, 600])], "draft_tokens"),
-    "too_many_drafts": ([_open(), _round([5] * 9)], "max_draft_len"),
+    "too_many_drafts": ([_open(), _round([5] * 17)], "max_draft_len"),
     "q_rows_in_greedy": ([_open(), _round([5], [([5], [1.0])])], "q_rows"),
     "q_rows_missing": ([SAMPLING_OPEN, _round([5, 6], [([5], [1.0])])], "q_rows"),
     "q_nan": ([SAMPLING_OPEN, _round([5], [([5, 6], [math.nan, 0.5])])], "q_rows[0]"),

@@ -53,6 +53,7 @@ class CloudVerifierServicer:
         """One speculative session is one bidirectional stream. The first request opens it (the server
         answers SessionOpened); each later request carries one round of drafts and gets exactly one
         Verdict back, in order. The stream ends when the client closes it or a verdict is final.
+        Order: a round before open, a second open, or an empty VerifyRequest is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,209 @@
+"""What a client may send the cloud verifier, and the checks that enforce it (pure: numpy at most).
+
+Notation as in `tandem_core.verify`: **p** is the target's distribution, **q** the drafter's.
+
+Guarantees (each bound is also written next to its field in `protos/tandem/v1/cloud.proto`):
+- Every check raises `BadRequest` whose message names the field and the bound; none changes any
+  state. Counts are checked before elements, so a huge field costs no more than its length.
+- Strings: `session_id` is empty or 1..`MAX_ID_CHARS` printable ASCII characters (it goes into
+  logs); `model` is at most `MAX_ID_CHARS` characters and must name the served model; `messages`
+  holds at most `MAX_MESSAGES` entries, each `role` at most `MAX_ID_CHARS` characters, and all
+  roles and contents together at most `MESSAGE_CHARS_PER_TOKEN * max_context` characters.
+- Token ids lie in [0, vocab). `prompt_tokens` + `generated_tokens` < max_context;
+  `generated_tokens` < max_new_tokens and holds no end-of-sequence token.
+- Sampling: temperature finite and >= 0, top_p in (0, 1], seed in [0, 2**63), max_new_tokens in
+  [1, the replica's limit].
+- A round: at most `tandem.limits.MAX_DRAFT_LEN` drafts (the protocol's bound; more is refused).
+  Of those, drafts past the replica's `max_draft_len` or past the context are dropped, not
+  refused: at most min(max_draft_len, max_context - position - 1) are verified (the round still
+  emits a token), and the verdict says how many were accepted. An edge that drafts before it
+  has read SessionOpened cannot know these limits, so dropping keeps its answer going. In sampling mode exactly one q row per
+  draft, each 1..vocab distinct ids with finite, non-negative probabilities summing to 1
+  (within `Q_SUM_TOLERANCE`), the draft having mass in its own row; in greedy mode none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cloud_node.errors import BadRequest, echo
+from tandem.limits import MAX_DRAFT_LEN
+from tandem_core.sampling import SamplingParams
+
+MAX_ID_CHARS = 128  # session_id, model, a message's role
+MAX_MESSAGES = 256
+MESSAGE_CHARS_PER_TOKEN = 64  # chat text allowed per token of context, before templating
+Q_SUM_TOLERANCE = 1e-3  # q rows arrive as float32; renormalized after this check
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What opens a session (the proto's SessionSpec, unvalidated)."""
+
+    session_id: str = ""
+    model: str = ""  # "" = the served model
+    prompt_tokens: tuple[int, ...] = ()
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content); used when prompt_tokens is empty
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 0
+    generated_tokens: tuple[int, ...] = ()  # resume: committed after the prompt
+
+
+@dataclass(frozen=True)
+class DraftRound:
+    """One round from the edge. q_rows[i] = (ids, probs): the drafter's q at draft i, sparse."""
+
+    round: int
+    draft_tokens: tuple[int, ...]  # (k,)
+    q_rows: tuple[tuple[Sequence[int], Sequence[float]], ...] = ()  # k rows in sampling mode
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    params: SamplingParams
+    seed: int | None
+    prompt: list[int]
+    generated: list[int]
+
+
+@dataclass(frozen=True)
+class Checker:
+    """The bounds of one replica, and the checks of what a client sends against them."""
+
+    vocab: int
+    max_context: int
+    max_draft_len: int
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    model_name: str
+    tokenizer: Any = None  # for `messages`; None refuses them
+
+    def spec(self, spec: SessionSpec) -> CheckedSpec:
+        check_session_id(spec.session_id)
+        if len(spec.model) > MAX_ID_CHARS or (spec.model and spec.model != self.model_name):
+            raise BadRequest(f"model: unknown model {echo(spec.model)}; this server has {self.model_name!r}")
+        try:
+            params = SamplingParams(float(spec.temperature), int(spec.top_k), float(spec.top_p), None)
+        except ValueError as exc:
+            raise BadRequest(f"sampling: {exc}") from None
+        limit = self.max_new_tokens
+        if not 1 <= spec.max_new_tokens <= limit:
+            raise BadRequest(f"max_new_tokens: must be in [1, {limit}], got {spec.max_new_tokens}")
+        if spec.seed is not None and not 0 <= spec.seed < 2**63:
+            raise BadRequest(f"sampling.seed: must be in [0, 2**63), got {spec.seed}")
+        if len(spec.generated_tokens) >= spec.max_new_tokens:
+            raise BadRequest(f"generated_tokens: {len(spec.generated_tokens)} tokens already reach max_new_tokens="
+                             f"{spec.max_new_tokens}; nothing is left to generate")
+        prompt = self._prompt(spec)
+        generated = self.ids("generated_tokens", spec.generated_tokens)
+        if any(t in self.eos_ids for t in generated):
+            raise BadRequest("generated_tokens: contains an end-of-sequence token; the answer is finished")
+        self._fits_context(len(prompt), len(generated))
+        return CheckedSpec(params, spec.seed, prompt, generated)
+
+    def _fits_context(self, prompt: int, generated: int) -> None:
+        if prompt + generated >= self.max_context:
+            raise BadRequest(f"prompt_tokens: prompt of {prompt} tokens (+{generated} generated) "
+                             f"is at or past max_context={self.max_context}")
+
+    def _prompt(self, spec: SessionSpec) -> list[int]:
+        if spec.prompt_tokens:
+            self._fits_context(len(spec.prompt_tokens), len(spec.generated_tokens))
+            return self.ids("prompt_tokens", spec.prompt_tokens)
+        if not spec.messages:
+            raise BadRequest("prompt_tokens: empty prompt (send prompt_tokens or messages)")
+        check_messages(spec.messages, MESSAGE_CHARS_PER_TOKEN * self.max_context)
+        if self.tokenizer is None:
+            raise BadRequest("messages: this server has no tokenizer; send prompt_tokens")
+        from cloud_node.scorer import encode_prompt
+
+        try:
+            ids = encode_prompt(self.tokenizer, messages=[{"role": r, "content": c} for r, c in spec.messages])
+        except Exception as exc:  # noqa: BLE001 - any template error is the client's input
+            raise BadRequest(f"messages: the chat template rejected them ({template_reason(exc)})") from None
+        return self.ids("messages", ids)
+
+    def ids(self, field: str, ids: Sequence[int]) -> list[int]:
+        out = [int(t) for t in ids]
+        bad = [t for t in out if not 0 <= t < self.vocab]
+        if bad:
+            raise BadRequest(f"{field}: token ids outside the vocabulary [0, {self.vocab}): {bad[:5]}")
+        return out
+
+    def round(self, draft: DraftRound, params: SamplingParams, position: int) -> tuple[list[int], np.ndarray | None]:
+        """The drafts to verify and their dense q, both cut to max_draft_len and the context."""
+        k, most = len(draft.draft_tokens), max(MAX_DRAFT_LEN, self.max_draft_len)
+        if k > most:
+            raise BadRequest(f"draft_tokens: {k} drafts exceed the protocol's max_draft_len={most}")
+        tokens = self.ids("draft_tokens", draft.draft_tokens)
+        q = self.q_rows(draft.q_rows, tokens, params)
+        keep = max(0, min(k, self.max_draft_len, self.max_context - position - 1))
+        return tokens[:keep], (None if q is None else q[:keep])
+
+    def q_rows(self, rows: Sequence[tuple[Sequence[int], Sequence[float]]], tokens: list[int],
+               params: SamplingParams) -> np.ndarray | None:
+        """Dense (k, V) float64 q from the sparse rows, each row checked and renormalized."""
+        if params.greedy:
+            if rows:
+                raise BadRequest("q_rows: must be empty in greedy mode (temperature 0)")
+            return None
+        if len(rows) != len(tokens):
+            raise BadRequest(f"q_rows: got {len(rows)} rows for {len(tokens)} drafts (sampling mode "
+                             "needs one per draft)")
+        q = np.zeros((len(tokens), self.vocab), dtype=np.float64)
+        for i, ((ids, probs), x) in enumerate(zip(rows, tokens, strict=True)):
+            ids_a, probs_a = self._q_row(f"q_rows[{i}]", ids, probs)
+            q[i, ids_a] = probs_a / float(probs_a.sum())
+            if q[i, x] <= 0:
+                raise BadRequest(f"q_rows[{i}]: draft token {x} has probability 0 in its own q row")
+        return q
+
+    def _q_row(self, where: str, ids: Sequence[int], probs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 < len(ids) <= self.vocab or len(ids) != len(probs):
+            raise BadRequest(f"{where}: ids and probs must be non-empty, of equal length and at most the "
+                             f"vocabulary ({self.vocab}) long, got {len(ids)} and {len(probs)}")
+        ids_a = np.asarray(ids, dtype=np.int64)
+        probs_a = np.asarray(probs, dtype=np.float64)
+        if ids_a.min() < 0 or ids_a.max() >= self.vocab:
+            raise BadRequest(f"{where}: ids outside the vocabulary [0, {self.vocab})")
+        if np.unique(ids_a).size != ids_a.size:
+            raise BadRequest(f"{where}: ids must not repeat")
+        if not np.isfinite(probs_a).all() or probs_a.min() < 0:
+            raise BadRequest(f"{where}: probabilities must be finite and non-negative (NaN, inf or < 0 sent)")
+        total = float(probs_a.sum())
+        if not math.isclose(total, 1.0, abs_tol=Q_SUM_TOLERANCE):
+            raise BadRequest(f"{where}: probabilities must sum to 1, got {total:.6f}")
+        return ids_a, probs_a
+
+
+def check_session_id(session_id: str) -> None:
+    if len(session_id) > MAX_ID_CHARS or not all("!" <= c <= "~" for c in session_id):
+        raise BadRequest(f"session_id: must be at most {MAX_ID_CHARS} printable ASCII characters "
+                         f"(no spaces), got {len(session_id)} characters")
+
+
+def check_messages(messages: Sequence[tuple[str, str]], max_chars: int) -> None:
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"messages: {len(messages)} messages exceed the limit of {MAX_MESSAGES}")
+    if any(len(role) > MAX_ID_CHARS for role, _ in messages):
+        raise BadRequest(f"messages: a role is longer than {MAX_ID_CHARS} characters")
+    chars = sum(len(role) + len(content) for role, content in messages)
+    if chars > max_chars:
+        raise BadRequest(f"messages: {chars} characters exceed the limit of {max_chars}")
+
+
+def template_reason(exc: Exception) -> str:
+    """What to tell a client about a chat-template error: the template's own message (jinja's
+    `raise_exception`), first line only; never the text of another exception."""
+    if type(exc).__module__.startswith("jinja2"):
+        line = (str(exc).splitlines() or [""])[0]
+        return line[:120]
+    return type(exc).__name__
