@@ -12,16 +12,16 @@ from pathlib import Path
 
 from tandem.limits import (
     DEFAULT_DRAFT_LEN,
+    DRAIN_S,
     MAX_CONCURRENT_GENERATIONS,
     MAX_DEADLINE_MS,
     MAX_DRAFT_LEN,
+    MAX_DRAIN_S,
     OPEN_DEADLINE_MS,
     ROUND_DEADLINE_MS,
 )
 
 ENV_PREFIX = "TANDEM_EDGE_"
-DEFAULT_DRAIN_S = 30.0  # `tandem down` waits a little longer than this before it kills
-MAX_DRAIN_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class EdgeConfig:
         "help": "deadline for opening a cloud session, prefill included"})
     max_concurrent: int = field(default=MAX_CONCURRENT_GENERATIONS, metadata={"help": "generations at once"})
     max_resumes: int = field(default=3, metadata={"help": "cloud stream re-opens per request"})
-    drain_s: float = field(default=DEFAULT_DRAIN_S, metadata={
+    drain_s: float = field(default=DRAIN_S, metadata={
         "help": "on SIGTERM, how long running generations may take to finish before the node stops"})
 
     def __post_init__(self) -> None:

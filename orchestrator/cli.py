@@ -5,8 +5,7 @@ SIGINT/SIGTERM. Then it drains (`Running.drain`): health turns NOT_SERVING, new 
 refused (gRPC UNAVAILABLE, HTTP 503), and the answers in flight finish within `--drain-s`
 seconds; then it exits 0. A second signal, or the end of the drain period, stops it at once.
 Settings come from flags, then `TANDEM_ORCH_*` environment variables, then defaults
-(`OrchestratorConfig`, and `DrainConfig` for the shutdown); a bad value exits with code 2 and
-a message naming it.
+(`OrchestratorConfig`); a bad value exits with code 2 and a message naming it.
 """
 
 from __future__ import annotations
@@ -18,34 +17,18 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import ENV_PREFIX, OrchestratorConfig
 from tandem.config import ConfigError, add_flags, load
 
 log = logging.getLogger(__name__)
-DEFAULT_DRAIN_S = 30.0
-MAX_DRAIN_S = 3600.0
-
-
-@dataclass(frozen=True)
-class DrainConfig:
-    """How the process shuts down (kept apart from `OrchestratorConfig`, which the runtime reads)."""
-
-    drain_s: float = field(default=DEFAULT_DRAIN_S, metadata={
-        "help": "on SIGTERM, how long the answers in flight may take to finish before the process stops"})
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.drain_s <= MAX_DRAIN_S:
-            raise ValueError(f"drain_s: must be in [0, {MAX_DRAIN_S:g}], got {self.drain_s}")
 
 
 def add_orchestrator_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("orchestrator", help="run the on-device orchestrator (gRPC + OpenAI-compatible HTTP)",
                        description=f"Each flag falls back to {ENV_PREFIX}<FIELD>, then to its default.")
     add_flags(p, OrchestratorConfig, env_prefix=ENV_PREFIX)
-    add_flags(p, DrainConfig, env_prefix=ENV_PREFIX)
     p.set_defaults(func=run)
     return p
 
@@ -53,12 +36,11 @@ def add_orchestrator_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM, then drain; raises ConfigError for a bad setting."""
     config = load(OrchestratorConfig, args, env_prefix=ENV_PREFIX)
-    drain = load(DrainConfig, args, env_prefix=ENV_PREFIX)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestrator %(levelname)s %(message)s")
-    return asyncio.run(_serve(config, drain))
+    return asyncio.run(_serve(config))
 
 
-async def _serve(config: OrchestratorConfig, drain: DrainConfig) -> int:
+async def _serve(config: OrchestratorConfig) -> int:
     from orchestrator.app import Running
 
     running = await Running(config).start()
@@ -70,9 +52,9 @@ async def _serve(config: OrchestratorConfig, drain: DrainConfig) -> int:
     print(f"orchestrator grpc={config.host}:{running.grpc_port}{http}", flush=True)
     try:
         await first.wait()
-        log.info("draining: up to %.0f s for %d answer(s) in flight", drain.drain_s, running.admission.in_flight)
+        log.info("draining: up to %.0f s for %d answer(s) in flight", config.drain_s, running.admission.in_flight)
         t0 = time.monotonic()
-        drained = await running.drain(drain.drain_s, hurry=second)
+        drained = await running.drain(config.drain_s, hurry=second)
         log.info("drained in %.2f s (%s)", time.monotonic() - t0, "every answer finished" if drained
                  else f"{running.admission.in_flight} answer(s) cut")
     finally:

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from tandem.limits import (
+    DRAIN_S,
     MAX_CONCURRENT_GENERATIONS,
     MAX_CONTEXT,
     MAX_DEADLINE_MS,
+    MAX_DRAIN_S,
     MAX_NEW_TOKENS,
     OPEN_DEADLINE_MS,
     ROUND_DEADLINE_MS,
@@ -55,6 +57,7 @@ class OrchestratorConfig:
     personal: bool = _f(True, "load the embedder and the personal store")
     target_name: str = _f("qwen2.5-coder-1.5b-instruct", "the model name the OpenAI endpoint reports")
     edge_timeout_s: float = _f(3600.0, "a generation's hard limit when the request sets none")
+    drain_s: float = _f(DRAIN_S, "on SIGTERM, how long the answers in flight may take to finish before the process stops")
 
     def __post_init__(self) -> None:
         if self.http_port is not None and self.http_port < 0:
@@ -81,5 +84,7 @@ class OrchestratorConfig:
             raise ValueError(f"default_max_new_tokens must be in [1, {MAX_NEW_TOKENS}]")
         if not 2 <= self.cloud_max_context <= MAX_CONTEXT:
             raise ValueError(f"cloud_max_context must be in [2, {MAX_CONTEXT}], got {self.cloud_max_context}")
+        if not 0 <= self.drain_s <= MAX_DRAIN_S:
+            raise ValueError(f"drain_s must be in [0, {MAX_DRAIN_S:g}], got {self.drain_s}")
         if not 0 <= self.context_chunks <= MAX_CONTEXT_CHUNKS:
             raise ValueError(f"context_chunks must be in [0, {MAX_CONTEXT_CHUNKS}]")

@@ -17,5 +17,9 @@ ROUND_DEADLINE_MS = 1000    # a verdict later than this: resume, or continue on 
 OPEN_DEADLINE_MS = 60000    # opening a cloud session, prefill included
 MAX_DEADLINE_MS = 3_600_000
 
+# Shutdown: on SIGTERM a node stops admitting and lets the work in flight finish this long.
+DRAIN_S = 30.0
+MAX_DRAIN_S = 3600.0
+
 # Concurrency on the device.
 MAX_CONCURRENT_GENERATIONS = 4  # the edge node's generation slots; the orchestrator admits as many

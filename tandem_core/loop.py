@@ -48,7 +48,6 @@ class SwitchCause(StrEnum):
     LATE_VERDICT = "late_verdict"    # no verdict within the round deadline
     BROKEN_STREAM = "broken_stream"  # the stream or the link failed
     CLOUD_REFUSED = "cloud_refused"  # the cloud is full or draining (RESOURCE_EXHAUSTED, ...)
-    CONTEXT_FULL = "context_full"    # the target's context window has no room for the round
 
 
 class VerifierUnavailable(Exception):

@@ -107,10 +107,10 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def _down_grace_s() -> float:
-    from edge_node.config import DEFAULT_DRAIN_S as EDGE_DRAIN_S
-    from orchestrator.cli import DEFAULT_DRAIN_S as ORCH_DRAIN_S
+    """`tandem up` starts the nodes with the default drain period; allow it, plus a margin."""
+    from tandem.limits import DRAIN_S
 
-    return max(EDGE_DRAIN_S, ORCH_DRAIN_S) + 10.0
+    return DRAIN_S + 10.0
 
 
 def run_down(args: argparse.Namespace) -> int:

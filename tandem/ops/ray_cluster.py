@@ -204,13 +204,13 @@ class LocalRayCluster:
         alive = {n["node_id"] for n in self._gcs_nodes()}
         return {node.node_id: node for node in self.nodes if not node.killed and node.node_id in alive}
 
-    def node_of(self, pid: int) -> RayNode | None:
-        """The live node running the live actor in process `pid` (e.g. a replica's), by Ray's
-        state API; None if there is no such actor or its node was killed or is gone."""
+    def node_of_replica(self, app: str, deployment: str, tag: str) -> RayNode | None:
+        """The live node running Serve replica `tag` (the opaque id a session's SessionOpened
+        carries); None if that replica is gone or its node was killed."""
         live = self.live_nodes()
-        actors = self.state_list("actors", f"pid={pid}", "state=ALIVE")
-        found = {live[a["node_id"]].name: live[a["node_id"]] for a in actors if a.get("node_id") in live}
-        return found.popitem()[1] if len(found) == 1 else None
+        actors = self.state_list("actors", f"name=SERVE_REPLICA::{app}#{deployment}#{tag}", "state=ALIVE")
+        found = [live[a["node_id"]] for a in actors if a.get("node_id") in live]
+        return found[0] if len(found) == 1 else None
 
     def replicas(self, app: str, deployment: str) -> list[tuple[str, int]]:
         """(node name, pid) of each live replica actor of a Serve deployment; the name is "?" for a

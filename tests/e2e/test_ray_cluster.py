@@ -125,10 +125,11 @@ class IdleStreams:
         spec = cloud_pb2.SessionSpec(session_id="probe", prompt_tokens=PROMPT, max_new_tokens=4)
         call = self.stub.Verify(iter([cloud_pb2.VerifyRequest(open=spec)]), timeout=60)
         try:
-            pid = int(next(call).opened.replica.rsplit("pid=", 1)[1])
+            tag = next(call).opened.replica
         finally:
             call.cancel()
-        node = cluster.node_of(pid)
+        app, deployment, _ = serve_names()
+        node = cluster.node_of_replica(app, deployment, tag)
         return node.name if node is not None else "?"
 
     def wait_until_full(self, cluster: LocalRayCluster, full: str, timeout_s: float = 60) -> None:

@@ -28,8 +28,8 @@ from netshape.shaper import LinkShaper
 from orchestrator.app import Running
 from orchestrator.config import OrchestratorConfig
 from orchestrator.personal import Personal
+from protos.tandem.v1 import cloud_pb2, orchestrator_pb2_grpc
 from protos.tandem.v1 import orchestrator_pb2 as opb
-from protos.tandem.v1 import orchestrator_pb2_grpc
 
 
 class TrafficRecorder(grpc.ServerInterceptor):
@@ -43,18 +43,30 @@ class TrafficRecorder(grpc.ServerInterceptor):
         with self._lock:
             self.messages.append(message)
 
+    def _decoder(self, method: str) -> Callable[[bytes], None]:
+        """For a service that parses its own bytes (the cloud verifier): keep what they decode to."""
+        request_type = {"/tandem.v1.CloudVerifier/Verify": cloud_pb2.VerifyRequest,
+                        "/tandem.v1.CloudVerifier/Generate": cloud_pb2.GenerateRequest}.get(method)
+
+        def keep(raw: bytes) -> None:
+            # A raw-bytes method the recorder cannot read would hide traffic: fail the call loudly.
+            assert request_type is not None, f"TrafficRecorder cannot decode {method}"
+            self._keep(request_type.FromString(raw))
+        return keep
+
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
         des, ser = handler.request_deserializer, handler.response_serializer
+        keep = self._keep if des is not None else self._decoder(details.method)
         if handler.stream_stream:
             inner_ss = handler.stream_stream
 
             def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
                 def recorded() -> Iterator[Any]:
                     for r in requests:
-                        self._keep(r)
+                        keep(r)
                         yield r
                 return inner_ss(recorded(), context)
             return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)
@@ -62,14 +74,14 @@ class TrafficRecorder(grpc.ServerInterceptor):
             inner_us = handler.unary_stream
 
             def unary_stream(request: Any, context: grpc.ServicerContext) -> Any:
-                self._keep(request)
+                keep(request)
                 return inner_us(request, context)
             return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
             def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                self._keep(request)
+                keep(request)
                 return inner_uu(request, context)
             return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
         return handler

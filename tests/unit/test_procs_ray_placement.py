@@ -20,6 +20,11 @@ from tandem.ops.ray_cluster import ClusterError, LocalRayCluster, RayNode
 APP, DEPLOYMENT = "app", "Dep"
 
 
+def _name(pid: int) -> str:
+    """The replica actor's name for the tag `t<pid>`, as Serve names it."""
+    return f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#t{pid}"
+
+
 class FakeRay:
     """What `serve status`, `ray list nodes` and `ray list actors` answer, changeable per step."""
 
@@ -36,8 +41,9 @@ class FakeRay:
         if kind == "nodes":
             rows = [{"node_id": n, "state": "ALIVE"} for n in self.nodes]
         else:
-            pid = next((int(f.split("=")[1]) for f in filters if f.startswith("pid=")), None)
-            rows = [{"pid": p, "node_id": n, "state": "ALIVE"} for p, n in self.actors if pid in (None, p)]
+            name = next((f.split("=", 1)[1] for f in filters if f.startswith("name=")), None)
+            rows = [{"pid": p, "node_id": n, "state": "ALIVE", "name": _name(p)} for p, n in self.actors
+                    if name in (None, _name(p))]
         return json.dumps(rows) if rows else "No resource in the cluster\n"
 
 
@@ -58,14 +64,14 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[LocalRayCl
 def test_replicas_are_named_by_their_node_id(cluster) -> None:
     c, _ = cluster
     assert c.replicas(APP, DEPLOYMENT) == [("head", 101), ("worker", 202)]
-    assert c.node_of(202) is c.nodes[1]
+    assert c.node_of_replica(APP, DEPLOYMENT, "t202") is c.nodes[1]
 
 
 def test_a_killed_node_never_matches_while_the_gcs_still_reports_it(cluster) -> None:
     c, _ = cluster
     c.nodes[1].killed = True  # the GCS answers are unchanged: node and actor still ALIVE
     assert c.replicas(APP, DEPLOYMENT) == [("?", 202), ("head", 101)]
-    assert c.node_of(202) is None
+    assert c.node_of_replica(APP, DEPLOYMENT, "t202") is None
     assert list(c.live_nodes()) == ["id-head"]
 
 
@@ -92,7 +98,7 @@ def test_no_actors_is_an_empty_list_not_an_error(cluster) -> None:
     c, fake = cluster
     fake.actors = []
     assert c.replicas(APP, DEPLOYMENT) == []
-    assert c.node_of(101) is None
+    assert c.node_of_replica(APP, DEPLOYMENT, "t101") is None
 
 
 def test_node_names_are_unique_labels(cluster) -> None:

@@ -19,7 +19,6 @@ class SwitchCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SWITCH_CAUSE_LATE_VERDICT: _ClassVar[SwitchCause]
     SWITCH_CAUSE_BROKEN_STREAM: _ClassVar[SwitchCause]
     SWITCH_CAUSE_CLOUD_REFUSED: _ClassVar[SwitchCause]
-    SWITCH_CAUSE_CONTEXT_FULL: _ClassVar[SwitchCause]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -27,7 +26,6 @@ SWITCH_CAUSE_UNSPECIFIED: SwitchCause
 SWITCH_CAUSE_LATE_VERDICT: SwitchCause
 SWITCH_CAUSE_BROKEN_STREAM: SwitchCause
 SWITCH_CAUSE_CLOUD_REFUSED: SwitchCause
-SWITCH_CAUSE_CONTEXT_FULL: SwitchCause
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
