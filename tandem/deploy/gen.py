@@ -84,6 +84,7 @@ def serve_config(spec: DeploySpec) -> dict[str, Any]:
                 "max_ongoing_requests": spec.max_ongoing_requests,
                 "autoscaling_config": _autoscaling(spec),
                 "graceful_shutdown_timeout_s": spec.graceful_shutdown_timeout_s,
+                "graceful_shutdown_wait_loop_s": spec.graceful_shutdown_wait_loop_s,
                 "max_surge_percent": spec.max_surge_percent,
                 "ray_actor_options": actor,
             }],

@@ -50,6 +50,7 @@ class DeploySpec:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     graceful_shutdown_timeout_s: float = 300.0  # a stopping replica lets its sessions finish
+    graceful_shutdown_wait_loop_s: float = 1.0  # how often a stopping replica checks for open streams
     drain_margin_s: int = 30  # added to the drain time for pods' grace and the old cluster's life
     max_surge_percent: int = 25  # an upgrade starts new replicas (at least 1) before stopping old ones
     replica_resource: str = "tandem_cloud"  # each cloud node offers 1: one replica per node
@@ -93,6 +94,9 @@ class DeploySpec:
             raise ValueError("replica_cpus and replica_memory_gb: must be >= 0")
         if self.threads < 0 or self.drain_margin_s < 0:
             raise ValueError("threads and drain_margin_s: must be >= 0")
+        if not 0 < self.graceful_shutdown_wait_loop_s <= self.graceful_shutdown_timeout_s:
+            raise ValueError("graceful_shutdown_wait_loop_s: must be in (0, graceful_shutdown_timeout_s], got "
+                             f"{self.graceful_shutdown_wait_loop_s}")
         self._check_image()
 
     def _check_image(self) -> None:

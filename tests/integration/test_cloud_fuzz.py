@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from cloud_node.servicer import SERVICE_NAME, create_server
 from cloud_node.verifier import Limits, VerifierCore
 from protos.tandem.v1 import cloud_pb2, common_pb2
+from tests.support.wire import varint
 
 QUICK_EXAMPLES = 200
 LONG = os.environ.get("TANDEM_FUZZ_EXAMPLES")
@@ -121,22 +122,15 @@ def rounds(draw: st.DrawFn) -> cloud_pb2.DraftRound:
     return msg
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def unknown_fields() -> st.SearchStrategy[bytes]:
-    varint = st.builds(lambda f, v: _varint(f << 3) + _varint(v), st.integers(16, 2**29 - 1), st.integers(0, 2**64 - 1))
-    fixed = st.builds(lambda f, v: _varint(f << 3 | 1) + struct.pack("<d", v), st.integers(16, 1000), st.floats())
+    varint = st.builds(lambda f, v: varint(f << 3) + varint(v), st.integers(16, 2**29 - 1), st.integers(0, 2**64 - 1))
+    fixed = st.builds(lambda f, v: varint(f << 3 | 1) + struct.pack("<d", v), st.integers(16, 1000), st.floats())
     blob = st.builds(_field, st.integers(16, 2**29 - 1), st.binary(max_size=64))
     return st.lists(st.one_of(varint, fixed, blob), min_size=1, max_size=3).map(b"".join)
 

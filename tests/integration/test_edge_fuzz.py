@@ -40,6 +40,7 @@ from edge_node.core import MAX_MESSAGES, MAX_PROMPT_CHARS, ROLES
 from edge_node.drafter import DrafterModel
 from edge_node.servicer import EdgeServer, create_node
 from protos.tandem.v1 import common_pb2, edge_pb2
+from tests.support.wire import varint
 
 QUICK_EXAMPLES = 150
 LONG = os.environ.get("TANDEM_FUZZ_EXAMPLES")
@@ -122,13 +123,6 @@ def generate_requests(draw: st.DrawFn) -> edge_pb2.EdgeGenerateRequest:
     return r
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
 
 
 @st.composite
@@ -138,13 +132,13 @@ def mutated(draw: st.DrawFn, message: st.SearchStrategy) -> bytes:
     how = draw(st.sampled_from(["none", "none", "unknown", "utf8", "truncate", "garbage", "flip"]))
     if how == "unknown":  # a field number this schema does not define, any wire type
         field = draw(st.integers(20, 2**29 - 1))
-        kind = draw(st.sampled_from([(0, _varint(draw(st.integers(0, U64))))
-                                     , (2, _varint(3) + b"abc"), (5, b"\x01\x02\x03\x04"), (1, bytes(8))]))
-        data += _varint(field << 3 | kind[0]) + kind[1]
+        kind = draw(st.sampled_from([(0, varint(draw(st.integers(0, U64))))
+                                     , (2, varint(3) + b"abc"), (5, b"\x01\x02\x03\x04"), (1, bytes(8))]))
+        data += varint(field << 3 | kind[0]) + kind[1]
     elif how == "utf8":  # a string field (prompt, or a message's role) holding bytes that are not UTF-8
         bad = draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"a\x80b", b"\xf4\x90\x80\x80"]))
-        data += draw(st.sampled_from([b"\x0a" + _varint(len(bad)) + bad,
-                                      b"\x12" + _varint(len(bad) + 2) + b"\x0a" + _varint(len(bad)) + bad]))
+        data += draw(st.sampled_from([b"\x0a" + varint(len(bad)) + bad,
+                                      b"\x12" + varint(len(bad) + 2) + b"\x0a" + varint(len(bad)) + bad]))
     elif how == "truncate" and data:
         data = data[:draw(st.integers(0, len(data) - 1))]
     elif how == "garbage":

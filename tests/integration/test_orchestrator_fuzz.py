@@ -41,6 +41,7 @@ from orchestrator.validation import encode_page_token
 from protos.tandem.v1 import common_pb2
 from protos.tandem.v1 import orchestrator_pb2 as opb
 from tests.support.orch_stack import FakeStack, fake_edge_stack, local_stack
+from tests.support.wire import varint
 
 LONG = int(os.environ.get("TANDEM_FUZZ_EXAMPLES", "0"))
 QUICK = 150
@@ -122,13 +123,6 @@ def document_requests() -> st.SearchStrategy[tuple[str, Any]]:
         st.tuples(st.just("Status"), st.just(opb.StatusRequest())))
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
 
 
 METHODS = ["Generate", "AddDocument", "DeleteDocument", "ListDocuments", "SetDocumentPrivacy", "Status"]
@@ -150,9 +144,9 @@ def raw_requests(draw: Any) -> tuple[str, bytes]:
         return method, bytes(data)
     if how == "bad_utf8":  # field 1 or 2, length-delimited, with bytes that are not UTF-8
         junk = draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"ok\x80"]))
-        return method, valid + bytes([draw(st.sampled_from([0x0A, 0x12]))]) + _varint(len(junk)) + junk
+        return method, valid + bytes([draw(st.sampled_from([0x0A, 0x12]))]) + varint(len(junk)) + junk
     if how == "unknown":
-        return method, valid + _varint(999 << 3 | 0) + _varint(draw(U64))
+        return method, valid + varint(999 << 3 | 0) + varint(draw(U64))
     depth = draw(st.integers(1, 120))  # options (field 3) nested in itself, then garbage
     return method, b"\x1a\x02\x1a\x00" * depth + draw(st.binary(max_size=20))
 
