@@ -120,7 +120,8 @@ def machine_info() -> dict[str, Any]:
             "versions": versions}
 
 
-def _fmt(value: Any, spec: str) -> str:
+def fmt(value: Any, spec: str) -> str:
+    """A table cell: "-" for None, yes/NO for booleans, else `format(value, spec)`."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -135,7 +136,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     keys = ("method", "category", "n_prompts", "tokens_per_s", "decode_tokens_per_s", "ttft_ms", "acceptance_rate",
             "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token", "cloud_cpu_s_per_token",
             "speedup_vs_target", "decode_speedup_vs_target", "identical_to_target")
-    lines = [[_fmt(row[k], s) for k, s in zip(keys, specs)] for row in rows]
+    lines = [[fmt(row[k], s) for k, s in zip(keys, specs)] for row in rows]
     for line, row in zip(lines, rows):
         if row.get("rtt_ms") is not None:
             line[0] += f"@{row['rtt_ms']:g}ms"

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tandem.bench.report import progress
+from tandem.bench.report import fmt, progress
 
 _progress = partial(progress, tag="cloud-scale")
 
@@ -158,18 +158,10 @@ def _run_replicas(cluster: Any, pool: Any, spec: Any, prompts: list, args: argpa
         row = summarize(spec.min_replicas, results, reference)
         row["session_results"] = results
         rows.append(row)
-        _progress(f"replicas={row['replicas']} sessions={n}: {_fmt(row['agg_tok_s'], '.1f')} tok/s, verify p50 "
-                  f"{_fmt(row['verify_p50_ms'], '.0f')} ms p95 {_fmt(row['verify_p95_ms'], '.0f')} ms, "
+        _progress(f"replicas={row['replicas']} sessions={n}: {fmt(row['agg_tok_s'], '.1f')} tok/s, verify p50 "
+                  f"{fmt(row['verify_p50_ms'], '.0f')} ms p95 {fmt(row['verify_p95_ms'], '.0f')} ms, "
                   f"rejected {row['rejected']}, failed {row['failed']}, per replica {row['sessions_per_replica']}")
     return rows
-
-
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    return format(value, spec)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -177,10 +169,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{'open p50 ms':>11} {'rejected':>8} {'failed':>6} {'per replica':>11}  identical")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['replicas']:>8} {r['sessions']:>8} {_fmt(r['agg_tok_s'], '.1f'):>9} "
-                     f"{_fmt(r['verify_p50_ms'], '.0f'):>13} {_fmt(r['verify_p95_ms'], '.0f'):>13} "
-                     f"{_fmt(r['open_p50_ms'], '.0f'):>11} {r['rejected']:>8} {r['failed']:>6} "
-                     f"{'/'.join(map(str, r['sessions_per_replica'])) or '-':>11}  {_fmt(r['identical'], '')}")
+        lines.append(f"{r['replicas']:>8} {r['sessions']:>8} {fmt(r['agg_tok_s'], '.1f'):>9} "
+                     f"{fmt(r['verify_p50_ms'], '.0f'):>13} {fmt(r['verify_p95_ms'], '.0f'):>13} "
+                     f"{fmt(r['open_p50_ms'], '.0f'):>11} {r['rejected']:>8} {r['failed']:>6} "
+                     f"{'/'.join(map(str, r['sessions_per_replica'])) or '-':>11}  {fmt(r['identical'], '')}")
     return "\n".join(lines)
 
 
