@@ -129,10 +129,10 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def unknown_fields() -> st.SearchStrategy[bytes]:
-    varint = st.builds(lambda f, v: varint(f << 3) + varint(v), st.integers(16, 2**29 - 1), st.integers(0, 2**64 - 1))
+    number = st.builds(lambda f, v: varint(f << 3) + varint(v), st.integers(16, 2**29 - 1), st.integers(0, 2**64 - 1))
     fixed = st.builds(lambda f, v: varint(f << 3 | 1) + struct.pack("<d", v), st.integers(16, 1000), st.floats())
     blob = st.builds(_field, st.integers(16, 2**29 - 1), st.binary(max_size=64))
-    return st.lists(st.one_of(varint, fixed, blob), min_size=1, max_size=3).map(b"".join)
+    return st.lists(st.one_of(number, fixed, blob), min_size=1, max_size=3).map(b"".join)
 
 
 def bad_utf8_open() -> st.SearchStrategy[bytes]:
