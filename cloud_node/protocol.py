@@ -74,7 +74,9 @@ def round_from_proto(msg: cloud_pb2.DraftRound) -> DraftRound:
 
 
 def timing_to_proto(t: Timing) -> cloud_pb2.ServerTiming:
-    return cloud_pb2.ServerTiming(queue_ms=t.queue_ms, prefill_ms=t.prefill_ms, verify_ms=t.verify_ms)
+    return cloud_pb2.ServerTiming(queue_ms=t.queue_ms, prefill_ms=t.prefill_ms, verify_ms=t.verify_ms,
+                                  prefill_tokens=t.prefill_tokens, reused_tokens=t.reused_tokens,
+                                  batch_sessions=t.batch_sessions)
 
 
 def opened_to_proto(o: Opened) -> cloud_pb2.VerifyResponse:

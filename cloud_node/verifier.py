@@ -75,6 +75,9 @@ class Timing:
     queue_ms: float = 0.0
     prefill_ms: float = 0.0
     verify_ms: float = 0.0
+    prefill_tokens: int = 0  # tokens run through the target to (re)build the KV cache
+    reused_tokens: int = 0  # tokens whose KV came from the prefix cache
+    batch_sessions: int = 0  # sessions sharing the round's forward pass (0: no pass ran)
 
 
 @dataclass(frozen=True)

@@ -44,14 +44,20 @@ class VerifyRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[SessionSpec, _Mapping]] = ..., round: _Optional[_Union[DraftRound, _Mapping]] = ...) -> None: ...
 
 class ServerTiming(_message.Message):
-    __slots__ = ("queue_ms", "prefill_ms", "verify_ms")
+    __slots__ = ("queue_ms", "prefill_ms", "verify_ms", "prefill_tokens", "reused_tokens", "batch_sessions")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     prefill_ms: float
     verify_ms: float
-    def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ...) -> None: ...
+    prefill_tokens: int
+    reused_tokens: int
+    batch_sessions: int
+    def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., prefill_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., batch_sessions: _Optional[int] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("model", "prompt_len", "max_draft_len", "max_context", "replica", "timing")
