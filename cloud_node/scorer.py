@@ -1,23 +1,25 @@
-"""The target scorer: transformers + PyTorch, one KV cache per session.
+"""The target scorer: transformers weights, Tandem's batched engine, one KV cache per session.
 
 Guarantees:
 - A `ScorerSession`'s cache holds every committed token except the last one. `score(drafts)`
-  runs ONE forward pass over [last committed token, *drafts] and returns (k+1, V) float32 logits;
+  runs [last committed token, *drafts] through the target and returns (k+1, V) float32 logits;
   `commit` crops the rejected drafts from the cache, so the next round starts exactly where a
   plain decoder would be.
+- Every forward pass goes through `cloud_node.batcher`: the rows of all sessions scoring or
+  prefilling at the same time share one pass of `cloud_node.engine`, whose results do not depend
+  on the batch (see there). So a session's logits are the same alone, batched, chunked or resumed.
+- A session may start from a prefix of another cache (`prefix=(cache, n)`): the KV of those n
+  tokens is copied and only the rest is prefilled; by the same invariance the result equals a
+  full prefill bit for bit.
 - `generate` is plain target-only decoding through the same session machinery (cloud-only
   generation), so speculative and target-only runs share one numeric path.
-- dtype is bf16 by default (fast on CPUs with AVX-512 BF16) and fp32 on request; the exactness
-  tests use fp32, where batched and one-at-a-time scoring agree.
-- With `small_m_kernel` (the default), the session's own forward passes run Linear layers on 2..16
-  rows (verification of 1..15 drafts) through the native kernel in `cloud_node.kernels` (fp32
-  accumulation, one read of each weight); everything else, including transformers `generate` on
-  `TargetModel.model`, stays stock PyTorch.
+- dtype is bf16 by default and fp32 on request. The tile plan comes from `cloud_node.autotune`
+  (checked and timed on this CPU at the first start, then cached), or is given.
+- transformers `generate` on `TargetModel.model` (the bench's "target" baseline) stays stock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -26,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from cloud_node.batcher import Pass
+from cloud_node.engine import TilePlan
 from tandem_core.sampling import SamplingParams, logits_to_probs, sample
 
 log = logging.getLogger(__name__)
-
-PREFILL_CHUNK = 16  # rows per prefill pass when the small-M kernel is installed (its max_rows)
 
 DTYPES = ("bf16", "fp32")
 
@@ -61,7 +63,7 @@ def encode_prompt(tokenizer: Any, prompt: str | None = None, messages: list[dict
     return [int(t) for t in ids]
 
 
-def torch_dtype(name: str):  # -> torch.dtype
+def torch_dtype(name: str) -> Any:  # a torch.dtype
     import torch
 
     if name not in DTYPES:
@@ -70,12 +72,15 @@ def torch_dtype(name: str):  # -> torch.dtype
 
 
 class TargetModel:
-    """The loaded target model; sessions share its weights and own their caches."""
+    """The loaded target model; sessions share its weights and batcher and own their caches."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "bf16", small_m_kernel: bool | None = None) -> None:
-        """`small_m_kernel`: None picks by CPU (on where the CPU has no native bf16 matmul),
-        True forces it where it can load, False keeps torch everywhere."""
+    def __init__(self, model_dir: str | Path, dtype: str = "bf16", *, plan: TilePlan | None = None,
+                 max_batch_rows: int = 128, batch_window_ms: float = 5.0) -> None:
         from transformers import AutoModelForCausalLM
+
+        from cloud_node.autotune import choose_plan
+        from cloud_node.batcher import Batcher
+        from cloud_node.engine import Engine
 
         self.dtype = dtype
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype))
@@ -83,7 +88,13 @@ class TargetModel:
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 32768))
         log.info("loaded target %s (%s, vocab %d)", model_dir, dtype, self.vocab_size)
-        self.small_m_layers = self._install_small_m_kernel(bool(small_m_kernel)) if small_m_kernel is not False else 0
+        if plan is None:
+            plan = choose_plan(tune_weights(self.model), head_dim=_head_dim(self.model.config),
+                               group=_group(self.model.config), dtype=dtype)
+        self.plan = plan
+        self.engine = Engine(self.model, plan)
+        self.batcher = Batcher(self.engine, max_rows=max(max_batch_rows, 17), window_ms=batch_window_ms)
+        log.info("engine: %s; passes of at most %d rows", plan.describe(), self.batcher.max_rows)
         self.warmup()
 
     def warmup(self) -> float:
@@ -98,86 +109,91 @@ class TargetModel:
         log.info("warm-up prefill + round took %.2f s", took)
         return took
 
-    def _install_small_m_kernel(self, forced: bool) -> int:
-        """Number of Linear layers the sessions' forwards may route to the small-M kernel."""
-        from cloud_node.kernels import install_small_m_linear
-        from cloud_node.kernels.build import native_bf16_matmul
+    def new_session(self, prompt_ids: Sequence[int], *, prefix: tuple[Any, int] | None = None) -> ScorerSession:
+        return ScorerSession(self, prompt_ids, prefix=prefix)
 
-        if not forced and native_bf16_matmul():
-            log.info("small-M kernel not installed: this CPU has native bf16 matmuls (AVX512-BF16/AMX), "
-                     "where torch's are faster; prefill runs in one pass")
-            return 0
+    def close(self) -> None:
+        self.batcher.close()
 
-        patched = install_small_m_linear(self.model)
-        if patched:
-            log.info("small-M kernel: %d Linear layers patched (active only in scorer forwards)", patched)
-        else:
-            log.info("small-M kernel not installed (unavailable here, see the warning above); using torch")
-        return patched
 
-    def new_session(self, prompt_ids: Sequence[int]) -> ScorerSession:
-        return ScorerSession(self, prompt_ids)
+def tune_weights(model: Any) -> list[Any]:
+    """One decoder layer's linear weights and the output head's: the shapes every pass runs."""
+    layer = model.model.layers[0]
+    att, mlp = layer.self_attn, layer.mlp
+    return [att.q_proj.weight, att.k_proj.weight, att.o_proj.weight, mlp.gate_proj.weight,
+            mlp.up_proj.weight, mlp.down_proj.weight]
+
+
+def _head_dim(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def _group(cfg: Any) -> int:
+    return int(cfg.num_attention_heads) // int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
 
 
 class ScorerSession:
     """One request's view of the target: committed tokens plus a KV cache."""
 
-    def __init__(self, target: TargetModel, prompt_ids: Sequence[int]) -> None:
-        from transformers import DynamicCache
-
+    def __init__(self, target: TargetModel, prompt_ids: Sequence[int], *,
+                 prefix: tuple[Any, int] | None = None) -> None:
+        """`prefix`: (a KVCache or ScorerSession, n) whose first n positions' KV this session reuses."""
         if len(prompt_ids) < 1:
             raise ValueError("prompt must hold at least one token")
         self._target = target
         self.committed: list[int] = [int(t) for t in prompt_ids]
         self._check_ids(self.committed)
-        self._cache = DynamicCache(config=target.model.config)
-        self.forwards = 0
-        self._prefill(self.committed[:-1])
+        self.cache = target.engine.new_cache()
+        self.forwards = 0  # passes this session took part in
+        self.prefilled = 0  # tokens it ran through the target to build its cache
+        self.reused = 0  # tokens whose KV it copied from a prefix
+        self.last_pass = Pass()
+        if prefix is not None:
+            source, length = prefix
+            if isinstance(source, ScorerSession):
+                source = source.cache
+            length = min(length, len(self.committed) - 1)
+            if length > 0:
+                self.cache.copy_prefix_from(source, length)
+                self.reused = length
+        self._prefill(self.committed[self.reused:-1])
 
     def _prefill(self, ids: Sequence[int]) -> None:
-        """Fill the cache with `ids`. With the kernel, in chunks it handles (each chunk reads the
-        weights once), since stock bf16 matmuls on CPUs without AVX-512 BF16 cost about one
-        single-token pass PER ROW; each chunk counts as one target forward pass."""
-        step = PREFILL_CHUNK if self._target.small_m_layers else max(len(ids), 1)
-        for start in range(0, len(ids), step):
-            self._forward(ids[start:start + step], keep=1)  # logits unused
+        if ids:
+            _, info = self._target.batcher.run(self.cache, ids, 0, prefill=True)
+            self.forwards += info.passes
+            self.prefilled += len(ids)
+            self.last_pass = info
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         bad = [t for t in ids if not 0 <= t < self._target.vocab_size]
         if bad:
             raise ValueError(f"token ids outside the vocabulary [0, {self._target.vocab_size}): {bad[:5]}")
 
-    def _forward(self, ids: Sequence[int], keep: int) -> np.ndarray:
-        import torch
-
-        from cloud_node.kernels import small_m_kernel_enabled
-
-        kernel = small_m_kernel_enabled() if self._target.small_m_layers else contextlib.nullcontext()
-        with torch.inference_mode(), kernel:
-            out = self._target.model(
-                input_ids=torch.tensor([list(ids)], dtype=torch.long),
-                cache=self._cache,
-                use_cache=True,
-                logits_to_keep=keep,
-            )
-        self.forwards += 1
-        return out.logits[0].float().numpy()
-
     @property
     def cached_len(self) -> int:
-        return int(self._cache.get_seq_length())
+        return self.cache.length
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes()
+
+    def compact(self) -> None:
+        self.cache.compact()
 
     def score(self, draft_tokens: Sequence[int]) -> np.ndarray:
-        """Logits (k+1, V) for [last committed, *drafts], in one forward pass."""
+        """Logits (k+1, V) for [last committed, *drafts]."""
         drafts = [int(t) for t in draft_tokens]
         self._check_ids(drafts)
-        return self._forward([self.committed[-1], *drafts], keep=len(drafts) + 1)
+        logits, info = self._target.batcher.run(self.cache, [self.committed[-1], *drafts], len(drafts) + 1)
+        self.forwards += info.passes
+        self.last_pass = info
+        return logits
 
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
         # Cache now covers committed + drafts; keep committed + the accepted drafts.
         surplus = self.cached_len - (len(self.committed) + accepted)
         if surplus > 0:
-            self._cache.crop(-surplus)  # transformers 5: a negative value removes that many
+            self.cache.crop(self.cached_len - surplus)
         self.committed.extend(int(t) for t in tokens)
 
     def generate(

@@ -9,14 +9,23 @@ Guarantees:
   committed before the round (prompt + generated), exactly as `tandem_core.loop`; so a session
   resumed on another replica with its generated tokens reproduces the undisturbed run.
 - Every input error raises `BadRequest` (see `cloud_node.validation` for every bound) whose
-  message names the field; it never changes any session's state. Beyond `max_sessions` open
-  sessions, `open` raises `ResourceExhausted`. Other sessions and the model are unaffected.
+  message names the field; it never changes any session's state, and a bad round never
+  reaches the batch (validation runs first). Beyond `max_sessions` open sessions, or when the
+  open sessions' KV leaves no room for the new prompt in the budget, `open` raises
+  `ResourceExhausted` whose message ends with a retry hint ("retry after N ms": the mean
+  session lifetime seen here over the open sessions, 100 ms..30 s). Other sessions and the
+  model are unaffected.
 - The context is a limit, not an error: drafts past it are dropped, and a session whose
   committed tokens reach `max_context` ends with finish reason "length", on Verify and Generate.
-- One lock serializes the model's forward passes (one CPU model). `Timing.queue_ms` is the wait
-  for that lock, `prefill_ms` the (re-)prefill and `verify_ms` the scoring pass + verification.
+- Sessions run concurrently: each round or prefill goes to the target's batcher, which packs
+  the rows of every session waiting into one forward pass (`cloud_node.batcher`); by the
+  engine's batch invariance a session's tokens do not depend on who shared its passes.
+  `Timing.queue_ms` is the wait for a pass, `prefill_ms` the (re-)prefill, `verify_ms` the
+  scoring pass + verification, `batch_sessions` the sessions that shared the pass,
+  `prefill_tokens`/`reused_tokens` what the cache build computed and what it copied.
 - A session whose KV cache was evicted (see `cloud_node.session_store`) is re-prefilled from its
-  committed tokens before its next round; its output does not change.
+  committed tokens before its next round, from the longest cached prefix when there is one (a
+  finished session's cache, another session's); its output does not change.
 - `close` is idempotent and may run from any thread at any time, even while the session is
   being opened or scored: the session leaves the store at once, and a call still running on it
   ends with `SessionGone` and leaves no cache in the store. A `GenerateStream` closes its
@@ -61,9 +70,13 @@ class Limits:
     max_draft_len: int = MAX_DRAFT_LEN
     max_new_tokens: int = MAX_NEW_TOKENS
     kv_budget_bytes: int = 2 << 30
+    max_batch_rows: int = 128  # rows per forward pass (rounds are never split; prefill is chunked)
+    batch_window_ms: float = 5.0  # how long a pass waits for the rounds of the previous pass's sessions
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_context", "max_draft_len", "max_new_tokens"):
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        for name in ("max_sessions", "max_context", "max_draft_len", "max_new_tokens", "max_batch_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_budget_bytes < 0:
@@ -114,6 +127,7 @@ class _SessionState:
     params: SamplingParams
     seed: int
     max_new_tokens: int
+    opened_at: float = 0.0  # time.monotonic() at open
 
 
 def _ms(seconds: float) -> float:
@@ -134,8 +148,10 @@ class VerifierCore:
         self.replica = replica
         self.check = Checker(int(target.vocab_size), self.max_context, limits.max_draft_len, limits.max_new_tokens,
                              eos_ids, model_name, tokenizer)
-        self.store = SessionStore(limits.max_sessions, limits.kv_budget_bytes, bytes_per_token)
-        self._model_lock = threading.Lock()
+        self.store = SessionStore(limits.max_sessions, limits.kv_budget_bytes, bytes_per_token,
+                                  round_tokens=limits.max_draft_len + 1)
+        self._lifetime_s = 0.0  # EWMA of session lifetimes, for the retry hint
+        self._lifetime_lock = threading.Lock()
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dtype: str = "bf16", limits: Limits | None = None,
@@ -145,13 +161,15 @@ class VerifierCore:
 
         from cloud_node.scorer import TargetModel, read_eos_ids
 
-        target = TargetModel(model_dir, dtype=dtype)
+        limits = limits or Limits()
+        target = TargetModel(model_dir, dtype=dtype, max_batch_rows=limits.max_batch_rows,
+                             batch_window_ms=limits.batch_window_ms)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except (OSError, ValueError) as exc:  # token ids still work without one
             log.warning("no tokenizer in %s (%s); chat messages will be refused", model_dir, exc)
             tokenizer = None
-        return cls(target, eos_ids=read_eos_ids(model_dir), limits=limits or Limits(),
+        return cls(target, eos_ids=read_eos_ids(model_dir), limits=limits,
                    bytes_per_token=kv_bytes_per_token(target.model.config, dtype), tokenizer=tokenizer,
                    model_name=model_name or Path(model_dir).name, replica=replica)
 
@@ -160,28 +178,39 @@ class VerifierCore:
     def open(self, spec: SessionSpec) -> Opened:
         """Validate the spec, register the session and prefill its cache."""
         checked = self.check.spec(spec)
-        state = _SessionState(checked.params, resolve_seed(checked.seed), spec.max_new_tokens)
+        state = _SessionState(checked.params, resolve_seed(checked.seed), spec.max_new_tokens, time.monotonic())
         try:
             record = self.store.add(spec.session_id, [*checked.prompt, *checked.generated], len(checked.prompt), state)
         except SessionLimit as exc:
-            raise ResourceExhausted(str(exc)) from exc
+            raise ResourceExhausted(f"{exc}; retry after {self.retry_after_ms()} ms") from exc
         try:
-            t0 = time.perf_counter()
-            with self._model_lock:
-                queue_s = time.perf_counter() - t0
-                prefill_ms = self._ensure_cache(record, 0)
+            timing = self._ensure_cache(record, 0)
         except BaseException:
             self.close(record.key)
             raise
         log.info("opened %s: %d prompt + %d generated tokens, %s", record.key, len(checked.prompt),
                  len(checked.generated), "greedy" if state.params.greedy else f"T={state.params.temperature}")
         return Opened(record.key, self.model_name, len(record.committed), self.limits.max_draft_len,
-                      self.max_context, self.replica, Timing(_ms(queue_s), prefill_ms, 0.0))
+                      self.max_context, self.replica, timing)
 
     def close(self, session: str) -> None:
-        """Forget a session and free its cache. Idempotent; safe from any thread."""
-        if self.store.remove(session) is not None:
+        """Forget a session; its cache stays as a prefix source (see `cloud_node.session_store`).
+        Idempotent; safe from any thread."""
+        record = self.store.remove(session, retain=True)
+        if record is not None:
+            state: _SessionState = record.state
+            lifetime = time.monotonic() - state.opened_at
+            with self._lifetime_lock:
+                self._lifetime_s = lifetime if not self._lifetime_s else 0.8 * self._lifetime_s + 0.2 * lifetime
             log.info("closed %s", session)
+
+    def retry_after_ms(self) -> int:
+        """When a slot is likely to free: the mean session lifetime over the open sessions."""
+        with self._lifetime_lock:
+            lifetime = self._lifetime_s
+        if not lifetime:
+            return 1000
+        return int(min(30_000, max(100, 1000 * lifetime / max(1, len(self.store)))))
 
     def verify(self, session: str, draft: DraftRound) -> RoundVerdict:
         """Score the drafts in one forward pass and verify them (drafts past the context are dropped)."""
@@ -212,42 +241,48 @@ class VerifierCore:
         state: _SessionState = record.state
         position = len(record.committed)
         remaining = min(state.max_new_tokens - record.generated, self.max_context - position)
-        t0 = time.perf_counter()
-        with self._model_lock:
-            t1 = time.perf_counter()
-            try:
-                prefill_ms = self._ensure_cache(record, len(draft.tokens))
-                t2 = time.perf_counter()
-                cache: Any = record.cache  # a local: close() may drop record.cache meanwhile
-                verdict = target_round(cache, draft, state.params, seed=state.seed, position=position,
-                                       remaining=remaining, eos_ids=self.eos_ids)
-            except BaseException:
-                record.cache = None  # never reuse a cache a failed pass may have left half-updated
-                raise
-            record.committed.extend(verdict.tokens)
-            if verdict.finished:
-                record.finished = True
-                record.cache = None  # free the memory now; the stream is about to end
-            t3 = time.perf_counter()
-        return verdict, Timing(_ms(t1 - t0), prefill_ms, _ms(t3 - t2))
+        try:
+            built = self._ensure_cache(record, len(draft.tokens))
+            t0 = time.perf_counter()
+            cache: Any = record.cache  # a local: close() may drop record.cache meanwhile
+            if cache is None:
+                raise SessionGone(f"session {record.key} was closed")
+            verdict = target_round(cache, draft, state.params, seed=state.seed, position=position,
+                                   remaining=remaining, eos_ids=self.eos_ids)
+        except BaseException:
+            record.cache = None  # never reuse a cache a failed pass may have left half-updated
+            raise
+        record.committed.extend(verdict.tokens)
+        took = time.perf_counter() - t0
+        if verdict.finished:
+            record.finished = True
+            record.cache = None  # the stream is about to end: keep the cache as a prefix source
+            self.store.retain(record.committed, cache)
+        used = cache.last_pass
+        return verdict, Timing(_ms(used.queue_s), built.prefill_ms, _ms(took - used.queue_s),
+                               built.prefill_tokens, built.reused_tokens, used.sessions)
 
-    def _ensure_cache(self, record: SessionRecord, drafts: int) -> float:
-        """Make the session's cache resident (re-prefill if evicted); returns prefill ms.
-        Caller holds the model lock. Raises SessionGone if the session was closed meanwhile."""
+    def _ensure_cache(self, record: SessionRecord, drafts: int) -> Timing:
+        """Make the session's cache resident (prefill if new or evicted, from the longest cached
+        prefix); returns the prefill's timing. Raises SessionGone if the session was closed meanwhile."""
         try:
             self.store.reserve(record.key, len(record.committed) + drafts)
         except KeyError:
             raise SessionGone(f"session {record.key} was closed") from None
         if record.cache is not None:
-            return 0.0
+            return Timing()
         t0 = time.perf_counter()
-        cache = self.target.new_session(record.committed)
+        prefix = self.store.lookup(record.committed[:-1])
+        cache = self.target.new_session(record.committed, prefix=prefix)
         if not self.store.attach(record.key, cache):  # closed during the prefill: drop it
             raise SessionGone(f"session {record.key} was closed")
         record.cache = cache
         if record.evictions:
-            log.info("re-prefilled %s from %d committed tokens", record.key, len(record.committed))
-        return _ms(time.perf_counter() - t0)
+            log.info("re-prefilled %s from %d committed tokens (%d from a cached prefix)", record.key,
+                     len(record.committed), cache.reused)
+        used = cache.last_pass
+        return Timing(_ms(used.queue_s), _ms(time.perf_counter() - t0 - used.queue_s), 0.0,
+                      cache.prefilled, cache.reused, used.sessions)
 
     def _record(self, session: str) -> SessionRecord:
         try:
@@ -284,7 +319,8 @@ class GenerateStream(Iterator[GenerateChunk]):
             self.close()
         return GenerateChunk(verdict.tokens, verdict.finished, verdict.finish_reason,
                              Timing(timing.queue_ms + pending.queue_ms, timing.prefill_ms + pending.prefill_ms,
-                                    timing.verify_ms))
+                                    timing.verify_ms, timing.prefill_tokens + pending.prefill_tokens,
+                                    timing.reused_tokens + pending.reused_tokens, timing.batch_sessions))
 
     def close(self) -> None:
         """End the stream and close its session. Idempotent."""

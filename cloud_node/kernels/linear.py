@@ -1,42 +1,18 @@
-"""Route small-M `nn.Linear` calls to the native small-M kernel, opt in, per thread.
+"""y = x @ W^T + b on a few rows through the native small-M kernel (`cloud_node.kernels.build`).
 
 Guarantees:
-- `install_small_m_linear(model)` patches the `forward` of every `torch.nn.Linear` inside the
-  model (an instance attribute: classes, parameters and state_dict keys are unchanged). It is
-  idempotent and returns the number of Linear layers that route through the kernel.
-- A patched layer uses the kernel only while `small_m_kernel_enabled()` is active on the calling
-  thread AND the input flattens to 2..max_rows rows AND the weight is a contiguous bf16 or fp32
-  tensor matching the input dtype AND no gradient is needed. Every other call is the stock
-  `F.linear`, so e.g. transformers `generate` on the same model object stays stock PyTorch.
-- Kernel numerics: x and the weights are upcast to fp32 (exact), products accumulate in fp32,
-  and the result (bias added in fp32) is rounded once to the input dtype, to nearest even.
+- `small_m_linear(x, weight, bias)` takes bf16 or fp32 x and weights and returns x's dtype.
+- Kernel numerics: x and the weights are upcast to fp32 (exact), products accumulate in fp32 in
+  a fixed order per row, and the result (bias added in fp32) is rounded once to the input dtype,
+  to nearest even. Whether rows are independent of the row count on this CPU is checked by
+  `cloud_node.autotune` before the engine uses it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import types
-from collections.abc import Iterator
 from typing import Any
 
 from cloud_node.kernels.build import load_kernel
-
-_state = threading.local()  # .depth: how many small_m_kernel_enabled() blocks this thread is in
-
-
-@contextlib.contextmanager
-def small_m_kernel_enabled() -> Iterator[None]:
-    """Within this block, patched Linear layers called from this thread may use the kernel."""
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _state.depth -= 1
-
-
-def _enabled() -> bool:
-    return getattr(_state, "depth", 0) > 0
 
 
 def small_m_linear(x: Any, weight: Any, bias: Any = None) -> Any:
@@ -66,58 +42,3 @@ def small_m_linear(x: Any, weight: Any, bias: Any = None) -> Any:
     if status != 0:
         raise MemoryError("small-M kernel: no memory for the fp32 copy of x")
     return y
-
-
-def _usable(layer: Any, x: Any, max_rows: int) -> bool:
-    import torch
-
-    w = layer.weight
-    k = x.shape[-1] if x.dim() else 0
-    if not k or not 2 <= x.numel() // k <= max_rows or x.dtype != w.dtype or not x.is_cpu:
-        return False
-    if w.dtype not in (torch.bfloat16, torch.float32) or not w.is_contiguous() or w.shape[1] != k:
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-
-
-def _forward(layer: Any, x: Any) -> Any:
-    """The patched `Linear.forward` (a bound method, so a deepcopy of the model binds to the copy)."""
-    import torch.nn.functional as F
-
-    if _enabled() and _usable(layer, x, layer._small_m_max_rows) and load_kernel() is not None:
-        return small_m_linear(x, layer.weight, layer.bias)
-    return F.linear(x, layer.weight, layer.bias)
-
-
-def _patched(module: Any) -> bool:
-    fwd = module.__dict__.get("forward")
-    return getattr(fwd, "__func__", None) is _forward
-
-
-def install_small_m_linear(model: Any, max_rows: int = 16) -> int:
-    """Patch every nn.Linear in `model` (see the module docstring); returns how many route through
-    the kernel, 0 when the kernel cannot load here (then nothing is patched)."""
-    import torch
-
-    if max_rows < 2:
-        raise ValueError(f"max_rows must be at least 2, got {max_rows}")
-    if load_kernel() is None:
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.__dict__["_small_m_max_rows"] = max_rows
-            if not _patched(module):  # an instance attribute shadows Linear.forward
-                module.__dict__["forward"] = types.MethodType(_forward, module)
-            count += 1
-    return count
-
-
-def uninstall_small_m_linear(model: Any) -> int:
-    """Undo `install_small_m_linear`; returns how many layers were restored."""
-    count = 0
-    for module in model.modules():
-        if _patched(module):
-            del module.__dict__["forward"], module.__dict__["_small_m_max_rows"]
-            count += 1
-    return count

@@ -202,7 +202,10 @@ def test_flood_of_sessions_leaves_nothing_behind(address: str, core: VerifierCor
           f"{core.store.resident_bytes()}; RSS {rss0 >> 20} MiB -> peak {max(peak[0], rss1) >> 20} -> final "
           f"{rss1 >> 20} MiB; fds {fds0} -> {fds1}; inbox threads left {_inbox_threads()}; p95 round "
           f"{p95_before:.1f} -> {p95_after:.1f} ms")
-    assert len(core.store) == 0 and core.store.resident_bytes() == 0
+    # Nothing left open; what the prefix cache keeps stays within its bounds.
+    assert len(core.store) == 0 and core.store.live_bytes() == 0
+    assert core.store.retained_count() <= core.store.max_retained
+    assert core.store.resident_bytes() <= core.limits.kv_budget_bytes
     assert _inbox_threads() == 0
     assert fds1 <= fds0 + FD_SLACK, (fds0, fds1)
     assert rss1 - rss0 <= RSS_GROWTH_MB << 20, (rss0 >> 20, rss1 >> 20)

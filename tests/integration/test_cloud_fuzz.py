@@ -258,7 +258,7 @@ def _no_sessions_left(core: VerifierCore, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while len(core.store) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert len(core.store) == 0 and core.store.resident_bytes() == 0
+    assert len(core.store) == 0 and core.store.live_bytes() == 0
 
 
 def test_fuzz_verify_streams(channel: grpc.Channel, core: VerifierCore) -> None:

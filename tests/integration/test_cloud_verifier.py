@@ -266,9 +266,11 @@ def test_session_limit_gives_resource_exhausted(address: str, core: VerifierCore
 
 
 def test_evicted_caches_are_reprefilled_and_output_is_unchanged(pair: LocalPair, core: VerifierCore) -> None:
-    # A budget of a few tokens: every round of one session evicts the other's cache.
-    small = VerifierCore(core.target, eos_ids=core.eos_ids, limits=Limits(kv_budget_bytes=1),
-                         bytes_per_token=core.store.bytes_per_token)
+    # A budget that admits both prompts (5 + 10 tokens, plus one round of 1 draft each) but not
+    # their growth: after a few rounds every round of one session evicts the other's cache.
+    bpt = core.store.bytes_per_token
+    small = VerifierCore(core.target, eos_ids=core.eos_ids, limits=Limits(kv_budget_bytes=19 * bpt, max_draft_len=1),
+                         bytes_per_token=bpt)
     for address in _serve(small):
         a, b = CloudVerifierClient(address), CloudVerifierClient(address)
         a.open(spec_for(PROMPTS[0], GREEDY, 20, session_id="a"))
@@ -278,7 +280,7 @@ def test_evicted_caches_are_reprefilled_and_output_is_unchanged(pair: LocalPair,
             for c in (a, b):
                 if not c.finished:
                     prefills += c.verify(draft_round(0, [])).timing.prefill_ms > 0
-        assert prefills >= 30  # re-prefilled nearly every round
+        assert prefills >= 25  # re-prefilled nearly every round
         for c, prompt in ((a, PROMPTS[0]), (b, PROMPTS[2])):
             assert tuple(c.generated) == pair.target_generate(prompt, GREEDY, max_new_tokens=20).tokens
             c.close()

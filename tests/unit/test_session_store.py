@@ -15,7 +15,8 @@ class FakeCache:
 
 
 def _store(max_sessions: int = 4, budget_tokens: int = 100, bpt: int = 8) -> SessionStore:
-    return SessionStore(max_sessions=max_sessions, kv_budget_bytes=budget_tokens * bpt, bytes_per_token=bpt)
+    return SessionStore(max_sessions=max_sessions, kv_budget_bytes=budget_tokens * bpt, bytes_per_token=bpt,
+                        round_tokens=0)
 
 
 def test_fake_session_limit_and_unique_keys() -> None:
