@@ -11,7 +11,8 @@ count and the shapes, so it is measured here, never assumed.
 Guarantees:
 - `choose_plan(weights)` tests each candidate (torch `F.linear`; the small-M kernel where it
   loads) on the model's own weight shapes with random rows: it finds the widest class around a
-  base row count, checks position invariance (a row moved to another slot among other rows gives
+  base row count (holding with this process's thread count and with one thread, so replicas
+  with fewer cores agree), checks position invariance (a row moved to another slot among other rows gives
   the same bits), and checks the attention's batched matmuls for invariance in batch count and
   key span. Candidates that fail are dropped. Among the rest it times each plan on three loads
   (one session's round, eight sessions' rounds, a 256-token prefill) and keeps the one with the
@@ -27,12 +28,13 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 
 ENV = "TANDEM_TILE_PLAN"
 MAX_ROWS = 64  # largest tile considered
-_BASES = (16, 64, 32, 8)  # reference row counts a class is grown from (a base inside a found class is skipped)
+# Reference row counts a class is grown from (each divides MAX_ROWS; one inside a found class is skipped).
+_BASES = (16, 64, 32, 8)
 _LOADS = (("round", 5, 2.0), ("8 rounds", 40, 1.0), ("prefill", 256, 1.0))  # (name, rows, weight)
 
 
@@ -87,16 +90,19 @@ def _linear_fn(kind: str) -> Callable[[Any, Any], Any] | None:
 
 
 def _class_around(fn: Callable[[Any, Any], Any], weights: Sequence[Any], base: int) -> tuple[int, int]:
-    """The widest [lo, hi] containing `base` where every row count gives the base's row bits."""
+    """The widest [lo, hi] containing `base` where a pass of any row count in it gives every row
+    the bits that row gets in a pass of exactly `base` rows."""
     import torch
 
     gen = torch.Generator().manual_seed(base)
     xs = {w.shape[1]: torch.randn(MAX_ROWS, w.shape[1], generator=gen).to(w.dtype) for w in weights}
-    refs = [fn(xs[w.shape[1]][:base], w) for w in weights]
+    refs = [torch.cat([fn(xs[w.shape[1]][i:i + base], w) for i in range(0, MAX_ROWS, base)]) for w in weights]
 
     def same(m: int) -> bool:
-        return all(torch.equal(fn(xs[w.shape[1]][:m], w)[:min(m, base)], ref[:min(m, base)])
-                   for w, ref in zip(weights, refs, strict=True))
+        with _threads(1):  # a replica with fewer threads must agree (resume on another node)
+            if not all(torch.equal(fn(xs[w.shape[1]][:m], w), ref[:m]) for w, ref in zip(weights, refs, strict=True)):
+                return False
+        return all(torch.equal(fn(xs[w.shape[1]][:m], w), ref[:m]) for w, ref in zip(weights, refs, strict=True))
 
     lo = base
     while lo > 1 and same(lo - 1):
@@ -105,6 +111,18 @@ def _class_around(fn: Callable[[Any, Any], Any], weights: Sequence[Any], base: i
     while hi < MAX_ROWS and same(hi + 1):
         hi += 1
     return lo, hi
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _position_invariant(fn: Callable[[Any, Any], Any], weights: Sequence[Any], rows: int) -> bool:
@@ -130,13 +148,18 @@ def attention_invariant(head_dim: int, group: int, att_rows: int, key_block: int
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(16, group * att_rows, head_dim, generator=gen)
     k = torch.randn(16, 8 * key_block, head_dim, generator=gen)
-    full = torch.bmm(q, k.transpose(1, 2))
-    part = torch.bmm(q[:1], k[:1, :key_block].transpose(1, 2))
-    if not torch.equal(full[:1, :, :key_block], part):
-        return False
     p = torch.rand(16, 8, group * att_rows, key_block, generator=gen)
     v = torch.randn(16, 8, key_block, head_dim, generator=gen)
-    return bool(torch.equal(torch.matmul(p, v)[:1, :1], torch.matmul(p[:1, :1], v[:1, :1])))
+    full = torch.bmm(q, k.transpose(1, 2))
+    pv = torch.matmul(p, v)
+    for n in sorted({1, torch.get_num_threads()}):
+        with _threads(n):
+            part = torch.bmm(q[:1], k[:1, :key_block].transpose(1, 2))
+            if not torch.equal(full[:1, :, :key_block], part):
+                return False
+            if not torch.equal(pv[:1, :1], torch.matmul(p[:1, :1], v[:1, :1])):
+                return False
+    return True
 
 
 def _time(fn: Callable[[Any, Any], Any], weights: Sequence[Any], rows: int, plan: TilePlan) -> float:
@@ -167,7 +190,7 @@ def candidates(weights: Sequence[Any]) -> list[TilePlan]:
             lo, hi = _class_around(fn, weights, base)
             hi = min(hi, limit)
             seen.append((lo, hi))
-            if not _position_invariant(fn, weights, hi):
+            if not (_position_invariant(fn, weights, base) and _position_invariant(fn, weights, hi)):
                 continue
             if lo < hi:  # tiles of lo..hi rows, shorter ones padded to lo
                 plans.append(TilePlan(linear=kind, rows=hi, min_rows=lo, pad=False, verified=True))

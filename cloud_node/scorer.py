@@ -121,7 +121,7 @@ def tune_weights(model: Any) -> list[Any]:
     layer = model.model.layers[0]
     att, mlp = layer.self_attn, layer.mlp
     return [att.q_proj.weight, att.k_proj.weight, att.o_proj.weight, mlp.gate_proj.weight,
-            mlp.up_proj.weight, mlp.down_proj.weight]
+            mlp.up_proj.weight, mlp.down_proj.weight, model.lm_head.weight]
 
 
 def _head_dim(cfg: Any) -> int:

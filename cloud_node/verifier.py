@@ -265,6 +265,9 @@ class VerifierCore:
     def _ensure_cache(self, record: SessionRecord, drafts: int) -> Timing:
         """Make the session's cache resident (prefill if new or evicted, from the longest cached
         prefix); returns the prefill's timing. Raises SessionGone if the session was closed meanwhile."""
+        # Look up a prefix first: making room may evict the very cache that holds it (the lookup
+        # keeps a reference, so the copy below still works).
+        prefix = self.store.lookup(record.committed[:-1]) if record.cache is None else None
         try:
             self.store.reserve(record.key, len(record.committed) + drafts)
         except KeyError:
@@ -272,7 +275,6 @@ class VerifierCore:
         if record.cache is not None:
             return Timing()
         t0 = time.perf_counter()
-        prefix = self.store.lookup(record.committed[:-1])
         cache = self.target.new_session(record.committed, prefix=prefix)
         if not self.store.attach(record.key, cache):  # closed during the prefill: drop it
             raise SessionGone(f"session {record.key} was closed")

@@ -16,6 +16,10 @@ Guarantees:
   largest k it verifies (`max_draft_len`, and max_context - position - 1), and
   `RemoteVerifier` drops drafts past it; before that the cloud drops them itself. An answer that reaches the cloud's
   context ends with finish reason "length".
+- Trusts nothing: a reply out of order, or a verdict that `tandem_core.verdict_check` rejects
+  against the drafts sent (count, prefix, budget, vocabulary, finish), raises `ProtocolError`
+  and nothing from it is committed; `RemoteVerifier` resumes the session with the committed
+  tokens, and past `max_bad_verdicts` gives up with `SwitchCause.BAD_VERDICT`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
 from tandem_core.link_health import backoff_delay
 from tandem_core.loop import Draft, SwitchCause, VerifierUnavailable
 from tandem_core.sampling import SamplingParams
+from tandem_core.verdict_check import BadVerdict, check_verdict
 from tandem_core.verify import Verdict
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,14 @@ class LinkError(VerifierUnavailable):
 
     def __init__(self, message: str, cause: SwitchCause = SwitchCause.BROKEN_STREAM) -> None:
         super().__init__(cause, message)
+
+
+class ProtocolError(LinkError):
+    """The cloud's reply broke the protocol (out of order, or a verdict that contradicts the
+    round): nothing from it is committed; resumable like a broken stream."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, SwitchCause.BAD_VERDICT)
 
 
 class CloudRejected(Exception):
@@ -164,6 +177,10 @@ class CloudLink:
         self.resumes = 0
         self.opened: cloud_pb2.SessionOpened | None = None
         self.server_verify_ms = 0.0
+        # What the cloud's ServerTiming reported, over every stream of the session (0 if it does not).
+        self.prefill_tokens = 0  # tokens it ran through the target to build the KV cache
+        self.reused_tokens = 0  # tokens whose KV came from its prefix cache
+        self.batch_sessions: list[int] = []  # per verdict: sessions that shared its forward pass
 
     def _send(self, request: cloud_pb2.VerifyRequest) -> None:
         assert self._stream is not None
@@ -174,7 +191,16 @@ class CloudLink:
         assert self._stream is not None
         response = self._stream.recv(timeout_s)
         self.bytes_down += response.ByteSize() + _GRPC_PREFIX
+        self._count_timing(response)
         return response
+
+    def _count_timing(self, response: cloud_pb2.VerifyResponse) -> None:
+        kind = response.WhichOneof("kind")
+        timing = response.opened.timing if kind == "opened" else response.verdict.timing
+        self.prefill_tokens += timing.prefill_tokens
+        self.reused_tokens += timing.reused_tokens
+        if kind == "verdict":
+            self.batch_sessions.append(timing.batch_sessions)
 
     def open(self, generated: Sequence[int] = (), *, wait: bool = False) -> None:
         """Open a stream for the session, carrying `generated` committed tokens on resume.
@@ -200,7 +226,7 @@ class CloudLink:
         if self.opened is None:
             response = self._recv(timeout_s)
             if response.WhichOneof("kind") != "opened":
-                raise LinkError("the cloud did not acknowledge the session")
+                raise ProtocolError("the cloud did not acknowledge the session")
             self.opened = response.opened
 
     def resume(self, generated: Sequence[int]) -> None:
@@ -226,11 +252,15 @@ class CloudLink:
         self._await_opened(self.open_timeout_s)
         response = self._recv(self.round_timeout_s)
         if response.WhichOneof("kind") != "verdict" or response.verdict.round != self._round:
-            raise LinkError("out-of-order reply from the cloud")
+            raise ProtocolError(f"out-of-order reply from the cloud (round {self._round} sent)")
         v = response.verdict
         self.server_verify_ms += v.timing.verify_ms
         return Verdict(accepted=v.accepted, tokens=tuple(v.tokens), finished=v.finished,
                        finish_reason=finish_from_proto(v.finish_reason))
+
+    @property
+    def request(self) -> SessionRequest:
+        return self._request
 
     @property
     def is_open(self) -> bool:
@@ -314,11 +344,19 @@ class RemoteVerifier:
     It keeps the committed tokens, so a broken stream re-opens with all of them and the same
     round is re-sent, up to `max_resumes` times per request with `backoff_delay` between tries;
     then the last `LinkError` (a `VerifierUnavailable` with its cause) propagates.
+    Every verdict is checked against the drafts sent (`check_verdict`, with the budget left of
+    the session's max_new_tokens and of the cloud's context, and token ids below `vocab` when
+    given). A bad one is dropped and the session resumed at once, the same round re-sent (the
+    drafter never sees it); these resumes have their own budget, `max_bad_verdicts` per request,
+    past which a `ProtocolError` (cause BAD_VERDICT) propagates.
     """
 
-    def __init__(self, link: CloudLink, *, max_resumes: int, backoff_s: float, prompt_len: int) -> None:
+    def __init__(self, link: CloudLink, *, max_resumes: int, backoff_s: float, prompt_len: int,
+                 vocab: int | None = None, max_bad_verdicts: int = 2) -> None:
         self.link, self.max_resumes, self.backoff_s = link, max_resumes, backoff_s
-        self.prompt_len = prompt_len
+        self.prompt_len, self.vocab = prompt_len, vocab
+        self.max_bad_verdicts = max_bad_verdicts
+        self.bad_verdicts = 0
         self.committed: list[int] = []
 
     @property
@@ -339,11 +377,35 @@ class RemoteVerifier:
                 # sent); the drafter's commit keeps only the accepted ones anyway.
                 keep = self.draft_len(len(draft.tokens))
                 verdict = self.link.verify(draft.tokens[:keep], None if draft.q is None else draft.q[:keep])
+                self._check(draft.tokens[:keep], verdict)
+            except ProtocolError as exc:
+                self._drop_bad_verdict(exc)
+                continue
             except LinkError as exc:
-                if self.link.resumes >= self.max_resumes:
+                if self.link.resumes - self.bad_verdicts >= self.max_resumes:  # resumes after breaks
                     raise LinkError(f"cloud unreachable after {self.link.resumes} resumes: {exc}", exc.cause) from None
                 time.sleep(backoff_delay(self.link.resumes, self.backoff_s))
                 self.link.resume(self.committed)
                 continue
             self.committed.extend(verdict.tokens)
             return verdict
+
+    def _check(self, sent: Sequence[int], verdict: Verdict) -> None:
+        """Raise `ProtocolError` unless the cloud could have sent `verdict` for the drafts `sent`."""
+        opened, remaining = self.link.opened, self.link.request.max_new_tokens - len(self.committed)
+        if opened is not None:  # always, once a verdict has come
+            remaining = min(remaining, opened.max_context - self.position)
+        if remaining < 1:  # a SessionOpened whose context is below what the cloud already holds
+            raise ProtocolError(f"a verdict with {remaining} tokens of room left")
+        try:
+            check_verdict(sent, verdict, remaining=remaining, vocab=self.vocab)
+        except BadVerdict as exc:
+            raise ProtocolError(f"bad verdict: {exc}") from None
+
+    def _drop_bad_verdict(self, exc: ProtocolError) -> None:
+        """Nothing from the reply is committed: resume the session, or give up past the limit."""
+        self.bad_verdicts += 1
+        log.warning("%s (%d of %d tolerated)", exc, self.bad_verdicts, self.max_bad_verdicts)
+        if self.bad_verdicts > self.max_bad_verdicts:
+            raise ProtocolError(f"{self.bad_verdicts} bad replies from the cloud, the last: {exc}") from None
+        self.link.resume(self.committed)

@@ -10,13 +10,17 @@ Guarantees:
   token at once: the unsettled draft is rolled back and the drafter generates the rest. Either
   way no committed token is lost or repeated: `on_tokens` sees each token once, in order, and
   the wait for a broken round is bounded by the round deadline.
+- A verdict that contradicts the drafts sent is never committed (`RemoteVerifier` checks each
+  one, resumes, and gives up after a few with cause BAD_VERDICT, then falls back as above).
 - Each round drafts within the cloud's limits (its max_draft_len and context, learnt from the
   session's SessionOpened), and an answer that reaches the cloud's context ends with finish
   reason "length", as on the cloud route.
 - Cloud-only generation relays the target's stream; with `fallback_local` a break continues
   on the device from the tokens received, the drafter re-prefilling prompt + answer so far.
 - Every result carries the statistics the edge service reports (`EdgeResult`), including each
-  mid-answer route switch (`Switch`).
+  mid-answer route switch (`Switch`) and what building the KV caches cost: the drafter's prefill
+  (tokens and seconds; each request prefills its whole history, nothing is kept across turns)
+  and the tokens the cloud prefilled or reused, as its ServerTiming reports them.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class EdgeResult:
     verified_tokens: int = 0
     finish_reason: FinishReason | None = None
     switches: list[Switch] = field(default_factory=list)
+    drafter_prefill_s: float = 0.0  # building the drafter's KV cache (stats.drafter_prefill_tokens)
 
 
 class _Clock:
@@ -115,11 +120,22 @@ def _fall_back(result: EdgeResult, clock: _Clock, exc: VerifierUnavailable) -> N
                                   clock.elapsed_ms(), exc.cause))
 
 
+def _prefill(drafter: DrafterModel, result: EdgeResult, ids: Sequence[int], params: SamplingParams, seed: int,
+             max_length: int) -> DrafterSession:
+    """A drafter session over `ids` (the whole history: the drafter keeps no KV across requests),
+    its prefill counted in `result`."""
+    t0 = time.perf_counter()
+    session = drafter.new_session(ids, params, seed, max_length=max_length)
+    result.drafter_prefill_s += time.perf_counter() - t0
+    result.stats.add_drafter_prefill(len(ids))
+    return session
+
+
 def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: SamplingParams, seed: int, *,
                    max_new_tokens: int, on_tokens: OnTokens | None = None) -> EdgeResult:
     """On-device generation with the drafter alone."""
     clock, result = _Clock(), EdgeResult(route="local")
-    session = drafter.new_session(prompt_ids, params, seed, max_length=_max_length(prompt_ids, max_new_tokens, 0))
+    session = _prefill(drafter, result, prompt_ids, params, seed, _max_length(prompt_ids, max_new_tokens, 0))
     _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
     result.stats.add_tokens(len(result.tokens))
     return clock.finish(result)
@@ -134,10 +150,10 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     draft is rolled back and the drafter goes on alone from the last committed token.
     """
     clock, result = _Clock(), EdgeResult(route="speculative")
-    session = drafter.new_session(prompt_ids, params, seed,
-                                  max_length=_max_length(prompt_ids, max_new_tokens, _longest(draft_len)))
+    session = _prefill(drafter, result, prompt_ids, params, seed,
+                       _max_length(prompt_ids, max_new_tokens, _longest(draft_len)))
     verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s,
-                              prompt_len=len(prompt_ids))
+                              prompt_len=len(prompt_ids), vocab=drafter.vocab_size)
     try:
         for verdict in speculative_generate(session, verifier, draft_len=_within_cloud(draft_len, verifier),
                                             max_new_tokens=max_new_tokens, stats=result.stats):
@@ -157,6 +173,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     finally:
         link.close()
         result.bytes_up, result.bytes_down, result.resumes = link.bytes_up, link.bytes_down, link.resumes
+        result.stats.add_cloud_prefill(link.prefill_tokens, link.reused_tokens)
     result.stats.add_tokens(result.local_tokens)
     # One target pass per round, plus the prefill of each (re)opened stream.
     result.stats.add_target_forwards(1 + result.resumes)
@@ -199,7 +216,7 @@ def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Seq
             raise
         _fall_back(result, clock, exc)
         context = list(prompt_ids) + result.tokens
-        session = drafter.new_session(context, params, seed, max_length=_max_length(prompt_ids, max_new_tokens, 0))
+        session = _prefill(drafter, result, context, params, seed, _max_length(prompt_ids, max_new_tokens, 0))
         _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
     finally:
         result.bytes_up, result.bytes_down = counter.get("up", 0), counter.get("down", 0)

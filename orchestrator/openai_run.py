@@ -8,8 +8,9 @@ Guarantees:
   generated_tokens, or the tokens of the deltas received when a stop sequence ended the answer
   before the core's statistics came.
 - `tandem_json` holds route, reason, ttft_ms, tokens_per_s, acceptance_rate, local_tokens,
-  verified_tokens, switches, citations, private_chunks_dropped, category, stopped_by_sequence;
-  the statistics are null when the core sent none.
+  verified_tokens, cloud_prefill_tokens, cloud_reused_tokens, drafter_prefill_tokens,
+  drafter_prefill_ms, switches, citations, private_chunks_dropped, category,
+  stopped_by_sequence; the statistics are null when the core sent none.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ def tandem_json(started: orchestrator_pb2.GenerationStarted | None,
         "acceptance_rate": round(gen.acceptance_rate, 4) if gen is not None else None,
         "local_tokens": gen.local_tokens if gen is not None else None,
         "verified_tokens": gen.verified_tokens if gen is not None else None,
+        "cloud_prefill_tokens": gen.cloud_prefill_tokens if gen is not None else None,
+        "cloud_reused_tokens": gen.cloud_reused_tokens if gen is not None else None,
+        "drafter_prefill_tokens": gen.drafter_prefill_tokens if gen is not None else None,
+        "drafter_prefill_ms": round(gen.drafter_prefill_ms, 3) if gen is not None else None,
         "switches": [
             {"at_token": s.at_token, "from_route": s.from_route, "to_route": s.to_route,
              "reason": s.reason, "at_ms": round(s.at_ms, 3)} for s in switches],

@@ -15,7 +15,8 @@ from tandem_core.verify import FinishReason
 _FINISH = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
 _CAUSE = {SwitchCause.LATE_VERDICT: common_pb2.SWITCH_CAUSE_LATE_VERDICT,
           SwitchCause.BROKEN_STREAM: common_pb2.SWITCH_CAUSE_BROKEN_STREAM,
-          SwitchCause.CLOUD_REFUSED: common_pb2.SWITCH_CAUSE_CLOUD_REFUSED}
+          SwitchCause.CLOUD_REFUSED: common_pb2.SWITCH_CAUSE_CLOUD_REFUSED,
+          SwitchCause.BAD_VERDICT: common_pb2.SWITCH_CAUSE_BAD_VERDICT}
 _EDGE_MODE = {Route.LOCAL: edge_pb2.EDGE_MODE_LOCAL, Route.SPECULATIVE: edge_pb2.EDGE_MODE_SPECULATIVE,
               Route.CLOUD: edge_pb2.EDGE_MODE_CLOUD}
 _ROUTE = {Route.LOCAL: orchestrator_pb2.ROUTE_LOCAL, Route.SPECULATIVE: orchestrator_pb2.ROUTE_SPECULATIVE,

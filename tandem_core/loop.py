@@ -48,6 +48,7 @@ class SwitchCause(StrEnum):
     LATE_VERDICT = "late_verdict"    # no verdict within the round deadline
     BROKEN_STREAM = "broken_stream"  # the stream or the link failed
     CLOUD_REFUSED = "cloud_refused"  # the cloud is full or draining (RESOURCE_EXHAUSTED, ...)
+    BAD_VERDICT = "bad_verdict"      # verdicts broke the protocol (`tandem_core.verdict_check`)
 
 
 class VerifierUnavailable(Exception):

@@ -15,6 +15,11 @@ Definitions (p = target, q = drafter, as in `tandem_core.verify`):
   often written tau. Truncation at EOS or the budget is counted as it happened.
 - target_forwards_per_token = target forward passes (prefill included) / generated tokens; plain
   decoding gives 1 (plus prefill), speculation aims below it.
+- Prefill counts, for what a multi-turn conversation costs: cloud_prefill_tokens are the tokens
+  the cloud ran through the target to build the session's KV cache and cloud_reused_tokens those
+  whose KV came from its prefix cache (the cloud's ServerTiming, summed over the request's
+  streams; both 0 when the cloud does not report them); drafter_prefill_tokens are the tokens
+  the drafter ran to build its own KV cache before the first draft.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ class RequestStats:
     generated_tokens: int = 0  # tokens committed, by rounds and by plain decoding
     target_forwards: int = 0  # target forward passes, prefill and plain decoding included
     round_tokens: int = 0  # tokens committed by speculative rounds only (numerator of tau)
+    cloud_prefill_tokens: int = 0  # tokens the cloud prefilled for this request (see the module doc)
+    cloud_reused_tokens: int = 0  # tokens whose KV the cloud took from its prefix cache
+    drafter_prefill_tokens: int = 0  # tokens the drafter prefilled
 
     def add_round(self, r: RoundStats) -> None:
         self.rounds += 1
@@ -82,6 +90,17 @@ class RequestStats:
         """Count tokens committed outside speculative rounds (e.g. plain decoding)."""
         _check_count("n", n)
         self.generated_tokens += int(n)
+
+    def add_cloud_prefill(self, prefilled: int, reused: int) -> None:
+        """Count what the cloud reported about building the session's KV cache."""
+        _check_count("prefilled", prefilled)
+        _check_count("reused", reused)
+        self.cloud_prefill_tokens += int(prefilled)
+        self.cloud_reused_tokens += int(reused)
+
+    def add_drafter_prefill(self, n: int) -> None:
+        _check_count("n", n)
+        self.drafter_prefill_tokens += int(n)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -103,6 +122,9 @@ class RequestStats:
             "generated_tokens": self.generated_tokens,
             "target_forwards": self.target_forwards,
             "round_tokens": self.round_tokens,
+            "cloud_prefill_tokens": self.cloud_prefill_tokens,
+            "cloud_reused_tokens": self.cloud_reused_tokens,
+            "drafter_prefill_tokens": self.drafter_prefill_tokens,
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_len": self.mean_accepted_len,
             "target_forwards_per_token": self.target_forwards_per_token,

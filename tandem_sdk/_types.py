@@ -111,6 +111,10 @@ class Stats:
     edge_cpu_s: float = 0.0
     edge_ttft_ms: float = 0.0
     edge_tokens_per_s: float = 0.0
+    cloud_prefill_tokens: int = 0  # tokens the cloud ran through the target for this answer's KV
+    cloud_reused_tokens: int = 0  # tokens whose KV came from the cloud's prefix cache
+    drafter_prefill_tokens: int = 0  # tokens the device's drafter prefilled
+    drafter_prefill_ms: float = 0.0
     switches: tuple[RouteSwitch, ...] = ()
     citations: tuple[Citation, ...] = ()
     private_chunks_dropped: int = 0

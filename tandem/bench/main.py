@@ -28,6 +28,10 @@ NETWORK_METHODS = ("tandem_grpc", "cloud_stream")  # over gRPC through Ray Serve
 ALL_METHODS = METHODS + NETWORK_METHODS
 # methods whose greedy output must equal the target's
 CLAIMS_TARGET_OUTPUT = {"assisted", "tandem", "tandem_grpc", "cloud_stream"}
+SUITES = ("methods", "orchestrator", "fallback", "cloud-scale", "chat-turns")
+DEFAULT_MAX_NEW_TOKENS = 128
+# cloud-scale: the figures are for 32-64 new tokens; chat-turns: each answer adds about 40 tokens to the next turn
+SUITE_MAX_NEW_TOKENS = {"cloud-scale": 32, "chat-turns": 40}
 
 
 @dataclass(frozen=True)
@@ -69,15 +73,30 @@ def load_prompts(path: Path) -> list[BenchPrompt]:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmark generation methods side by side",
                        description="Run generation methods side by side on a prompt set and report speed and exactness.")
-    p.add_argument("--suite", choices=("methods", "orchestrator", "fallback", "cloud-scale"), default="methods",
+    p.add_argument("--suite", choices=SUITES, default="methods",
                    help="methods: generation methods side by side (default); orchestrator: the orchestrator's "
                         "overhead on the local route vs the edge node directly; fallback: the stall when the link "
                         "is cut or black-holed mid-answer; cloud-scale: concurrent sessions against the Ray Serve "
-                        "deployment")
+                        "deployment on a local two-node cluster, from replayed drafts (default) or real edge "
+                        "processes (--load); chat-turns: a 6-turn conversation through the orchestrator on the "
+                        "speculative route, with TTFT and the cloud's and the drafter's prefill per turn")
     p.add_argument("--repeats", type=int, default=3, help="orchestrator suite: runs per prompt and path")
-    p.add_argument("--models", choices=("real", "tiny"), default="real", help="cloud-scale suite: fetched pair or tiny")
+    p.add_argument("--models", choices=("real", "tiny"), default="real",
+                   help="cloud-scale and chat-turns suites: the fetched pair, or tiny random models (a quick check)")
+    p.add_argument("--load", default="replay", help="cloud-scale suite: replay (recorded drafts sent by light "
+                                                    "clients, no drafter), edges (real edge processes), or "
+                                                    "replay,edges for both rows")
+    p.add_argument("--sessions", default="1,2,4,8,16", help="cloud-scale suite: concurrent sessions per row")
+    p.add_argument("--replicas", default="1,2", help="cloud-scale suite: Serve replica counts (at most 2)")
+    p.add_argument("--max-sessions", type=int, default=None,
+                   help="cloud-scale suite: sessions per replica (default: the deployment's own admission)")
+    p.add_argument("--replay-file", type=Path, default=None,
+                   help="cloud-scale suite: keep (or reuse) the recorded drafts in this JSON file "
+                        "(default: the run's temporary folder)")
     p.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the shipped code/prose/chat set)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="per answer (default: " + ", ".join(f"{k} {v}" for k, v in SUITE_MAX_NEW_TOKENS.items())
+                        + f", else {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target (and assistant) dtype")
     p.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (k)")
@@ -159,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
     from tandem.ops import procs
     from tandem.pair import LocalPair
 
+    if args.max_new_tokens is None:
+        args.max_new_tokens = SUITE_MAX_NEW_TOKENS.get(args.suite, DEFAULT_MAX_NEW_TOKENS)
     if args.max_new_tokens < 1 or args.draft_len < 1:
         raise CliError("--max-new-tokens and --draft-len must be >= 1")
     if args.suite == "orchestrator":
@@ -174,6 +195,10 @@ def run(args: argparse.Namespace) -> int:
         from tandem.bench.scale import run_suite as run_scale
 
         return run_scale(args)
+    if args.suite == "chat-turns":
+        from tandem.bench.chat_turns import run_suite as run_chat
+
+        return run_chat(args)
     methods = _parse_methods(args.methods)
     rtts = _parse_rtts(args.rtt_ms)
     prompts = _select(load_prompts(args.prompts or default_prompts_path()), args.categories, args.limit)

@@ -2,18 +2,29 @@
 
 It starts a two-node Ray cluster on this machine (`tandem.ops.ray_cluster`: head + worker, one
 replica slot each), deploys the Serve config rendered from `tandem.deploy.gen` (the production
-spec with bench overrides: models, ports, a fixed replica count, `max_sessions`), and for each
-replica count (1, 2) and each number of concurrent sessions N (1, 2, 4, 8) sends N greedy
-speculative sessions at once from N edge processes (`tandem.bench.scale_edge`). It reports
-aggregate verified tokens/s, p50/p95 of the per-round verify round trip (the first round, which
-opens the session and prefills, is reported apart), sessions rejected (RESOURCE_EXHAUSTED) and
-failed, sessions per replica, and whether every prompt's output matched its first run.
+spec with bench overrides: models, ports, a fixed replica count, and `max_sessions` only when
+`--max-sessions` is given), and for each replica count (1, 2) and each number of concurrent
+sessions N (1, 2, 4, 8, 16) sends N greedy speculative sessions at once. The load comes from:
+- `replay` (default): the real drafter's rounds are recorded once per prompt, from a solo
+  session against the deployment (`tandem.bench.replay`, kept in a JSON file in the work folder
+  or at `--replay-file`), then N light clients on threads send them again over real Verify
+  streams, with no drafter running. So the figures measure the cloud, not edges competing with
+  it for the same cores. Each replayed session must follow its recorded path: one that diverges
+  is stopped and counted.
+- `edges`: N edge processes with the real drafter (`tandem.bench.scale_edge`), as a device
+  fleet would; here they share the cloud's cores. `--load replay,edges` gives both rows.
+It reports per (load, replicas, N): aggregate verified tokens/s, p50/p95 of the per-round
+verify round trip (the first round, which opens the session and prefills, is reported apart),
+the mean sessions per verdict's forward pass (the cloud's ServerTiming.batch_sessions; "-" when
+it reports none), sessions rejected with RESOURCE_EXHAUSTED (and the retry hint, if any), failed
+(any other error), diverged, sessions per replica, and whether every session's tokens equal
+its prompt's solo run (`identical`).
 
-Models: `--models real` (the fetched pair, default) or `--models tiny` (random tiny models
-built like the tests' fixture; needs the repository's tests/ folder). Progress lines go to
-stderr; the table to stdout; `--json PATH` writes everything. Both "nodes" share this machine's
-cores, so the 2-replica figures show scheduling, not added hardware. SIGTERM or Ctrl-C stops
-the cluster and the edge processes before exiting.
+Models: `--models real` (the fetched pair, default) or `--models tiny` (random tiny models from
+`tandem.models.tiny`). Progress lines go to stderr; the machine's CPU and the table to stdout;
+`--json PATH` writes everything. Both "nodes" share this machine's cores, so the 2-replica
+figures show scheduling, not added hardware. SIGTERM or Ctrl-C stops the cluster and the edge
+processes before exiting.
 """
 
 from __future__ import annotations
@@ -28,18 +39,19 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tandem.bench.report import fmt, progress
+from tandem.bench.report import fmt, machine_info, progress
 
 _progress = partial(progress, tag="cloud-scale")
 
-SESSIONS = (1, 2, 4, 8)
+SESSIONS = (1, 2, 4, 8, 16)
 REPLICAS = (1, 2)
-MAX_SESSIONS = 4  # per replica: small enough that 8 sessions on one replica show rejections
-
+LOADS = ("replay", "edges")
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -54,14 +66,24 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
     return values
 
 
-def _models(kind: str, args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
-    """(target folder, ONNX drafter folder, dtype) for `kind`."""
+def _loads(text: str) -> tuple[str, ...]:
+    loads = tuple(x.strip() for x in str(text).split(",") if x.strip())
+    if not loads or any(x not in LOADS for x in loads):
+        from tandem.cli.main import CliError
+
+        raise CliError(f"--load: expected {' or '.join(LOADS)} (or both, comma-separated), got {text!r}")
+    return loads
+
+
+def bench_models(kind: str, args: argparse.Namespace, work: Path, say: Callable[[str], None] = _progress
+                 ) -> tuple[Path, Path, str]:
+    """(target folder, ONNX drafter folder, dtype) for `kind` ("real" or "tiny", built in `work`)."""
     from tandem.cli.main import CliError
 
     if kind == "tiny":
         from tandem.models import tiny
 
-        _progress("building tiny random models ...")
+        say("building tiny random models ...")
         target = tiny.build_hf(work / "target", seed=1)
         drafter = tiny.build_onnx(tiny.perturb(target, work / "drafter", noise=0.03, seed=2), work / "drafter_onnx",
                                   work / "cache")
@@ -89,16 +111,18 @@ def _prompts(kind: str, target: Path) -> list[tuple[str, list[int]]]:
     return [(p.id, encode_prompt(tokenizer, p.prompt, p.messages)) for p in load_prompts(default_prompts_path())]
 
 
-def _spec(target: Path, dtype: str, replicas: int, max_sessions: int, ports: list[int]) -> Any:
+def _spec(target: Path, dtype: str, replicas: int, max_sessions: int | None, ports: list[int]) -> Any:
     from tandem import paths
     from tandem.deploy.gen import DeploySpec
 
+    # Admission is the deployment's own unless --max-sessions overrides it.
+    limits: dict[str, Any] = {} if max_sessions is None else {
+        "max_sessions": max_sessions, "target_ongoing_requests": min(4.0, max_sessions)}
     return dataclasses.replace(
         DeploySpec(), model_dir=str(target), dtype=dtype, tandem_home=str(paths.tandem_home()),
-        threads=max(1, (os.cpu_count() or 1) // replicas), max_sessions=max_sessions,
-        http_host="127.0.0.1", http_port=ports[0], grpc_port=ports[1], proxy_location="HeadOnly",
-        min_replicas=replicas, max_replicas=replicas, target_ongoing_requests=min(4.0, max_sessions),
-        graceful_shutdown_timeout_s=5, max_surge_percent=0, replica_cpus=0.5, replica_memory_gb=0)
+        threads=max(1, (os.cpu_count() or 1) // replicas), http_host="127.0.0.1", http_port=ports[0],
+        grpc_port=ports[1], proxy_location="HeadOnly", min_replicas=replicas, max_replicas=replicas,
+        graceful_shutdown_timeout_s=5, max_surge_percent=0, replica_cpus=0.5, replica_memory_gb=0, **limits)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -109,69 +133,47 @@ def _percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def summarize(replicas: int, results: list[dict[str, Any]], reference: dict[str, list[int]]) -> dict[str, Any]:
-    """One table row from the sessions of one (replicas, N) run; updates `reference` per prompt."""
-    done = [r for r in results if r["error"] is None]
+def summarize(load: str, replicas: int, results: list[dict[str, Any]], reference: dict[str, list[int]]
+              ) -> dict[str, Any]:
+    """One table row from the sessions of one (load, replicas, N) run; `reference` holds each
+    prompt's solo tokens (a prompt without one takes its first completed run here)."""
+    done = [r for r in results if r["error"] is None and not r.get("diverged")]
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     rounds = [ms for r in done for ms in r["round_ms"][1:]]
-    identical = True
+    identical = not any(r.get("diverged") for r in results)
     for r in done:
         identical &= reference.setdefault(r["prompt"], r["tokens"]) == r["tokens"]
     per_replica = Counter((r["replica"] or "?").split("#")[-1].split(" ")[0] for r in done)
+    batch = [b for r in done for b in r.get("batch_sessions", []) if b > 0]  # 0: the cloud did not say
+    hints = [r["retry_hint_ms"] for r in results if r.get("retry_hint_ms") is not None]
     return {
-        "replicas": replicas, "sessions": len(results), "completed": len(done),
+        "load": load, "replicas": replicas, "sessions": len(results), "completed": len(done),
         "rejected": sum(r["rejected"] for r in results),
         "failed": sum(r["error"] is not None and not r["rejected"] for r in results),
+        "diverged": sum(bool(r.get("diverged")) for r in results),
         "verified_tokens": sum(len(r["tokens"]) for r in done), "wall_s": span,
         "agg_tok_s": sum(len(r["tokens"]) for r in done) / span if span > 0 else None,
         "verify_p50_ms": _percentile(rounds, 50), "verify_p95_ms": _percentile(rounds, 95),
         "open_p50_ms": _percentile([r["round_ms"][0] for r in done if r["round_ms"]], 50),
+        "batch_sessions_mean": statistics.fmean(batch) if batch else None,
+        "retry_hint_ms": statistics.median(hints) if hints else None,
+        "prefill_tokens": sum(r.get("prefill_tokens", 0) for r in done),
+        "reused_tokens": sum(r.get("reused_tokens", 0) for r in done),
         "rounds": len(rounds), "sessions_per_replica": sorted(per_replica.values(), reverse=True),
         "identical": identical,
     }
 
 
-def _jobs(prompts: list[tuple[str, list[int]]], n: int, args: argparse.Namespace, offset: int = 0) -> list[dict]:
-    return [{"id": f"s{i}", "prompt": prompts[(offset + i) % len(prompts)][0],
-             "prompt_ids": prompts[(offset + i) % len(prompts)][1], "max_new_tokens": args.max_new_tokens,
-             "draft_len": args.draft_len} for i in range(n)]
-
-
-def _run_replicas(cluster: Any, pool: Any, spec: Any, prompts: list, args: argparse.Namespace,
-                  sessions: tuple[int, ...], reference: dict[str, list[int]]) -> list[dict[str, Any]]:
-    from tandem.deploy.gen import SERVE_CONFIG, render, serve_names
-
-    config = cluster.root / f"serve-{spec.min_replicas}.yaml"
-    config.write_text(render(spec)[SERVE_CONFIG])
-    cluster.serve_deploy(config)
-    app, deployment, _ = serve_names()
-    placed = cluster.wait_running(app, deployment, spec.min_replicas, timeout_s=300)
-    _progress(f"{spec.min_replicas} replica(s) running on {[node for node, _ in placed]} "
-              f"(torch threads {spec.threads} each); warming up")
-    warm = argparse.Namespace(**{**vars(args), "max_new_tokens": min(8, args.max_new_tokens)})
-    pool.run(_jobs(prompts, min(2 * spec.min_replicas, len(pool.procs)), warm))
-    rows = []
-    for n in sessions:
-        results = pool.run(_jobs(prompts, n, args))
-        for r, job in zip(results, _jobs(prompts, n, args)):
-            r["prompt"] = job["prompt"]
-        row = summarize(spec.min_replicas, results, reference)
-        row["session_results"] = results
-        rows.append(row)
-        _progress(f"replicas={row['replicas']} sessions={n}: {fmt(row['agg_tok_s'], '.1f')} tok/s, verify p50 "
-                  f"{fmt(row['verify_p50_ms'], '.0f')} ms p95 {fmt(row['verify_p95_ms'], '.0f')} ms, "
-                  f"rejected {row['rejected']}, failed {row['failed']}, per replica {row['sessions_per_replica']}")
-    return rows
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'replicas':>8} {'sessions':>8} {'agg tok/s':>9} {'verify p50 ms':>13} {'verify p95 ms':>13} "
-            f"{'open p50 ms':>11} {'rejected':>8} {'failed':>6} {'per replica':>11}  identical")
+    head = (f"{'load':<6} {'replicas':>8} {'sessions':>8} {'agg tok/s':>9} {'verify p50 ms':>13} "
+            f"{'verify p95 ms':>13} {'open p50 ms':>11} {'batch':>5} {'rejected':>8} {'retry ms':>8} "
+            f"{'failed':>6} {'diverged':>8} {'per replica':>11}  identical")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['replicas']:>8} {r['sessions']:>8} {fmt(r['agg_tok_s'], '.1f'):>9} "
+        lines.append(f"{r['load']:<6} {r['replicas']:>8} {r['sessions']:>8} {fmt(r['agg_tok_s'], '.1f'):>9} "
                      f"{fmt(r['verify_p50_ms'], '.0f'):>13} {fmt(r['verify_p95_ms'], '.0f'):>13} "
-                     f"{fmt(r['open_p50_ms'], '.0f'):>11} {r['rejected']:>8} {r['failed']:>6} "
+                     f"{fmt(r['open_p50_ms'], '.0f'):>11} {fmt(r['batch_sessions_mean'], '.1f'):>5} "
+                     f"{r['rejected']:>8} {fmt(r['retry_hint_ms'], '.0f'):>8} {r['failed']:>6} {r['diverged']:>8} "
                      f"{'/'.join(map(str, r['sessions_per_replica'])) or '-':>11}  {fmt(r['identical'], '')}")
     return "\n".join(lines)
 
@@ -190,45 +192,71 @@ def run_suite(args: argparse.Namespace) -> int:
 
 
 def _run_suite(args: argparse.Namespace) -> int:
-    from tandem.bench.report import machine_info
-    from tandem.bench.scale_edge import EdgePool
+    from tandem.bench.scale_load import Loads
     from tandem.ops.ray_cluster import LocalRayCluster, free_ports
 
     kind = getattr(args, "models", "real")
     sessions = _ints(getattr(args, "sessions", ",".join(map(str, SESSIONS))), "sessions")
     replica_counts = _ints(getattr(args, "replicas", ",".join(map(str, REPLICAS))), "replicas")
-    max_sessions = getattr(args, "max_sessions", MAX_SESSIONS)
+    loads = _loads(getattr(args, "load", LOADS[0]))
+    max_sessions = getattr(args, "max_sessions", None)
     if max(replica_counts) > 2:
         from tandem.cli.main import CliError
 
         raise CliError("--replicas: this machine runs a two-node cluster, so at most 2")
     t0 = time.monotonic()
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="tdm-scale-") as work:
-        target, drafter, dtype = _models(kind, args, Path(work))
-        prompts = _prompts(kind, target)
+    with tempfile.TemporaryDirectory(prefix="tdm-scale-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        target, drafter, dtype = bench_models(kind, args, work)
         ports = free_ports(2)
         base = _spec(target, dtype, 1, max_sessions, ports)
-        with LocalRayCluster(env=base.node_env()) as cluster:
-            _progress(f"starting a two-node Ray cluster in {cluster.root}")
-            cluster.start_head(num_cpus=1, resources={base.replica_resource: 1})
-            cluster.add_worker("worker", num_cpus=1, resources={base.replica_resource: 1})
-            reference: dict[str, list[int]] = {}
-            with EdgePool(max(sessions), drafter, f"127.0.0.1:{base.grpc_port}", Path(work) / "edge.log") as pool:
-                for r in replica_counts:
-                    spec = _spec(target, dtype, r, max_sessions, ports)
-                    rows += _run_replicas(cluster, pool, spec, prompts, args, sessions, reference)
+        cluster = stack.enter_context(LocalRayCluster(env=base.node_env()))
+        _progress(f"starting a two-node Ray cluster in {cluster.root}")
+        cluster.start_head(num_cpus=1, resources={base.replica_resource: 1})
+        cluster.add_worker("worker", num_cpus=1, resources={base.replica_resource: 1})
+        load = stack.enter_context(Loads(args, work, (target, drafter, dtype), f"127.0.0.1:{base.grpc_port}",
+                                         _prompts(kind, target), sessions, loads))
+        for r in replica_counts:
+            _deploy(cluster, _spec(target, dtype, r, max_sessions, ports))
+            for name, results in load.runs(r):
+                rows.append(summarize(name, r, results, load.reference) | {"session_results": results})
+                _report(rows[-1])
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB")
     print(format_table(rows))
     _progress(f"done in {time.monotonic() - t0:.0f} s")
     if args.json:
         config = {"models": kind, "target": str(target), "drafter": str(drafter), "dtype": dtype,
                   "max_new_tokens": args.max_new_tokens, "draft_len": args.draft_len, "max_sessions": max_sessions,
-                  "sessions": sessions, "replicas": replica_counts, "nodes": "head + worker on one machine"}
+                  "sessions": sessions, "replicas": replica_counts, "load": loads,
+                  "replay_file": str(load.replay_file), "nodes": "head + worker on one machine"}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"suite": "cloud-scale", "machine": machine_info(), "config": config,
+        args.json.write_text(json.dumps({"suite": "cloud-scale", "machine": info, "config": config,
                                          "results": rows}, indent=2) + "\n")
         _progress(f"wrote {args.json}")
     return 0
+
+
+def _report(row: dict[str, Any]) -> None:
+    _progress(f"{row['load']} replicas={row['replicas']} sessions={row['sessions']}: {fmt(row['agg_tok_s'], '.1f')} "
+              f"tok/s, verify p50 {fmt(row['verify_p50_ms'], '.0f')} ms p95 {fmt(row['verify_p95_ms'], '.0f')} ms, "
+              f"batch {fmt(row['batch_sessions_mean'], '.1f')}, rejected {row['rejected']}, failed {row['failed']}, "
+              f"diverged {row['diverged']}, per replica {row['sessions_per_replica']}")
+
+
+def _deploy(cluster: Any, spec: Any) -> None:
+    from tandem.deploy.gen import SERVE_CONFIG, render, serve_names
+    from tandem.ops.procs import wait_healthy
+
+    config = cluster.root / f"serve-{spec.min_replicas}.yaml"
+    config.write_text(render(spec)[SERVE_CONFIG])
+    cluster.serve_deploy(config)
+    app, deployment, _ = serve_names()
+    placed = cluster.wait_running(app, deployment, spec.min_replicas, timeout_s=300)
+    wait_healthy(f"127.0.0.1:{spec.grpc_port}", timeout_s=120)
+    _progress(f"{spec.min_replicas} replica(s) running on {[node for node, _ in placed]} "
+              f"(torch threads {spec.threads} each)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,9 +264,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m tandem.bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--models", choices=("real", "tiny"), default="real")
+    parser.add_argument("--load", default=LOADS[0], help="replay (recorded drafts, light clients), edges (real "
+                                                         "drafters), or replay,edges")
     parser.add_argument("--sessions", default=",".join(map(str, SESSIONS)), help="concurrent sessions, e.g. 1,2,4,8")
     parser.add_argument("--replicas", default=",".join(map(str, REPLICAS)), help="replica counts, at most 2")
-    parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, help="per replica")
+    parser.add_argument("--max-sessions", type=int, default=None, help="per replica (default: the deployment's)")
+    parser.add_argument("--replay-file", type=Path, default=None, help="keep or reuse the recorded drafts here")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="real models only")

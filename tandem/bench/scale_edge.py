@@ -7,8 +7,12 @@ Guarantees:
   and prints one JSON result line. It exits when stdin closes.
 - A result carries the tokens, wall-clock start and end (`time.time()`, comparable across
   processes), the time of every round trip (send drafts -> verdict; the first one also opens the
-  session and prefills), the replica that served it, and how it failed: `rejected` when the
-  cloud answered RESOURCE_EXHAUSTED (no resume is attempted), else `error`.
+  session and prefills), the replica that served it, what the cloud's ServerTiming reported
+  (prefilled and reused tokens, sessions per verdict's pass), and how it failed: `rejected` when
+  the cloud answered RESOURCE_EXHAUSTED (no resume is attempted), else `error`.
+- A job with `"record": true` also returns its prompt ids and every round as sent and answered:
+  the drafts (rejected positions included) and the verdict's tokens and finished flag. That is
+  what `tandem.bench.replay` sends again without a drafter.
 - `EdgePool` starts such processes, hands them jobs at the same moment and always stops them.
 """
 
@@ -28,16 +32,19 @@ from edge_node.cloud_link import CloudLink
 
 
 class TimedLink(CloudLink):
-    """A CloudLink that records each verify round trip in milliseconds."""
+    """A CloudLink that records each verify round trip in milliseconds, and the round itself."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.round_ms: list[float] = []
+        self.rounds: list[dict[str, Any]] = []
 
     def verify(self, draft_tokens: Sequence[int], q: Any) -> Any:
         t0 = time.perf_counter()
         verdict = super().verify(draft_tokens, q)
         self.round_ms.append(1000 * (time.perf_counter() - t0))
+        self.rounds.append({"drafts": [int(t) for t in draft_tokens], "tokens": list(verdict.tokens),
+                            "finished": verdict.finished})
         return verdict
 
 
@@ -61,6 +68,10 @@ def run_job(drafter: Any, channel: Any, job: dict[str, Any]) -> dict[str, Any]:
     out["end"] = time.time()
     out["round_ms"] = link.round_ms
     out["replica"] = link.opened.replica if link.opened is not None else None
+    out["batch_sessions"] = link.batch_sessions
+    out["prefill_tokens"], out["reused_tokens"] = link.prefill_tokens, link.reused_tokens
+    if job.get("record"):
+        out["prompt_ids"], out["rounds"], out["resumes"] = ids, link.rounds, link.resumes
     return out
 
 

@@ -1,0 +1,68 @@
+"""`tandem bench --suite cloud-scale` (replay load) and `--suite chat-turns` on tiny models.
+
+Slow: each starts real processes (a two-node Ray cluster with the Serve deployment, or the local
+stack: cloud node on Ray Serve, link shaper, edge node, orchestrator), about a minute each on
+two cores. TANDEM_HOME is a temporary folder. The figures of tiny random models mean nothing;
+these tests check the rows and their fields, and that replayed sessions follow their solo runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tandem.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+ROW_FIELDS = {"load", "replicas", "sessions", "agg_tok_s", "verify_p50_ms", "verify_p95_ms", "open_p50_ms",
+              "rejected", "failed", "diverged", "identical", "batch_sessions_mean", "retry_hint_ms",
+              "sessions_per_replica"}
+TURN_FIELDS = {"turn", "prompt_tokens", "added_tokens", "ttft_ms", "cloud_prefill_tokens", "cloud_reused_tokens",
+               "drafter_prefill_tokens", "drafter_prefill_ms", "answer_tokens", "route"}
+
+
+@pytest.mark.timeout(420)
+def test_cloud_scale_replays_recorded_drafts(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
+    out, replay = tmp_path / "scale.json", tmp_path / "replay.json"
+    rc = main(["bench", "--suite", "cloud-scale", "--models", "tiny", "--load", "replay", "--sessions", "1,2",
+               "--replicas", "1", "--max-new-tokens", "16", "--replay-file", str(replay), "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert [(r["load"], r["replicas"], r["sessions"]) for r in rows] == [("replay", 1, 1), ("replay", 1, 2)]
+    for row in rows:
+        assert row.keys() >= ROW_FIELDS
+        assert (row["completed"], row["rejected"], row["failed"], row["diverged"]) == (row["sessions"], 0, 0, 0)
+        assert row["identical"] is True and row["agg_tok_s"] > 0
+        assert row["verify_p50_ms"] > 0 and row["open_p50_ms"] > 0
+        assert row["batch_sessions_mean"] is None or row["batch_sessions_mean"] >= 1
+    recorded = json.loads(replay.read_text())["prompts"]
+    assert set(recorded) == {"tiny-0", "tiny-1"}  # once per prompt used
+    assert all(len(r["tokens"]) == 16 for r in recorded.values())
+    stdout = capsys.readouterr().out
+    assert f"machine: {doc['machine']['cpu']}" in stdout and "replay" in stdout
+
+
+@pytest.mark.timeout(420)
+def test_chat_turns_reports_six_turns(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
+    out = tmp_path / "chat.json"
+    rc = main(["bench", "--suite", "chat-turns", "--models", "tiny", "--max-new-tokens", "8", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    turns = doc["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3, 4, 5, 6]
+    for before, turn in zip([None, *turns], turns):
+        assert turn.keys() >= TURN_FIELDS
+        assert turn["route"].startswith("speculative") and turn["answer_tokens"] > 0 and turn["ttft_ms"] > 0
+        assert turn["prompt_tokens"] == (before["prompt_tokens"] if before else 0) + turn["added_tokens"]
+        assert turn["added_tokens"] > 0
+        # The edge keeps no drafter KV across requests: each turn prefills the whole history.
+        assert turn["drafter_prefill_tokens"] == turn["prompt_tokens"] and turn["drafter_prefill_ms"] > 0
+        assert turn["cloud_prefill_tokens"] is None or turn["cloud_prefill_tokens"] >= 0
+    assert doc["summary"]["turns"] == 6 and doc["summary"]["ttft_last_over_first"] > 0
+    assert "TTFT at turn 6 / turn 1" in capsys.readouterr().out
