@@ -222,10 +222,14 @@ def choose_plan(weights: Sequence[Any], *, head_dim: int, group: int, dtype: str
         return TilePlan(linear="torch", rows=16, min_rows=16, pad=True, verified=False)
     fns = {kind: _linear_fn(kind) for kind in {p.linear for p in plans}}
     times = {p: [float("inf")] * len(_LOADS) for p in plans}
-    for _ in range(5):  # interleaved, best of five: the machine may be busy with other work
+    for rep in range(5):  # interleaved, best of five: the machine may be busy with other work
         for i, (_, rows, _) in enumerate(_LOADS):
             for p in plans:
                 times[p][i] = min(times[p][i], _time(fns[p.linear], weights, rows, p))  # type: ignore[arg-type]
+        if rep == 0 and len(plans) > 1:  # drop plans far behind on every load after one round
+            first = [min(t[i] for t in times.values()) for i in range(len(_LOADS))]
+            plans = [p for p in plans if min(t / b for t, b in zip(times[p], first, strict=True)) < 2.5]
+            times = {p: times[p] for p in plans}
     best = [min(t[i] for t in times.values()) for i in range(len(_LOADS))]
     weight = sum(w for *_, w in _LOADS)
 

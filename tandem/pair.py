@@ -181,6 +181,29 @@ class LocalPair:
                                    on_tokens, single=True)
         return GenerationResult("drafter", tokens, first - t0, meter.wall_s, meter.cpu_s, None, None, None)
 
+    def cloud_only_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_tokens: int,
+                            on_tokens: OnTokens | None = None) -> GenerationResult:
+        """The product's own target-only path (what the cloud's Generate runs): one target
+        round with no drafts per token, through the same engine and verification code."""
+        seed = resolve_seed(params.seed)
+        cloud = Meter()
+        t0 = time.perf_counter()
+        with cloud:
+            s = self.target.new_session(prompt_ids)
+        verifier = TargetVerifier(_MeteredScore(s, cloud), params, seed=seed, start=len(prompt_ids),
+                                  max_new_tokens=max_new_tokens, eos_ids=self.eos_ids)
+
+        def rounds() -> Iterator[tuple[int, ...]]:
+            while True:
+                verdict = verifier.verify(Draft((), None))
+                yield verdict.tokens
+                if verdict.finished:
+                    return
+
+        tokens, first = _drain(rounds(), on_tokens, single=False)
+        return GenerationResult("cloud_only", tokens, first - t0, time.perf_counter() - t0, None, cloud.cpu_s,
+                                None, s.forwards)
+
     def speculative_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, draft_len: int,
                              max_new_tokens: int, on_tokens: OnTokens | None = None) -> GenerationResult:
         """Tandem speculative decoding, drafter and target in this process."""

@@ -3,7 +3,9 @@
 Guarantees:
 - Every method runs on every prompt in the same process, after a warm-up of every method, in an
   order that rotates from prompt to prompt, so drift on a shared, noisy machine hits all methods.
-- Greedy runs record whether each method's tokens equal the target's (`identical_to_target`).
+- Greedy runs record whether each method's tokens equal the target's (`identical_to_target`:
+  transformers `generate`) and the product's own target-only path's (`identical_to_cloud_only`:
+  the engine's cloud-only decoding, the same dtype), the latter bit for bit in bf16 too.
 - The JSON written with `--json` has the shape
   {"machine": {...}, "config": {...}, "results": [row, ...]} with the rows of
   `tandem.bench_report.FIELDS`; progress lines go to stderr while it runs.
@@ -23,11 +25,13 @@ from tandem.bench.report import Run, aggregate, format_table, machine_info
 from tandem.bench.report import progress as _progress
 from tandem.cli.main import CliError
 
-METHODS = ("target", "assisted", "drafter", "tandem")
+METHODS = ("target", "cloud_only", "assisted", "drafter", "tandem")
 NETWORK_METHODS = ("tandem_grpc", "cloud_stream")  # over gRPC through Ray Serve and the link shaper
 ALL_METHODS = METHODS + NETWORK_METHODS
 # methods whose greedy output must equal the target's
-CLAIMS_TARGET_OUTPUT = {"assisted", "tandem", "tandem_grpc", "cloud_stream"}
+CLAIMS_TARGET_OUTPUT = {"assisted", "cloud_only", "tandem", "tandem_grpc", "cloud_stream"}
+# methods that run Tandem's engine, whose greedy output must equal its cloud-only path bit for bit
+CLAIMS_CLOUD_ONLY_OUTPUT = {"cloud_only", "tandem", "tandem_grpc", "cloud_stream"}
 SUITES = ("methods", "orchestrator", "fallback", "cloud-scale", "chat-turns")
 DEFAULT_MAX_NEW_TOKENS = 128
 # cloud-scale: the figures are for 32-64 new tokens; chat-turns: each answer adds about 40 tokens to the next turn
@@ -169,6 +173,8 @@ def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argpars
         return pair.assisted_generate(ids, params, draft_len=args.draft_len, max_new_tokens=n)
     if method == "drafter":
         return pair.drafter_generate(ids, params, max_new_tokens=n)
+    if method == "cloud_only":
+        return pair.cloud_only_generate(ids, params, max_new_tokens=n)
     return pair.speculative_generate(ids, params, draft_len=args.draft_len, max_new_tokens=n)
 
 
@@ -246,14 +252,19 @@ def _run_all(pair: Any, remote: Any, methods: list[str], rtts: list[float], prom
                 remote.set_rtt(rtt)
             results[(method, rtt)] = _generate(pair, method, ids, params, args, args.max_new_tokens, remote)
         base = results.get(("target", None))
+        own = results.get(("cloud_only", None))
+        if own is None and any(m in CLAIMS_CLOUD_ONLY_OUTPUT for m, _ in order):  # the reference, untimed
+            own = pair.cloud_only_generate(ids, params, max_new_tokens=args.max_new_tokens)
         for method, rtt in order:
             r = results[(method, rtt)]
             same = r.tokens == base.tokens if base is not None and method in CLAIMS_TARGET_OUTPUT else None
-            runs.append(Run(prompt.id, prompt.category, r, same, rtt))
+            same_own = r.tokens == own.tokens if own is not None and method in CLAIMS_CLOUD_ONLY_OUTPUT else None
+            runs.append(Run(prompt.id, prompt.category, r, same, rtt, same_own))
             label = method if rtt is None else f"{method}@{rtt:g}ms"
             _progress(f"[{len(runs)}/{total}] {label:<20} {prompt.id:<16} {len(r.tokens):4d} tok "
                       f"{len(r.tokens) / r.wall_s:6.2f} tok/s  ttft {1000 * r.ttft_s:6.0f} ms"
-                      + ("" if same is None else f"  identical={same}"))
+                      + ("" if same is None else f"  identical={same}")
+                      + ("" if same_own is None else f"  identical_to_cloud_only={same_own}"))
     return runs
 
 
@@ -265,7 +276,8 @@ def _write_json(args: argparse.Namespace, rows: list[dict], runs: list[Run], met
               "target": str(target), "drafter": str(drafter)}
     per_prompt = [{"method": r.result.method, "rtt_ms": r.rtt_ms, "prompt_id": r.prompt_id, "category": r.category,
                    "tokens": len(r.result.tokens), "wall_s": r.result.wall_s, "ttft_s": r.result.ttft_s,
-                   "identical_to_target": r.identical_to_target} for r in runs]
+                   "identical_to_target": r.identical_to_target,
+                   "identical_to_cloud_only": r.identical_to_cloud_only} for r in runs]
     doc = {"machine": machine_info(), "config": config, "results": rows, "runs": per_prompt}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -19,7 +19,7 @@ from tandem.pair import GenerationResult
 
 FIELDS = ("method", "category", "n_prompts", "tokens_per_s", "ttft_ms", "acceptance_rate",
           "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token",
-          "cloud_cpu_s_per_token", "speedup_vs_target", "identical_to_target")
+          "cloud_cpu_s_per_token", "speedup_vs_target", "identical_to_target", "identical_to_cloud_only")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Run:
     result: GenerationResult
     identical_to_target: bool | None  # None when the method does not claim the target's output
     rtt_ms: float | None = None  # networked methods: the link shaper's RTT; None in process
+    identical_to_cloud_only: bool | None = None  # vs the engine's own target-only path; None: not claimed
 
 
 def _sum_opt(values: Iterable[float | None]) -> float | None:
@@ -54,7 +55,8 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
         row["speedup_vs_target"] = _ratio(row["tokens_per_s"], base["tokens_per_s"]) if base else None
         row["decode_speedup_vs_target"] = (_ratio(row["decode_tokens_per_s"], base["decode_tokens_per_s"])
                                            if base else None)
-    order = {m: i for i, m in enumerate(("target", "assisted", "drafter", "tandem", "tandem_grpc", "cloud_stream"))}
+    order = {m: i for i, m in enumerate(("target", "cloud_only", "assisted", "drafter", "tandem", "tandem_grpc",
+                                          "cloud_stream"))}
     return sorted(rows.values(), key=lambda r: (r["category"] == "all", r["category"], order.get(r["method"], 99),
                                                 r["rtt_ms"] or 0))
 
@@ -69,6 +71,7 @@ def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
     rounds = sum(s.rounds for s in stats if s is not None)
     forwards = _sum_opt(r.target_forwards for r in results)
     identical = [r.identical_to_target for r in runs]
+    own = [r.identical_to_cloud_only for r in runs]
     return {
         "method": method,
         "category": category,
@@ -82,6 +85,7 @@ def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
         "cloud_cpu_s_per_token": _ratio(_sum_opt(r.cloud_cpu_s for r in results), tokens),
         "speedup_vs_target": None,
         "identical_to_target": None if any(i is None for i in identical) else all(identical),
+        "identical_to_cloud_only": None if any(i is None for i in own) else all(own),
         # Extras beyond the required schema. decode_tokens_per_s leaves out the time to the first
         # token (prefill), so a faster prefill cannot pass for faster decoding.
         "decode_tokens_per_s": _ratio(sum(len(r.tokens) - 1 for r in results), sum(r.wall_s - r.ttft_s for r in results)),
@@ -131,12 +135,12 @@ def fmt(value: Any, spec: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ("method", "category", "n", "tok/s", "decode tok/s", "TTFT ms", "accept", "tau", "fwd/tok",
-              "edge cpu/tok", "cloud cpu/tok", "speedup", "decode speedup", "identical")
-    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".3f", ".3f", ".3f", ".2f", ".2f", "")
+              "edge cpu/tok", "cloud cpu/tok", "speedup", "decode speedup", "identical", "= cloud-only")
+    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".3f", ".3f", ".3f", ".2f", ".2f", "", "")
     keys = ("method", "category", "n_prompts", "tokens_per_s", "decode_tokens_per_s", "ttft_ms", "acceptance_rate",
             "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token", "cloud_cpu_s_per_token",
-            "speedup_vs_target", "decode_speedup_vs_target", "identical_to_target")
-    lines = [[fmt(row[k], s) for k, s in zip(keys, specs)] for row in rows]
+            "speedup_vs_target", "decode_speedup_vs_target", "identical_to_target", "identical_to_cloud_only")
+    lines = [[fmt(row[k], s) for k, s in zip(keys, specs, strict=True)] for row in rows]
     for line, row in zip(lines, rows):
         if row.get("rtt_ms") is not None:
             line[0] += f"@{row['rtt_ms']:g}ms"

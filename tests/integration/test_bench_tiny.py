@@ -25,11 +25,15 @@ def test_bench_writes_the_documented_json(tiny_models, tmp_path: Path, capsys) -
     doc = json.loads(out.read_text())
     assert {"machine", "config", "results"} <= doc.keys()
     rows = {(r["method"], r["category"]): r for r in doc["results"]}
-    assert set(rows) == {(m, c) for m in ("target", "assisted", "drafter", "tandem") for c in ("code", "prose", "all")}
+    assert set(rows) == {(m, c) for m in ("target", "cloud_only", "assisted", "drafter", "tandem")
+                         for c in ("code", "prose", "all")}
     for row in doc["results"]:
         assert set(FIELDS) <= row.keys()
     assert rows[("tandem", "all")]["identical_to_target"] is True
     assert rows[("assisted", "all")]["identical_to_target"] is True
+    assert rows[("tandem", "all")]["identical_to_cloud_only"] is True
+    assert rows[("cloud_only", "all")]["identical_to_target"] is True  # fp32: the engine agrees with transformers
+    assert rows[("assisted", "all")]["identical_to_cloud_only"] is None  # transformers' numerics: not claimed
     assert rows[("target", "code")]["speedup_vs_target"] == 1.0
     assert rows[("drafter", "code")]["acceptance_rate"] is None  # does not apply: null
     assert rows[("drafter", "code")]["cloud_cpu_s_per_token"] is None
@@ -43,3 +47,17 @@ def test_bench_rejects_a_malformed_prompts_file(tmp_path: Path, capsys) -> None:
     bad.write_text('{"id": "x", "category": "code"}\n')
     assert main(["bench", "--prompts", str(bad), "--target", "t", "--drafter", "d"]) == 2
     assert "exactly one of 'prompt' or 'messages'" in capsys.readouterr().err
+
+
+def test_bench_in_bf16_is_bit_identical_to_the_cloud_only_path(tiny_models, tmp_path: Path) -> None:
+    """bf16, where shapes change the rounding: speculative (any draft length) equals cloud-only."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "category": "code", "prompt": text}) for i, text in
+                                 enumerate(["def add(a, b):", "The river shapes the valley", "import os\n"])) + "\n")
+    for draft_len in ("2", "7"):
+        out = tmp_path / f"bench{draft_len}.json"
+        assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "24", "--json", str(out),
+                     "--dtype", "bf16", "--draft-len", draft_len, "--methods", "cloud_only,tandem",
+                     "--target", str(tiny_models.target_hf), "--drafter", str(tiny_models.drafter_onnx)]) == 0
+        runs = json.loads(out.read_text())["runs"]
+        assert [r["identical_to_cloud_only"] for r in runs] == [True] * 6
