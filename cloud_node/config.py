@@ -2,7 +2,8 @@
 
 Guarantees: every value is validated in `__post_init__`; a bad one raises ValueError naming the
 field. `tandem.config.load` fills it from flag > environment > default; the protocol limits and
-their defaults are those of `tandem.limits`, and no limit may exceed them.
+their defaults are those of `tandem.limits`, and no limit may exceed them. The batcher's knobs
+are checked by `check_batching`, which the deployment spec (`tandem.deploy.spec`) shares.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS
+from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS, ROUND_DEADLINE_MS
 
 ENV_PREFIX = "TANDEM_CLOUD_"
 DTYPES = ("bf16", "fp32")
@@ -33,11 +34,14 @@ class CloudConfig:
     threads: int = _f(0, "torch threads per replica; 0 = the CPUs the replica may use (affinity and cgroup "
                          "quota, never the host's core count; Ray alone would pin 1)")
     dtype: str = _f("bf16", f"target weights dtype, one of {DTYPES}")
-    max_sessions: int = _f(16, "concurrent sessions per replica")
+    max_sessions: int = _f(32, "hard cap on concurrent sessions per replica (admission is by kv_budget_mb)")
     max_context: int = _f(MAX_CONTEXT, "prompt + generated tokens")
     max_draft_len: int = _f(MAX_DRAFT_LEN, "drafts per round")
     max_new_tokens: int = _f(MAX_NEW_TOKENS, "per request")
-    kv_budget_mb: int = _f(2048, "KV cache budget per replica")
+    kv_budget_mb: int = _f(2048, "KV cache budget per replica (open sessions and the prefix cache)")
+    max_batch_rows: int = _f(128, "rows per forward pass, all sessions together (a round is never split; "
+                                  "prefill is chunked to fit)")
+    batch_window_ms: float = _f(5.0, "how long a pass waits for the rounds of the previous pass's sessions")
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").exists():
@@ -58,10 +62,23 @@ class CloudConfig:
         for name, most in (("max_draft_len", MAX_DRAFT_LEN), ("max_new_tokens", MAX_NEW_TOKENS)):
             if getattr(self, name) > most:
                 raise ValueError(f"{name}: must be <= {most} (the protocol's limit), got {getattr(self, name)}")
+        check_batching(self.max_batch_rows, self.batch_window_ms, self.max_draft_len)
 
     def limits(self) -> Any:  # -> cloud_node.verifier.Limits
         from cloud_node.verifier import Limits
 
         return Limits(max_sessions=self.max_sessions, max_context=self.max_context,
                       max_draft_len=self.max_draft_len, max_new_tokens=self.max_new_tokens,
-                      kv_budget_bytes=self.kv_budget_mb << 20)
+                      kv_budget_bytes=self.kv_budget_mb << 20, max_batch_rows=self.max_batch_rows,
+                      batch_window_ms=self.batch_window_ms)
+
+
+def check_batching(max_batch_rows: int, batch_window_ms: float, max_draft_len: int) -> None:
+    """The batcher's knobs as every config checks them (`CloudConfig`, the deployment spec);
+    ValueError names the field."""
+    if max_batch_rows < max_draft_len + 1:
+        raise ValueError(f"max_batch_rows: must be >= max_draft_len + 1 = {max_draft_len + 1} (a round, the last "
+                         f"token and its drafts, is never split across passes), got {max_batch_rows}")
+    if not 0 <= batch_window_ms < ROUND_DEADLINE_MS:
+        raise ValueError(f"batch_window_ms: must be in [0, {ROUND_DEADLINE_MS}) (a pass may wait this long for "
+                         f"rounds; the edge's round deadline is {ROUND_DEADLINE_MS} ms), got {batch_window_ms}")

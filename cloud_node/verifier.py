@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 class Limits:
     """Per-replica limits."""
 
-    max_sessions: int = 16
+    max_sessions: int = 32  # a hard cap; admission is by the KV budget
     max_context: int = MAX_CONTEXT  # prompt + generated tokens; capped by the model's own context
     max_draft_len: int = MAX_DRAFT_LEN
     max_new_tokens: int = MAX_NEW_TOKENS

@@ -117,7 +117,7 @@ def _spec(target: Path, dtype: str, replicas: int, max_sessions: int | None, por
 
     # Admission is the deployment's own unless --max-sessions overrides it.
     limits: dict[str, Any] = {} if max_sessions is None else {
-        "max_sessions": max_sessions, "target_ongoing_requests": min(4.0, max_sessions)}
+        "max_sessions": max_sessions, "target_ongoing_requests": min(4.0, max_sessions / 2)}
     return dataclasses.replace(
         DeploySpec(), model_dir=str(target), dtype=dtype, tandem_home=str(paths.tandem_home()),
         threads=max(1, (os.cpu_count() or 1) // replicas), http_host="127.0.0.1", http_port=ports[0],

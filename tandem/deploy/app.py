@@ -24,11 +24,13 @@ APP_ARGS: dict[str, Any] = {
     "model_dir": "",
     "dtype": "bf16",
     "threads": 0,
-    "max_sessions": 16,
+    "max_sessions": 32,
     "max_context": 4096,
     "max_draft_len": 16,
     "max_new_tokens": 4096,
     "kv_budget_mb": 2048,
+    "max_batch_rows": 128,
+    "batch_window_ms": 5.0,
 }
 
 

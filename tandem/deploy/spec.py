@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_node.config import check_batching
 from tandem.deploy.app import APP_ARGS
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -31,11 +32,13 @@ class DeploySpec:
     model_dir: str = ""  # empty: the fetched target under tandem_home
     dtype: str = "bf16"
     threads: int = 0  # torch threads per replica; 0 = replica_cpus rounded down (at least 1)
-    max_sessions: int = 16  # per replica; the core answers RESOURCE_EXHAUSTED beyond it
+    max_sessions: int = 32  # per replica, a hard cap: admission is by kv_budget_mb; RESOURCE_EXHAUSTED beyond
     max_context: int = 4096
     max_draft_len: int = 16
     max_new_tokens: int = 4096
-    kv_budget_mb: int = 2048
+    kv_budget_mb: int = 2048  # per replica: open sessions' KV and the prefix cache
+    max_batch_rows: int = 128  # rows per forward pass, all sessions together
+    batch_window_ms: float = 5.0  # how long a pass waits for the rounds of the previous pass's sessions
     grpc_port: int = 9000
     http_port: int = 8000
     http_host: str = "0.0.0.0"
@@ -46,7 +49,9 @@ class DeploySpec:
     # initial_replicas = max_replicas: a new deployment (a KubeRay upgrade's new cluster, or a
     # changed config) reports RUNNING, and takes the traffic, only at full capacity.
     start_at_max_replicas: bool = True
-    target_ongoing_requests: float = 4.0  # concurrent sessions per replica before scaling up
+    # Sessions per replica before scaling up (each open stream is one ongoing request); below what
+    # max_sessions and kv_budget_mb admit, since shed sessions never count as load (deploy/README.md).
+    target_ongoing_requests: float = 4.0
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     graceful_shutdown_timeout_s: float = 300.0  # a stopping replica lets its sessions finish
@@ -83,9 +88,12 @@ class DeploySpec:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise ValueError(f"min_replicas/max_replicas: need 0 <= min <= max, max >= 1; got "
                              f"{self.min_replicas}/{self.max_replicas}")
-        if self.target_ongoing_requests <= 0 or self.target_ongoing_requests > self.max_sessions:
-            raise ValueError(f"target_ongoing_requests: must be in (0, max_sessions={self.max_sessions}], "
+        # A replica never holds more than max_sessions streams (it sheds the rest), so a target at or
+        # above it would never be exceeded and the autoscaler would never add a replica.
+        if not 0 < self.target_ongoing_requests < self.max_sessions:
+            raise ValueError(f"target_ongoing_requests: must be in (0, max_sessions={self.max_sessions}), "
                              f"got {self.target_ongoing_requests}")
+        check_batching(self.max_batch_rows, self.batch_window_ms, self.max_draft_len)
         if self.proxy_location not in ("EveryNode", "HeadOnly", "Disabled"):
             raise ValueError(f"proxy_location: EveryNode, HeadOnly or Disabled, got {self.proxy_location!r}")
         if not 0 <= self.max_surge_percent <= 100:

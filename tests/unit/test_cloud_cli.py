@@ -28,13 +28,24 @@ def test_flag_beats_env_beats_default(model_dir: Path) -> None:
     env = {"TANDEM_CLOUD_PORT": "7001", "TANDEM_CLOUD_REPLICAS": "3", "TANDEM_CLOUD_MODEL_DIR": str(model_dir)}
     config = config_from(_args("--port", "7002"), env)
     assert (config.port, config.replicas, config.model_dir) == (7002, 3, model_dir)
-    assert (config.dtype, config.max_sessions, config.address) == ("bf16", 16, None)
-    assert config.limits().kv_budget_bytes == 2048 << 20
+    assert (config.dtype, config.max_sessions, config.address) == ("bf16", 32, None)
+    limits = config.limits()
+    assert (limits.kv_budget_bytes, limits.max_batch_rows, limits.batch_window_ms) == (2048 << 20, 128, 5.0)
+
+
+def test_batching_knobs_reach_the_limits(model_dir: Path) -> None:
+    env = {"TANDEM_CLOUD_BATCH_WINDOW_MS": "2.5", "TANDEM_CLOUD_MODEL_DIR": str(model_dir)}
+    limits = config_from(_args("--max-batch-rows", "64"), env).limits()
+    assert (limits.max_batch_rows, limits.batch_window_ms) == (64, 2.5)
+    # the smallest pass holds one whole round: the last token and max_draft_len drafts
+    assert config_from(_args("--max-draft-len", "4", "--max-batch-rows", "5"), env).max_batch_rows == 5
 
 
 @pytest.mark.parametrize(("argv", "field"), [
     (["--replicas", "0"], "replicas"), (["--port", "70000"], "port"), (["--max-draft-len", "0"], "max_draft_len"),
     (["--kv-budget-mb", "-1"], "kv_budget_mb"), (["--replica-cpus", "-1"], "replica_cpus"),
+    (["--max-batch-rows", "16"], "max_batch_rows"), (["--max-draft-len", "4", "--max-batch-rows", "4"], "max_batch_rows"),
+    (["--batch-window-ms", "-0.5"], "batch_window_ms"), (["--batch-window-ms", "1000"], "batch_window_ms"),
 ])
 def test_invalid_values_name_the_field(model_dir: Path, argv: list[str], field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}:"):

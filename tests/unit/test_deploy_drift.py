@@ -192,8 +192,9 @@ def test_serve_config_is_valid_for_serve_and_matches_the_code() -> None:
     assert deployment.name == serve_app.CloudVerifierDeployment.name
     scaling = deployment.autoscaling_config
     assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]
-    # the core's session limit answers before Serve would queue a stream
-    assert deployment.max_ongoing_requests > app.args["max_sessions"] >= scaling["target_ongoing_requests"]
+    # the core's session limit answers before Serve would queue a stream, and the autoscaler's target
+    # is below that limit (a replica never holds more, so a target at the limit would never scale up)
+    assert deployment.max_ongoing_requests > app.args["max_sessions"] > scaling["target_ongoing_requests"]
 
 
 def test_cluster_file_is_valid_for_ray_up() -> None:
@@ -218,6 +219,28 @@ def test_app_builder_args_are_checked_by_name(tmp_path: Path) -> None:
         deploy_app.cloud_config({"model_dir": str(tmp_path), "dtype": "fp8"})
     config = deploy_app.cloud_config({"model_dir": str(tmp_path), "max_sessions": 3})
     assert config.max_sessions == 3 and config.limits().max_sessions == 3
+    limits = deploy_app.cloud_config({"model_dir": str(tmp_path), "max_batch_rows": 40, "batch_window_ms": 0}).limits()
+    assert (limits.max_batch_rows, limits.batch_window_ms) == (40, 0)
+    with pytest.raises(ValueError, match="^max_batch_rows:"):
+        deploy_app.cloud_config({"model_dir": str(tmp_path), "max_batch_rows": 8})
+
+
+def test_the_app_args_defaults_are_the_spec_s_and_the_cloud_config_s() -> None:
+    """One default per setting: the Serve app's args, the rendered files, `tandem serve cloud` and
+    the core's own `Limits`."""
+    from cloud_node.config import CloudConfig
+    from cloud_node.verifier import Limits
+
+    cloud = {f.name: f.default for f in dataclasses.fields(CloudConfig)}
+    spec = {f.name: f.default for f in dataclasses.fields(DeploySpec)}
+    for name, default in deploy_app.APP_ARGS.items():
+        assert spec[name] == default, name
+        if name not in ("model_dir", "threads"):  # a path, and the replica's CPUs, resolved per deployment
+            assert cloud[name] == default, name
+    core = Limits()
+    assert (core.max_sessions, core.max_batch_rows, core.batch_window_ms, core.kv_budget_bytes) == (
+        cloud["max_sessions"], cloud["max_batch_rows"], cloud["batch_window_ms"], cloud["kv_budget_mb"] << 20)
+    assert deploy_app.APP_ARGS["max_sessions"] == 32
 
 
 def test_spec_and_overrides_reject_bad_values_by_name(capsys: pytest.CaptureFixture[str]) -> None:
@@ -225,6 +248,14 @@ def test_spec_and_overrides_reject_bad_values_by_name(capsys: pytest.CaptureFixt
         DeploySpec(min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="target_ongoing_requests"):
         DeploySpec(max_sessions=2, target_ongoing_requests=4)
+    with pytest.raises(ValueError, match="target_ongoing_requests"):  # never exceeded: never scales up
+        DeploySpec(max_sessions=4, target_ongoing_requests=4)
+    with pytest.raises(ValueError, match="^max_batch_rows:"):
+        DeploySpec(max_batch_rows=16)  # less than one round of max_draft_len (16) drafts + 1
+    with pytest.raises(ValueError, match="^batch_window_ms:"):
+        deploy_gen.apply_overrides(DeploySpec(), ["batch_window_ms=-1"])
+    spec = deploy_gen.apply_overrides(DeploySpec(), ["max_batch_rows=64", "batch_window_ms=2.5"])
+    assert spec.app_args()["max_batch_rows"] == 64 and spec.app_args()["batch_window_ms"] == 2.5
     with pytest.raises(ValueError, match="grpc_port"):
         deploy_gen.apply_overrides(DeploySpec(), ["grpc_port=ninety"])
     with pytest.raises(ValueError, match="FIELD=VALUE"):

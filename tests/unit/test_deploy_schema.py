@@ -167,7 +167,7 @@ def test_inverted_bounds_and_a_typo_are_both_reported() -> None:
 @pytest.mark.parametrize("change, message", [
     ({"initial_replicas": 5}, "got 1 <= 5 <= 4"),
     ({"initial_replicas": 0}, "got 1 <= 0 <= 4"),
-    ({"target_ongoing_requests": 21.0}, "target_ongoing_requests (21.0) > max_ongoing_requests (20)"),
+    ({"target_ongoing_requests": 37.0}, "target_ongoing_requests (37.0) > max_ongoing_requests (36)"),
 ])
 def test_autoscaling_bounds_are_checked(change: dict, message: str) -> None:
     broken = copy.deepcopy(_load(deploy_gen.SERVE_CONFIG))
