@@ -7,9 +7,12 @@ Guarantees:
   newly opened sessions (oldest first), so a long prompt never stalls the running sessions for
   more than one pass (chunked prefill, as vLLM and SARATHI do). A round is never split; a prompt
   is cut into chunks of at most the budget, its `keep` rows in the last one.
-- Batching window: when fewer rounds are queued than took part in the previous pass, the
-  worker waits up to `window_ms` for the others before starting (they usually arrive within a
-  few ms of their previous verdict); with one active session it never waits.
+- Batching window: the worker learns, per session, how long it takes to come back with its next
+  round after a verdict (the gap: verification, the network, the client). Before a pass, it
+  waits for the sessions of the last passes that are not queued yet and whose gap says they
+  will be back within `window_ms`, at most `window_ms`; sessions that come back later (an edge
+  that drafts for 100+ ms) are never waited for, and one session alone never waits. So
+  sessions that can share passes fall into step instead of alternating.
 - By the engine's batch invariance, what a call gets does not depend on what it was batched
   with. An engine error fails every call of that pass (their caches may be half-written; callers
   drop them and re-prefill) and the worker goes on with the next pass.
@@ -65,6 +68,15 @@ class _Job:
 
 
 @dataclass
+class _Seen:
+    """What the worker knows of one session's rhythm (keyed by its cache)."""
+
+    last_pass: int = 0  # the last pass it had a round in
+    done_at: float | None = None  # when its last round's logits were delivered
+    gap_s: float | None = None  # EWMA of delivery -> next round
+
+
+@dataclass
 class BatchStats:
     passes: int = 0
     rows: int = 0
@@ -80,7 +92,7 @@ class BatchStats:
 class Batcher:
     """Serializes the engine's passes and packs concurrent calls into them."""
 
-    def __init__(self, engine: Engine, *, max_rows: int = 128, window_ms: float = 5.0) -> None:
+    def __init__(self, engine: Engine, *, max_rows: int = 128, window_ms: float = 20.0) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if window_ms < 0:
@@ -92,7 +104,7 @@ class Batcher:
         self._prefills: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
-        self._last_rounds = 0
+        self._seen: dict[int, _Seen] = {}  # id(cache) -> rhythm, for sessions of recent passes
         self._stats = BatchStats()
         self._thread = threading.Thread(target=self._loop, name="tandem-batcher", daemon=True)
         self._thread.start()
@@ -107,6 +119,11 @@ class Batcher:
         with self._cv:
             if self._closed:
                 raise BatcherClosed("the verifier is shutting down")
+            if not prefill:
+                seen = self._seen.get(id(cache))
+                if seen is not None and seen.done_at is not None:
+                    gap = job.submitted - seen.done_at
+                    seen.gap_s = gap if seen.gap_s is None else 0.7 * seen.gap_s + 0.3 * gap
             (self._prefills if prefill else self._rounds).append(job)
             self._cv.notify_all()
         job.done.wait()
@@ -143,20 +160,13 @@ class Batcher:
             self._cv.wait()
         if self._closed:
             return None
-        if self.window_s and 0 < len(self._rounds) < self._last_rounds:
-            deadline = time.perf_counter() + self.window_s
-            while len(self._rounds) < self._last_rounds and not self._closed:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
+        self._wait_for_stragglers()
         budget = self.max_rows
         batch: list[tuple[_Job, int, int]] = []
         while self._rounds and (not batch or len(self._rounds[0].ids) <= budget):
             job = self._rounds.popleft()
             batch.append((job, 0, len(job.ids)))
             budget -= len(job.ids)
-        self._last_rounds = len(batch)
         for job in list(self._prefills):
             if budget <= 0:
                 break
@@ -169,6 +179,29 @@ class Batcher:
             if job.offset + take == len(job.ids):
                 self._prefills.remove(job)
         return batch
+
+    def _wait_for_stragglers(self) -> None:
+        """Under the lock: wait (at most the window) for recent sessions expected back soon."""
+        if not self.window_s or not self._rounds:
+            return
+        now = time.perf_counter()
+        recent = self._stats.passes - 2
+        for key in [k for k, s in self._seen.items() if s.last_pass < recent - 8]:
+            del self._seen[key]  # gone quiet: closed, finished or drafting slowly
+        queued = {id(j.cache) for j in self._rounds}
+        expected = [s.done_at + s.gap_s for k, s in self._seen.items()
+                    if k not in queued and s.last_pass >= recent and s.done_at is not None
+                    and s.gap_s is not None and s.gap_s <= self.window_s]
+        if not expected:
+            return
+        deadline = min(now + self.window_s, max(expected) + 0.002)
+        waiting = {k for k, s in self._seen.items() if k not in queued and s.last_pass >= recent
+                   and s.gap_s is not None and s.gap_s <= self.window_s}
+        while not self._closed:
+            left = deadline - time.perf_counter()
+            if left <= 0 or waiting <= {id(j.cache) for j in self._rounds}:
+                return
+            self._cv.wait(left)
 
     def _loop(self) -> None:
         while True:
@@ -199,6 +232,12 @@ class Batcher:
                 s.session_slots += sessions
                 s.last_pass_s = took
                 s.pass_s_ewma = took if s.passes == 1 else 0.8 * s.pass_s_ewma + 0.2 * took
+            done_at = time.perf_counter()
+            with self._cv:
+                for job, _, end in batch:
+                    if not job.prefill and end == len(job.ids):
+                        seen = self._seen.setdefault(id(job.cache), _Seen())
+                        seen.last_pass, seen.done_at = self._stats.passes, done_at
             for (job, _, end), out in zip(batch, outs, strict=True):
                 job.info.run_s += took
                 job.info.passes += 1

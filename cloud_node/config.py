@@ -41,7 +41,7 @@ class CloudConfig:
     kv_budget_mb: int = _f(2048, "KV cache budget per replica (open sessions and the prefix cache)")
     max_batch_rows: int = _f(128, "rows per forward pass, all sessions together (a round is never split; "
                                   "prefill is chunked to fit)")
-    batch_window_ms: float = _f(5.0, "how long a pass waits for the rounds of the previous pass's sessions")
+    batch_window_ms: float = _f(20.0, "longest wait of a pass for sessions expected back within it")
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").exists():

@@ -71,7 +71,7 @@ class Limits:
     max_new_tokens: int = MAX_NEW_TOKENS
     kv_budget_bytes: int = 2 << 30
     max_batch_rows: int = 128  # rows per forward pass (rounds are never split; prefill is chunked)
-    batch_window_ms: float = 5.0  # how long a pass waits for the rounds of the previous pass's sessions
+    batch_window_ms: float = 20.0  # longest wait of a pass for sessions expected back within it
 
     def __post_init__(self) -> None:
         if self.batch_window_ms < 0:

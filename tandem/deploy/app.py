@@ -30,7 +30,7 @@ APP_ARGS: dict[str, Any] = {
     "max_new_tokens": 4096,
     "kv_budget_mb": 2048,
     "max_batch_rows": 128,
-    "batch_window_ms": 5.0,
+    "batch_window_ms": 20.0,
 }
 
 

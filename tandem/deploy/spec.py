@@ -38,7 +38,7 @@ class DeploySpec:
     max_new_tokens: int = 4096
     kv_budget_mb: int = 2048  # per replica: open sessions' KV and the prefix cache
     max_batch_rows: int = 128  # rows per forward pass, all sessions together
-    batch_window_ms: float = 5.0  # how long a pass waits for the rounds of the previous pass's sessions
+    batch_window_ms: float = 20.0  # longest wait of a pass for sessions expected back within it
     grpc_port: int = 9000
     http_port: int = 8000
     http_host: str = "0.0.0.0"
