@@ -2,7 +2,8 @@
 
 Guarantees:
 - The target runs in a Serve deployment (`CloudVerifierDeployment`) with a configurable number
-  of replicas; each replica owns a `VerifierCore` (one model, one lock, its own KV budget).
+  of replicas; each replica owns a `VerifierCore` (one model whose batcher packs every open
+  session's rounds into shared forward passes, its own KV budget and prefix cache).
 - A Verify stream is one Serve request: the proxy forwards the whole bidirectional stream to ONE
   replica (the method receives a `gRPCInputStream`), so every round of a session reaches the
   replica that holds its KV cache (stickiness by construction). The stream's end, for any

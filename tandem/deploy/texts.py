@@ -129,6 +129,8 @@ RUN pip install --no-deps /opt/wheels/*.whl \\
 # The runtime has no compiler: the replicas load this prebuilt library (TANDEM_SMALLM_KERNEL).
 COPY --from=build {home}/kernels {home}/kernels
 ENV TANDEM_SMALLM_KERNEL={home}/kernels/smallm_gemm.so
+# The replicas cache their tile plan (cloud_node/autotune.py) here, so a restart skips the tuning.
+RUN mkdir -p {home}/autotune && chown {uid}:{uid} {home}/autotune
 USER {uid}
 WORKDIR /home/tandem
 EXPOSE {ports}
