@@ -3,10 +3,12 @@
 Guarantees:
 - `Batcher.run(cache, ids, keep)` blocks until `ids` are appended to `cache` and returns the last
   `keep` rows of logits; callers on any number of threads are served together: every pass takes
-  all queued rounds (oldest first) and fills the rest of its row budget with prefill chunks of
-  newly opened sessions (oldest first), so a long prompt never stalls the running sessions for
-  more than one pass (chunked prefill, as vLLM and SARATHI do). A round is never split; a prompt
-  is cut into chunks of at most the budget, its `keep` rows in the last one.
+  all queued rounds (oldest first, up to `ROUND_ROWS_CAP` rows) and fills the rest of its
+  `max_rows` budget with prefill chunks of newly opened sessions (oldest first; at least
+  `PREFILL_SHARE` rows even when rounds fill the budget, so prefills never starve). A long prompt
+  thus adds at most `max_rows` rows to the running sessions' passes (chunked prefill, as vLLM
+  and SARATHI do). A round is never split; a prompt is cut into chunks, its `keep` rows in the
+  last one.
 - Batching window: the worker learns, per session, how long it takes to come back with its next
   round after a verdict (the gap: verification, the network, the client). Before a pass, it
   waits for the sessions of the last passes that are not queued yet and whose gap says they
@@ -36,6 +38,10 @@ import numpy as np
 from cloud_node.engine import Engine, KVCache, Rows
 
 log = logging.getLogger(__name__)
+
+
+ROUND_ROWS_CAP = 512  # rows of rounds in one pass at most (about 30 sessions' full rounds)
+PREFILL_SHARE = 16  # prefill rows a pass takes even when rounds fill max_rows
 
 
 class BatcherClosed(RuntimeError):
@@ -92,7 +98,7 @@ class BatchStats:
 class Batcher:
     """Serializes the engine's passes and packs concurrent calls into them."""
 
-    def __init__(self, engine: Engine, *, max_rows: int = 128, window_ms: float = 20.0) -> None:
+    def __init__(self, engine: Engine, *, max_rows: int = 64, window_ms: float = 20.0) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if window_ms < 0:
@@ -161,12 +167,15 @@ class Batcher:
         if self._closed:
             return None
         self._wait_for_stragglers()
-        budget = self.max_rows
         batch: list[tuple[_Job, int, int]] = []
-        while self._rounds and (not batch or len(self._rounds[0].ids) <= budget):
+        taken = 0
+        while self._rounds and (not batch or taken + len(self._rounds[0].ids) <= ROUND_ROWS_CAP):
             job = self._rounds.popleft()
             batch.append((job, 0, len(job.ids)))
-            budget -= len(job.ids)
+            taken += len(job.ids)
+        # Prefill fills the pass up to max_rows, and always gets a share, so that new sessions
+        # progress however busy the running ones keep the replica.
+        budget = max(self.max_rows - taken, min(PREFILL_SHARE, self.max_rows))
         for job in list(self._prefills):
             if budget <= 0:
                 break

@@ -39,8 +39,8 @@ class CloudConfig:
     max_draft_len: int = _f(MAX_DRAFT_LEN, "drafts per round")
     max_new_tokens: int = _f(MAX_NEW_TOKENS, "per request")
     kv_budget_mb: int = _f(2048, "KV cache budget per replica (open sessions and the prefix cache)")
-    max_batch_rows: int = _f(128, "rows per forward pass, all sessions together (a round is never split; "
-                                  "prefill is chunked to fit)")
+    max_batch_rows: int = _f(64, "rows a pass fills with prefill chunks after its rounds (rounds are never "
+                                 "split or held back)")
     batch_window_ms: float = _f(20.0, "longest wait of a pass for sessions expected back within it")
 
     def __post_init__(self) -> None:

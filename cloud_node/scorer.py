@@ -75,7 +75,7 @@ class TargetModel:
     """The loaded target model; sessions share its weights and batcher and own their caches."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "bf16", *, plan: TilePlan | None = None,
-                 max_batch_rows: int = 128, batch_window_ms: float = 20.0) -> None:
+                 max_batch_rows: int = 64, batch_window_ms: float = 20.0) -> None:
         from transformers import AutoModelForCausalLM
 
         from cloud_node.autotune import choose_plan

@@ -70,7 +70,7 @@ class Limits:
     max_draft_len: int = MAX_DRAFT_LEN
     max_new_tokens: int = MAX_NEW_TOKENS
     kv_budget_bytes: int = 2 << 30
-    max_batch_rows: int = 128  # rows per forward pass (rounds are never split; prefill is chunked)
+    max_batch_rows: int = 64  # a pass fills up to this many rows with prefill after its rounds
     batch_window_ms: float = 20.0  # longest wait of a pass for sessions expected back within it
 
     def __post_init__(self) -> None:

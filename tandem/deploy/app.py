@@ -29,7 +29,7 @@ APP_ARGS: dict[str, Any] = {
     "max_draft_len": 16,
     "max_new_tokens": 4096,
     "kv_budget_mb": 2048,
-    "max_batch_rows": 128,
+    "max_batch_rows": 64,
     "batch_window_ms": 20.0,
 }
 

@@ -37,7 +37,7 @@ class DeploySpec:
     max_draft_len: int = 16
     max_new_tokens: int = 4096
     kv_budget_mb: int = 2048  # per replica: open sessions' KV and the prefix cache
-    max_batch_rows: int = 128  # rows per forward pass, all sessions together
+    max_batch_rows: int = 64  # a pass fills up to this many rows with prefill after its rounds
     batch_window_ms: float = 20.0  # longest wait of a pass for sessions expected back within it
     grpc_port: int = 9000
     http_port: int = 8000

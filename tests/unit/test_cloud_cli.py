@@ -30,7 +30,7 @@ def test_flag_beats_env_beats_default(model_dir: Path) -> None:
     assert (config.port, config.replicas, config.model_dir) == (7002, 3, model_dir)
     assert (config.dtype, config.max_sessions, config.address) == ("bf16", 32, None)
     limits = config.limits()
-    assert (limits.kv_budget_bytes, limits.max_batch_rows, limits.batch_window_ms) == (2048 << 20, 128, 20.0)
+    assert (limits.kv_budget_bytes, limits.max_batch_rows, limits.batch_window_ms) == (2048 << 20, 64, 20.0)
 
 
 def test_batching_knobs_reach_the_limits(model_dir: Path) -> None:
