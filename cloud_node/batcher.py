@@ -12,8 +12,10 @@ Guarantees:
 - Batching window: the worker learns, per session, how long it takes to come back with its next
   round after a verdict (the gap: verification, the network, the client). Before a pass, it
   waits for the sessions of the last passes that are not queued yet and whose gap says they
-  will be back within `window_ms`, at most `window_ms`; sessions that come back later (an edge
-  that drafts for 100+ ms) are never waited for, and one session alone never waits. So
+  will be back within the window: `window_ms`, or `WAIT_SHARE` of the recent pass time when
+  that is longer (a session waited for saves a whole pass of its own), at most `MAX_WAIT_S`.
+  Sessions that come back later (an edge that drafts for longer) are never waited for, and one
+  session alone never waits. So
   sessions that can share passes fall into step instead of alternating.
 - By the engine's batch invariance, what a call gets does not depend on what it was batched
   with. An engine error fails every call of that pass (their caches may be half-written; callers
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 ROUND_ROWS_CAP = 512  # rows of rounds in one pass at most (about 30 sessions' full rounds)
 PREFILL_SHARE = 16  # prefill rows a pass takes even when rounds fill max_rows
+WAIT_SHARE = 0.3  # a pass may wait this share of the recent pass time for sessions about to come back
+MAX_WAIT_S = 0.2
 
 
 class BatcherClosed(RuntimeError):
@@ -194,18 +198,21 @@ class Batcher:
         if not self.window_s or not self._rounds:
             return
         now = time.perf_counter()
+        # Waiting w ms for a session saves it a whole pass of its own: worth it up to a share of
+        # the pass time (a slow, loaded replica waits longer; a fast one stays at window_ms).
+        window = min(max(self.window_s, WAIT_SHARE * self._stats.pass_s_ewma), MAX_WAIT_S)
         recent = self._stats.passes - 2
         for key in [k for k, s in self._seen.items() if s.last_pass < recent - 8]:
             del self._seen[key]  # gone quiet: closed, finished or drafting slowly
         queued = {id(j.cache) for j in self._rounds}
         expected = [s.done_at + s.gap_s for k, s in self._seen.items()
                     if k not in queued and s.last_pass >= recent and s.done_at is not None
-                    and s.gap_s is not None and s.gap_s <= self.window_s]
+                    and s.gap_s is not None and s.gap_s <= window]
         if not expected:
             return
-        deadline = min(now + self.window_s, max(expected) + 0.002)
+        deadline = min(now + window, max(expected) + 0.002)
         waiting = {k for k, s in self._seen.items() if k not in queued and s.last_pass >= recent
-                   and s.gap_s is not None and s.gap_s <= self.window_s}
+                   and s.gap_s is not None and s.gap_s <= window}
         while not self._closed:
             left = deadline - time.perf_counter()
             if left <= 0 or waiting <= {id(j.cache) for j in self._rounds}:
