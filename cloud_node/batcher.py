@@ -151,6 +151,11 @@ class Batcher:
         with self._cv:
             return len(self._rounds), sum(len(j.ids) - j.offset for j in self._prefills)
 
+    def forget(self, cache: KVCache) -> None:
+        """The session that owns `cache` sends no more rounds: never wait for it."""
+        with self._cv:
+            self._seen.pop(id(cache), None)
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
@@ -205,14 +210,14 @@ class Batcher:
         for key in [k for k, s in self._seen.items() if s.last_pass < recent - 8]:
             del self._seen[key]  # gone quiet: closed, finished or drafting slowly
         queued = {id(j.cache) for j in self._rounds}
-        expected = [s.done_at + s.gap_s for k, s in self._seen.items()
-                    if k not in queued and s.last_pass >= recent and s.done_at is not None
-                    and s.gap_s is not None and s.gap_s <= window]
-        if not expected:
+        due = {k: s.done_at + s.gap_s for k, s in self._seen.items()
+               if k not in queued and s.last_pass >= recent and s.done_at is not None
+               and s.gap_s is not None and s.gap_s <= window
+               and s.done_at + s.gap_s > now - window}  # long overdue: gone or slowed down
+        if not due:
             return
-        deadline = min(now + window, max(expected) + 0.002)
-        waiting = {k for k, s in self._seen.items() if k not in queued and s.last_pass >= recent
-                   and s.gap_s is not None and s.gap_s <= window}
+        deadline = min(now + window, max(due.values()) + 0.002)
+        waiting = set(due)
         while not self._closed:
             left = deadline - time.perf_counter()
             if left <= 0 or waiting <= {id(j.cache) for j in self._rounds}:

@@ -196,13 +196,25 @@ class VerifierCore:
     def close(self, session: str) -> None:
         """Forget a session; its cache stays as a prefix source (see `cloud_node.session_store`).
         Idempotent; safe from any thread."""
+        try:
+            cache = self.store.get(session).cache
+        except KeyError:
+            cache = None
         record = self.store.remove(session, retain=True)
         if record is not None:
+            self._forget(record, cache)
             state: _SessionState = record.state
             lifetime = time.monotonic() - state.opened_at
             with self._lifetime_lock:
                 self._lifetime_s = lifetime if not self._lifetime_s else 0.8 * self._lifetime_s + 0.2 * lifetime
             log.info("closed %s", session)
+
+    def _forget(self, record: SessionRecord, cache: Any = None) -> None:
+        """Tell the batcher this session sends no more rounds (it stops waiting for it)."""
+        cache = cache if cache is not None else record.cache
+        batcher = getattr(self.target, "batcher", None)
+        if cache is not None and batcher is not None and hasattr(cache, "cache"):
+            batcher.forget(cache.cache)
 
     def retry_after_ms(self) -> int:
         """When a slot is likely to free: the mean session lifetime over the open sessions."""
@@ -258,6 +270,7 @@ class VerifierCore:
             record.finished = True
             record.cache = None  # the stream is about to end: keep the cache as a prefix source
             self.store.retain(record.committed, cache)
+            self._forget(record, cache)
         used = cache.last_pass
         return verdict, Timing(_ms(used.queue_s), built.prefill_ms, _ms(took - used.queue_s),
                                built.prefill_tokens, built.reused_tokens, used.sessions)
