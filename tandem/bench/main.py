@@ -94,6 +94,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--replicas", default="1,2", help="cloud-scale suite: Serve replica counts (at most 2)")
     p.add_argument("--max-sessions", type=int, default=None,
                    help="cloud-scale suite: sessions per replica (default: the deployment's own admission)")
+    p.add_argument("--duration", type=float, default=30.0,
+                   help="cloud-scale suite, replay load: seconds each row keeps its N clients busy, each "
+                        "replaying one prompt after another (closed loop; throughput counted inside the "
+                        "window); 0 = one session per client, all started at once")
     p.add_argument("--replay-file", type=Path, default=None,
                    help="cloud-scale suite: keep (or reuse) the recorded drafts in this JSON file "
                         "(default: the run's temporary folder)")

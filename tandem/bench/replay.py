@@ -18,7 +18,11 @@ Guarantees:
   grpc-status-details-bin, or a `retry-after-ms` / `grpc-retry-pushback-ms` trailer); any other
   error is `error`. Nothing is retried.
 - `replay_many` runs sessions on threads, one channel (one connection, made before the start)
-  each, and releases them together. A client imports grpc and the protos only: no drafter, no
+  each, and releases them together. `replay_closed_loop` keeps N clients busy for a fixed
+  window instead: client i replays prompts i, i+N, i+2N, ... (cycling) one session after the
+  other and starts no session after the window ends, so a row measures a steady mix of prompts
+  rather than its slowest one; each verdict's arrival time is kept (`verdicts_at`) so that
+  throughput can be counted inside the window. A client imports grpc and the protos only: no drafter, no
   torch, no numpy, so the figures are the cloud's.
 """
 
@@ -144,6 +148,7 @@ def _drive(call: Iterator[cloud_pb2.VerifyResponse], requests: queue.Queue, roun
             _count(out, opened.timing, verdict=False)
         verdict = _reply(call, "verdict")
         out["round_ms"].append(1000 * (time.perf_counter() - t0))
+        out["verdicts_at"].append((time.time(), len(verdict.tokens)))
         _count(out, verdict.timing, verdict=True)
         out["tokens"] += verdict.tokens
         if list(verdict.tokens) != recorded["tokens"] or verdict.finished != recorded["finished"]:
@@ -156,7 +161,8 @@ def replay_session(address: str, rec: dict[str, Any], *, session_id: str, prompt
                    start: threading.Barrier | None = None, max_rounds: int | None = None,
                    timeout_s: float = 900.0) -> dict[str, Any]:
     """One recorded session over a fresh channel (see the module doc); never raises for the cloud."""
-    out: dict[str, Any] = {"id": session_id, "prompt": prompt, "tokens": [], "round_ms": [], "batch_sessions": [],
+    out: dict[str, Any] = {"id": session_id, "prompt": prompt, "tokens": [], "round_ms": [], "verdicts_at": [],
+                           "batch_sessions": [],
                            "prefill_tokens": 0, "reused_tokens": 0, "replica": None, "rejected": False,
                            "retry_hint_ms": None, "diverged": False, "diverged_at": None, "error": None}
     rounds = rec["rounds"][:max_rounds] if max_rounds else rec["rounds"]
@@ -200,3 +206,32 @@ def replay_many(address: str, sessions: Sequence[tuple[str, dict[str, Any]]], *,
         futures = [pool.submit(replay_session, address, rec, session_id=f"s{i}", prompt=pid, start=start,
                                max_rounds=max_rounds) for i, (pid, rec) in enumerate(sessions)]
         return [f.result() for f in futures]
+
+
+def replay_closed_loop(address: str, recorded: Sequence[tuple[str, dict[str, Any]]], clients: int,
+                       duration_s: float) -> tuple[list[dict[str, Any]], float, float]:
+    """N clients, each replaying sessions back to back for `duration_s` (see the module doc).
+    Returns every session's result and the window (start, end) in `time.time()`."""
+    start = threading.Barrier(clients + 1)
+    window: list[float] = []
+
+    def client(i: int) -> list[dict[str, Any]]:
+        start.wait(timeout=2 * _CONNECT_TIMEOUT_S)
+        results, n = [], 0
+        while time.time() < window[0] + duration_s:
+            pid, rec = recorded[(i + n * clients) % len(recorded)]
+            results.append(replay_session(address, rec, session_id=f"c{i}s{n}", prompt=pid))
+            n += 1
+        return results
+
+    with ThreadPoolExecutor(max_workers=clients, thread_name_prefix="replay") as pool:
+        futures = [pool.submit(client, i) for i in range(clients)]
+        window.append(time.time())
+        start.wait(timeout=2 * _CONNECT_TIMEOUT_S)
+        results = [r for f in futures for r in f.result()]
+    return results, window[0], window[0] + duration_s
+
+
+def tokens_in_window(results: Sequence[dict[str, Any]], t0: float, t1: float) -> int:
+    """Tokens of the verdicts that arrived inside [t0, t1] (diverged sessions count up to their stop)."""
+    return sum(n for r in results for at, n in r.get("verdicts_at", []) if t0 <= at <= t1)

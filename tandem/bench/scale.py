@@ -139,6 +139,12 @@ def summarize(load: str, replicas: int, results: list[dict[str, Any]], reference
     prompt's solo tokens (a prompt without one takes its first completed run here)."""
     done = [r for r in results if r["error"] is None and not r.get("diverged")]
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    window = results[0].get("window") if results else None
+    if window is not None:  # closed loop: count what the clients got inside the window
+        from tandem.bench.replay import tokens_in_window
+
+        span = window[1] - window[0]
+        windowed = tokens_in_window([r for r in results if r["error"] is None], *window)
     rounds = [ms for r in done for ms in r["round_ms"][1:]]
     identical = not any(r.get("diverged") for r in results)
     for r in done:
@@ -147,12 +153,16 @@ def summarize(load: str, replicas: int, results: list[dict[str, Any]], reference
     batch = [b for r in done for b in r.get("batch_sessions", []) if b > 0]  # 0: the cloud did not say
     hints = [r["retry_hint_ms"] for r in results if r.get("retry_hint_ms") is not None]
     return {
-        "load": load, "replicas": replicas, "sessions": len(results), "completed": len(done),
+        "load": load, "replicas": replicas,
+        "sessions": len({r["id"].split("s")[0] for r in results}) if window is not None else len(results),
+        "sessions_run": len(results), "completed": len(done),
         "rejected": sum(r["rejected"] for r in results),
         "failed": sum(r["error"] is not None and not r["rejected"] for r in results),
         "diverged": sum(bool(r.get("diverged")) for r in results),
         "verified_tokens": sum(len(r["tokens"]) for r in done), "wall_s": span,
-        "agg_tok_s": sum(len(r["tokens"]) for r in done) / span if span > 0 else None,
+        "agg_tok_s": ((windowed if window is not None else sum(len(r["tokens"]) for r in done)) / span
+                      if span > 0 else None),
+        "clients": len({r["id"].split("s")[0] for r in results}) if window is not None else len(results),
         "verify_p50_ms": _percentile(rounds, 50), "verify_p95_ms": _percentile(rounds, 95),
         "open_p50_ms": _percentile([r["round_ms"][0] for r in done if r["round_ms"]], 50),
         "batch_sessions_mean": statistics.fmean(batch) if batch else None,

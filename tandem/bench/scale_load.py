@@ -40,6 +40,7 @@ class Loads:
         self.address, self.sessions, self.loads = address, tuple(sessions), tuple(loads)
         self.prompts = list(prompts)[: min(max(sessions), len(prompts))]
         self.max_new_tokens, self.draft_len = args.max_new_tokens, args.draft_len
+        self.duration_s = float(getattr(args, "duration", 0.0) or 0.0)  # > 0: closed-loop replay rows
         self.replay_file: Path = getattr(args, "replay_file", None) or work / "replay.json"
         self._edge_log = work / "edge.log"
         self._stack = ExitStack()
@@ -53,7 +54,14 @@ class Loads:
             warm = replay.replay_many(self.address, self._replayed(2 * replicas), max_rounds=WARMUP_ROUNDS)
             _progress(f"replay warm-up: {sum(r['error'] is None for r in warm)} of {len(warm)} sessions answered")
             for n in self.sessions:
-                yield "replay", replay.replay_many(self.address, self._replayed(n))
+                if self.duration_s > 0:
+                    order = [(pid, self.recorded[pid]) for pid, _ in self.prompts]
+                    results, t0, t1 = replay.replay_closed_loop(self.address, order, n, self.duration_s)
+                    for r in results:
+                        r["window"] = (t0, t1)
+                    yield "replay", results
+                else:
+                    yield "replay", replay.replay_many(self.address, self._replayed(n))
         if "edges" in self.loads:
             pool = self._edges()
             pool.run(self._jobs(min(2 * replicas, len(pool.procs)), min(8, self.max_new_tokens)))

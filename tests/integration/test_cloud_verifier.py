@@ -301,3 +301,39 @@ def test_health_and_reflection(address: str) -> None:
     names = {s.name for r in replies for s in r.list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
     channel.close()
+
+
+def test_bf16_every_path_gives_the_cloud_only_tokens(tiny_models) -> None:
+    """The lossless claim in bf16, where the pass's shape changes the rounding unless the engine is
+    batch-invariant: speculative over gRPC (several draft lengths, alone and concurrently, and
+    resumed) and in process, and cloud-only over gRPC, all equal the in-process cloud-only path."""
+    pair16 = LocalPair(tiny_models.target_hf, tiny_models.drafter_onnx, dtype="bf16")
+    core16 = VerifierCore.load(tiny_models.target_hf, dtype="bf16", limits=LIMITS, model_name="tiny")
+    prompts = [*PROMPTS, [11, 250, 3, 3, 3, 97, 41, 12, 8]]
+    reference = [pair16.cloud_only_generate(p, GREEDY, max_new_tokens=36).tokens for p in prompts]
+    for address in _serve(core16):
+        for k in (1, 3, 7):
+            with CloudVerifierClient(address, round_timeout_s=60) as c:
+                assert [tuple(speculative(c, pair16, spec_for(p, GREEDY, 36), draft_len=k)) for p in prompts] == reference
+        assert [pair16.speculative_generate(p, GREEDY, draft_len=5, max_new_tokens=36).tokens
+                for p in prompts] == reference
+        with CloudVerifierClient(address, round_timeout_s=60) as c:
+            assert [tuple(t for r in c.generate(spec_for(p, GREEDY, 36)) for t in r.tokens) for p in prompts] == reference
+        results: dict[int, tuple[int, ...]] = {}
+
+        def run(i: int, address: str = address) -> None:
+            with CloudVerifierClient(address, round_timeout_s=60) as c:
+                results[i] = tuple(speculative(c, pair16, spec_for(prompts[i], GREEDY, 36, session_id=f"b{i}"),
+                                               draft_len=1 + 2 * i))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [results.get(i) for i in range(len(prompts))] == reference
+        for p, full in zip(prompts, reference, strict=True):  # resumed after a third of the answer
+            cut = list(full[: len(full) // 3])
+            with CloudVerifierClient(address, round_timeout_s=60) as c:
+                assert cut + speculative(c, pair16, spec_for(p, GREEDY, 36, generated=cut))[len(cut):] == list(full)
+    core16.target.close()
