@@ -321,7 +321,7 @@ def test_bf16_every_path_gives_the_cloud_only_tokens(tiny_models) -> None:
             assert [tuple(t for r in c.generate(spec_for(p, GREEDY, 36)) for t in r.tokens) for p in prompts] == reference
         results: dict[int, tuple[int, ...]] = {}
 
-        def run(i: int, address: str = address) -> None:
+        def run(i: int, address: str = address, results: dict[int, tuple[int, ...]] = results) -> None:
             with CloudVerifierClient(address, round_timeout_s=60) as c:
                 results[i] = tuple(speculative(c, pair16, spec_for(prompts[i], GREEDY, 36, session_id=f"b{i}"),
                                                draft_len=1 + 2 * i))
