@@ -10,11 +10,20 @@ Guarantees:
 - Drafts are chosen with the one shared transform `tandem_core.sampling.logits_to_probs`, so q
   here and p in the verifier are computed the same way.
 - `generate` is on-device generation through the same session.
+- Prefix reuse across requests (a chat's next turn): `DrafterModel.retain(session)` keeps an
+  ended greedy session's generator (at most `RETAIN` of them, least recently used dropped);
+  `new_session` for a greedy request whose prompt shares at least `MIN_REUSE` tokens with one
+  rewinds that generator to the common prefix and appends only the rest, instead of
+  prefilling the whole history. Greedy only: the drafts may differ in rounding from a fresh
+  prefill, which never changes a greedy answer (the target decides every token) but could
+  change which tokens a seeded sampled answer draws. Retained sessions reserve room for their
+  next turns (`REUSE_ROOM` tokens of KV beyond what the request needs).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +37,9 @@ log = logging.getLogger(__name__)
 # In sampling mode each draft is sampled from q capped to its most likely tokens, so a q row
 # crosses the wire as at most this many (id, prob) pairs (see tandem_core.sampling.cap_support).
 DEFAULT_Q_SUPPORT = 64
+RETAIN = 2  # ended sessions whose KV a later request may reuse
+MIN_REUSE = 16  # shorter common prefixes are prefilled anew
+REUSE_ROOM = 1024  # extra KV room a greedy session reserves for its conversation's next turns
 
 
 class DrafterModel:
@@ -37,9 +49,12 @@ class DrafterModel:
         import onnxruntime_genai as og
 
         self._og = og
+        self.model_dir = str(model_dir)
         self.model = og.Model(str(model_dir))
         self.tokenizer = og.Tokenizer(self.model)
         self.context_length, self.eos_ids, self.vocab_size = _read_config(model_dir)
+        self._retained: list[DrafterSession] = []  # most recently retained first
+        self._lock = threading.Lock()
         log.info("loaded drafter %s (context %d)", model_dir, self.context_length)
 
     def new_session(
@@ -51,7 +66,33 @@ class DrafterModel:
         max_length: int | None = None,
         q_support: int = DEFAULT_Q_SUPPORT,
     ) -> DrafterSession:
-        return DrafterSession(self, prompt_ids, params, seed, max_length=max_length, q_support=q_support)
+        reuse = self._take_prefix(prompt_ids, max_length) if params.greedy else None
+        if params.greedy and reuse is None:
+            max_length = None if max_length is None else min(max_length + REUSE_ROOM, self.context_length)
+        return DrafterSession(self, prompt_ids, params, seed, max_length=max_length, q_support=q_support,
+                              reuse=reuse)
+
+    def retain(self, session: DrafterSession) -> None:
+        """Keep an ended greedy session's KV for a later request's prefix (see the module doc)."""
+        if not session.reusable:
+            return
+        with self._lock:
+            self._retained = [session, *[s for s in self._retained if s is not session]][:RETAIN]
+
+    def _take_prefix(self, prompt_ids: Sequence[int], max_length: int | None) -> tuple[DrafterSession, int] | None:
+        """The retained session sharing the longest prefix with `prompt_ids` (taken out of the
+        pool: a generator serves one session at a time) and that length."""
+        need = min(max_length or self.context_length, self.context_length)
+        with self._lock:
+            best, best_len = None, 0
+            for s in self._retained:
+                n = _common_prefix(s.tokens, prompt_ids)
+                if n > best_len and s.max_length >= need:
+                    best, best_len = s, n
+            if best is None or best_len < MIN_REUSE:
+                return None
+            self._retained.remove(best)
+        return best, best_len
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         """Token ids for a raw prompt, or for chat messages through the model's chat template."""
@@ -68,6 +109,14 @@ class DrafterModel:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(np.asarray([t for t in ids if t not in self.eos_ids], dtype=np.int32))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _read_config(model_dir: str | Path) -> tuple[int, frozenset[int], int]:
@@ -91,27 +140,50 @@ class DrafterSession:
         *,
         max_length: int | None = None,
         q_support: int = DEFAULT_Q_SUPPORT,
+        reuse: tuple[DrafterSession, int] | None = None,
     ) -> None:
         if len(prompt_ids) < 1:
             raise ValueError("prompt must hold at least one token")
         og = drafter._og
         limit = min(max_length or drafter.context_length, drafter.context_length)
+        if reuse is not None:
+            limit = reuse[0].max_length
         if len(prompt_ids) >= limit:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_length {limit}")
-        gen_params = og.GeneratorParams(drafter.model)
-        gen_params.set_search_options(max_length=limit)
-        self._gen = og.Generator(drafter.model, gen_params)
         self._params = params
         self._seed = seed
         self._q_support = q_support
         self.max_length = limit
         self.committed_len = len(prompt_ids)
+        self.tokens: list[int] = [int(t) for t in prompt_ids]  # committed, in order
         self._pending: tuple[int, ...] = ()  # drafts proposed but not yet settled by commit
         self._last = int(prompt_ids[-1])  # the last committed token
-        self._append(prompt_ids)
+        self.reused = 0  # prompt tokens whose KV came from a retained session
+        if reuse is not None:
+            source, common = reuse
+            keep = min(common, source.cached) - 1  # re-append at least one token: fresh logits
+            self._gen, self.cached = source._gen, source.cached
+            self._gen.rewind_to(keep)
+            self.cached = keep
+            self.reused = keep
+            self._append(prompt_ids[keep:])
+        else:
+            gen_params = og.GeneratorParams(drafter.model)
+            gen_params.set_search_options(max_length=limit)
+            self._gen = og.Generator(drafter.model, gen_params)
+            self.cached = 0  # tokens in the generator's cache
+            self._append(prompt_ids)
+
+    @property
+    def reusable(self) -> bool:
+        """Greedy with a cache. Its first `len(tokens)` positions always hold its committed
+        tokens (an unsettled draft, as the last round leaves it, only sits after them), and a
+        reuse never keeps more than the common prefix with those."""
+        return self._params.greedy and self.cached > 0
 
     def _append(self, ids: Sequence[int]) -> None:
         self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        self.cached += len(ids)
         self._logits = self._gen.get_logits()[0, -1]
 
     def _choose(self, logits: np.ndarray, position: int) -> tuple[int, np.ndarray | None]:
@@ -146,11 +218,13 @@ class DrafterSession:
         appended = max(k - 1, 0)  # drafts already in the cache
         if accepted < appended:
             self._gen.rewind_to(self.committed_len + accepted)
+            self.cached = self.committed_len + accepted
         # Append what the cache lacks of the committed tokens: the accepted k-th draft (if any)
         # and the target's correction or bonus token.
         new = [int(t) for t in tokens][min(accepted, appended):]
         self._pending = ()
         self.committed_len += len(tokens)
+        self.tokens.extend(int(t) for t in tokens)
         if tokens:
             self._last = int(tokens[-1])
         if new:
@@ -167,6 +241,7 @@ class DrafterSession:
         self._pending = ()
         if appended:
             self._gen.rewind_to(self.committed_len - 1)
+            self.cached = self.committed_len - 1
             self._append((self._last,))
 
     def generate(self, *, max_new_tokens: int, eos_ids: frozenset[int]) -> Iterator[int]:
@@ -175,6 +250,7 @@ class DrafterSession:
         for _ in range(budget):
             token, _ = self._choose(self._logits, self.committed_len)
             self.committed_len += 1
+            self.tokens.append(token)
             self._last = token
             yield token
             if token in eos_ids:

@@ -122,12 +122,13 @@ def _fall_back(result: EdgeResult, clock: _Clock, exc: VerifierUnavailable) -> N
 
 def _prefill(drafter: DrafterModel, result: EdgeResult, ids: Sequence[int], params: SamplingParams, seed: int,
              max_length: int) -> DrafterSession:
-    """A drafter session over `ids` (the whole history: the drafter keeps no KV across requests),
-    its prefill counted in `result`."""
+    """A drafter session over `ids`, its prefill counted in `result` (only the tokens it computed:
+    a greedy request may reuse an earlier request's KV for a shared prefix, see
+    `edge_node.drafter`)."""
     t0 = time.perf_counter()
     session = drafter.new_session(ids, params, seed, max_length=max_length)
     result.drafter_prefill_s += time.perf_counter() - t0
-    result.stats.add_drafter_prefill(len(ids))
+    result.stats.add_drafter_prefill(len(ids) - session.reused)
     return session
 
 
@@ -137,6 +138,7 @@ def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: Sam
     clock, result = _Clock(), EdgeResult(route="local")
     session = _prefill(drafter, result, prompt_ids, params, seed, _max_length(prompt_ids, max_new_tokens, 0))
     _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
+    drafter.retain(session)
     result.stats.add_tokens(len(result.tokens))
     return clock.finish(result)
 
@@ -172,6 +174,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
         _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
     finally:
         link.close()
+        drafter.retain(session)  # a settled greedy session's KV serves the conversation's next turn
         result.bytes_up, result.bytes_down, result.resumes = link.bytes_up, link.bytes_down, link.resumes
         result.stats.add_cloud_prefill(link.prefill_tokens, link.reused_tokens)
     result.stats.add_tokens(result.local_tokens)
