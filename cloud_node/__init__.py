@@ -1,5 +1,6 @@
-"""The cloud node: the target model on transformers/PyTorch scoring drafts with a per-session KV
-cache (`scorer`, with a small-M native kernel in `kernels`), the verifier core with its limits
+"""The cloud node: the target model's weights from transformers, run by Tandem's batched,
+batch-invariant engine (`engine`, `batcher`, the per-CPU tile plan in `autotune`, a small-M
+native kernel in `kernels`) behind per-session KV caches (`scorer`), the verifier core with its limits
 and sessions (`verifier`, `session_store`, every bound a client must keep in `validation`), the
 protocol both servers speak (`protocol`: bytes in, one status map in `status` over the errors of
 `errors`), the plain gRPC servicer with its drain (`servicer`) and its Ray Serve hosting

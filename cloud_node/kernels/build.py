@@ -46,9 +46,6 @@ def cpu_supported() -> bool:
     return cpu_flags() >= REQUIRED_CPU_FLAGS
 
 
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where unreadable)."""
     try:
@@ -57,13 +54,6 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
     line = next((line for line in text.splitlines() if line.startswith("flags")), "")
     return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
-
-
-def native_bf16_matmul() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX, as on Zen 4 or Sapphire
-    Rapids): torch's oneDNN matmuls then beat this AVX2 kernel, for scoring and far more for
-    prefill (measured in BENCHMARKS.md), so the target should not install it."""
-    return bool(cpu_flags() & NATIVE_BF16_FLAGS)
 
 
 def find_compiler() -> str | None:
