@@ -64,8 +64,10 @@ def test_chat_turns_reports_six_turns(tmp_path: Path, monkeypatch, capsys) -> No
         assert turn["route"].startswith("speculative") and turn["answer_tokens"] > 0 and turn["ttft_ms"] > 0
         assert turn["prompt_tokens"] == (before["prompt_tokens"] if before else 0) + turn["added_tokens"]
         assert turn["added_tokens"] > 0
-        # The edge keeps no drafter KV across requests: each turn prefills the whole history.
-        assert turn["drafter_prefill_tokens"] == turn["prompt_tokens"] and turn["drafter_prefill_ms"] > 0
-        assert turn["cloud_prefill_tokens"] is None or turn["cloud_prefill_tokens"] >= 0
+        assert 0 < turn["drafter_prefill_tokens"] <= turn["prompt_tokens"] and turn["drafter_prefill_ms"] > 0
+        assert turn["cloud_prefill_tokens"] is not None and turn["cloud_prefill_tokens"] >= 0
+        if before is not None:  # the earlier turns' KV is reused on both sides: only the new part is prefilled
+            assert turn["drafter_prefill_tokens"] <= turn["added_tokens"] + before["answer_tokens"]
+            assert turn["cloud_prefill_tokens"] <= turn["added_tokens"] + before["answer_tokens"]
     assert doc["summary"]["turns"] == 6 and doc["summary"]["ttft_last_over_first"] > 0
     assert "TTFT at turn 6 / turn 1" in capsys.readouterr().out
