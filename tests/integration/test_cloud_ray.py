@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,44 +308,6 @@ def test_killing_the_serving_replica_mid_answer_resumes_identically(cloud: Cloud
     assert resumed == undisturbed
     broke = [r.getMessage() for r in caplog.records if "cloud stream broke" in r.getMessage()]
     assert broke and not any(LEAK.search(m) or str(killed[0]) in m for m in broke), broke
-
-
-def test_killing_a_replica_that_batches_several_sessions_resumes_each_identically(cloud: Cloud, pair: LocalPair) -> None:
-    """Three sessions at once on two replicas: one replica serves at least two of them (batched
-    into its passes); it is killed mid-answer, and every session resumes and ends as undisturbed."""
-    time.sleep(0.5)
-    prompts = [PROMPTS[0], PROMPTS[2], [9, 8, 7, 6, 5, 4]]
-    undisturbed = []
-    for prompt in prompts:
-        with CloudVerifierClient(cloud.address, round_timeout_s=60) as client:
-            undisturbed.append(speculative(client, pair, prompt, GREEDY, 40))
-    clients = [CloudVerifierClient(cloud.address, round_timeout_s=60, open_timeout_s=60, max_resumes=20,
-                                   backoff_s=0.5) for _ in prompts]
-    gate, killed = threading.Barrier(len(prompts)), []
-
-    def after_round(n: int) -> None:
-        if n != 2:
-            return
-        if gate.wait(timeout=120) == 0:  # one thread, once all sessions are mid-answer
-            by_replica: dict[str, int] = {}
-            for c in clients:
-                by_replica[c.opened.replica] = by_replica.get(c.opened.replica, 0) + 1
-            tag, held = max(by_replica.items(), key=lambda kv: kv[1])
-            pid = cloud.replica_pid(tag)
-            os.kill(pid, signal.SIGKILL)
-            psutil.wait_procs([p for p in cloud.descendants() if p.pid == pid], timeout=30)
-            killed.append((pid, held))
-        gate.wait(timeout=120)
-
-    def run(i: int) -> list[int]:
-        with clients[i] as client:
-            return speculative(client, pair, prompts[i], GREEDY, 40, after_round=after_round)
-
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        resumed = list(pool.map(run, range(len(prompts))))
-    assert killed and killed[0][1] >= 2, killed  # the killed replica held several sessions
-    assert sum(c.resumes for c in clients) >= killed[0][1]
-    assert resumed == undisturbed
 
 
 def test_fuzzing_through_the_serve_proxy_gets_documented_statuses(cloud: Cloud) -> None:
