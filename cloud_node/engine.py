@@ -10,11 +10,11 @@ Guarantees:
   position and its own session's cached K/V: not on how many rows or sessions share the pass, on
   the draft length, or on how a prompt was chunked. Every reduction runs on a fixed shape, so
   the same arithmetic happens in the same order whatever the batch:
-  - linear layers and norms run on tiles of exactly `plan.rows` rows (zero-padded; or unpadded
-    where the self-check showed the kernel's rows independent of the row count);
-  - attention runs per session on query tiles of `plan.rows` rows against key blocks of
-    `plan.key_block` positions, with an online softmax whose block loop is exact for keys a
-    row cannot see (a fully masked block leaves its max, sum and accumulator bit-identical);
+  - linear layers and norms run on tiles of `plan.min_rows`..`plan.rows` rows (shorter ones
+    zero-padded), a range the autotune showed to give every row the same bits on this CPU;
+  - attention runs per session on query tiles of exactly `plan.att_rows` rows against key
+    blocks of `plan.key_block` positions; the softmax max is exact and block sums are added
+    in block order, so blocks past a row's position add exact zeros;
   - rotary tables are computed once for every position.
   `TilePlan.verified` says whether the start-up self-check confirmed, on this CPU and with these
   weights, that the kernels behave as that requires; `cloud_node.autotune` picks the plan.

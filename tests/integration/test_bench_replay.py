@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cloud_node.servicer import create_server
 from cloud_node.verifier import VerifierCore
 from edge_node.drafter import DrafterModel
 from tandem.bench.replay import from_run, load_recording, recording_key, replay_many, replay_session, save_recording
 from tandem.bench.scale import summarize
 from tandem.bench.scale_edge import run_job
+from tests.support.cloud_server import serving
 
 PROMPT = [5, 17, 99, 3, 44, 101, 7]
 N = 24
@@ -27,11 +27,8 @@ N = 24
 
 @pytest.fixture(scope="module")
 def cloud(tiny_models) -> Iterator[str]:
-    core = VerifierCore.load(tiny_models.target_hf, dtype="fp32")
-    server, port = create_server(core, "127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(None)
+    with serving(VerifierCore.load(tiny_models.target_hf, dtype="fp32")) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

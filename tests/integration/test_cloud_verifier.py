@@ -17,13 +17,14 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from cloud_node.servicer import SERVICE_NAME, create_server
+from cloud_node.servicer import SERVICE_NAME
 from cloud_node.verifier import Limits, VerifierCore
 from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
 from tandem.pair import LocalPair
 from tandem_core.loop import Draft
 from tandem_core.sampling import SamplingParams
 from tests.support.cloud_client import CloudVerifierClient, draft_round
+from tests.support.cloud_server import serving
 
 PROMPTS = [[5, 17, 99, 3, 44], [300], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
 GREEDY = SamplingParams()
@@ -75,12 +76,8 @@ def core(tiny_models) -> VerifierCore:
 
 
 def _serve(core: VerifierCore) -> Iterator[str]:
-    server, port = create_server(core, "127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
+    with serving(core) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from cloud_node.servicer import create_server
 from cloud_node.verifier import VerifierCore
 from edge_node.cloud_link import CloudLink, SessionRequest, cloud_generate
 from edge_node.drafter import DrafterModel
@@ -26,6 +25,7 @@ from protos.tandem.v1 import cloud_pb2
 from tandem.pair import LocalPair
 from tandem_core.loop import SwitchCause
 from tandem_core.sampling import SamplingParams
+from tests.support.cloud_server import serving
 from tests.support.tamper_proxy import TamperProxy
 
 PROMPT = [5, 17, 99, 3, 44, 101, 7]
@@ -34,11 +34,8 @@ N = 40
 
 @pytest.fixture(scope="module")
 def cloud(tiny_models) -> Iterator[str]:
-    core = VerifierCore.load(tiny_models.target_hf, dtype="fp32")
-    server, port = create_server(core, "127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(None)
+    with serving(VerifierCore.load(tiny_models.target_hf, dtype="fp32")) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
