@@ -5,9 +5,15 @@ Guarantees:
   default, and are validated once in `CloudConfig.__post_init__`; a bad value exits with code 2
   and a message naming the field (or the environment variable).
 - Without --address it starts a local Ray instance (never attaching to another one by
-  accident); with --address it joins that cluster. It deploys the app and, once the gRPC health
-  check through Serve's proxy answers SERVING, prints exactly one line to stdout:
-  `cloud grpc=HOST:PORT` (flushed).
+  accident); with --address it joins that cluster. It deploys the app, starts the gateway
+  (`cloud_node.gateway`: TLS, per-device tokens) in front of Serve's proxy and, once the gRPC
+  health check through the gateway answers SERVING, prints exactly one line to stdout:
+  `cloud grpc=HOST:PORT` (flushed): the gateway's address, the one edges use.
+- Security settings are checked before Ray starts: a non-loopback --host without TLS and a
+  token store (and without --insecure), a missing certificate or an unreadable store exits 2
+  with one line naming the problem. Secrets come from files, never from flags.
+- `python -m cloud_node gateway --upstream HOST:PORT ...` runs the gateway alone (a KubeRay
+  sidecar in front of the head's Serve proxy), with the same flags and rules.
 - SIGINT or SIGTERM drains, then shuts down cleanly: the drain switch (`cloud_node.serve_drain`)
   makes every replica turn NOT_SERVING, refuse new sessions with UNAVAILABLE and end each stream
   after its round in flight, so edges resume elsewhere with their committed tokens; then the
@@ -28,8 +34,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from cloud_node.config import ENV_PREFIX, CloudConfig
+from cloud_node.config import ENV_PREFIX, CloudConfig, GatewayConfig
 from tandem.config import ConfigError, add_flags, load
+from tandem.security import SecurityError
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +55,57 @@ def add_cloud_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description=f"Each flag falls back to {ENV_PREFIX}<FIELD> (e.g. {ENV_PREFIX}PORT), "
                                           "then to its default.")
     add_flags(p, CloudConfig, env_prefix=ENV_PREFIX)
+    _add_gateway_flags(p, skip=("upstream",))
     p.set_defaults(func=run)
     return p
+
+
+def _add_gateway_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    import dataclasses
+
+    trimmed = dataclasses.make_dataclass("GatewayFlags", [(f.name, f.type, f) for f in dataclasses.fields(GatewayConfig)
+                                                          if f.name not in skip])
+    trimmed.__module__ = GatewayConfig.__module__
+    add_flags(p, trimmed, env_prefix=ENV_PREFIX)
+
+
+def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The `gateway` subcommand: the cloud's front door alone, forwarding to a Serve proxy."""
+    p = subparsers.add_parser("gateway", help="run the cloud's gateway (TLS, tokens) in front of a Serve gRPC proxy",
+                              description=f"Each flag falls back to {ENV_PREFIX}<FIELD>, then to its default.")
+    _add_gateway_flags(p)
+    p.set_defaults(func=run_gateway)
+    return p
+
+
+def gateway_config_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> GatewayConfig:
+    return load(GatewayConfig, args, environ, env_prefix=ENV_PREFIX)
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    """Serve the gateway alone until SIGINT/SIGTERM."""
+    import asyncio
+
+    from cloud_node import gateway
+
+    config = gateway_config_from(args)
+    if config.upstream is None:
+        raise ConfigError(f"upstream: required: give --upstream or set {ENV_PREFIX}UPSTREAM")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s", stream=sys.stderr)
+    gw = gateway.build(config, config.upstream, gateway.gateway_secret(config))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        port = await gw.start(f"{config.host}:{config.port}")
+        print(f"gateway grpc={config.host}:{port}", flush=True)
+        await stop.wait()
+        await gw.stop(5.0)
+
+    asyncio.run(main())
+    return 0
 
 
 def _free_port() -> int:
@@ -59,9 +115,14 @@ def _free_port() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM; raises ConfigError for a bad setting."""
+    """Serve until SIGINT/SIGTERM; raises ConfigError or SecurityError for a bad setting."""
+    from cloud_node import gateway
+
     config = config_from(args)
+    front = gateway_config_from(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s cloud %(levelname)s %(message)s", stream=sys.stderr)
+    secret = gateway.gateway_secret(front)
+    gateway.build(front, "unused:0", secret)  # every security check, before Ray starts
     stop = threading.Event()
 
     def install_handlers() -> None:
@@ -69,35 +130,41 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
 
     install_handlers()
-    return serve_until(config, stop, after_init=install_handlers)
+    return serve_until(config, stop, after_init=install_handlers, front=front, secret=secret)
 
 
-def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable[[], None] = lambda: None) -> int:
-    """Start (or join) Ray, deploy, print the ready line, wait for `stop`, shut down.
+def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable[[], None] = lambda: None,
+                front: GatewayConfig | None = None, secret: str | None = None) -> int:
+    """Start (or join) Ray, deploy, start the gateway, print the ready line, wait for `stop`, shut down.
 
     `after_init` runs right after ray.init (which replaces the SIGTERM handler with its own).
     """
     import ray
     from ray import serve
 
-    from cloud_node import serve_app, serve_drain
+    from cloud_node import gateway, serve_app, serve_drain
     from cloud_node.cpus import available_cpus
 
+    front = front or GatewayConfig()
+    secret = secret or gateway.gateway_secret(front)
     local = config.address is None
-    port = config.port or _free_port()
+    port = config.serve_port or _free_port()
     cpus = None if not local else max(available_cpus(), int(config.replicas * config.replica_cpus + 0.999))
     ray.init(address="local" if local else config.address, num_cpus=cpus, include_dashboard=False,
              configure_logging=False)
     after_init()
+    front_door = None
     try:
         log.info("ray %s at %s", "local instance" if local else "cluster", ray.get_runtime_context().gcs_address)
         switch = serve_drain.create_switch()  # before the replicas start: each one waits on it
         serve_app.start(config.model_dir, grpc_port=port, http_port=_free_port(), dtype=config.dtype,
                         limits=config.limits(), replicas=config.replicas, num_cpus=config.replica_cpus,
-                        threads=config.threads)
-        host = "127.0.0.1" if local else ray.util.get_node_ip_address()
+                        threads=config.threads, gateway_digest=gateway.secret_digest(secret))
         serve_app.wait_healthy(f"127.0.0.1:{port}", timeout_s=120)
-        print(f"cloud grpc={host}:{port}", flush=True)
+        front_door = gateway.InThread(gateway.build(front, f"127.0.0.1:{port}", secret), f"{front.host}:{front.port}")
+        log.info("Serve's proxy (internal) on port %d; edges connect to the gateway on %s:%d", port, front.host,
+                 front_door.port)
+        print(f"cloud grpc={_advertised(front.host)}:{front_door.port}", flush=True)
         stop.wait()
         _drain(switch)
     finally:
@@ -108,7 +175,18 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
         except Exception:  # Ray may already be going down with the same signal
             log.warning("Serve shutdown was not clean", exc_info=True)
         ray.shutdown()
+        if front_door is not None:
+            front_door.stop()
     return 0
+
+
+def _advertised(host: str) -> str:
+    """The host edges should use for a bind address (a wildcard names this machine's address)."""
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _drain(switch: Any) -> None:
@@ -125,10 +203,13 @@ def _drain(switch: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloud_node")
-    add_cloud_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["cloud", *(argv if argv is not None else sys.argv[1:])])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_cloud_parser(sub)
+    add_gateway_parser(sub)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    args = parser.parse_args(argv if argv[:1] == ["gateway"] else ["cloud", *argv])
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, SecurityError) as exc:
         print(f"cloud: error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,8 @@ class CloudConfig:
 
     model_dir: Path = field(metadata={"help": "target model folder (default: the fetched target)"})
     address: str | None = _f(None, "Ray cluster to join (default: start a local instance)")
-    port: int = _f(0, "gRPC port of Serve's proxy; 0 picks a free one")
+    serve_port: int = _f(0, "gRPC port of Serve's proxy, internal: the gateway (--port) forwards to it; 0 picks a "
+                            "free one")
     replicas: int = _f(1, "number of replicas")
     replica_cpus: float = _f(1.0, "Ray CPUs reserved per replica")
     threads: int = _f(0, "torch threads per replica; 0 = the CPUs the replica may use (affinity and cgroup "
@@ -46,8 +47,8 @@ class CloudConfig:
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").exists():
             raise ValueError(f"model_dir: no model at {self.model_dir} (no config.json); run `tandem models fetch`")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if not 0 <= self.serve_port <= 65535:
+            raise ValueError(f"serve_port: must be in [0, 65535], got {self.serve_port}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
         if self.threads < 0:
@@ -82,3 +83,41 @@ def check_batching(max_batch_rows: int, batch_window_ms: float, max_draft_len: i
     if not 0 <= batch_window_ms < ROUND_DEADLINE_MS:
         raise ValueError(f"batch_window_ms: must be in [0, {ROUND_DEADLINE_MS}) (a pass may wait this long for "
                          f"rounds; the edge's round deadline is {ROUND_DEADLINE_MS} ms), got {batch_window_ms}")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The cloud's front door (`cloud_node.gateway`): where edges connect, TLS and tokens.
+
+    `tandem serve cloud` runs one in front of its Serve proxy (upstream filled in); `python -m
+    cloud_node gateway` runs one alone (a KubeRay sidecar), forwarding to `--upstream`.
+    """
+
+    upstream: str | None = _f(None, "Serve's gRPC proxy HOST:PORT (only for `cloud_node gateway`)")
+    host: str = _f("127.0.0.1", "address edges connect to; beyond loopback it needs TLS and --tokens-file "
+                                "(or --insecure)")
+    port: int = _f(0, "port edges connect to; 0 picks a free one")
+    tls_cert: Path | None = _f(None, "server certificate chain (PEM); with --tls-key turns TLS on")
+    tls_key: Path | None = _f(None, "the certificate's private key (PEM)")
+    tls_client_ca: Path | None = _f(None, "CA of device certificates: mutual TLS, a device without one signed "
+                                          "by it cannot connect")
+    tokens_file: Path | None = _f(None, "per-device token store (`tandem tokens`); every call then needs a valid, "
+                                        "unrevoked token")
+    gateway_secret_file: Path | None = _f(None, "file with the secret the gateway shows the replicas (mode 0600); "
+                                                "default: a fresh one per start")
+    insecure: bool = _f(False, "allow a non-loopback --host without TLS and tokens (INSECURE: anyone who reaches "
+                               "it can run the target)")
+
+    def __post_init__(self) -> None:
+        if self.upstream is not None and ":" not in self.upstream:
+            raise ValueError(f"upstream: must be HOST:PORT, got {self.upstream!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "gateway_secret_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no file at {path}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert, tls_key: TLS needs both the certificate and its key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca: mutual TLS needs the server's --tls-cert and --tls-key")

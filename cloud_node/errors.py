@@ -35,3 +35,8 @@ class Draining(Exception):
 class SessionGone(Exception):
     """The call's stream was cancelled or broke (the session was closed while a call on it ran,
     or the request stream failed under it). CANCELLED."""
+
+
+class Unauthenticated(Exception):
+    """The call did not come through the cloud's gateway (no or a wrong gateway secret).
+    UNAUTHENTICATED."""

@@ -49,7 +49,8 @@ from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import gRPCInputStream
 
 from cloud_node.cpus import available_cpus
-from cloud_node.errors import Draining, SessionGone, echo
+from cloud_node.errors import Draining, SessionGone, Unauthenticated, echo
+from cloud_node.gateway import replica_refusal
 from cloud_node.protocol import DRAINING, Admission, VerifyStream, chunk_to_proto, open_generate
 from cloud_node.serve_drain import watch as watch_drain_switch
 from cloud_node.serve_proxy import install_status_scrubber
@@ -138,8 +139,9 @@ class CloudVerifierDeployment:
     """One replica: a VerifierCore, its CPU work on a thread pool off the replica's event loop."""
 
     def __init__(self, model_dir: str, dtype: str, limits: Limits, model_name: str | None = None,
-                 threads: int = 0) -> None:
+                 threads: int = 0, gateway_digest: str | None = None) -> None:
         _log_to_stderr()
+        self._gateway_digest = gateway_digest
         import torch
 
         # Ray pins OMP_NUM_THREADS to the actor's num_cpus (1 by default); the target's matmuls
@@ -166,10 +168,17 @@ class CloudVerifierDeployment:
             log.info("replica %s draining: %d open sessions", self.core.replica, len(self.core.store))
             self.admission.draining.set()
 
+    def _through_gateway(self, grpc_context: Any) -> None:
+        """Raises Unauthenticated for a call that bypassed the gateway (before any session opens)."""
+        refusal = replica_refusal(grpc_context.invocation_metadata(), self._gateway_digest)
+        if refusal is not None:
+            raise Unauthenticated(refusal)
+
     async def Verify(self, requests: gRPCInputStream,
                      grpc_context: Any) -> AsyncIterator[cloud_pb2.VerifyResponse]:
         request_id, stream = new_request_id(), VerifyStream(self.core, self.admission)
         try:
+            self._through_gateway(grpc_context)
             while (data := await _next_request(requests, self.admission)) is not None:
                 if self.admission.draining.is_set():
                     raise Draining(DRAINING)
@@ -183,6 +192,10 @@ class CloudVerifierDeployment:
 
     async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[cloud_pb2.GenerateResponse]:
         request_id = new_request_id()
+        try:
+            self._through_gateway(grpc_context)
+        except Unauthenticated as exc:
+            _fail(grpc_context, exc, request_id)
         opening = self._pool.submit(open_generate, self.core, self.admission, request)
         try:
             chunks = await asyncio.wrap_future(opening)
@@ -212,17 +225,20 @@ class CloudVerifierDeployment:
 
 
 def build_app(model_dir: str | Path, *, dtype: str, limits: Limits, replicas: int = 1,
-              num_cpus: float = 1.0, model_name: str | None = None, threads: int = 0) -> Any:
-    """The Serve application (bound deployment)."""
+              num_cpus: float = 1.0, model_name: str | None = None, threads: int = 0,
+              gateway_digest: str | None = None) -> Any:
+    """The Serve application (bound deployment); with `gateway_digest` (`gateway.secret_digest` of
+    the gateway's secret) each replica refuses calls that did not come through the gateway."""
     return CloudVerifierDeployment.options(  # type: ignore[attr-defined]
         num_replicas=replicas,
         max_ongoing_requests=limits.max_sessions + 4,  # a few health checks on top of the sessions
         ray_actor_options={"num_cpus": num_cpus},
-    ).bind(str(model_dir), dtype, limits, model_name, threads)
+    ).bind(str(model_dir), dtype, limits, model_name, threads, gateway_digest)
 
 
 def start(model_dir: str | Path, *, grpc_port: int, http_port: int, dtype: str, limits: Limits,
-          replicas: int = 1, num_cpus: float = 1.0, model_name: str | None = None, threads: int = 0) -> None:
+          replicas: int = 1, num_cpus: float = 1.0, model_name: str | None = None, threads: int = 0,
+          gateway_digest: str | None = None) -> None:
     """Start Serve (gRPC proxy on grpc_port) in the connected Ray cluster and deploy the app.
 
     Returns when the application is running. Ray must already be initialized.
@@ -232,7 +248,7 @@ def start(model_dir: str | Path, *, grpc_port: int, http_port: int, dtype: str, 
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
     )
     app = build_app(model_dir, dtype=dtype, limits=limits, replicas=replicas, num_cpus=num_cpus,
-                    model_name=model_name, threads=threads)
+                    model_name=model_name, threads=threads, gateway_digest=gateway_digest)
     serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")  # a route makes the proxies expose it
     log.info("deployed %s: %d replica(s) of %s", APP_NAME, replicas, model_dir)
 

@@ -3,7 +3,7 @@
 Guarantees:
 - `status_for(exc, request_id)` answers every exception: `BadRequest` -> INVALID_ARGUMENT,
   `ResourceExhausted` -> RESOURCE_EXHAUSTED, `Draining` -> UNAVAILABLE, `SessionGone` ->
-  CANCELLED, each with this package's one-line message; anything else is a server fault:
+  CANCELLED, `Unauthenticated` -> UNAUTHENTICATED, each with this package's one-line message; anything else is a server fault:
   INTERNAL with a generic message, never the exception's text.
 - Every details string ends with `(request id ID)`; the same id is on the server's log line
   for the failure (the traceback of a server fault, at ERROR), so an operator can find it.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from cloud_node.errors import BadRequest, Draining, ResourceExhausted, SessionGone
+from cloud_node.errors import BadRequest, Draining, ResourceExhausted, SessionGone, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
     SessionGone: grpc.StatusCode.CANCELLED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 INTERNAL_MESSAGE = "internal error in the cloud verifier"
 

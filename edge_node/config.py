@@ -40,6 +40,25 @@ class EdgeConfig:
     max_resumes: int = field(default=3, metadata={"help": "cloud stream re-opens per request"})
     drain_s: float = field(default=DRAIN_S, metadata={
         "help": "on SIGTERM, how long running generations may take to finish before the node stops"})
+    # The hop to the cloud. The token itself comes from --cloud-token-file or TANDEM_EDGE_CLOUD_TOKEN.
+    cloud_tls: bool = field(default=False, metadata={
+        "help": "reach the cloud over TLS (the system's CAs unless --cloud-ca-cert)"})
+    cloud_ca_cert: Path | None = field(default=None, metadata={"help": "CA of the cloud's certificate (PEM); "
+                                                                       "implies --cloud-tls"})
+    cloud_client_cert: Path | None = field(default=None, metadata={"help": "this device's certificate, for a cloud "
+                                                                           "that asks for mutual TLS"})
+    cloud_client_key: Path | None = field(default=None, metadata={"help": "the device certificate's key"})
+    cloud_server_name: str | None = field(default=None, metadata={
+        "help": "name to check in the cloud's certificate when it differs from --cloud's host"})
+    cloud_token_file: Path | None = field(default=None, metadata={
+        "help": "file with this device's cloud token (or set TANDEM_EDGE_CLOUD_TOKEN)"})
+    # This node's own endpoint. Its key comes from --api-key-file or TANDEM_EDGE_API_KEY.
+    tls_cert: Path | None = field(default=None, metadata={"help": "serve over TLS with this certificate (PEM)"})
+    tls_key: Path | None = field(default=None, metadata={"help": "the certificate's private key (PEM)"})
+    api_key_file: Path | None = field(default=None, metadata={
+        "help": "file with the key callers must send (or set TANDEM_EDGE_API_KEY)"})
+    insecure: bool = field(default=False, metadata={
+        "help": "allow a non-loopback --host without TLS and a key (INSECURE: anyone who reaches it can use it)"})
 
     def __post_init__(self) -> None:
         if self.cloud_address is not None and ":" not in self.cloud_address:

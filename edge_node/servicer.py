@@ -39,6 +39,17 @@ from edge_node.generation import EdgeResult
 from edge_node.rpc_guard import RpcGuard, fault
 from protos.enums import cause_to_proto, edge_mode_to_route, finish_to_proto
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
+from tandem.security import (
+    KeyInterceptor,
+    SecurityError,
+    ServerTls,
+    add_port,
+    check_bind,
+    client_tls,
+    is_loopback,
+    read_secret,
+    secure_channel,
+)
 from tandem_core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -154,21 +165,41 @@ class EdgeServer:
         return self.core.wait_idle(period_s, hurry)
 
 
+def cloud_channel(config: EdgeConfig) -> grpc.Channel | None:
+    """The channel to the cloud: TLS and the device's token as configured; SecurityError when unsafe."""
+    if not config.cloud_address:
+        return None
+    tls = client_tls("edge -> cloud", tls=config.cloud_tls, ca=config.cloud_ca_cert, cert=config.cloud_client_cert,
+                     key=config.cloud_client_key, server_name=config.cloud_server_name)
+    token = read_secret(file=config.cloud_token_file, env="TANDEM_EDGE_CLOUD_TOKEN", what="cloud token")
+    host = config.cloud_address.rsplit(":", 1)[0]
+    if token is not None and tls is None and not is_loopback(host):
+        raise SecurityError(f"edge -> cloud: refusing to send the token in clear text to {host}; give --cloud-tls "
+                            "or --cloud-ca-cert")
+    return secure_channel(config.cloud_address, tls, token)
+
+
 def create_node(drafter: DrafterModel, config: EdgeConfig, address: str | None = None,
                 max_workers: int = 16) -> EdgeServer:
-    """The edge node's server (not started); `address` defaults to the config's host and port."""
-    channel = grpc.insecure_channel(config.cloud_address) if config.cloud_address else None
-    core = EdgeCore(drafter, config, channel)
+    """The edge node's server (not started); `address` defaults to the config's host and port.
+    SecurityError for an unsafe setting: a non-loopback bind without TLS and a key (unless
+    --insecure), an unreadable secret, a token about to travel in clear text beyond loopback."""
+    address = address or f"{config.host}:{config.port}"
+    tls = ServerTls.from_flags("edge", config.tls_cert, config.tls_key)
+    key = read_secret(file=config.api_key_file, env="TANDEM_EDGE_API_KEY", what="edge api key")
+    check_bind("edge", address.rsplit(":", 1)[0], tls=tls is not None, credential=key is not None,
+               insecure=config.insecure)
+    core = EdgeCore(drafter, config, cloud_channel(config))
+    interceptors: list[grpc.ServerInterceptor] = [RpcGuard()] + ([KeyInterceptor(key)] if key else [])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edge-rpc"),
-                         interceptors=[RpcGuard()])
+                         interceptors=interceptors)
     edge_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(core), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = address or f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    port = add_port(server, address, tls)
     if port == 0:
         raise OSError(f"cannot bind {address}")
     return EdgeServer(server, port, core, health_servicer)

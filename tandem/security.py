@@ -1,0 +1,327 @@
+"""Transport security shared by every node: TLS credentials, bearer keys, secrets and the bind rule.
+
+Guarantees:
+- Secrets (tokens, API keys) come from a file or an environment variable, never from a command
+  line (`ps` shows those). `read_secret` strips the text, refuses an empty one, and refuses a
+  file that others may read (mode & 0o077), like ssh does with a private key.
+- `write_secret` creates its file with mode 0600 before any byte is written (no window where
+  it is readable by others) and replaces the old one atomically.
+- `check_bind` is the one rule every server applies: a non-loopback address needs TLS and a
+  credential, unless the operator passed `--insecure`; the error names what is missing.
+- No function here logs or puts a secret into an exception message.
+- A leaf: the standard library and grpc; any runtime may use it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import ssl
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tandem.config import ConfigError
+
+AUTH_HEADER = "authorization"
+BEARER = "Bearer "
+
+
+class SecurityError(ConfigError):
+    """A security setting is missing or unsafe; the message says which and never holds a secret.
+    A ConfigError, so every CLI answers it with one line and exit code 2."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, brackets allowed) only listens on this machine."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(what: str, host: str, *, tls: bool, credential: bool, insecure: bool) -> None:
+    """Refuse to listen beyond loopback without TLS and a credential, unless `insecure`."""
+    if insecure or is_loopback(host):
+        return
+    missing = [name for name, present in (("TLS (a certificate and its key)", tls), ("a credential", credential))
+               if not present]
+    if missing:
+        raise SecurityError(f"{what}: refusing to listen on {host}, a non-loopback address, without "
+                            f"{' and '.join(missing)}; give them, bind 127.0.0.1, or pass --insecure to "
+                            "expose it unprotected")
+
+
+def read_secret(*, file: Path | None, env: str | None = None, what: str,
+                environ: Mapping[str, str] | None = None) -> str | None:
+    """The secret from `file`, else from the environment variable `env`, else None."""
+    environ = os.environ if environ is None else environ
+    if file is not None:
+        path = Path(file).expanduser()
+        try:
+            mode = path.stat().st_mode
+            if mode & 0o077:
+                raise SecurityError(f"{what}: {path} may be read by other users (mode {stat.S_IMODE(mode):o}); "
+                                    f"chmod 600 it")
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SecurityError(f"{what}: cannot read {path}: {exc.strerror}") from None
+        if not text:
+            raise SecurityError(f"{what}: {path} is empty")
+        return text
+    if env and environ.get(env, "").strip():
+        return environ[env].strip()
+    return None
+
+
+def write_secret(path: Path, text: str) -> Path:
+    """Write `text` to `path` with mode 0600, atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask never widens it, an existing tmp keeps no old mode
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def same_secret(given: str | None, expected: str) -> bool:
+    """Constant-time comparison."""
+    return given is not None and hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def bearer_from(metadata: Any) -> str | None:
+    """The token of an `authorization: Bearer TOKEN` entry in gRPC metadata (or a header mapping)."""
+    items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
+    for key, value in items:
+        if str(key).lower() == AUTH_HEADER:
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            return text[len(BEARER):].strip() if text.startswith(BEARER) else None
+    return None
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A server's certificate chain and key (PEM files), and the CA of its clients for mutual TLS."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    @classmethod
+    def from_flags(cls, what: str, cert: Path | None, key: Path | None, client_ca: Path | None = None) -> ServerTls | None:
+        if cert is None and key is None:
+            if client_ca is not None:
+                raise SecurityError(f"{what}: a client CA (mutual TLS) needs the server's certificate and key")
+            return None
+        if cert is None or key is None:
+            raise SecurityError(f"{what}: TLS needs both a certificate and its key")
+        for path in (cert, key, client_ca):
+            if path is not None and not Path(path).is_file():
+                raise SecurityError(f"{what}: no file at {path}")
+        return cls(Path(cert), Path(key), None if client_ca is None else Path(client_ca))
+
+    def grpc_credentials(self) -> Any:
+        ca = self.client_ca.read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials([(self.key.read_bytes(), self.cert.read_bytes())], root_certificates=ca,
+                                           require_client_auth=ca is not None)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert, self.key)
+        if self.client_ca:
+            ctx.load_verify_locations(self.client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """How a client checks its server (a CA file, or the system's roots when None) and, for mutual
+    TLS, its own certificate and key; `server_name` overrides the name checked in the certificate."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    def grpc_credentials(self) -> Any:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes() if self.ca else None,
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None)
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def client_tls(what: str, *, tls: bool, ca: Path | None, cert: Path | None = None, key: Path | None = None,
+               server_name: str | None = None) -> ClientTls | None:
+    """The client side of a hop: TLS when asked for or when any TLS file is given."""
+    if (cert is None) != (key is None):
+        raise SecurityError(f"{what}: a client certificate needs its key, and the key its certificate")
+    for path in (ca, cert, key):
+        if path is not None and not Path(path).is_file():
+            raise SecurityError(f"{what}: no file at {path}")
+    if not (tls or ca or cert):
+        return None
+    return ClientTls(ca, cert, key, server_name)
+
+
+def secure_channel(address: str, tls: ClientTls | None, token: str | None, *, aio: bool = False,
+                   options: list[tuple[str, Any]] | None = None) -> Any:
+    """A gRPC channel to `address`: TLS when `tls`, the bearer `token` on every call when given.
+
+    Over TLS the token travels as gRPC call credentials; without TLS (loopback only, since
+    `check_bind` makes every other server use TLS) an interceptor adds the same metadata.
+    """
+    opts = list(options or []) + (tls.options() if tls else [])
+    if tls is not None:
+        creds = tls.grpc_credentials()
+        if token:
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+        return (grpc.aio if aio else grpc).secure_channel(address, creds, options=opts)
+    if not token:
+        return (grpc.aio if aio else grpc).insecure_channel(address, options=opts)
+    entry = ((AUTH_HEADER, BEARER + token),)
+    if aio:
+        return grpc.aio.insecure_channel(address, options=opts, interceptors=_aio_adders(entry))
+    return grpc.intercept_channel(grpc.insecure_channel(address, options=opts), _MetadataAdder(entry))
+
+
+def _merged(details: Any, entry: tuple[tuple[str, str], ...]) -> Any:
+    metadata = tuple(details.metadata or ()) + entry
+    fields = {name: getattr(details, name, None) for name in
+              ("method", "timeout", "credentials", "wait_for_ready", "compression")}
+    return _CallDetails(metadata=metadata, **fields)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+class _MetadataAdder(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                     grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, entry: tuple[tuple[str, str], ...]) -> None:
+        self._entry = entry
+
+    def intercept_unary_unary(self, cont: Any, details: Any, request: Any) -> Any:
+        return cont(_merged(details, self._entry), request)
+
+    def intercept_unary_stream(self, cont: Any, details: Any, request: Any) -> Any:
+        return cont(_merged(details, self._entry), request)
+
+    def intercept_stream_unary(self, cont: Any, details: Any, requests: Any) -> Any:
+        return cont(_merged(details, self._entry), requests)
+
+    def intercept_stream_stream(self, cont: Any, details: Any, requests: Any) -> Any:
+        return cont(_merged(details, self._entry), requests)
+
+
+def _aio_adders(entry: tuple[tuple[str, str], ...]) -> list[Any]:
+    def add(details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *entry)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+    class UU(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, cont: Any, details: Any, request: Any) -> Any:
+            return await cont(add(details), request)
+
+    class US(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, cont: Any, details: Any, request: Any) -> Any:
+            return await cont(add(details), request)
+
+    class SU(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, cont: Any, details: Any, requests: Any) -> Any:
+            return await cont(add(details), requests)
+
+    class SS(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, cont: Any, details: Any, requests: Any) -> Any:
+            return await cont(add(details), requests)
+
+    return [UU(), US(), SU(), SS()]
+
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _deny_handler(handler: Any, code: grpc.StatusCode, message: str, aio: bool) -> Any:
+    """A handler of the same kind as `handler` that answers `code` before reading anything."""
+    if aio:
+        async def deny_aio(request: Any, context: Any) -> Any:
+            await context.abort(code, message)
+
+        fn: Any = deny_aio
+    else:
+        def deny_sync(request: Any, context: Any) -> Any:
+            context.abort(code, message)
+
+        fn = deny_sync
+    kind = ("unary_unary" if not handler.request_streaming and not handler.response_streaming else
+            "unary_stream" if not handler.request_streaming else
+            "stream_unary" if not handler.response_streaming else "stream_stream")
+    return getattr(grpc, f"{kind}_rpc_method_handler")(fn, request_deserializer=handler.request_deserializer,
+                                                        response_serializer=handler.response_serializer)
+
+
+def _key_verdict(key: str, details: Any, exempt: tuple[str, ...]) -> str | None:
+    """None when the call may go on, else the message of its UNAUTHENTICATED status."""
+    if details.method.startswith(exempt):
+        return None
+    given = bearer_from(details.invocation_metadata)
+    if given is None:
+        return "missing credential: send the API key as 'authorization: Bearer KEY' metadata"
+    return None if same_secret(given, key) else "invalid API key"
+
+
+class KeyInterceptor(grpc.ServerInterceptor):
+    """A sync server's API-key check: UNAUTHENTICATED without `authorization: Bearer KEY`
+    (health checks are exempt, so probes and load balancers need no key)."""
+
+    def __init__(self, key: str, exempt: tuple[str, ...] = (HEALTH_PREFIX,)) -> None:
+        self._key, self._exempt = key, exempt
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        denial = _key_verdict(self._key, details, self._exempt)
+        if denial is None or handler is None:
+            return handler
+        return _deny_handler(handler, grpc.StatusCode.UNAUTHENTICATED, denial, aio=False)
+
+
+class AioKeyInterceptor(grpc.aio.ServerInterceptor):
+    """`KeyInterceptor` for a grpc.aio server."""
+
+    def __init__(self, key: str, exempt: tuple[str, ...] = (HEALTH_PREFIX,)) -> None:
+        self._key, self._exempt = key, exempt
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        denial = _key_verdict(self._key, details, self._exempt)
+        if denial is None or handler is None:
+            return handler
+        return _deny_handler(handler, grpc.StatusCode.UNAUTHENTICATED, denial, aio=True)
+
+
+def add_port(server: Any, address: str, tls: ServerTls | None) -> int:
+    """Bind `server` to `address`, over TLS when `tls` is given; returns the port."""
+    if tls is None:
+        return int(server.add_insecure_port(address))
+    return int(server.add_secure_port(address, tls.grpc_credentials()))
