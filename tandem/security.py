@@ -3,7 +3,8 @@
 Guarantees:
 - Secrets (tokens, API keys) come from a file or an environment variable, never from a command
   line (`ps` shows those). `read_secret` strips the text, refuses an empty one, and refuses a
-  file that others may read (mode & 0o077), like ssh does with a private key.
+  file every user may read or that anyone but its owner may write (mode & 0o026). A group
+  may read it: a Kubernetes Secret mounted for a non-root container is 0440 with `fsGroup`.
 - `write_secret` creates its file with mode 0600 before any byte is written (no window where
   it is readable by others) and replaces the old one atomically.
 - `check_bind` is the one rule every server applies: a non-loopback address needs TLS and a
@@ -68,9 +69,9 @@ def read_secret(*, file: Path | None, env: str | None = None, what: str,
         path = Path(file).expanduser()
         try:
             mode = path.stat().st_mode
-            if mode & 0o077:
-                raise SecurityError(f"{what}: {path} may be read by other users (mode {stat.S_IMODE(mode):o}); "
-                                    f"chmod 600 it")
+            if mode & 0o026:
+                raise SecurityError(f"{what}: {path} may be read or changed by other users (mode "
+                                    f"{stat.S_IMODE(mode):o}); chmod 600 it")
             text = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise SecurityError(f"{what}: cannot read {path}: {exc.strerror}") from None

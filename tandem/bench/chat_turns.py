@@ -71,8 +71,10 @@ def run_suite(args: argparse.Namespace) -> int:
                    TANDEM_ORCH_PERSONAL="false")
         opts = local_stack.StackConfig(dtype=dtype, draft_len=args.draft_len, grpc_port=0, http_port=0,
                                        round_deadline_ms=ROUND_DEADLINE_MS)
-        children = local_stack.launch(partial(stack.start, env=env), opts, _progress)
-        with Client(children["orchestrator"].fields["grpc"], generate_timeout_s=1800) as client:
+        secrets = local_stack.secrets_for(opts)
+        children = local_stack.launch(partial(stack.start, env=env), opts, _progress, secrets)
+        with Client(children["orchestrator"].fields["grpc"], generate_timeout_s=1800,
+                    **local_stack.sdk_options(secrets)) as client:
             client.complete(prompt="Say hi.", route="speculative", max_new_tokens=4)  # warm-up
             rows = _conversation(client, turns, args.max_new_tokens)
     info = machine_info()

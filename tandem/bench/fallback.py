@@ -56,10 +56,12 @@ def run_suite(args: argparse.Namespace) -> int:
     deadline_ms = opts.round_deadline_ms
     prompt = "Write a Python function that merges two sorted lists into one sorted list."
     rows: list[dict[str, Any]] = []
+    secrets = local_stack.secrets_for(opts)
     with procs.Stack(log_dir) as stack:
-        children = local_stack.launch(stack.start, opts, _progress)
-        control = ShaperControl(children["netshape"].fields["control"])
-        with Client(children["orchestrator"].fields["grpc"], generate_timeout_s=1800) as client:
+        children = local_stack.launch(stack.start, opts, _progress, secrets)
+        control = ShaperControl(children["shaper"].fields["control"])
+        with Client(children["orchestrator"].fields["grpc"], generate_timeout_s=1800,
+                    **local_stack.sdk_options(secrets)) as client:
             client.complete(prompt="Say hi.", route="speculative", max_new_tokens=4)  # warm-up
             for fault in FAULTS:
                 for r in range(max(args.repeats, 1)):

@@ -26,12 +26,14 @@ from tandem.bench.report import progress as _progress
 from tandem.cli.main import CliError
 
 METHODS = ("target", "cloud_only", "assisted", "drafter", "tandem")
-NETWORK_METHODS = ("tandem_grpc", "cloud_stream")  # over gRPC through Ray Serve and the link shaper
+# over gRPC through the cloud's gateway, Ray Serve and the link shaper; `tandem_grpc_tls` adds TLS
+# and a device token (a second gateway in front of the same Serve proxy)
+NETWORK_METHODS = ("tandem_grpc", "tandem_grpc_tls", "cloud_stream")
 ALL_METHODS = METHODS + NETWORK_METHODS
 # methods whose greedy output must equal the target's
-CLAIMS_TARGET_OUTPUT = {"assisted", "cloud_only", "tandem", "tandem_grpc", "cloud_stream"}
+CLAIMS_TARGET_OUTPUT = {"assisted", "cloud_only", "tandem", "tandem_grpc", "tandem_grpc_tls", "cloud_stream"}
 # methods that run Tandem's engine, whose greedy output must equal its cloud-only path bit for bit
-CLAIMS_CLOUD_ONLY_OUTPUT = {"cloud_only", "tandem", "tandem_grpc", "cloud_stream"}
+CLAIMS_CLOUD_ONLY_OUTPUT = {"cloud_only", "tandem", "tandem_grpc", "tandem_grpc_tls", "cloud_stream"}
 SUITES = ("methods", "orchestrator", "fallback", "cloud-scale", "chat-turns")
 DEFAULT_MAX_NEW_TOKENS = 128
 # cloud-scale: the figures are for 32-64 new tokens; chat-turns: each answer adds about 40 tokens to the next turn
@@ -114,6 +116,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--categories", default=None, help="comma-separated categories to keep")
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category")
     p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument("--handshake-repeats", type=int, default=20,
+                   help="connections per measurement of the TLS set-up (with --methods ...,tandem_grpc_tls)")
     p.add_argument("--target", type=Path, default=None, help="target model folder (default: fetched pair)")
     p.add_argument("--drafter", type=Path, default=None, help="ONNX drafter folder (default: fetched pair)")
     p.add_argument("--drafter-hf", type=Path, default=None, help="torch drafter folder for assisted generation")
@@ -167,8 +171,8 @@ def _select(prompts: list[BenchPrompt], categories: str | None, limit: int | Non
 
 def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argparse.Namespace, n: int,
               remote: Any = None) -> Any:
-    if method == "tandem_grpc":
-        return remote.speculative(ids, params, draft_len=args.draft_len, max_new_tokens=n)
+    if method in ("tandem_grpc", "tandem_grpc_tls"):
+        return remote.speculative(ids, params, draft_len=args.draft_len, max_new_tokens=n, method=method)
     if method == "cloud_stream":
         return remote.cloud_stream(ids, params, max_new_tokens=n)
     if method == "target":
@@ -223,13 +227,35 @@ def run(args: argparse.Namespace) -> int:
         if any(m in NETWORK_METHODS for m in methods):
             from tandem.bench.remote import RemoteStack
 
-            remote = RemoteStack(stack, pair.drafter, dtype=args.dtype, model_dir=args.target, progress=_progress)
+            remote = RemoteStack(stack, pair.drafter, dtype=args.dtype, model_dir=args.target, progress=_progress,
+                                 tls="tandem_grpc_tls" in methods)
         runs = _run_all(pair, remote, methods, rtts, prompts, encoded, args)
+        handshake = None
+        if "tandem_grpc_tls" in methods:
+            from tandem.bench.remote import handshake_figures
+
+            _progress("connection set-up, plaintext vs TLS, new vs reused connections ...")
+            handshake = handshake_figures(remote, encoded[0], args.handshake_repeats, _progress)
     rows = aggregate(runs)
     print(format_table(rows))
+    if handshake is not None:
+        print(format_handshake(handshake))
     if args.json:
-        _write_json(args, rows, runs, methods, rtts, len(prompts), target, drafter)
+        _write_json(args, rows, runs, methods, rtts, len(prompts), target, drafter, handshake)
     return 0
+
+
+def format_handshake(h: dict[str, Any]) -> str:
+    lines = ["connection set-up at RTT 0 (median / p90 ms)   plaintext new   TLS new   TLS reused   plaintext reused"]
+    for what, label in (("health", "health check"), ("open", "session open (prefill cached)")):
+        cells = [h[f"{what}_{k}"] for k in ("plain_new_connection", "tls_new_connection", "tls_reused_connection",
+                                             "plain_reused_connection")]
+        lines.append(f"{label:<46}" + "".join(f"{c['median_ms']:>7.1f}/{c['p90_ms']:<6.1f}" for c in cells))
+    tls_cost = h["health_tls_new_connection"]["median_ms"] - h["health_plain_new_connection"]["median_ms"]
+    reuse = h["open_tls_new_connection"]["median_ms"] - h["open_tls_reused_connection"]["median_ms"]
+    lines.append(f"TLS handshake adds {tls_cost:.1f} ms to a new connection; reusing the connection saves "
+                 f"{reuse:.1f} ms per session open")
+    return "\n".join(lines)
 
 
 def _variants(methods: list[str], rtts: list[float]) -> list[tuple[str, float | None]]:
@@ -273,7 +299,7 @@ def _run_all(pair: Any, remote: Any, methods: list[str], rtts: list[float], prom
 
 
 def _write_json(args: argparse.Namespace, rows: list[dict], runs: list[Run], methods: list[str], rtts: list[float],
-                n_prompts: int, target: Path, drafter: Path) -> None:
+                n_prompts: int, target: Path, drafter: Path, handshake: dict[str, Any] | None = None) -> None:
     config = {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "draft_len": args.draft_len,
               "methods": methods, "rtt_ms": rtts if any(m in NETWORK_METHODS for m in methods) else None,
               "prompts": str(args.prompts or default_prompts_path()), "n_prompts": n_prompts, "sampling": "greedy",
@@ -283,6 +309,8 @@ def _write_json(args: argparse.Namespace, rows: list[dict], runs: list[Run], met
                    "identical_to_target": r.identical_to_target,
                    "identical_to_cloud_only": r.identical_to_cloud_only} for r in runs]
     doc = {"machine": machine_info(), "config": config, "results": rows, "runs": per_prompt}
+    if handshake is not None:
+        doc["tls_handshake"] = handshake
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
     _progress(f"wrote {args.json}")

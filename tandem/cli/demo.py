@@ -36,6 +36,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--route", choices=("auto", "local", "speculative", "cloud"), default="auto",
                    help="the orchestrator's route for the sample request")
     p.add_argument("--in-process", action="store_true", help="no processes: drafter and target in this process")
+    security = p.add_mutually_exclusive_group()
+    security.add_argument("--secure", dest="secure", action="store_true", default=True,
+                          help="TLS and a credential on every hop, with a development CA and tokens under "
+                               "TANDEM_HOME/secure (the default)")
+    security.add_argument("--insecure", dest="secure", action="store_false",
+                          help="plaintext, no credentials (every process still listens on loopback only)")
     p.set_defaults(func=run)
 
 
@@ -81,13 +87,14 @@ def _run_processes(args: argparse.Namespace, params: Any) -> int:
     log_dir = paths.tandem_home() / "logs" / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     signal.signal(signal.SIGTERM, _interrupt)
     opts = local_stack.StackConfig(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
-                                    grpc_port=0, http_port=0)
+                                    grpc_port=0, http_port=0, secure=args.secure)
     with procs.Stack(log_dir) as stack:
         try:
             _say(f"logs in {log_dir}")
-            children = local_stack.launch(stack.start, opts, _say)
+            secrets = local_stack.secrets_for(opts)
+            children = local_stack.launch(stack.start, opts, _say, secrets)
             _say("")
-            _stream_answer(children["orchestrator"].fields["grpc"], args, params)
+            _stream_answer(children["orchestrator"].fields["grpc"], args, params, local_stack.sdk_options(secrets))
         except procs.ChildFailed as exc:
             raise CliError(str(exc)) from None
         except KeyboardInterrupt:
@@ -98,12 +105,12 @@ def _run_processes(args: argparse.Namespace, params: Any) -> int:
     return 0
 
 
-def _stream_answer(address: str, args: argparse.Namespace, params: Any) -> None:
+def _stream_answer(address: str, args: argparse.Namespace, params: Any, client_options: dict[str, Any]) -> None:
     """The sample request, through the client SDK and the orchestrator."""
     from tandem_sdk import Client, TandemError
 
     print(f">>> {args.prompt}\n", flush=True)
-    with Client(address, generate_timeout_s=1800) as client:
+    with Client(address, generate_timeout_s=1800, **client_options) as client:
         try:
             answer = client.generate(prompt=args.prompt, route=args.route, max_new_tokens=args.max_new_tokens,
                                      temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,

@@ -26,6 +26,7 @@ _SUBCOMMANDS = {
     "up": "tandem.cli.stack",
     "down": "tandem.cli.stack",
     "status": "tandem.cli.stack",
+    "tokens": "tandem.cli.tokens",
 }
 
 

@@ -11,7 +11,14 @@ Guarantees:
   and `_down_grace_s()` to drain (the nodes' default drain period plus 10 s to exit) before
   SIGKILL, so answers in flight finish; the orchestrator goes first, the edge under it next.
 - `status` shows each process's health (exit 0 when all are healthy, 1 otherwise) and the
-  orchestrator's view of the link.
+  orchestrator's view of the link. `status --json` prints one JSON object: `processes` (each
+  with `name` among cloud, shaper, edge, orchestrator, `pid`, `grpc` HOST:PORT, `http` for the
+  orchestrator, `healthy`), `link`, and in secure mode `tls.ca_cert` and `auth.api_key_file`
+  (paths; never a key). The exit codes are the same.
+- Secure by default: `up` runs every hop over TLS with credentials (`local_stack`'s secure
+  mode); `--insecure` turns that off, by name. The orchestrator's addresses printed are then
+  reached with the CA and the API key that `status --json` names; `tandem generate`/`docs`
+  find both in the stack record.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from tandem.cli.main import CliError
@@ -31,10 +39,17 @@ def add_parser(sub: Any) -> None:
     up.add_argument("--draft-len", type=int, default=4)
     up.add_argument("--port", type=int, default=7070, help="orchestrator gRPC port (0 = free port)")
     up.add_argument("--http-port", type=int, default=7080, help="OpenAI-compatible HTTP port (0 = free port)")
+    security = up.add_mutually_exclusive_group()
+    security.add_argument("--secure", dest="secure", action="store_true", default=True,
+                          help="TLS and a credential on every hop; CA, tokens and keys under TANDEM_HOME/secure "
+                               "(the default)")
+    security.add_argument("--insecure", dest="secure", action="store_false",
+                          help="plaintext, no credentials (every process still listens on loopback only)")
     up.set_defaults(func=run_up)
     down = sub.add_parser("down", help="stop everything `tandem up` started")
     down.set_defaults(func=run_down)
     status = sub.add_parser("status", help="health of each process of the local stack")
+    status.add_argument("--json", action="store_true", help="one JSON object (processes, link, tls, auth)")
     status.set_defaults(func=run_status)
 
 
@@ -83,11 +98,12 @@ def run_up(args: argparse.Namespace) -> int:
         return child
 
     opts = local_stack.StackConfig(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
-                                    grpc_port=args.port, http_port=args.http_port)
+                                    grpc_port=args.port, http_port=args.http_port, secure=args.secure)
     _say(f"logs in {log_dir}")
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    secrets = local_stack.secrets_for(opts)
     try:
-        children = local_stack.launch(start, opts, _say)
+        children = local_stack.launch(start, opts, _say, secrets)
     except BaseException as exc:
         _say("start-up failed; stopping what was started")
         for child in reversed(started):
@@ -98,8 +114,10 @@ def run_up(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    path = local_stack.write_state(children)
+    path = local_stack.write_state(children, secrets)
     _say(f"recorded in {path}; `tandem down` stops it")
+    if secrets is not None:
+        _say(f"TLS: trust {secrets.ca_cert}; API key in {secrets.api_key} (send it as 'Authorization: Bearer KEY')")
     orch = children["orchestrator"].fields
     print(orch["grpc"])
     print(orch["http"])
@@ -129,12 +147,14 @@ def run_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grpc_healthy(address: str) -> bool:
+def _grpc_healthy(address: str, ca_cert: str | None = None) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tandem.security import ClientTls, secure_channel
+
     try:
-        with grpc.insecure_channel(address) as channel:
+        with secure_channel(address, ClientTls(Path(ca_cert)) if ca_cert else None, None) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
         return reply.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
@@ -152,37 +172,81 @@ def _port_open(address: str) -> bool:
         return False
 
 
+def _process_rows(state: dict) -> list[dict[str, Any]]:
+    ca = (state.get("tls") or {}).get("ca_cert")
+    rows = []
+    for p in state.get("processes", []):
+        name = "shaper" if p["name"] == "netshape" else p["name"]  # records from before the rename
+        alive = _ours(p)
+        address = p.get("address", "")
+        ok = alive and bool(address) and (_port_open(address) if name == "shaper" else _grpc_healthy(address, ca))
+        row: dict[str, Any] = {"name": name, "pid": int(p["pid"]), "grpc": address, "healthy": ok,
+                               "state": "healthy" if ok else ("unhealthy" if alive else "stopped")}
+        if name == "orchestrator":
+            row["http"] = state.get("orchestrator_http", "")
+        rows.append(row)
+    return rows
+
+
 def run_status(args: argparse.Namespace) -> int:
+    import json
+
     from tandem.ops import local_stack
 
     state = local_stack.read_state()
     if state is None:
-        print("no local stack recorded (start one with `tandem up`)")
+        if args.json:
+            print(json.dumps({"processes": [], "running": False}))
+        else:
+            print("no local stack recorded (start one with `tandem up`)")
         return 1
-    healthy = True
-    for p in state.get("processes", []):
-        alive = _ours(p)
-        address = p.get("address", "")
-        check = _port_open if p["name"] == "netshape" else _grpc_healthy
-        ok = alive and bool(address) and check(address)
-        healthy &= ok
-        print(f"{p['name']:<13} {'healthy' if ok else ('unhealthy' if alive else 'stopped'):<10} "
-              f"pid {p['pid']:<8} {address}")
+    rows = _process_rows(state)
+    healthy = bool(rows) and all(r["healthy"] for r in rows)
+    link = _link(state) if healthy else None
+    if args.json:
+        out: dict[str, Any] = {"running": True, "healthy": healthy,
+                               "processes": [{k: v for k, v in r.items() if k != "state"} for r in rows],
+                               "link": link if isinstance(link, dict) else None,
+                               "link_control": state.get("link_control", "")}
+        for key in ("tls", "auth"):
+            if key in state:
+                out[key] = state[key]
+        print(json.dumps(out, indent=2))
+        return 0 if healthy else 1
+    for r in rows:
+        print(f"{r['name']:<13} {r['state']:<10} pid {r['pid']:<8} {r['grpc']}")
     print(f"{'http':<13} {'-':<10} {'':<12} {state.get('orchestrator_http', '')}")
-    if healthy:
-        _link_line(state["orchestrator_grpc"])
+    if isinstance(link, dict):
+        print(f"link {link['state']}, circuit {link['circuit']}, rtt {link['rtt_ms']:.1f} ms "
+              f"(+-{link['rtt_jitter_ms']:.1f}), recent acceptance {link['recent_acceptance']:.2f}, "
+              f"documents {link['documents']}")
+    elif link is not None:
+        print(f"orchestrator status failed: {link}")
     return 0 if healthy else 1
 
 
-def _link_line(address: str) -> None:
+def client_options(state: dict) -> dict[str, Any]:
+    """SDK keyword arguments (CA and API key) for the recorded stack; {} when it is not secure."""
+    from tandem.security import read_secret
+
+    opts: dict[str, Any] = {}
+    if (state.get("tls") or {}).get("ca_cert"):
+        opts["ca_cert"] = state["tls"]["ca_cert"]
+    key_file = (state.get("auth") or {}).get("api_key_file")
+    if key_file:
+        opts["api_key"] = read_secret(file=Path(key_file), what="api key")
+    return opts
+
+
+def _link(state: dict) -> dict[str, Any] | str:
+    """The orchestrator's view of the link, or the error's text."""
     from tandem_sdk import Client, TandemError
 
     try:
-        with Client(address, timeout_s=5) as client:
+        with Client(state["orchestrator_grpc"], timeout_s=5, **client_options(state)) as client:
             s = client.status()
     except TandemError as exc:
-        print(f"orchestrator status failed: {exc}")
-        return
+        return str(exc)
     link = s.link
-    print(f"link {link.state}, circuit {link.circuit}, rtt {link.rtt_ms:.1f} ms (+-{link.rtt_jitter_ms:.1f}), "
-          f"recent acceptance {s.recent_acceptance:.2f}, documents {s.documents}")
+    return {"state": link.state, "circuit": link.circuit, "rtt_ms": link.rtt_ms, "rtt_jitter_ms": link.rtt_jitter_ms,
+            "recent_acceptance": s.recent_acceptance, "documents": s.documents}

@@ -31,6 +31,9 @@ APP_ARGS: dict[str, Any] = {
     "kv_budget_mb": 2048,
     "max_batch_rows": 64,
     "batch_window_ms": 20.0,
+    # The file (a mounted Secret) with the secret the cloud's gateway shows the replicas; empty: no
+    # gateway check (then Serve's own port is open to whoever reaches it; deploy/README.md).
+    "gateway_secret_file": "",
 }
 
 
@@ -42,6 +45,7 @@ def cloud_config(args: Mapping[str, Any]) -> Any:  # -> cloud_node.cli.CloudConf
     if unknown:
         raise ValueError(f"args: unknown key(s) {unknown}; known: {sorted(APP_ARGS)}")
     values = {**APP_ARGS, **args}
+    values.pop("gateway_secret_file")
     model_dir = values.pop("model_dir")
     if not model_dir:
         from tandem.models import registry as models
@@ -56,4 +60,18 @@ def build(args: dict[str, Any]) -> Any:
 
     config = cloud_config(args)
     return serve_app.build_app(config.model_dir, dtype=config.dtype, limits=config.limits(),
-                               threads=config.threads)
+                               threads=config.threads, gateway_digest=gateway_digest(args))
+
+
+def gateway_digest(args: Mapping[str, Any]) -> str | None:
+    """The digest of the gateway's secret from `gateway_secret_file` (read where the app is
+    built), or None when the arg is empty. A missing or unsafe file raises (ConfigError)."""
+    path = str(args.get("gateway_secret_file") or "")
+    if not path:
+        return None
+    from cloud_node.gateway import secret_digest
+    from tandem.security import read_secret
+
+    secret = read_secret(file=Path(path), what="gateway_secret_file")
+    assert secret is not None  # read_secret raises for a missing or empty file
+    return secret_digest(secret)

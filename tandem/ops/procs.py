@@ -270,13 +270,16 @@ class Stack:
         self.stop_all()
 
 
-def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
-    """Poll grpc.health.v1 until SERVING; raise ChildFailed on timeout."""
+def wait_healthy(address: str, timeout_s: float, service: str = "", ca_cert: Path | None = None) -> None:
+    """Poll grpc.health.v1 until SERVING (over TLS checked against `ca_cert` when given); raise
+    ChildFailed on timeout. Health checks need no key on any node."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tandem.security import ClientTls, secure_channel
+
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with secure_channel(address, ClientTls(ca_cert) if ca_cert else None, None) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

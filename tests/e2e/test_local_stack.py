@@ -1,9 +1,11 @@
 """`tandem up` / `status` / `generate` / `docs` / `down` as real processes on the real pair.
 
 Slow: it starts the whole local stack (Ray Serve cloud node with the 1.5B target, link shaper,
-edge node with the 0.5B ONNX drafter, orchestrator with MiniLM) in the background, talks to it
-through the CLI, the SDK and the OpenAI-compatible endpoint, cuts the link with the shaper's
-control endpoint, and checks that `tandem down` leaves nothing running. TANDEM_HOME is a
+edge node with the 0.5B ONNX drafter, orchestrator with MiniLM) in the background, in its
+default secure mode (TLS and a credential on every hop), talks to it through the CLI, the SDK
+and the OpenAI-compatible endpoint (with the CA and the API key `status --json` names), cuts
+the link with the shaper's control endpoint, and checks that `tandem down` leaves nothing
+running and that no log holds a secret. TANDEM_HOME is a
 temporary folder whose `models` (and compiled kernels) link to the fetched ones, so the
 user's own stack record and personal store are untouched.
 """
@@ -81,9 +83,57 @@ def _alive(pid: int) -> bool:
 def test_status_shows_every_process_healthy(env, stack) -> None:
     out = _tandem(env, "status")
     assert out.returncode == 0, out.stdout + out.stderr
-    for name in ("cloud", "netshape", "edge", "orchestrator"):
+    for name in ("cloud", "shaper", "edge", "orchestrator"):
         assert re.search(rf"^{name}\s+healthy", out.stdout, re.M), out.stdout
     assert "link up, circuit closed" in out.stdout
+
+
+def _status(env) -> dict:
+    out = _tandem(env, "status", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def _key(env) -> str:
+    return Path(_status(env)["auth"]["api_key_file"]).read_text().strip()
+
+
+def test_status_json_names_processes_tls_and_auth(env, stack, home) -> None:
+    status = _status(env)
+    by_name = {p["name"]: p for p in status["processes"]}
+    assert set(by_name) == {"cloud", "shaper", "edge", "orchestrator"}
+    assert all(p["healthy"] and re.fullmatch(r"127\.0\.0\.1:\d+", p["grpc"]) for p in by_name.values())
+    assert by_name["orchestrator"]["http"] == stack["orchestrator_http"]
+    ca, key_file = Path(status["tls"]["ca_cert"]), Path(status["auth"]["api_key_file"])
+    assert ca.is_file() and key_file.is_file() and (key_file.stat().st_mode & 0o077) == 0
+    assert status["link"]["state"] == "up"
+
+
+def test_no_secret_on_any_command_line(home, stack) -> None:
+    import psutil
+
+    secrets = [p.read_text().strip() for p in (home / "secure").iterdir() if p.suffix in (".key", ".token")]
+    assert len(secrets) == 3  # the API key, the edge's key, the edge's cloud token
+    cmdlines = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+    assert any("serve edge" in c for c in cmdlines)  # the stack's processes are among them
+    assert not any(secret in c for c in cmdlines for secret in secrets)
+
+
+def test_every_hop_refuses_plaintext_and_missing_keys(env, stack) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tandem_sdk import TandemError
+
+    for p in _status(env)["processes"]:
+        if p["name"] == "shaper":
+            continue
+        with grpc.insecure_channel(p["grpc"]) as channel, pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    ca = _status(env)["tls"]["ca_cert"]
+    with Client(stack["orchestrator_grpc"], timeout_s=10, ca_cert=ca) as client, pytest.raises(TandemError) as err:
+        client.status()
+    assert "UNAUTHENTICATED" in str(err.value) or err.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_auto_routes_code_speculative_at_rtt_0(env, stack) -> None:
@@ -94,11 +144,13 @@ def test_auto_routes_code_speculative_at_rtt_0(env, stack) -> None:
     assert result["stats"]["generated_tokens"] == 8 and result["text"]
 
 
-def test_openai_endpoint_on_the_real_pair(stack) -> None:
+def test_openai_endpoint_on_the_real_pair(env, stack) -> None:
+    import httpx
     import openai
 
-    oai = openai.OpenAI(base_url=f"http://{stack['orchestrator_http']}/v1", api_key="unused", max_retries=0,
-                        timeout=600)
+    ca = _status(env)["tls"]["ca_cert"]
+    oai = openai.OpenAI(base_url=f"https://{stack['orchestrator_http']}/v1", api_key=_key(env), max_retries=0,
+                        timeout=600, http_client=httpx.Client(verify=ca, timeout=600))
     r = oai.chat.completions.create(model="tandem-local", messages=[{"role": "user", "content": "Say hi."}],
                                     max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4 and r.model_extra["tandem"]["route"] == "local"
@@ -120,7 +172,8 @@ def test_private_document_keeps_the_answer_on_the_device(env, stack, tmp_path) -
 
 def test_link_down_routes_auto_local_within_one_health_interval(env, stack) -> None:
     control = ShaperControl(stack["link_control"])
-    with Client(stack["orchestrator_grpc"], timeout_s=30) as client:
+    with Client(stack["orchestrator_grpc"], timeout_s=30, api_key=_key(env),
+                ca_cert=_status(env)["tls"]["ca_cert"]) as client:
         interval_s = 1.0  # the orchestrator's default health interval
         control.set(mode="down")
         try:
@@ -142,3 +195,10 @@ def test_down_stops_everything(env, home, stack) -> None:
     assert not (home / "run" / "stack.json").exists()
     status = _tandem(env, "status")
     assert status.returncode == 1 and "no local stack" in status.stdout
+    secrets = [p.read_text().strip() for p in (home / "secure").glob("*.key")] + \
+        [p.read_text().strip() for p in (home / "secure").glob("*.token")]
+    assert len(secrets) == 3
+    for log in (home / "run" / "logs").rglob("*"):
+        if log.is_file():
+            text = log.read_text(errors="replace")
+            assert not any(secret in text for secret in secrets), f"a secret is in {log}"

@@ -1,0 +1,80 @@
+"""`tandem tokens issue|list|revoke`: the cloud's per-device tokens.
+
+Guarantees:
+- The store is `--store` (default `TANDEM_HOME/auth/cloud-tokens.json`, the file the cloud's
+  `--tokens-file` names); it holds salted hashes only (`cloud_node.tokens`), mode 0600.
+- `issue NAME` writes the new token to `--out FILE` (mode 0600) and prints only its id, or, with
+  no `--out`, prints the token once on stdout (nothing else goes to stdout). A token is never
+  shown again and never appears in an error message.
+- `list` shows id, name, created, session limit and revocation, never a hash (`--json` for
+  scripts). `revoke ID|NAME` takes effect on a running gateway within `cloud_node.tokens.RELOAD_S`
+  (1 s): new calls get PERMISSION_DENIED and its open streams end.
+- Bad input (a bad name, an unknown token, an unreadable store) exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tandem import paths
+from tandem.cli.main import CliError
+
+
+def default_store() -> Path:
+    return paths.tandem_home() / "auth" / "cloud-tokens.json"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("tokens", help="issue, list and revoke the cloud's per-device tokens")
+    p.add_argument("--store", type=Path, default=None, help="token store (default TANDEM_HOME/auth/cloud-tokens.json)")
+    ops = p.add_subparsers(dest="op", metavar="OP", required=True)
+    issue = ops.add_parser("issue", help="issue a token for a device")
+    issue.add_argument("name", help="the device's name (letters, digits, ._@-)")
+    issue.add_argument("--max-sessions", type=int, default=None, help="sessions this device may hold open at once "
+                                                                       "(default 4)")
+    issue.add_argument("--out", type=Path, help="write the token to this file (mode 0600) instead of stdout")
+    ls = ops.add_parser("list", help="the tokens (never their secrets)")
+    ls.add_argument("--json", action="store_true", help="one JSON array")
+    rev = ops.add_parser("revoke", help="revoke a token by id or device name")
+    rev.add_argument("key", metavar="ID|NAME")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cloud_node.tokens import DEFAULT_MAX_SESSIONS, TokenError, TokenStore
+    from tandem.security import write_secret
+
+    store = TokenStore(args.store or default_store())
+    try:
+        if args.op == "issue":
+            record, token = store.issue(args.name, args.max_sessions or DEFAULT_MAX_SESSIONS)
+            if args.out:
+                write_secret(args.out, token + "\n")
+                print(f"issued {record.id} for {record.name}; the token is in {args.out}", file=sys.stderr)
+            else:
+                print(f"issued {record.id} for {record.name}; the token follows, shown only now", file=sys.stderr)
+                print(token, flush=True)
+        elif args.op == "list":
+            rows = [r.public() for r in store.records()]
+            if args.json:
+                print(json.dumps(rows, indent=1))
+            else:
+                for r in rows:
+                    state = "live" if r["revoked"] is None else "revoked " + _when(r["revoked"])
+                    print(f"{r['id']}  {r['name']:<20} created {_when(r['created'])}  "
+                          f"max_sessions {r['max_sessions']:<4} {state}")
+        else:
+            record = store.revoke(args.key)
+            print(f"revoked {record.id} ({record.name}); a running gateway refuses it within 1 s", file=sys.stderr)
+    except TokenError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def _when(ts: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
