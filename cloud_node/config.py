@@ -104,7 +104,7 @@ class GatewayConfig:
     tokens_file: Path | None = _f(None, "per-device token store (`tandem tokens`); every call then needs a valid, "
                                         "unrevoked token")
     gateway_secret_file: Path | None = _f(None, "file with the secret the gateway shows the replicas (mode 0600); "
-                                                "default: a fresh one per start")
+                                                "default: a fresh one per start", secret_env="")
     insecure: bool = _f(False, "allow a non-loopback --host without TLS and tokens (INSECURE: anyone who reaches "
                                "it can run the target)")
 

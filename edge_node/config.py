@@ -51,12 +51,13 @@ class EdgeConfig:
     cloud_server_name: str | None = field(default=None, metadata={
         "help": "name to check in the cloud's certificate when it differs from --cloud's host"})
     cloud_token_file: Path | None = field(default=None, metadata={
-        "help": "file with this device's cloud token (or set TANDEM_EDGE_CLOUD_TOKEN)"})
+        "help": "file with this device's cloud token (or set TANDEM_EDGE_CLOUD_TOKEN)",
+        "secret_env": "TANDEM_EDGE_CLOUD_TOKEN"})
     # This node's own endpoint. Its key comes from --api-key-file or TANDEM_EDGE_API_KEY.
     tls_cert: Path | None = field(default=None, metadata={"help": "serve over TLS with this certificate (PEM)"})
     tls_key: Path | None = field(default=None, metadata={"help": "the certificate's private key (PEM)"})
     api_key_file: Path | None = field(default=None, metadata={
-        "help": "file with the key callers must send (or set TANDEM_EDGE_API_KEY)"})
+        "help": "file with the key callers must send (or set TANDEM_EDGE_API_KEY)", "secret_env": "TANDEM_EDGE_API_KEY"})
     insecure: bool = field(default=False, metadata={
         "help": "allow a non-loopback --host without TLS and a key (INSECURE: anyone who reaches it can use it)"})
 

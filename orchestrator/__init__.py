@@ -4,6 +4,6 @@
 `openai_schema`), and its config and CLI (`app` composes them).
 
 May import: `tandem_core`, `protos`, grpcio, aiohttp, pydantic, torch/transformers (the
-embedder), and tandem's leaf modules (`tandem.config`, `tandem.limits`, `tandem.paths`,
+embedder), and tandem's leaf modules (`tandem.config`, `tandem.limits`, `tandem.paths`, `tandem.security`,
 `tandem.models.registry`). It reaches the edge over gRPC only, never by import.
 """

@@ -8,6 +8,11 @@ in OpenAI's error shape: `errors.Unavailable`) while both listeners stay up to s
 returns once the generations in flight have finished (True), or when `period_s` passed or
 `hurry` was set (False). `Running.stop()` then closes the listeners, the monitor and the edge
 channel, whatever state they are in; what still runs is cancelled.
+
+Security (`config.resolve_security`, read in `start()` unless given): with a certificate both
+listeners speak TLS only; with an API key every gRPC call but health (`AioKeyInterceptor`) and
+every HTTP request (`http_api`) must carry it; the edge channel uses the edge's TLS and key, the
+link monitor the cloud's TLS.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from typing import Any, cast
 
 import grpc
 
-from orchestrator.config import OrchestratorConfig
+from orchestrator.config import OrchestratorConfig, Security, resolve_security
 from orchestrator.core import Orchestrator
 from orchestrator.errors import Unavailable
 from orchestrator.link_monitor import LinkMonitor
 from orchestrator.personal import Personal
 from orchestrator.servicer import create_server, mark_serving
 from protos.tandem.v1 import orchestrator_pb2 as opb
+from tandem.security import AioKeyInterceptor, secure_channel
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,7 @@ class AdmittedOrchestrator(Orchestrator):
 class Running:
     config: OrchestratorConfig
     personal: Personal | None = None
+    security: Security | None = None  # None: read from the config in start()
     core: AdmittedOrchestrator | None = None
     grpc_port: int = 0
     http_port: int | None = None
@@ -88,19 +95,24 @@ class Running:
 
     async def start(self) -> Running:
         c = self.config
-        self._edge_channel = grpc.aio.insecure_channel(c.edge_address)
+        sec = self.security = self.security if self.security is not None else resolve_security(c)
+        self._edge_channel = secure_channel(c.edge_address, sec.edge_tls, sec.edge_key, aio=True)
         self._monitor = LinkMonitor(c.cloud_address, interval_s=c.health_interval_s, timeout_s=c.probe_timeout_s,
-                                    open_s=c.circuit_open_s)
+                                    open_s=c.circuit_open_s, tls=sec.cloud_tls)
         if c.personal and self.personal is None:
             self.personal = Personal(c.store_path)
         self.core = AdmittedOrchestrator(c, self._edge_channel, self._monitor, self.personal)
         self.core.admission = self.admission
-        self._server, self.grpc_port = create_server(self.core, f"{c.host}:{c.grpc_port}")
+        interceptors = [AioKeyInterceptor(sec.api_key)] if sec.api_key is not None else []
+        self._server, self.grpc_port = create_server(self.core, f"{c.host}:{c.grpc_port}", interceptors=interceptors,
+                                                     tls=sec.server_tls)
         await self._server.start()
         if c.http_port is not None:
             from orchestrator.http_api import create_http_app, start_http
 
-            self._http, self.http_port = await start_http(create_http_app(self.core), c.host, c.http_port)
+            app = create_http_app(self.core, api_key=sec.api_key)
+            ssl_context = sec.server_tls.ssl_context() if sec.server_tls is not None else None
+            self._http, self.http_port = await start_http(app, c.host, c.http_port, ssl_context=ssl_context)
         self._monitor.start()
         await mark_serving(self._server)
         return self

@@ -4,10 +4,21 @@ Guarantees: every value is validated in `__post_init__` and a bad one raises `Va
 naming the field. Sources, in order of precedence: CLI flag, then `TANDEM_ORCH_*` environment
 variable, then the default (`tandem.config.load`); the defaults shared with the
 edge come from `tandem.limits`.
+
+Security: no field holds a secret. The API keys come from a file (`--api-key-file`, mode 0600) or
+from the variables `TANDEM_ORCH_API_KEY` / `TANDEM_ORCH_EDGE_API_KEY`, read once at start-up by
+`resolve_security`, which also applies the bind rule (`tandem.security.check_bind`: a
+non-loopback `--host` needs TLS and an API key, unless `--insecure`) and loads every certificate,
+so a bad setting fails before anything is bound or loaded. Its errors are `SecurityError`s that
+name the setting and never hold a key.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +33,14 @@ from tandem.limits import (
     OPEN_DEADLINE_MS,
     ROUND_DEADLINE_MS,
 )
+from tandem.security import ClientTls, SecurityError, ServerTls, check_bind, client_tls, is_loopback, read_secret
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "TANDEM_ORCH_"
 MAX_CONTEXT_CHUNKS = 16
+API_KEY_ENV = ENV_PREFIX + "API_KEY"  # the API key itself (or --api-key-file)
+EDGE_API_KEY_ENV = ENV_PREFIX + "EDGE_API_KEY"  # the edge node's key itself (or --edge-api-key-file)
 
 
 def _f(default: Any, text: str, **extra: Any) -> Any:
@@ -58,6 +74,20 @@ class OrchestratorConfig:
     target_name: str = _f("qwen2.5-coder-1.5b-instruct", "the model name the OpenAI endpoint reports")
     edge_timeout_s: float = _f(3600.0, "a generation's hard limit when the request sets none")
     drain_s: float = _f(DRAIN_S, "on SIGTERM, how long the answers in flight may take to finish before the process stops")
+    tls_cert: Path | None = _f(None, "PEM certificate (chain) of this orchestrator: serve gRPC and HTTP over TLS "
+                                     "(needs --tls-key)")
+    tls_key: Path | None = _f(None, "PEM private key of --tls-cert")
+    api_key_file: Path | None = _f(None, "file (mode 0600) holding the API key every gRPC call and HTTP request "
+                                         f"must send as 'Authorization: Bearer KEY'; or set {API_KEY_ENV} to the key",
+                                   secret_env=API_KEY_ENV)
+    insecure: bool = _f(False, "allow a non-loopback --host without TLS or an API key (INSECURE: anyone on the "
+                               "network can use it)")
+    edge_tls: bool = _f(False, "reach the edge node over TLS (the system's CAs unless --edge-ca-cert)")
+    edge_ca_cert: Path | None = _f(None, "PEM CA certificate that signed the edge node's (implies --edge-tls)")
+    edge_api_key_file: Path | None = _f(None, "file (mode 0600) holding the edge node's API key; or set "
+                                              f"{EDGE_API_KEY_ENV} to the key", secret_env=EDGE_API_KEY_ENV)
+    cloud_tls: bool = _f(False, "probe the cloud's health over TLS (the system's CAs unless --cloud-ca-cert)")
+    cloud_ca_cert: Path | None = _f(None, "PEM CA certificate that signed the cloud's (implies --cloud-tls)")
 
     def __post_init__(self) -> None:
         if self.http_port is not None and self.http_port < 0:
@@ -88,3 +118,66 @@ class OrchestratorConfig:
             raise ValueError(f"drain_s must be in [0, {MAX_DRAIN_S:g}], got {self.drain_s}")
         if not 0 <= self.context_chunks <= MAX_CONTEXT_CHUNKS:
             raise ValueError(f"context_chunks must be in [0, {MAX_CONTEXT_CHUNKS}]")
+        self._check_security_files()
+
+    def _check_security_files(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both (--tls-cert and --tls-key) or neither")
+        for name in ("tls_cert", "tls_key", "api_key_file", "edge_ca_cert", "edge_api_key_file", "cloud_ca_cert"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            object.__setattr__(self, name, Path(path).expanduser())  # a ~ from an environment variable too
+            if not getattr(self, name).is_file():
+                raise ValueError(f"{name}: no file at {path}")
+
+
+@dataclass(frozen=True)
+class Security:
+    """What `resolve_security` read: the listeners' TLS, the API key, and the client side of each hop.
+
+    The keys are left out of `repr`, so a log line or a traceback showing this object holds none.
+    """
+
+    server_tls: ServerTls | None = None
+    api_key: str | None = field(default=None, repr=False)
+    edge_tls: ClientTls | None = None
+    edge_key: str | None = field(default=None, repr=False)
+    cloud_tls: ClientTls | None = None
+
+
+def resolve_security(config: OrchestratorConfig, environ: Mapping[str, str] | None = None) -> Security:
+    """Read the keys, load the certificates and apply the bind rule; raises `SecurityError`."""
+    server_tls = ServerTls.from_flags("orchestrator", config.tls_cert, config.tls_key)
+    if server_tls is not None:
+        _load("tls_cert/tls_key", server_tls.ssl_context)
+    api_key = read_secret(file=config.api_key_file, env=API_KEY_ENV, what="api key", environ=environ)
+    try:
+        check_bind("orchestrator", config.host, tls=server_tls is not None, credential=api_key is not None,
+                   insecure=config.insecure)
+    except SecurityError as exc:
+        raise SecurityError(f"{exc} (TLS: --tls-cert and --tls-key; the credential: --api-key-file or "
+                            f"{API_KEY_ENV})") from None
+    if not is_loopback(config.host) and (server_tls is None or api_key is None):
+        missing = " and ".join(w for w, ok in (("TLS", server_tls), ("an API key", api_key)) if ok is None)
+        log.warning("INSECURE (--insecure): listening on %s without %s; it is unprotected: anyone on the network "
+                    "can use it or read its traffic", config.host, missing)
+    edge_tls = client_tls("edge", tls=config.edge_tls, ca=config.edge_ca_cert)
+    if edge_tls is None and not is_loopback(config.edge_address.rsplit(":", 1)[0]):
+        log.warning("the edge node at %s is reached without TLS: prompts and answers cross the network in clear "
+                    "text (--edge-ca-cert or --edge-tls)", config.edge_address)
+    cloud_tls = client_tls("cloud", tls=config.cloud_tls, ca=config.cloud_ca_cert)
+    for name, tls in (("edge_ca_cert", edge_tls), ("cloud_ca_cert", cloud_tls)):
+        if tls is not None and tls.ca is not None:
+            _load(name, functools.partial(ssl.create_default_context, cafile=str(tls.ca)))
+    edge_key = read_secret(file=config.edge_api_key_file, env=EDGE_API_KEY_ENV, what="edge api key", environ=environ)
+    return Security(server_tls, api_key, edge_tls, edge_key, cloud_tls)
+
+
+def _load(name: str, load: Callable[[], object]) -> None:
+    """Run `load` (which parses PEM files); a bad file becomes a SecurityError naming `name`."""
+    try:
+        load()
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
+        raise SecurityError(f"{name}: not a usable PEM file ({reason})") from None

@@ -24,6 +24,11 @@ Guarantees:
   it trickles bytes. Heads are bounded by aiohttp (request line and each header at most 8190
   bytes, at most 128 headers), bodies by `max_body_bytes` and `body_timeout_s`. (aiohttp has
   no connection cap; each held connection costs one file descriptor for at most those timeouts.)
+- With an API key (`create_http_app(api_key=...)`) every request, whatever its route or method
+  (`/v1/models` and `/openapi.json` included), must carry `Authorization: Bearer KEY`; any other
+  gets 401 with `WWW-Authenticate: Bearer` and OpenAI's body (type "invalid_request_error", code
+  "invalid_api_key"), before its body is read. Keys are compared in constant time, and no reply
+  or log line holds the key given or expected. With `ssl_context` (`start_http`) it speaks HTTPS only.
 - Usage, the `tandem` extension and stop sequences: see `openai_run`. `stop` is applied here:
   the text is cut before the first stop sequence, finish_reason is "stop" and the core's
   generator is closed at once.
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,6 +63,7 @@ from orchestrator.openai_schema import (
     usage_chunk_json,
 )
 from protos.tandem.v1 import orchestrator_pb2
+from tandem.security import bearer_from, same_secret
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +94,17 @@ BODY_TIMEOUT_KEY = web.AppKey("tandem_body_timeout_s", float)
 
 
 def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20,
-                    body_timeout_s: float = BODY_TIMEOUT_S) -> web.Application:
+                    body_timeout_s: float = BODY_TIMEOUT_S, api_key: str | None = None) -> web.Application:
     """The OpenAI-compatible app over `core`; bodies over `max_body_bytes` get 413, bodies not
-    received within `body_timeout_s` 408."""
+    received within `body_timeout_s` 408; with `api_key`, requests without it 401."""
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes: must be positive (got {max_body_bytes})")
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s: must be > 0 (got {body_timeout_s})")
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_error_middleware])
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key: must not be empty")
+    middlewares = ([_key_middleware(api_key)] if api_key is not None else []) + [_error_middleware]
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[CORE_KEY] = core
     app[MAX_BODY_KEY] = max_body_bytes
     app[BODY_TIMEOUT_KEY] = float(body_timeout_s)
@@ -106,23 +116,23 @@ def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20,
     return app
 
 
-async def start_http(app: web.Application, host: str, port: int, *,
-                     header_timeout_s: float = HEADER_TIMEOUT_S) -> tuple[web.AppRunner, int]:
+async def start_http(app: web.Application, host: str, port: int, *, header_timeout_s: float = HEADER_TIMEOUT_S,
+                     ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
     """Serve `app` on host:port in the running loop (port 0 picks one); (runner, bound port).
     A connection without a complete request head `header_timeout_s` after it opened (or after
-    its previous response) is closed. Stop with `await runner.cleanup()`."""
+    its previous response) is closed. With `ssl_context`, HTTPS only. Stop with `await runner.cleanup()`."""
     if not header_timeout_s > 0:
         raise ValueError(f"header_timeout_s: must be > 0 (got {header_timeout_s})")
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=header_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
     bound = runner.addresses[0][1]
-    logger.info("OpenAI-compatible endpoint on http://%s:%d/v1", host, bound)
+    logger.info("OpenAI-compatible endpoint on %s://%s:%d/v1", "https" if ssl_context else "http", host, bound)
     return runner, bound
 
 
@@ -300,6 +310,24 @@ def _http_error(request: web.Request, err: web.HTTPException) -> ApiError:
         limit = request.app[MAX_BODY_KEY]
         return ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
     return ApiError(err.status, err.reason or f"HTTP {err.status}")
+
+
+_NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
+           "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+_BAD_KEY = "Incorrect API key provided."  # never quotes the key, not even in part
+
+
+def _key_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """401 in OpenAI's shape unless the request carries `Authorization: Bearer api_key`."""
+    @web.middleware
+    async def require_key(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+        given = bearer_from(request.headers)
+        if same_secret(given, api_key):
+            return await handler(request)
+        err = ApiError(401, _BAD_KEY if given else _NO_KEY, code="invalid_api_key")
+        return web.json_response(err.to_json(), status=401, headers={"WWW-Authenticate": "Bearer"})
+    return require_key
 
 
 @web.middleware

@@ -9,6 +9,8 @@ Guarantees:
   circuit is half-open and the next probe decides (success closes it, failure re-opens it with
   a doubled period). Requests that saw the link fail mid-answer report it (`report_failure`).
 - `view()` is the routing policy's `LinkView`; `snapshot()` is what Status reports.
+- With `tls` the probes go over TLS (`tandem.security.ClientTls`: the CA that signed the cloud's
+  certificate); they carry no key, since every node exempts health from its API key.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tandem.security import ClientTls, secure_channel
 from tandem_core.link_health import CIRCUIT_CLOSED, CircuitBreaker, RttEstimator
 from tandem_core.routing import LinkView
 
@@ -40,8 +43,9 @@ class LinkSnapshot:
 
 class LinkMonitor:
     def __init__(self, address: str | None, *, interval_s: float = 1.0, timeout_s: float = 1.0,
-                 open_s: float = 5.0) -> None:
+                 open_s: float = 5.0, tls: ClientTls | None = None) -> None:
         self.address = address
+        self.tls = tls
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.breaker = CircuitBreaker(failure_threshold=1, open_s=open_s)
@@ -55,7 +59,7 @@ class LinkMonitor:
     def start(self) -> None:
         if self.address is None or self._task is not None:
             return
-        self._channel = grpc.aio.insecure_channel(self.address)
+        self._channel = secure_channel(self.address, self.tls, None, aio=True)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="link-monitor")
 
     async def stop(self) -> None:

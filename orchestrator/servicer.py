@@ -12,6 +12,8 @@ Guarantees:
   frees its generation slot.
 - At most `MAX_CONCURRENT_RPCS` calls run at once; more get RESOURCE_EXHAUSTED from gRPC.
 - Health (grpc.health.v1, "" and the Orchestrator service) and reflection are registered.
+- With `tls` the port speaks TLS only (`tandem.security.add_port`); an API key is checked by the
+  caller's interceptor (`tandem.security.AioKeyInterceptor`: every call but health).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from orchestrator.errors import BadRequest, Disabled, public_message, status_of
 from orchestrator.personal import Personal
 from orchestrator.validation import check_id
 from protos.tandem.v1 import orchestrator_pb2 as opb
+from tandem.security import ServerTls, add_port
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -150,16 +153,17 @@ def _stream(method: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[T]],
     return call
 
 
-def create_server(core: Orchestrator, address: str, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
-                  ) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server (not started) with the Orchestrator service, health and reflection."""
+def create_server(core: Orchestrator, address: str, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                  tls: ServerTls | None = None) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server (not started) with the Orchestrator service, health and reflection;
+    over TLS when `tls` is given."""
     server = grpc.aio.server(interceptors=list(interceptors), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
                              options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
     server.add_generic_rpc_handlers((OrchestratorServicer(core).handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = add_port(server, address, tls)
     if port == 0:
         raise OSError(f"cannot bind {address}")
     server.health = health_servicer  # type: ignore[attr-defined]

@@ -7,6 +7,10 @@ Guarantees:
   the field's `metadata["help"]`; flags default to "not given", so the environment can fill in.
   Reading the environment happens in `load`, never while building a parser, so a bad variable
   cannot break `--help`.
+- A field whose metadata has `secret_env` names a file holding a secret (the variable named
+  there may hold the secret itself). `add_flags` then also defines the flag without `-file`
+  as a refusal: `--api-key VALUE` exits 2 without echoing the value, instead of argparse
+  reading it as an abbreviation of `--api-key-file` (and quoting it in an error).
 - `load` raises `ConfigError` naming the flag's field or the environment variable; the
   dataclass's own `__post_init__` errors (ValueError) are re-raised as `ConfigError` too. A CLI
   prints it as one line and exits with code 2.
@@ -67,9 +71,33 @@ def flag_name(f: dataclasses.Field) -> str:
     return str(f.metadata.get("flag", "--" + f.name.replace("_", "-")))
 
 
+class RefuseSecret(argparse.Action):
+    """A flag that would take a secret: exit 2 with a message that does not echo the value
+    (`ps` shows a command line to every user)."""
+
+    def __init__(self, *args: Any, instead: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string}: a secret never goes on the command line (other users see it in `ps`); "
+                     f"use {self.instead}")
+
+
+def refuse_secret_flag(parser: argparse.ArgumentParser, flag: str, instead: str) -> None:
+    """A hidden `flag` that refuses any value (see RefuseSecret)."""
+    parser.add_argument(flag, action=RefuseSecret, nargs="?", help=argparse.SUPPRESS, instead=instead)
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str) -> None:
     """One flag per field of `cls`; each help line names its environment variable and default."""
     for f, kind, _ in _fields(cls):
+        secret_env = f.metadata.get("secret_env")
+        if secret_env is not None:
+            name = flag_name(f)
+            instead = f"{name} PATH" + (f" or {secret_env}" if secret_env else "")
+            refuse_secret_flag(parser, name.removesuffix("-file"), instead)
         default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
             else f"default {f.default!r}"
         text = f"{f.metadata.get('help', '')} [{env_prefix}{f.name.upper()}; {default}]".strip()

@@ -4,7 +4,9 @@ Guarantees: importable with grpcio and protobuf alone (no torch, numpy, onnxrunt
 transformers or aiohttp; a test proves it); importing changes nothing global. Every call has a
 deadline, UNAVAILABLE is retried (by gRPC, from the channel's service config; see `_retry`) only
 where that cannot repeat tokens, and failures raise `TandemError` subclasses carrying the gRPC
-status.
+status (`AuthenticationError` when the orchestrator wants an API key and got none or a wrong
+one). `api_key=` sends a key on every call; `tls=True` or `ca_cert=` (a PEM path or bytes) make
+the channel TLS and check the server's certificate. Keys never appear in messages or reprs.
 
 Example:
     >>> from tandem_sdk import Client
@@ -13,9 +15,15 @@ Example:
     ...     for delta in answer:
     ...         print(delta.text, end="", flush=True)
     ...     print(f"\\n[{answer.stats.route}: {answer.stats.tokens_per_s:.1f} tok/s]")
+
+An orchestrator on another machine, over TLS with an API key:
+    >>> import os
+    >>> with Client("tandem.lan:7070", api_key=os.environ["TANDEM_API_KEY"], ca_cert="ca.pem") as client:
+    ...     print(client.status().link.state)
 """
 
 from tandem_sdk._errors import (
+    AuthenticationError,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -43,6 +51,7 @@ from tandem_sdk.client import Client, Generation
 __all__ = [
     "AsyncClient",
     "AsyncGeneration",
+    "AuthenticationError",
     "Citation",
     "Client",
     "DeadlineExceeded",

@@ -2,8 +2,9 @@
 
 Guarantees:
 - `ClientBase` validates the constructor's arguments (a `ValueError` naming the argument, before
-  any channel exists), builds the channel's options (retries: see `_retry`) and every request.
-  A client subclass only opens its kind of channel and runs the calls.
+  any channel exists), builds the channel's options (retries: see `_retry`), its credentials
+  (TLS and the API key: see `_auth`) and every request. A client subclass only opens its kind of
+  channel (secure when given credentials) and runs the calls.
 - Every call carries a deadline: `timeout_s` for a unary call, and for an answer its request's
   `deadline_s` plus `DEADLINE_GRACE_S`, else `generate_timeout_s`, counted from `generate()`.
   Retries happen inside that deadline.
@@ -21,6 +22,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +33,7 @@ import grpc
 
 from protos.tandem.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from tandem_sdk import _convert, _retry
+from tandem_sdk._auth import channel_security
 from tandem_sdk._errors import TandemError
 from tandem_sdk._retry import RetryPolicy
 from tandem_sdk._types import Delta, Document, Message, Result, Started, Stats, Status
@@ -226,6 +229,10 @@ class ClientBase(Generic[G]):
         backoff_s: float = 0.1,
         max_backoff_s: float = 2.0,
         channel_options: Sequence[tuple[str, Any]] = (),
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_cert: str | os.PathLike[str] | bytes | None = None,
+        server_name: str | None = None,
     ) -> None:
         if not isinstance(address, str) or not address.strip():
             raise ValueError(f"address: must be 'host:port' (got {address!r})")
@@ -233,11 +240,16 @@ class ClientBase(Generic[G]):
         self.timeout_s = check_timeout("timeout_s", timeout_s)
         self.generate_timeout_s = check_timeout("generate_timeout_s", generate_timeout_s)
         self.policy = RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
-        self._channel = self._connect(address, _retry.channel_options(self.policy, channel_options))
+        security = channel_security(api_key=api_key, tls=tls, ca_cert=ca_cert, server_name=server_name)
+        self.tls = security.credentials is not None
+        self._metadata = security.metadata  # the key as metadata when there is no TLS to carry it
+        options = _retry.channel_options(self.policy, [*security.options, *channel_options])
+        self._channel = self._connect(address, options, security.credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
-    def _connect(self, address: str, options: list[tuple[str, Any]]) -> Any:
-        """A new channel to `address` (grpc or grpc.aio)."""
+    def _connect(self, address: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
+                 ) -> Any:
+        """A new channel to `address` (grpc or grpc.aio), secure when `credentials` are given."""
         raise NotImplementedError
 
     def _answer(self, open_stream: OpenStream, deadline: float) -> G:
@@ -282,10 +294,10 @@ class ClientBase(Generic[G]):
         deadline = time.monotonic() + stream_timeout_s(deadline_s, self.generate_timeout_s)
 
         def open_stream(remaining: float) -> Any:
-            return self._stub.Generate(request, timeout=remaining)
+            return self._stub.Generate(request, timeout=remaining, metadata=self._metadata)
 
         return self._answer(open_stream, deadline)
 
     def _start(self, op: Unary[Any]) -> Any:
         """Start `op` on the stub with the unary deadline: a response, or an awaitable of one."""
-        return getattr(self._stub, op.method)(op.request, timeout=self.timeout_s)
+        return getattr(self._stub, op.method)(op.request, timeout=self.timeout_s, metadata=self._metadata)

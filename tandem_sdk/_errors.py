@@ -46,6 +46,11 @@ class ResourceExhausted(TandemError):
     """The orchestrator is busy (too many requests at once); try again later."""
 
 
+class AuthenticationError(TandemError):
+    """The orchestrator wants an API key and got none or a wrong one (UNAUTHENTICATED): pass
+    `api_key=` to the client. `details` says which, never the key."""
+
+
 class FailedPrecondition(TandemError):
     """The request contradicts the orchestrator's state (e.g. an idempotency key reused for
     another document, or personal documents turned off)."""
@@ -58,6 +63,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TandemError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
 }
 
 

@@ -3,7 +3,8 @@
 Guarantees: the same calls, arguments and guarantees as `Client`: every call carries a deadline;
 gRPC retries UNAVAILABLE (backoff with jitter, bounded) for unary calls and for a stream before
 its first message, never after it; failures raise `TandemError` subclasses; bad arguments raise
-`ValueError` naming the argument before sending. Create and use an `AsyncClient` inside one
+`ValueError` naming the argument before sending; `api_key`, `tls`, `ca_cert` and `server_name`
+work as in `Client` (a missing or wrong key raises `AuthenticationError`). Create and use an `AsyncClient` inside one
 running event loop. Cancelling the task that awaits an answer cancels the task as usual;
 `cancel()` on the answer makes its next step raise `TandemError(CANCELLED)`.
 
@@ -93,9 +94,14 @@ class AsyncClient(ClientBase[AsyncGeneration]):
         >>> async with AsyncClient("127.0.0.1:7070", timeout_s=5) as client:
         ...     result = await client.complete(prompt="Hi", max_new_tokens=16)
         ...     docs = await client.list_documents()
+        >>> async with AsyncClient("tandem.lan:7070", api_key=key, ca_cert=Path("ca.pem")) as client:
+        ...     print((await client.status()).link.state)
     """
 
-    def _connect(self, address: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+    def _connect(self, address: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
+                 ) -> grpc.aio.Channel:
+        if credentials is not None:
+            return grpc.aio.secure_channel(address, credentials, options=options)
         return grpc.aio.insecure_channel(address, options=options)
 
     def _answer(self, open_stream: OpenStream, deadline: float) -> AsyncGeneration:

@@ -8,6 +8,10 @@ Guarantees:
   After a stream's first message an error is raised, never retried (that would repeat tokens).
 - Failures raise `TandemError` subclasses carrying the gRPC status; arguments the client can
   tell are wrong raise `ValueError` naming the argument before anything is sent.
+- With `api_key` every call carries `authorization: Bearer KEY`; a server that wants a key and got
+  none or a wrong one raises `AuthenticationError`. With `tls=True` or `ca_cert` the channel is
+  TLS and the server's certificate is checked (the key then travels as call credentials); see
+  `_auth` for the rules. Neither the key nor its length appears in any message or repr.
 
 Example:
     >>> from tandem_sdk import Client
@@ -84,14 +88,30 @@ class Client(ClientBase[Generation]):
             twice as long, at most max_backoff_s; gRPC draws each wait at random below its bound.
         channel_options: extra gRPC channel options; one with the key of a retry option
             ("grpc.service_config", "grpc.enable_retries") replaces it.
+        api_key: the orchestrator's API key (read it from a file or a secret store, not from the
+            source); None sends none.
+        tls: use TLS and check the server's certificate against the system's root CAs.
+        ca_cert: the CA that signed the server's certificate, as a path to a PEM file or PEM bytes;
+            implies TLS.
+        server_name: the name to check in the server's certificate when it differs from the
+            address's host (gRPC's ssl_target_name_override); needs TLS.
 
     Example:
         >>> with Client("127.0.0.1:7070", timeout_s=5) as client:
         ...     doc = client.add_document("I live in Lyon.", title="home", kind="profile")
         ...     print(client.complete(prompt="Where do I live?", use_personal_context=True).text)
+
+    Over TLS with an API key (an orchestrator started with --tls-cert, --tls-key, --api-key-file):
+        >>> from pathlib import Path
+        >>> key = Path("~/.config/tandem/api-key").expanduser().read_text().strip()
+        >>> with Client("tandem.lan:7070", api_key=key, ca_cert="~/.cache/tandem/pki/ca.pem") as client:
+        ...     print(client.status().link.state)
     """
 
-    def _connect(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+    def _connect(self, address: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
+                 ) -> grpc.Channel:
+        if credentials is not None:
+            return grpc.secure_channel(address, credentials, options=options)
         return grpc.insecure_channel(address, options=options)
 
     def _answer(self, open_stream: OpenStream, deadline: float) -> Generation:

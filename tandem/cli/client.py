@@ -7,6 +7,12 @@ stderr. `docs list` fetches the documents page by page, so it works whatever the
 (a title stored longer than the server's limit shows cut, ending in "…"). An unreachable
 orchestrator, a request the server rejects (INVALID_ARGUMENT), an unknown document or an
 unreadable file is one line on stderr and exit code 2, never a traceback.
+
+Security: `--api-key-file PATH` (mode 0600), else $TANDEM_API_KEY, gives the orchestrator's API
+key; there is no flag taking the key itself (`ps` would show it). `--ca-cert PATH` (implies
+`--tls`) or `--tls` (the system's CAs) use TLS. When the address comes from the stack record of
+a secure `tandem up`, its CA and API-key file are used unless given here. A missing or refused key, an unsafe key file or
+an unreadable certificate is one line on stderr and exit code 2; no line holds the key.
 """
 
 from __future__ import annotations
@@ -22,27 +28,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tandem.cli.main import CliError
+from tandem.config import refuse_secret_flag
 
 if TYPE_CHECKING:
     from tandem_sdk import Client, Generation, Stats
 
 DEFAULT_ADDRESS = "127.0.0.1:7070"
+API_KEY_ENV = "TANDEM_API_KEY"  # the orchestrator's API key itself (or --api-key-file)
 ROUTES = ("auto", "local", "speculative", "cloud")
 
 
 def resolve_address(flag: str | None) -> str:
     """The orchestrator's "host:port": `flag`, else $TANDEM_ADDRESS, else the
     "orchestrator_grpc" entry of $TANDEM_HOME/run/stack.json, else 127.0.0.1:7070."""
+    return _resolve(flag)[0]
+
+
+def _resolve(flag: str | None) -> tuple[str, dict[str, Any]]:
+    """(address, the stack record when the address came from it, else {})."""
     if flag and flag.strip():
-        return flag.strip()
+        return flag.strip(), {}
     env = os.environ.get("TANDEM_ADDRESS", "").strip()
     if env:
-        return env
+        return env, {}
     from tandem.paths import tandem_home
 
     stack = tandem_home() / "run" / "stack.json"
     if not stack.is_file():
-        return DEFAULT_ADDRESS
+        return DEFAULT_ADDRESS, {}
     try:
         data = json.loads(stack.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -50,10 +63,20 @@ def resolve_address(flag: str | None) -> str:
     if not isinstance(data, dict):
         raise CliError(f"{stack} is not a JSON object; pass --address HOST:PORT")
     value = data.get("orchestrator_grpc")
-    return value.strip() if isinstance(value, str) and value.strip() else DEFAULT_ADDRESS
+    if isinstance(value, str) and value.strip():
+        return value.strip(), data
+    return DEFAULT_ADDRESS, {}
+
+
+def _stack_security(record: dict[str, Any]) -> tuple[Path | None, Path | None]:
+    """(API key file, CA certificate) a secure `tandem up` stack recorded (paths, never keys)."""
+    key = (record.get("auth") or {}).get("api_key_file")
+    ca = (record.get("tls") or {}).get("ca_cert")
+    return (Path(key) if isinstance(key, str) and key else None), (Path(ca) if isinstance(ca, str) and ca else None)
 
 
 # --- parsers -----------------------------------------------------------------------------------
+
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -69,6 +92,13 @@ def _common() -> argparse.ArgumentParser:
     parent.add_argument("--address", metavar="HOST:PORT",
                         help="the orchestrator (default: $TANDEM_ADDRESS, the `tandem up` stack, "
                              f"else {DEFAULT_ADDRESS})")
+    parent.add_argument("--api-key-file", type=Path, metavar="PATH",
+                        help=f"file (mode 0600) holding the orchestrator's API key (default: ${API_KEY_ENV})")
+    refuse_secret_flag(parent, "--api-key", f"--api-key-file PATH or {API_KEY_ENV}")
+    parent.add_argument("--tls", action="store_true",
+                        help="use TLS, checking the orchestrator against the system's CAs (see --ca-cert)")
+    parent.add_argument("--ca-cert", type=Path, metavar="PATH",
+                        help="PEM CA certificate that signed the orchestrator's (implies --tls)")
     return parent
 
 
@@ -136,15 +166,29 @@ def _add_docs(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[t
 @contextmanager
 def _client(args: argparse.Namespace) -> Iterator[Client]:
     """A connected SDK client; SDK errors become one-line `CliError`s naming the address."""
-    from tandem_sdk import Client, InvalidArgument, TandemError, Unavailable
+    from tandem.security import SecurityError, read_secret
+    from tandem_sdk import AuthenticationError, Client, InvalidArgument, TandemError, Unavailable
 
-    address = resolve_address(args.address)
+    address, record = _resolve(args.address)
+    stack_key, stack_ca = _stack_security(record)  # the `tandem up` stack's, unless given here
+    key_file = getattr(args, "api_key_file", None)
+    if key_file is None and not os.environ.get(API_KEY_ENV, "").strip():
+        key_file = stack_key
     try:
-        with Client(address) as client:
+        key = read_secret(file=key_file, env=API_KEY_ENV, what="api key")
+    except SecurityError as exc:
+        raise CliError(str(exc)) from None
+    tls, ca_cert = bool(getattr(args, "tls", False)), getattr(args, "ca_cert", None) or stack_ca
+    try:
+        with Client(address, api_key=key, tls=tls, ca_cert=ca_cert) as client:
             yield client
     except Unavailable as exc:
+        hint = "" if tls or ca_cert else "; if it serves TLS, pass --ca-cert PATH or --tls"
         raise CliError(f"the orchestrator at {address} is unavailable ({exc.details}); "
-                       "is it running? start it with `tandem up` or pass --address") from None
+                       f"is it running? start it with `tandem up` or pass --address{hint}") from None
+    except AuthenticationError as exc:
+        how = "check the key" if key else f"pass --api-key-file PATH or set {API_KEY_ENV}"
+        raise CliError(f"the orchestrator at {address} refused the request ({exc.details}); {how}") from None
     except InvalidArgument as exc:
         raise CliError(exc.details) from None
     except TandemError as exc:
