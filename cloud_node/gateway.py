@@ -71,6 +71,8 @@ def _methods() -> dict[str, tuple[bool, bool]]:
     service = cloud_pb2.DESCRIPTOR.services_by_name["CloudVerifier"]
     out = {f"/{SERVICE_NAME}/{m.name}": (m.client_streaming, m.server_streaming) for m in service.methods}
     out.update({f"{HEALTH_PREFIX}{name}": kind for name, kind in _HEALTH.items()})
+    for version in ("v1", "v1alpha"):  # Serve's proxy serves reflection itself (a token is needed, as for any call)
+        out[f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"] = (True, True)
     return out
 
 
@@ -89,7 +91,7 @@ class _Lease:
 
 
 class Gateway:
-    """Forwards CloudVerifier and Health calls to `upstream`, checking tokens first."""
+    """Forwards CloudVerifier, Health and reflection calls to `upstream`, checking tokens first."""
 
     def __init__(self, upstream: str, *, secret: str, checker: TokenChecker | None = None,
                  tls: ServerTls | None = None) -> None:

@@ -116,6 +116,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--categories", default=None, help="comma-separated categories to keep")
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category")
     p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument("--warm-prompts", action="store_true",
+                   help="before timing a prompt, run it once untimed (warm-up tokens) so that every method sees "
+                        "the same caches (the cloud's prefix cache, the drafter's retained KV): for side-by-side "
+                        "ratios such as tandem_grpc vs tandem_grpc_tls, where the second runner of a prompt "
+                        "would otherwise get the first one's cached prefill")
     p.add_argument("--handshake-repeats", type=int, default=20,
                    help="connections per measurement of the TLS set-up (with --methods ...,tandem_grpc_tls)")
     p.add_argument("--target", type=Path, default=None, help="target model folder (default: fetched pair)")
@@ -276,6 +281,10 @@ def _run_all(pair: Any, remote: Any, methods: list[str], rtts: list[float], prom
     total = len(prompts) * len(variants)
     for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
         order = variants[i % len(variants):] + variants[: i % len(variants)]
+        if args.warm_prompts:
+            if order[0][1] is not None:
+                remote.set_rtt(order[0][1])
+            _generate(pair, order[0][0], ids, params, args, args.warmup_tokens, remote)
         results = {}
         for method, rtt in order:
             if rtt is not None:
@@ -303,6 +312,7 @@ def _write_json(args: argparse.Namespace, rows: list[dict], runs: list[Run], met
     config = {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "draft_len": args.draft_len,
               "methods": methods, "rtt_ms": rtts if any(m in NETWORK_METHODS for m in methods) else None,
               "prompts": str(args.prompts or default_prompts_path()), "n_prompts": n_prompts, "sampling": "greedy",
+              "warm_prompts": bool(args.warm_prompts),
               "target": str(target), "drafter": str(drafter)}
     per_prompt = [{"method": r.result.method, "rtt_ms": r.rtt_ms, "prompt_id": r.prompt_id, "category": r.category,
                    "tokens": len(r.result.tokens), "wall_s": r.result.wall_s, "ttft_s": r.result.ttft_s,

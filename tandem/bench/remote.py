@@ -158,10 +158,10 @@ class _SecureSide:
                 "--gateway-secret-file", str(self.secret_file), "--tls-cert", str(self.pki.server_cert),
                 "--tls-key", str(self.pki.server_key), "--tokens-file", str(self.store.path)]
 
-    def channel(self, address: str, token: bool = True) -> Any:
+    def channel(self, address: str, options: list[tuple[str, Any]] | None = None) -> Any:
         from tandem.security import ClientTls, secure_channel
 
-        return secure_channel(address, ClientTls(self.pki.ca_cert), self._token if token else None)
+        return secure_channel(address, ClientTls(self.pki.ca_cert), self._token, options=options)
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -186,8 +186,9 @@ def handshake_figures(remote: RemoteStack, ids: Sequence[int], repeats: int, pro
 
     assert remote.secure is not None
     remote.set_rtt(0.0)
-    makers = {"plain": lambda: grpc.insecure_channel(remote.plain_address),
-              "tls": lambda: remote.secure.channel(remote.tls_address)}  # type: ignore[union-attr]
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a new channel makes a new connection (no shared subchannel)
+    makers = {"plain": lambda: grpc.insecure_channel(remote.plain_address, options=own),
+              "tls": lambda: remote.secure.channel(remote.tls_address, options=own)}  # type: ignore[union-attr]
     out: dict[str, Any] = {}
 
     def health(channel: Any) -> None:

@@ -122,7 +122,8 @@ def _spec(target: Path, dtype: str, replicas: int, max_sessions: int | None, por
         DeploySpec(), model_dir=str(target), dtype=dtype, tandem_home=str(paths.tandem_home()),
         threads=max(1, (os.cpu_count() or 1) // replicas), http_host="127.0.0.1", http_port=ports[0],
         grpc_port=ports[1], proxy_location="HeadOnly", min_replicas=replicas, max_replicas=replicas,
-        graceful_shutdown_timeout_s=5, max_surge_percent=0, replica_cpus=0.5, replica_memory_gb=0, **limits)
+        graceful_shutdown_timeout_s=5, max_surge_percent=0, replica_cpus=0.5, replica_memory_gb=0,
+        gateway_secret_file="", **limits)  # the bench's clients call Serve's proxy directly (loopback)
 
 
 def _percentile(values: list[float], q: float) -> float | None:

@@ -3,7 +3,8 @@
 It starts the cloud node (Ray Serve), the link shaper, the edge node and the orchestrator, each a
 process on free loopback ports with health checks before use, then streams an answer to a sample
 prompt through the client SDK and the orchestrator (which routes it; speculative when the link is
-up) and prints the route, its reason and the statistics. On exit, error or
+up) and prints the route, its reason and the statistics. Every hop runs over TLS with credentials
+made under TANDEM_HOME/secure (`local_stack`'s secure mode) unless `--insecure` is given. On exit, error or
 Ctrl-C it stops every process it started, Ray included. `--in-process` runs drafter and target
 in this process instead (no network), for comparison.
 """

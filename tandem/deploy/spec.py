@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ SERVE_HEADROOM = 4  # Serve slots above max_sessions: health checks (as in serve
 # Serve's proxies prefer replicas on their own node; for long sessions, balance by load instead.
 PREFER_LOCAL_ENV = ("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "RAY_SERVE_PROXY_PREFER_LOCAL_AZ_ROUTING")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Secret's name (DNS-1123 label)
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+# Where the KubeRay gateway container mounts its Secrets (the gateway's secret: gateway_secret_file's folder).
+SECRET_DIRS = {"tls": "/etc/tandem/tls", "tokens": "/etc/tandem/tokens", "client-ca": "/etc/tandem/client-ca"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,21 @@ class DeploySpec:
     dashboard_port: int = 8265
     metrics_port: int = 8080
     cluster_name: str = "tandem-cloud"
+    # The cloud's gateway (cloud_node.gateway): TLS and per-device tokens in front of Serve's proxy,
+    # on the head. Edges connect to gateway_port; Serve's own ports stay cluster-internal.
+    gateway_port: int = 8443
+    gateway_service_type: str = "LoadBalancer"  # KubeRay: the gateway's Service (L4: TLS passes through)
+    gateway_cpus: float = 0.5  # KubeRay: the gateway container's CPU (requests = limits)
+    gateway_memory_mb: int = 256
+    # Where every node holds the secret the gateway shows the replicas (an app arg: replicas refuse
+    # calls without it). KubeRay mounts `gateway_secret` there; cluster.yaml's setup installs it.
+    # Empty: the replicas check nothing and Serve's port is open to whoever reaches it.
+    gateway_secret_file: str = "/etc/tandem/gateway/secret"
+    # Kubernetes Secrets the pods mount (deploy/README.md, Security).
+    tls_secret: str = "tandem-cloud-tls"  # type kubernetes.io/tls: tls.crt, tls.key
+    tokens_secret: str = "tandem-cloud-tokens"  # cloud-tokens.json, the store of `tandem tokens`
+    gateway_secret: str = "tandem-gateway"  # key `secret`
+    client_ca_secret: str = ""  # key ca.crt, the devices' CA: mutual TLS; empty = off (also in cluster.yaml)
     extras: tuple[str, ...] = field(default=("cloud", "ray", "edge", "convert"))
 
     def __post_init__(self) -> None:
@@ -106,6 +126,31 @@ class DeploySpec:
             raise ValueError("graceful_shutdown_wait_loop_s: must be in (0, graceful_shutdown_timeout_s], got "
                              f"{self.graceful_shutdown_wait_loop_s}")
         self._check_image()
+        self._check_gateway()
+
+    def _check_gateway(self) -> None:
+        ports = {name: getattr(self, name) for name in ("grpc_port", "http_port", "gcs_port", "dashboard_port",
+                                                         "metrics_port")}
+        if not 0 < self.gateway_port <= 65535 or self.gateway_port in ports.values():
+            raise ValueError(f"gateway_port: must be in [1, 65535] and differ from the head's other ports "
+                             f"({ports}), got {self.gateway_port}")
+        if self.gateway_service_type not in SERVICE_TYPES:
+            raise ValueError(f"gateway_service_type: one of {SERVICE_TYPES}, got {self.gateway_service_type!r}")
+        if self.gateway_cpus <= 0 or self.gateway_memory_mb <= 0:
+            raise ValueError("gateway_cpus and gateway_memory_mb: must be > 0")
+        path = self.gateway_secret_file
+        if path and (not posixpath.isabs(path) or path.endswith("/") or posixpath.normpath(path) != path):
+            raise ValueError(f"gateway_secret_file: an absolute file path or empty, got {path!r}")
+        # KubeRay mounts the Secret over the whole folder: it must be one of its own.
+        folder = posixpath.dirname(path)
+        if path and (folder.count("/") < 2 or folder in SECRET_DIRS.values()
+                     or f"{self.tandem_home}/".startswith(f"{folder}/")):
+            raise ValueError(f"gateway_secret_file: its folder {folder!r} is mounted over whole, so it must be a "
+                             f"folder of its own (at least two levels deep, not above {self.tandem_home}), got {path!r}")
+        for name in ("tls_secret", "tokens_secret", "gateway_secret", "client_ca_secret"):
+            value = getattr(self, name)
+            if (value or name != "client_ca_secret") and not _K8S_NAME.fullmatch(value):
+                raise ValueError(f"{name}: not a Kubernetes Secret name (lower-case letters, digits, '-'): {value!r}")
 
     def _check_image(self) -> None:
         if self.image_pull_policy not in PULL_POLICIES:

@@ -14,20 +14,30 @@ Deploy (token auth on):  RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.ray/auth
 One replica per cloud node (custom resource); the autoscaler keeps min..max replicas and adds
 one when a replica carries more than target_ongoing_requests sessions (each Verify stream is one
 long request). `threads` is the replica's num_cpus, never the host's core count.
-See deploy/README.md.
+The replicas refuse calls without the gateway's secret, read from gateway_secret_file
+({secret_file}) where the app is built and on every replica's node:
+cluster.yaml installs it, rayservice.yaml mounts it. See deploy/README.md (Security).
 """,
     "cluster.yaml": """
 Ray cluster launcher file:  ray up deploy/cluster.yaml   (run from the repository root; the aws
 provider needs `pip install boto3` where you run it). A head node plus a group of cloud workers;
 each worker offers one `{resource}` resource, so each runs one verifier replica. Then deploy:
   ray exec deploy/cluster.yaml '{deploy_cmd}'
+The head also runs the cloud's gateway (TLS, per-device tokens) on port {gateway_port}, the only
+port edges use: put tls.crt, tls.key and cloud-tokens.json in {secure_dir} on the head
+(deploy/README.md, Security).
 """,
     "rayservice.yaml": """
 KubeRay RayService:  kubectl apply -f deploy/rayservice.yaml   (KubeRay >= {kuberay_version}, Ray token auth)
 KubeRay {kuberay_version} is the first release whose Serve Service keeps ports named `serve-*`
 (KubeRay PR #4558); older releases keep only `serve` and drop `{grpc_name}`.
-serveConfigV2 is deploy/serve_config.yaml verbatim. Clients reach the gRPC ingress through the
-Service `<name>-serve`, port `{grpc_name}` ({grpc_port}). The image is built from deploy/Dockerfile.
+serveConfigV2 is deploy/serve_config.yaml verbatim. The image is built from deploy/Dockerfile.
+Edges connect to the gateway (TLS, per-device tokens), a second container of the head
+pod, through the Service `{name}-gateway` (the second document), port {gateway_port}.
+The Service `{name}-serve` (ClusterIP, made by KubeRay) stays inside the cluster; its
+port `{grpc_name}` ({grpc_port}) refuses calls that did not come through the gateway.
+Create the Secrets first (deploy/README.md, Security); they are mounted with
+defaultMode 288 (octal 0440) and the pods' fsGroup {uid}.
 """,
     "Dockerfile": """
 Image of a cloud node (head or worker) for deploy/rayservice.yaml, linux/amd64, from the repository root:
@@ -49,25 +59,41 @@ Replace with your provider before `ray up`:
          launcher imports boto3, which the lock does not pin: `pip install boto3` first.
   gcp:   type: gcp, region, availability_zone, project_id; node_config with machineType and disks.
   local: type: local, head_ip and worker_ips of machines you own (ssh reachable, same user).
+security_group (aws) opens the gateway's port to everyone; Ray's default group adds ssh and
+traffic between the nodes. Keep Ray's own ports (GCS, dashboard, Serve's proxies) closed outside.
 The rest of the file is provider-independent. Size the nodes for one replica each: the target
 in bf16 needs about 3.5 GB plus the KV budget (kv_budget_mb in serve_config.yaml).
 """
 
 CLUSTER_NOTES = {
     "file_mounts": """
-The repository (ray up runs from its root) and the cluster's Ray auth token. Ray 2.60 enables
-token authentication: create the token once with `ray get-auth-token --generate`; every node gets
-the same file and starts with RAY_AUTH_MODE=token.
+The repository (ray up runs from its root), the cluster's Ray auth token and the gateway's
+secret. Ray 2.60 enables token authentication: create the token once with
+`ray get-auth-token --generate`; every node gets the same file and starts with
+RAY_AUTH_MODE=token. Make {launcher_secret} once too (deploy/README.md, Security);
+`ray up` stops when either file is missing.
 """,
     "setup_commands": """
-Every node: the pinned install (CPU torch wheels) and the model fetch, which verifies and skips
-what is already there on a reused node.
+Every node: the pinned install (CPU torch wheels), the model fetch, which verifies and skips
+what is already there on a reused node, and the gateway's secret at
+{secret_file} (mode 0400), where the replicas read it.
 """,
     "head_start_ray_commands": """
 The node environment turns off Serve's prefer-local-node routing: a session is a long stream and
 its replica should be the least loaded, not the one next to the proxy the client happened to hit.
+Then the gateway, as the systemd unit {unit} (`journalctl -u {unit}`), in front
+of the head's Serve proxy; it restarts every 5 s until its files are in {secure_dir}.
 """,
 }
+
+GATEWAY_SERVICE_NOTE = """
+The gateway's Service, what edges connect to: TLS on port {gateway_port}, to the head only (one
+gateway counts each device's sessions). A LoadBalancer passes TCP through, so TLS ends in the
+gateway. KubeRay labels the head pod `ray.io/node-type: head` and, while its Serve proxy (the
+gateway's upstream) is healthy, `ray.io/serve: "true"`; do not set
+excludeHeadPodFromServeSvc, which keeps that label false. The pods carry no label naming the
+RayService: the templates add one.
+"""
 
 # {base}: python:X.Y-slim@sha256:...; {copy_source}: one COPY line per package of the wheel.
 DOCKERFILE = """\

@@ -55,7 +55,8 @@ def _spec(tiny_models, home: Path) -> DeploySpec:
         max_sessions=2, max_context=200, max_draft_len=8, max_new_tokens=64, http_host="127.0.0.1",
         http_port=http_port, grpc_port=grpc_port, proxy_location="HeadOnly", prefer_local_routing=True,
         min_replicas=2, max_replicas=2, target_ongoing_requests=1, graceful_shutdown_timeout_s=5,
-        replica_cpus=0.5, replica_memory_gb=0)
+        replica_cpus=0.5, replica_memory_gb=0,
+        gateway_secret_file="")  # the test calls Serve's proxy directly, with no gateway in front
 
 
 def _cluster_processes(root: Path) -> list[int]:

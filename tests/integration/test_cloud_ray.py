@@ -1,5 +1,6 @@
 """The cloud node on a real local Ray instance, started by `python -m cloud_node` (one start for
-the module: 2 replicas of the tiny fp32 target, half a CPU each), reached through Serve's gRPC proxy.
+the module: 2 replicas of the tiny fp32 target, half a CPU each), reached through its gateway
+(plaintext on loopback, no tokens: the default) and Serve's gRPC proxy.
 
 Checks: greedy speculative output equals target-only; seeded sampling is reproducible; bad input
 gets INVALID_ARGUMENT and the app keeps serving; undecodable bytes are INVALID_ARGUMENT and a

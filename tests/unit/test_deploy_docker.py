@@ -144,3 +144,20 @@ def test_no_new_host_names() -> None:
     texts = [*deploy_gen.render().values(), *deploy_gen.render_root().values()]
     hosts = {host for text in texts for host in re.findall(r"https?://([^/\s'\"]+)", text)}
     assert hosts == {"download.pytorch.org", f"HEAD:{DeploySpec().dashboard_port}"}
+
+
+def test_the_image_runs_the_gateway_container() -> None:
+    """The head's second container runs `python -m cloud_node gateway` from this image as user uid,
+    the pods' fsGroup, so it reads the 0440 Secrets; the image declares the gateway's port."""
+    import yaml
+
+    spec = DeploySpec()
+    rayservice = next(yaml.safe_load_all(deploy_gen.render()[deploy_gen.RAYSERVICE]))
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    gateway = head["containers"][1]
+    assert gateway["image"] == spec.image and gateway["command"][:3] == ["python", "-m", "cloud_node"]
+    assert gateway["command"][2] in SOURCE_PACKAGES  # installed by the runtime stage's wheel
+    assert head["securityContext"]["fsGroup"] == spec.image_uid
+    assert f"--uid {spec.image_uid}" in " ".join(_stages(TEXT)["runtime"])
+    exposed = re.search(r"^EXPOSE (.*)$", TEXT, re.MULTILINE).group(1).split()
+    assert str(spec.gateway_port) in exposed

@@ -36,13 +36,27 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def _load(name: str) -> Any:
-    return yaml.safe_load((DEPLOY / name).read_text())
+    """The file's first YAML document (rayservice.yaml's second is the gateway's Service)."""
+    return next(yaml.safe_load_all((DEPLOY / name).read_text()))
+
+
+def _groups(rayservice: dict) -> list[dict]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
 
 
 def _containers(rayservice: dict) -> dict[str, dict]:
-    cluster = rayservice["spec"]["rayClusterConfig"]
-    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-    return {c["name"]: c for g in groups for c in g["template"]["spec"]["containers"]}
+    return {c["name"]: c for g in _groups(rayservice) for c in g["template"]["spec"]["containers"]}
+
+
+def _ray_containers(rayservice: dict) -> list[dict]:
+    """The Ray container of each group: the first, as KubeRay requires."""
+    return [g["template"]["spec"]["containers"][0] for g in _groups(rayservice)]
+
+
+def _ray_start(commands: list[str]) -> str:
+    (command,) = [c for c in commands if "/ray start " in c]
+    return command
 
 
 def test_deploy_files_are_what_the_spec_renders() -> None:
@@ -71,8 +85,10 @@ def test_the_image_reference_is_rendered_everywhere(capsys: pytest.CaptureFixtur
     image = capsys.readouterr().out.strip()
     assert image == "localhost:5000/team/tandem-cloud:3f2c1ab"
     files = deploy_gen.render(deploy_gen.apply_overrides(DeploySpec(), sets))
-    assert files[RAYSERVICE].count(f"image: {image}\n") == 2 and f"-t {image} ." in files[DOCKERFILE_NAME]
-    for container in _containers(yaml.safe_load(files[RAYSERVICE])).values():
+    assert files[RAYSERVICE].count(f"image: {image}\n") == 3 and f"-t {image} ." in files[DOCKERFILE_NAME]
+    containers = _containers(next(yaml.safe_load_all(files[RAYSERVICE])))
+    assert sorted(containers) == ["gateway", "ray-head", "ray-worker"]
+    for container in containers.values():
         assert container["imagePullPolicy"] == "IfNotPresent"
     with pytest.raises(ValueError, match="image_tag"):
         DeploySpec(image_tag="latest")
@@ -101,8 +117,7 @@ def test_shared_settings_agree_across_files() -> None:
     (resource,) = deployment["ray_actor_options"]["resources"]
     home = serve["applications"][0]["runtime_env"]["env_vars"]["TANDEM_HOME"]
 
-    containers = _containers(rayservice)
-    for container in containers.values():
+    for container in _ray_containers(rayservice):
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports[GRPC_PORT_NAME] == grpc_port, container["name"]
         assert {"name": "TANDEM_HOME", "value": home} in container["env"]
@@ -153,9 +168,9 @@ def test_the_head_hosts_no_replica_and_offers_no_cpu() -> None:
     cluster, rayservice = _load(CLUSTER), _load(RAYSERVICE)
     head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0" and "resources" not in head
-    assert "--num-cpus=0" in cluster["head_start_ray_commands"][-1]
+    assert "--num-cpus=0" in _ray_start(cluster["head_start_ray_commands"])
     files = deploy_gen.render(dataclasses.replace(DeploySpec(), head_hosts_replica=True))
-    head = yaml.safe_load(files[RAYSERVICE])["spec"]["rayClusterConfig"]["headGroupSpec"]
+    head = next(yaml.safe_load_all(files[RAYSERVICE]))["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == str(DeploySpec().node_cpus) and head["resources"]
 
 
@@ -165,7 +180,8 @@ def test_the_image_user_is_the_pods_user() -> None:
     uid = DeploySpec().image_uid
     assert f"\nUSER {uid}\n" in (DEPLOY / DOCKERFILE_NAME).read_text()
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
-        assert group["template"]["spec"]["securityContext"] == {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid}
+        assert group["template"]["spec"]["securityContext"] == {
+            "runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid}  # fsGroup: the Secrets' group
 
 
 def test_versions_match_the_pinned_install() -> None:
@@ -234,6 +250,9 @@ def test_the_app_args_defaults_are_the_spec_s_and_the_cloud_config_s() -> None:
     cloud = {f.name: f.default for f in dataclasses.fields(CloudConfig)}
     spec = {f.name: f.default for f in dataclasses.fields(DeploySpec)}
     for name, default in deploy_app.APP_ARGS.items():
+        if name == "gateway_secret_file":  # the app alone checks nothing; a deployment names the mounted file
+            assert default == "" and spec[name].startswith("/")
+            continue
         assert spec[name] == default, name
         if name not in ("model_dir", "threads"):  # a path, and the replica's CPUs, resolved per deployment
             assert cloud[name] == default, name
@@ -264,3 +283,146 @@ def test_spec_and_overrides_reject_bad_values_by_name(capsys: pytest.CaptureFixt
     assert (spec.prefer_local_routing, spec.extras, spec.max_sessions) == (True, ("cloud", "ray"), 8)
     assert deploy_gen.main(["--check", "--set", "grpc_port=ninety"]) == 2
     assert "grpc_port" in capsys.readouterr().err
+
+
+# --- the gateway: TLS and tokens in front of Serve's proxy ---------------------------------------
+
+def _gateway_args(flags: list[str]) -> Any:
+    """The flags as `python -m cloud_node gateway` parses them (an unknown flag exits)."""
+    import argparse
+
+    from cloud_node import cli as cloud_cli
+
+    parser = argparse.ArgumentParser()
+    cloud_cli.add_gateway_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["gateway", *flags])
+
+
+def _mounted(pod: dict, container: dict) -> dict[str, str]:
+    """File path -> Secret, for every Secret item the container mounts."""
+    volumes = {v["name"]: v["secret"] for v in pod["volumes"]}
+    return {f"{m['mountPath']}/{item['path']}": volumes[m["name"]]["secretName"]
+            for m in container["volumeMounts"] for item in volumes[m["name"]]["items"]}
+
+
+def test_the_head_runs_the_gateway_in_front_of_its_own_serve_proxy() -> None:
+    serve, rayservice, spec = _load(SERVE_CONFIG), _load(RAYSERVICE), DeploySpec()
+    head, worker = (g["template"]["spec"] for g in _groups(rayservice))
+    assert [c["name"] for c in head["containers"]] == ["ray-head", "gateway"]  # KubeRay: the Ray container first
+    assert [c["name"] for c in worker["containers"]] == ["ray-worker"]
+    gateway = head["containers"][1]
+    assert gateway["command"] == ["python", "-m", "cloud_node", "gateway"]
+    args = _gateway_args(gateway["args"])
+    assert args.upstream == f"127.0.0.1:{serve['grpc_options']['port']}"  # loopback: the proxy in this pod
+    assert (args.host, args.port, args.insecure) == ("0.0.0.0", spec.gateway_port, None)
+    assert gateway["ports"] == [{"name": deploy_gen.GATEWAY_PORT_NAME, "containerPort": spec.gateway_port}]
+    files = _mounted(head, gateway)
+    assert files == {str(args.tls_cert): spec.tls_secret, str(args.tls_key): spec.tls_secret,
+                     str(args.tokens_file): spec.tokens_secret, str(args.gateway_secret_file): spec.gateway_secret}
+    assert args.tls_client_ca is None  # mutual TLS is off by default
+    assert str(args.gateway_secret_file) == serve["applications"][0]["args"]["gateway_secret_file"]
+    for probe in ("readinessProbe", "livenessProbe"):  # TCP: kubelet's gRPC probe cannot speak TLS
+        assert gateway[probe]["tcpSocket"] == {"port": deploy_gen.GATEWAY_PORT_NAME}
+    assert gateway["resources"]["limits"] == gateway["resources"]["requests"] == {"cpu": "0.5", "memory": "256Mi"}
+
+
+def test_every_ray_container_reads_the_gateway_secret_from_a_0440_secret() -> None:
+    """The replicas and the app's build task (any node) read it; fsGroup lets user 1000 do so."""
+    serve, rayservice, spec = _load(SERVE_CONFIG), _load(RAYSERVICE), DeploySpec()
+    secret_file = serve["applications"][0]["args"]["gateway_secret_file"]
+    assert secret_file == spec.gateway_secret_file
+    for group in _groups(rayservice):
+        pod = group["template"]["spec"]
+        assert pod["securityContext"]["fsGroup"] == spec.image_uid
+        assert {v["secret"]["defaultMode"] for v in pod["volumes"]} == {0o440}
+        assert _mounted(pod, pod["containers"][0]) == {secret_file: spec.gateway_secret}
+    assert "defaultMode: 288\n" in (DEPLOY / RAYSERVICE).read_text()  # YAML has no octal: 288 == 0o440
+
+
+def test_read_secret_takes_a_0440_secret_and_refuses_the_kubernetes_default(tmp_path: Path) -> None:
+    from tandem.security import SecurityError, read_secret
+
+    path = tmp_path / "secret"
+    path.write_text("s3cret\n")
+    path.chmod(deploy_gen.SECRET_MODE)
+    assert read_secret(file=path, what="gateway_secret_file") == "s3cret"
+    path.chmod(0o644)  # a Secret volume's defaultMode when none is given
+    with pytest.raises(SecurityError, match="644"):
+        read_secret(file=path, what="gateway_secret_file")
+
+
+def test_only_the_gateway_is_exposed() -> None:
+    """The gateway's Service is the only one beyond the cluster; KubeRay's serve Service is ClusterIP
+    (KubeRay overrides its selector: the active cluster's pods labelled `ray.io/serve: "true"`)."""
+    spec, rayservice = DeploySpec(), _load(RAYSERVICE)
+    docs = list(yaml.safe_load_all((DEPLOY / RAYSERVICE).read_text()))
+    assert [d["kind"] for d in docs] == ["RayService", "Service"]
+    service = docs[1]["spec"]
+    assert service["type"] == "LoadBalancer"
+    assert service["ports"] == [{"name": "gateway", "protocol": "TCP", "port": spec.gateway_port,
+                                 "targetPort": deploy_gen.GATEWAY_PORT_NAME}]
+    serve = rayservice["spec"]["serveService"]["spec"]
+    assert serve["type"] == "ClusterIP"
+    assert {p["port"] for p in serve["ports"]} == {spec.http_port, spec.grpc_port}
+    # the selector: the head (KubeRay's labels) of this RayService (the templates' label), never a worker
+    head, worker = (g["template"]["metadata"]["labels"] for g in _groups(rayservice))
+    assert service["selector"] == {**head, "ray.io/node-type": "head", "ray.io/serve": "true"}
+    assert worker == head  # so only ray.io/node-type tells them apart, and KubeRay sets it
+
+
+def test_mutual_tls_and_a_deployment_without_the_secret_check() -> None:
+    spec = dataclasses.replace(DeploySpec(), client_ca_secret="tandem-devices-ca")
+    rayservice = next(yaml.safe_load_all(deploy_gen.render(spec)[RAYSERVICE]))
+    head = _groups(rayservice)[0]["template"]["spec"]
+    args = _gateway_args(head["containers"][1]["args"])
+    assert _mounted(head, head["containers"][1])[str(args.tls_client_ca)] == "tandem-devices-ca"
+    launcher = deploy_gen.cluster_config(spec)["head_start_ray_commands"]
+    assert f"--tls-client-ca {deploy_gen.launcher_secure_dir(spec)}/ca.crt" in launcher[-1]
+
+    open_spec = dataclasses.replace(DeploySpec(), gateway_secret_file="")
+    files = deploy_gen.render(open_spec)
+    rayservice = next(yaml.safe_load_all(files[RAYSERVICE]))
+    assert yaml.safe_load(files[SERVE_CONFIG])["applications"][0]["args"]["gateway_secret_file"] == ""
+    head, worker = (g["template"]["spec"] for g in _groups(rayservice))
+    assert _gateway_args(head["containers"][1]["args"]).gateway_secret_file is None  # a fresh secret per start
+    assert "volumes" not in worker and "volumeMounts" not in worker["containers"][0]
+    cluster = deploy_gen.cluster_config(open_spec)
+    assert deploy_gen.LAUNCHER_SECRET not in cluster["file_mounts"]
+    assert not any(deploy_gen.LAUNCHER_SECRET in c for c in cluster["setup_commands"])
+
+
+def test_the_launcher_head_runs_the_gateway_and_every_node_gets_the_secret() -> None:
+    import shlex
+
+    spec, cluster, serve = DeploySpec(), _load(CLUSTER), _load(SERVE_CONFIG)
+    secret_file = serve["applications"][0]["args"]["gateway_secret_file"]
+    (run,) = [c for c in cluster["head_start_ray_commands"] if "systemd-run" in c]
+    words = shlex.split(run)
+    args = _gateway_args(words[words.index("gateway") + 1:])
+    secure = deploy_gen.launcher_secure_dir(spec)
+    assert args.upstream == f"127.0.0.1:{serve['grpc_options']['port']}" and args.port == spec.gateway_port
+    assert {str(args.tls_cert), str(args.tls_key), str(args.tokens_file)} == {
+        f"{secure}/tls.crt", f"{secure}/tls.key", f"{secure}/cloud-tokens.json"}
+    assert str(args.gateway_secret_file) == secret_file
+    assert not any("gateway" in c for c in cluster["worker_start_ray_commands"])
+    assert cluster["file_mounts"][deploy_gen.LAUNCHER_SECRET] == deploy_gen.LAUNCHER_SECRET  # every node
+    assert cluster["setup_commands"][-1].endswith(f"{deploy_gen.LAUNCHER_SECRET} {secret_file}")
+    assert "-m 0400" in cluster["setup_commands"][-1]
+    (rule,) = cluster["provider"]["security_group"]["IpPermissions"]  # the only port opened to the world
+    assert rule["FromPort"] == rule["ToPort"] == spec.gateway_port
+
+
+def test_gateway_settings_are_checked_by_name() -> None:
+    with pytest.raises(ValueError, match="^gateway_port:"):
+        DeploySpec(gateway_port=9000)  # Serve's gRPC port
+    with pytest.raises(ValueError, match="^gateway_port:"):
+        DeploySpec(gateway_port=0)  # a Service needs a fixed port
+    # a relative path; a folder mounted over the models, over /etc, or over the TLS folder
+    for path in ("secrets/gateway", "/opt/tandem/gateway.secret", "/etc/gateway.secret", "/etc/tandem/tls/secret"):
+        with pytest.raises(ValueError, match="^gateway_secret_file:"):
+            DeploySpec(gateway_secret_file=path)
+    assert DeploySpec(gateway_secret_file="/var/run/tandem-gateway/key").gateway_secret_file
+    with pytest.raises(ValueError, match="^client_ca_secret:"):
+        DeploySpec(client_ca_secret="Devices_CA")
+    with pytest.raises(ValueError, match="^gateway_service_type:"):
+        DeploySpec(gateway_service_type="Ingress")

@@ -10,7 +10,8 @@ against the field sets of Ray's pydantic models (`ray.serve.schema` and
 No KubeRay CRD is vendored here. `KUBERAY_FIELDS` hand-lists the fields deploy/rayservice.yaml
 may use, with their types, as the RayService CRD of KubeRay v1.6.0
 (ray-operator/config/crd/bases/ray.io_rayservices.yaml) defines them; `rayservice_problems`
-rejects any other key. With `TANDEM_KUBERAY_CRD` naming that CRD file, the manifest is also
+rejects any other key. `SERVICE_FIELDS` does the same for the file's second document, the
+gateway's core/v1 Service. With `TANDEM_KUBERAY_CRD` naming that CRD file, the RayService is also
 walked against the full CRD schema.
 
 Each checker is shown to fail on deliberately broken copies (the negative cases below).
@@ -19,6 +20,7 @@ Each checker is shown to fail on deliberately broken copies (the negative cases 
 from __future__ import annotations
 
 import copy
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def _load(name: str) -> Any:
-    return yaml.safe_load((DEPLOY / name).read_text())
+    """The file's first YAML document (rayservice.yaml's second is the gateway's Service)."""
+    return next(yaml.safe_load_all((DEPLOY / name).read_text()))
 
 
 # --- Serve ------------------------------------------------------------------------------------
@@ -178,17 +181,24 @@ def test_autoscaling_bounds_are_checked(change: dict, message: str) -> None:
 
 # --- KubeRay ----------------------------------------------------------------------------------
 
-MAP = "a map of strings"  # free keys, string values (rayStartParams, resources, quantities)
+MAP = "a map of strings"  # free keys, string values (rayStartParams, resources, quantities, labels)
+INT_OR_STRING = "an int or a string"  # a port by number or by name
+_PROBE = {"tcpSocket": {"port": INT_OR_STRING}, "initialDelaySeconds": int, "periodSeconds": int,
+          "timeoutSeconds": int, "failureThreshold": int}
 _CONTAINER = {
     "name": str, "image": str, "imagePullPolicy": ("Always", "IfNotPresent", "Never"),
+    "command": [str], "args": [str],
     "env": [{"name": str, "value": str}],
     "ports": [{"name": str, "containerPort": int}],
+    "readinessProbe": _PROBE, "livenessProbe": _PROBE,
     "resources": {"requests": MAP, "limits": MAP},
+    "volumeMounts": [{"name": str, "mountPath": str, "readOnly": bool}],
 }
-_POD = {"spec": {
+_POD = {"metadata": {"labels": MAP}, "spec": {
     "terminationGracePeriodSeconds": int,
-    "securityContext": {"runAsNonRoot": bool, "runAsUser": int, "runAsGroup": int},
+    "securityContext": {"runAsNonRoot": bool, "runAsUser": int, "runAsGroup": int, "fsGroup": int},
     "containers": [_CONTAINER],
+    "volumes": [{"name": str, "secret": {"secretName": str, "defaultMode": int, "items": [{"key": str, "path": str}]}}],
 }}
 _GROUP = {"rayStartParams": MAP, "resources": MAP, "template": _POD}
 KUBERAY_FIELDS = {
@@ -215,6 +225,15 @@ KUBERAY_FIELDS = {
 }
 
 
+SERVICE_FIELDS = {
+    "apiVersion": ("v1",),
+    "kind": ("Service",),
+    "metadata": {"name": str},
+    "spec": {"type": ("ClusterIP", "NodePort", "LoadBalancer"), "selector": MAP,
+             "ports": [{"name": str, "protocol": ("TCP",), "port": int, "targetPort": INT_OR_STRING}]},
+}
+
+
 def rayservice_problems(data: Any, schema: Any = KUBERAY_FIELDS, where: str = "") -> list[str]:
     """Keys the hand-listed schema does not name, wrong types, values outside an enum."""
     if isinstance(schema, dict):
@@ -232,11 +251,19 @@ def rayservice_problems(data: Any, schema: Any = KUBERAY_FIELDS, where: str = ""
     if schema == MAP:
         ok = isinstance(data, dict) and all(isinstance(v, str) for v in data.values())
         return [] if ok else [f"{where}: expected a map of strings, got {data!r}"]
+    if schema == INT_OR_STRING:
+        return [] if type(data) in (int, str) else [f"{where}: expected an int or a string, got {data!r}"]
     return [] if type(data) is schema else [f"{where}: expected {schema.__name__}, got {data!r}"]
 
 
 def test_rayservice_uses_only_fields_the_crd_defines() -> None:
-    assert rayservice_problems(_load(deploy_gen.RAYSERVICE)) == []
+    rayservice, service = yaml.safe_load_all((DEPLOY / deploy_gen.RAYSERVICE).read_text())
+    assert rayservice_problems(rayservice) == []
+    assert rayservice_problems(service, SERVICE_FIELDS) == []
+
+
+def _head_pod(r: dict) -> dict:
+    return r["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -247,12 +274,24 @@ def test_rayservice_uses_only_fields_the_crd_defines() -> None:
     (lambda r: r["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"].update(terminationGracePeriod=1),
      "headGroupSpec.template.spec.terminationGracePeriod: unknown key"),
     (lambda r: r["spec"]["serveService"]["spec"]["ports"][1].update(port="9000"), "ports[1].port: expected int"),
+    (lambda r: _head_pod(r)["containers"][1]["readinessProbe"]["tcpSocket"].update(port=8443.0),
+     "containers[1].readinessProbe.tcpSocket.port: expected an int or a string"),
+    (lambda r: _head_pod(r)["volumes"][0]["secret"].update(defaultMode="0440"), "secret.defaultMode: expected int"),
+    (lambda r: _head_pod(r)["securityContext"].update(fsGroupp=1000), "securityContext.fsGroupp: unknown key"),
 ])
 def test_a_broken_rayservice_is_reported(edit: Any, message: str) -> None:
     broken = copy.deepcopy(_load(deploy_gen.RAYSERVICE))
     edit(broken)
     problems = rayservice_problems(broken)
     assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_a_broken_gateway_service_is_reported() -> None:
+    _, service = yaml.safe_load_all((DEPLOY / deploy_gen.RAYSERVICE).read_text())
+    service["spec"]["type"] = "Ingress"
+    service["spec"]["ports"][0]["protocl"] = "TCP"
+    assert sorted(rayservice_problems(service, SERVICE_FIELDS)) == [
+        ".spec.ports[0].protocl: unknown key", ".spec.type: 'Ingress' is not one of ('ClusterIP', 'NodePort', 'LoadBalancer')"]
 
 
 def _crd_problems(schema: dict[str, Any], data: Any, where: str = "") -> list[str]:
@@ -277,9 +316,9 @@ def _crd_problems(schema: dict[str, Any], data: Any, where: str = "") -> list[st
     return [] if kind not in types or type(data) is types[kind] else [f"{where}: expected {kind}"]
 
 
-# A CRD-shaped schema (as KubeRay's openAPIV3Schema nests it) for the walk itself; the manifest was
-# checked with this walk against KubeRay's ray.io_rayservices.yaml at v1.5.1, v1.6.0 and v1.7.0
-# (not vendored here: its text stays out of this repository).
+# A CRD-shaped schema (as KubeRay's openAPIV3Schema nests it) for the walk itself; the manifest (with
+# the gateway) walks clean against KubeRay's ray.io_rayservices.yaml at v1.5.1, v1.6.0 and v1.7.0
+# (test_rayservice_walks_clean_against_the_kuberay_crd; not vendored here: its text stays out).
 _MINI_CRD: dict[str, Any] = {"type": "object", "properties": {
     "spec": {"type": "object", "properties": {
         "rayClusterDeletionDelaySeconds": {"type": "integer"},
@@ -307,3 +346,16 @@ def test_the_crd_walk_reports_unknown_keys_types_and_enums() -> None:
         ".spec.serveConfigV2: expected string",
         ".spec.ports[2]: expected int or string",
     ])
+
+
+@pytest.mark.skipif(not os.environ.get("TANDEM_KUBERAY_CRD"), reason="set TANDEM_KUBERAY_CRD to KubeRay's "
+                    "ray.io_rayservices.yaml (ray-operator/config/crd/bases/ in the KubeRay repository)")
+def test_rayservice_walks_clean_against_the_kuberay_crd() -> None:
+    crd = yaml.safe_load(Path(os.environ["TANDEM_KUBERAY_CRD"]).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = version["schema"]["openAPIV3Schema"]
+    rayservice = _load(deploy_gen.RAYSERVICE)
+    assert _crd_problems(schema, rayservice) == []
+    _head_pod(rayservice)["containers"][1]["readinessProbe"]["tcpSockett"] = {}  # the control
+    assert _crd_problems(schema, rayservice) == [
+        ".spec.rayClusterConfig.headGroupSpec.template.spec.containers[1].readinessProbe.tcpSockett: unknown key"]
