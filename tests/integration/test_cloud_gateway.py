@@ -212,3 +212,23 @@ def test_unsafe_settings_are_refused_before_anything_listens(pki, store, upstrea
         cloud_channel(EdgeConfig(cloud_address="127.0.0.1:1", cloud_token_file=loose))
     with pytest.raises(SecurityError, match="clear text"):
         cloud_channel(EdgeConfig(cloud_address="10.1.2.3:443", cloud_token_file=_token_file(tmp_path, "tdm_x")))
+
+
+def test_mutual_tls_admits_only_devices_with_a_certificate(pki, store, upstream, drafter, reference, tmp_path):
+    """With a client CA, a device without a certificate signed by it cannot finish the handshake;
+    the development CA's client certificate gets the target's text."""
+    config = GatewayConfig(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca_cert,
+                           tokens_file=store.path)
+    _, token = store.issue("fleet-device")
+    front = gw.InThread(gw.build(config, upstream, "gateway-secret"), "127.0.0.1:0")
+    try:
+        bare = _edge(front.port, pki, _token_file(tmp_path, token))
+        with cloud_channel(bare) as channel:
+            assert _code(channel) == grpc.StatusCode.UNAVAILABLE  # the handshake fails: no client certificate
+        fleet = EdgeConfig(cloud_address=f"127.0.0.1:{front.port}", cloud_ca_cert=pki.ca_cert,
+                           cloud_client_cert=pki.client_cert, cloud_client_key=pki.client_key,
+                           cloud_token_file=_token_file(tmp_path, token))
+        with cloud_channel(fleet) as channel:
+            assert _speculative(drafter, channel) == reference
+    finally:
+        front.stop()
