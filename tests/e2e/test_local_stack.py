@@ -145,12 +145,14 @@ def test_auto_routes_code_speculative_at_rtt_0(env, stack) -> None:
 
 
 def test_openai_endpoint_on_the_real_pair(env, stack) -> None:
-    import httpx
+    import ssl
+
+    import httpx2  # the HTTP client the pinned openai package uses
     import openai
 
-    ca = _status(env)["tls"]["ca_cert"]
+    ca = ssl.create_default_context(cafile=_status(env)["tls"]["ca_cert"])
     oai = openai.OpenAI(base_url=f"https://{stack['orchestrator_http']}/v1", api_key=_key(env), max_retries=0,
-                        timeout=600, http_client=httpx.Client(verify=ca, timeout=600))
+                        timeout=600, http_client=httpx2.Client(verify=ca, timeout=600))
     r = oai.chat.completions.create(model="tandem-local", messages=[{"role": "user", "content": "Say hi."}],
                                     max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4 and r.model_extra["tandem"]["route"] == "local"
