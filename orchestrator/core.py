@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -220,7 +221,7 @@ class Orchestrator:
             return
         updates: dict[str, float] = {}
         decode = {"local": "device_decode_tps", "cloud": "cloud_decode_tps"}.get(stats.route)
-        if decode and stats.tokens_per_s > 0:
+        if decode and math.isfinite(stats.tokens_per_s) and stats.tokens_per_s > 0:  # a peer's figure: never inf/NaN
             updates[decode] = stats.tokens_per_s
         prefill = {"local": "device_prefill_tps", "cloud": "cloud_prefill_tps"}.get(stats.route)
         if prefill and prompt_tokens >= 16 and stats.ttft_ms > 0:

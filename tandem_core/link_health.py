@@ -16,7 +16,10 @@ Guarantees:
   observations; values stay in [0, 1]; it forgets the least recently updated key past `max_keys`.
 - `backoff_delay(attempt, base_s)` is the one resume backoff of every stream the edge re-opens:
   base_s * 2**attempt, capped at `cap_s`.
-- Bad arguments raise ValueError (TypeError for a wrong type) naming the argument.
+- Bad arguments raise ValueError (TypeError for a wrong type) naming the argument, and change
+  nothing. Every float must be finite: a NaN or infinite clock is refused before it touches the
+  breaker, so it can neither open the circuit nor keep it open; an int past the float range
+  counts as infinite.
 None of these classes lock: the caller serialises access (one owner, or its own lock).
 """
 
@@ -36,21 +39,40 @@ CATEGORY_PROSE = "prose"
 CATEGORIES = (CATEGORY_CODE, CATEGORY_CHAT, CATEGORY_PROSE)
 
 
+def show_value(value: object) -> str:
+    """`value` for an error message: short, and safe for an int of any size (whose decimal text
+    Python refuses past 4300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"{'a negative' if value < 0 else 'an'} int of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check_finite(name: str, value: float, low: float, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and low <= value <= high):
+        raise TypeError(f"{name} must be a number, got {show_value(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the float range
+        number = math.inf
+    if not (math.isfinite(number) and low <= number <= high):
         bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be finite and {bounds}, got {value!r}")
-    return float(value)
+        raise ValueError(f"{name} must be finite and {bounds}, got {show_value(value)}")
+    return number
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float = 5.0) -> float:
     """Seconds to wait before resume number `attempt` (0-based): exponential, capped."""
+    if isinstance(attempt, bool) or not isinstance(attempt, int):
+        raise TypeError(f"attempt must be an int >= 0, got {show_value(attempt)}")
     if attempt < 0:
-        raise ValueError(f"attempt must be >= 0, got {attempt}")
-    _check_finite("base_s", base_s, 0.0)
-    return min(base_s * 2.0**attempt, cap_s)
+        raise ValueError(f"attempt must be >= 0, got {show_value(attempt)}")
+    base = _check_finite("base_s", base_s, 0.0)
+    cap = _check_finite("cap_s", cap_s, 0.0)
+    try:  # base * 2**attempt exactly; past 4096 doublings every positive base overflows anyway
+        return min(math.ldexp(base, min(attempt, 4096)), cap)
+    except OverflowError:
+        return cap
 
 
 class RttEstimator:
@@ -92,9 +114,9 @@ class CircuitBreaker:
         self, failure_threshold: int = 3, open_s: float = 5.0, max_open_s: float = 60.0
     ) -> None:
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int):
-            raise TypeError(f"failure_threshold must be an int >= 1, got {failure_threshold!r}")
+            raise TypeError(f"failure_threshold must be an int >= 1, got {show_value(failure_threshold)}")
         if failure_threshold < 1:
-            raise ValueError(f"failure_threshold must be an int >= 1, got {failure_threshold!r}")
+            raise ValueError(f"failure_threshold must be an int >= 1, got {show_value(failure_threshold)}")
         self.failure_threshold = failure_threshold
         self.open_s = _check_finite("open_s", open_s, 0.0)
         self.max_open_s = _check_finite("max_open_s", max_open_s, self.open_s)
@@ -160,9 +182,9 @@ class AcceptanceTracker:
         if self.alpha == 0.0:
             raise ValueError("alpha must be > 0")
         if isinstance(max_keys, bool) or not isinstance(max_keys, int):
-            raise TypeError(f"max_keys must be an int >= 1, got {max_keys!r}")
+            raise TypeError(f"max_keys must be an int >= 1, got {show_value(max_keys)}")
         if max_keys < 1:
-            raise ValueError(f"max_keys must be an int >= 1, got {max_keys!r}")
+            raise ValueError(f"max_keys must be an int >= 1, got {show_value(max_keys)}")
         self.max_keys = max_keys
         self._by_key: dict[str, float] = {}  # insertion order = least recently updated first
         self._overall: float | None = None
@@ -170,9 +192,9 @@ class AcceptanceTracker:
     def observe(self, key: str, rate: float) -> None:
         """Fold one request's (or round's) acceptance rate in [0, 1] into `key` and the overall."""
         if not isinstance(key, str):
-            raise TypeError(f"key must be a non-empty string, got {key!r}")
+            raise TypeError(f"key must be a non-empty string, got {show_value(key)}")
         if not key:
-            raise ValueError(f"key must be a non-empty string, got {key!r}")
+            raise ValueError(f"key must be a non-empty string, got {show_value(key)}")
         r = _check_finite("rate", rate, 0.0, 1.0)
         old = self._by_key.pop(key, None)
         self._by_key[key] = r if old is None else self._mix(old, r)

@@ -16,6 +16,8 @@ arXiv 2211.17192) and "cloud" (p generates alone in the cloud).
    whenever one of them meets the deadline and the TTFT budget, choosing the one that finishes
    sooner (speculative on a tie: same text, less cloud work); if neither does but local does ->
    local; if no route does -> the fastest finisher, with a reason saying the budget cannot be met.
+   A route meets the limits when finish <= deadline_ms and TTFT <= ttft_budget_ms: an estimate
+   exactly on a limit meets it.
 
 Speed model (all times ms, rates tokens/s, RTT from the link view or `costs.rtt_prior_ms`):
 - local:       TTFT = device prefill; rate = device decode.
@@ -25,18 +27,24 @@ Speed model (all times ms, rates tokens/s, RTT from the link view or `costs.rtt_
                rate = E / round with E = a*k + 1 the expected tokens per round for the measured
                fraction of drafts accepted a (accepted / drafted; `costs.acceptance_prior` if unknown).
 - finish = TTFT + max_new_tokens / rate. Jitter is reported by the link view, not modelled.
+- Estimates saturate instead of overflowing: a rate is kept within the positive finite floats
+  and a time at `ESTIMATE_CAP_MS` (1e18 ms, past any limit a request can set, so a saturated route
+  never meets one). Valid inputs, however extreme (a rate of 5e-324 tokens/s, a verify time of
+  1e308 ms), therefore give finite estimates and never divide by zero.
 So long prompts lean to cloud (the device prefills slower), high acceptance with short prompts
 leans to speculative, and a high RTT with low acceptance leans to cloud.
 
 Guarantees: pure (no I/O, no clock); the same inputs give the same decision; `reason` is a
 non-empty sentence starting with the route; `estimates` holds every route the policy weighed
 (local always; all three whenever rule 4 or a honoured cloud override runs); bad inputs raise
-`InvalidField` (a ValueError) naming the field.
+`InvalidField` (a ValueError) naming the field, and `decide` raises nothing else. Numbers must be
+finite (NaN and infinities are refused) and counts are ints in [low, `MAX_COUNT` = 2**53].
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
@@ -47,7 +55,11 @@ from tandem_core.link_health import (  # noqa: F401 (category constants re-expor
     CATEGORY_PROSE,
     CIRCUIT_CLOSED,
     CIRCUIT_STATES,
+    show_value,
 )
+
+MAX_COUNT = 2**53  # the largest int input (token counts, draft length, limits in ms): exact as a float
+ESTIMATE_CAP_MS = 1e18  # estimates saturate here: finite, and past every limit <= MAX_COUNT ms
 
 
 class Route(StrEnum):
@@ -83,11 +95,15 @@ class InvalidField(ValueError):
 
 def _number(field: str, value: object, low: float, *, above: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidField(field, f"must be a number, got {value!r}")
-    if not math.isfinite(value) or value < low or (above and value == low):
+        raise InvalidField(field, f"must be a number, got {show_value(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the float range
+        number = math.inf
+    if not math.isfinite(number) or number < low or (above and number == low):
         sign = ">" if above else ">="
-        raise InvalidField(field, f"must be a finite number {sign} {low}, got {value!r}")
-    return float(value)
+        raise InvalidField(field, f"must be a finite number {sign} {low}, got {show_value(value)}")
+    return number
 
 
 def _optional_number(field: str, value: object, low: float, *, above: bool = False) -> None:
@@ -97,17 +113,17 @@ def _optional_number(field: str, value: object, low: float, *, above: bool = Fal
 
 def _fraction(field: str, value: object) -> None:
     if _number(field, value, 0.0) > 1:
-        raise InvalidField(field, f"must be in [0, 1], got {value!r}")
+        raise InvalidField(field, f"must be in [0, 1], got {show_value(value)}")
 
 
 def _integer(field: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise InvalidField(field, f"must be an int >= {low}, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_COUNT:
+        raise InvalidField(field, f"must be an int in [{low}, 2**53], got {show_value(value)}")
 
 
 def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise InvalidField(field, f"must be one of {', '.join(allowed)}; got {value!r}")
+        raise InvalidField(field, f"must be one of {', '.join(allowed)}; got {show_value(value)}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +140,7 @@ class LinkView:
         _optional_number("rtt_ms", self.rtt_ms, 0.0)
         _optional_number("jitter_ms", self.jitter_ms, 0.0)
         if not isinstance(self.configured, bool):
-            raise InvalidField("configured", f"must be a bool, got {self.configured!r}")
+            raise InvalidField("configured", f"must be a bool, got {show_value(self.configured)}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +193,7 @@ class RouteRequest:
         if self.ttft_budget_ms is not None:
             _integer("ttft_budget_ms", self.ttft_budget_ms, 1)
         if not isinstance(self.private_context, bool):
-            raise InvalidField("private_context", f"must be a bool, got {self.private_context!r}")
+            raise InvalidField("private_context", f"must be a bool, got {show_value(self.private_context)}")
         _choice("privacy_mode", self.privacy_mode, PRIVACY_MODES)
         if self.acceptance is not None:
             _fraction("acceptance", self.acceptance)
@@ -223,7 +239,11 @@ def expected_tokens_per_round(acceptance: float, draft_len: int) -> float:
 
 
 def _estimate(ttft_ms: float, rate: float, max_new_tokens: int) -> RouteEstimate:
-    return RouteEstimate(ttft_ms, rate, ttft_ms + 1000.0 * max_new_tokens / rate)
+    """One route's estimate, saturated (module docstring): finite, total >= TTFT >= 0, rate > 0.
+    The inputs are never NaN: validated values only add, multiply and divide by positive numbers."""
+    rate = min(max(rate, math.ulp(0.0)), sys.float_info.max)  # an underflow to 0 or overflow to inf
+    ttft_ms = min(ttft_ms, ESTIMATE_CAP_MS)
+    return RouteEstimate(ttft_ms, rate, min(ttft_ms + 1000.0 * max_new_tokens / rate, ESTIMATE_CAP_MS))
 
 
 def estimate_routes(

@@ -1,4 +1,9 @@
-"""Pure retrieval logic: chunking, FTS5 query escaping and context injection (no models)."""
+"""Pure retrieval logic: chunking, FTS5 query escaping and context injection (no models).
+
+A chunking loop that stops making progress fails in seconds instead of waiting for the suite's
+900 s timeout: every test here has a 5 s timeout (pytest-timeout), and the property test, which
+pytest-timeout cannot stop (tests/support/fuzz.py says why), gives each example 2 s of CPU time.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import sqlite3
 from itertools import pairwise
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from orchestrator.retrieval import (
     Hit,
@@ -17,6 +24,10 @@ from orchestrator.retrieval import (
     prompt_to_messages,
     query_from_messages,
 )
+from tests.support.fuzz import cpu_limit, fuzz, timeout_s
+
+pytestmark = pytest.mark.timeout(5)
+FUZZ_QUICK = 300
 
 
 def _assert_covers(text: str, max_chars: int, overlap: int) -> list[tuple[int, int]]:
@@ -47,6 +58,32 @@ def test_chunking_never_loses_text_and_respects_max_size(max_chars: int, overlap
         text = _random_text(rng)
         if text.strip():
             _assert_covers(text, max_chars, overlap)
+
+
+# Words, every kind of boundary the chunker looks for, runs of whitespace, and wide characters.
+_PIECES = st.sampled_from(["a", "word", "x" * 90, ".", "?!", '."', ")", " ", "  ", "\t", "\n", "\n\n", "\n \n",
+                           "\r\n", "\u00a0", "\u3000", "日本語。", "naïve"])
+
+
+@st.composite
+def _sizes(draw: st.DrawFn) -> tuple[int, int]:
+    max_chars = draw(st.one_of(st.integers(2, 12), st.integers(2, 400), st.sampled_from([2, 3, 800])))
+    return max_chars, draw(st.integers(0, max_chars // 2 - 1))
+
+
+@pytest.mark.timeout(timeout_s(5, FUZZ_QUICK))
+@fuzz(FUZZ_QUICK)
+@given(pieces=st.lists(st.one_of(_PIECES, st.text(max_size=20)), min_size=1, max_size=200), sizes=_sizes())
+def test_fuzz_chunking_ends_and_covers_the_text_in_order(pieces: list[str], sizes: tuple[int, int]) -> None:
+    text = "".join(pieces)
+    max_chars, overlap = sizes
+    with cpu_limit(2.0, f"chunk_spans(<{len(text)} characters>, max_chars={max_chars}, overlap={overlap})"):
+        if not text.strip():
+            with pytest.raises(ValueError, match="text"):
+                chunk_spans(text, max_chars, overlap)
+            return
+        spans = _assert_covers(text, max_chars, overlap)  # every non-space character, in order
+    assert len(spans) <= len(text)
 
 
 def test_one_giant_word_is_cut_into_overlapping_pieces() -> None:
