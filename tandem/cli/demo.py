@@ -26,7 +26,8 @@ DEFAULT_PROMPT = "Write a Python function that checks whether a string is a pali
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="start cloud, link shaper, edge and orchestrator as processes and stream an answer")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="answer budget; the sample answer ends by itself well before it (default 256)")
     p.add_argument("--draft-len", type=int, default=4)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target dtype")
     p.add_argument("--link-rtt-ms", type=float, default=0.0, help="round-trip time the link shaper adds")

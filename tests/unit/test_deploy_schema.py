@@ -20,6 +20,7 @@ Each checker is shown to fail on deliberately broken copies (the negative cases 
 from __future__ import annotations
 
 import copy
+import gzip
 import os
 import typing
 from pathlib import Path
@@ -348,10 +349,15 @@ def test_the_crd_walk_reports_unknown_keys_types_and_enums() -> None:
     ])
 
 
-@pytest.mark.skipif(not os.environ.get("TANDEM_KUBERAY_CRD"), reason="set TANDEM_KUBERAY_CRD to KubeRay's "
-                    "ray.io_rayservices.yaml (ray-operator/config/crd/bases/ in the KubeRay repository)")
+# KubeRay v1.6.0's RayService CRD (ray-operator/config/crd/bases/ray.io_rayservices.yaml, Apache-2.0),
+# gzipped; TANDEM_KUBERAY_CRD names another version's file to check against it instead.
+KUBERAY_CRD = Path(__file__).parents[1] / "data" / "kuberay-v1.6.0-ray.io_rayservices.yaml.gz"
+
+
 def test_rayservice_walks_clean_against_the_kuberay_crd() -> None:
-    crd = yaml.safe_load(Path(os.environ["TANDEM_KUBERAY_CRD"]).read_text())
+    override = os.environ.get("TANDEM_KUBERAY_CRD")
+    text = Path(override).read_text() if override else gzip.decompress(KUBERAY_CRD.read_bytes()).decode()
+    crd = yaml.safe_load(text)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = version["schema"]["openAPIV3Schema"]
     rayservice = _load(deploy_gen.RAYSERVICE)
