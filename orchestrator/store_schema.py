@@ -8,7 +8,8 @@ Guarantees:
   store together migrate it once. A store newer than this code raises `RuntimeError`.
 - Version 2 adds `idempotency_key` (unique when set) and `request_sha256` to documents, and an
   index on (created_unix_ms, id), the listing order. Rows written before keep NULL keys.
-- `find_problems` lists every inconsistency in words (empty when there is none).
+- `find_problems` lists every inconsistency in words (empty when there is none); a damaged file
+  that makes a check fail is reported, not raised.
 """
 
 from __future__ import annotations
@@ -102,14 +103,21 @@ _CHECKS = (  # (problem template, query whose rows fill it)
 
 
 def find_problems(conn: sqlite3.Connection, dim: int) -> list[str]:
-    problems = [f"sqlite: {r[0]}" for r in conn.execute("PRAGMA quick_check") if r[0] != "ok"]
+    problems = [p for p in _found(conn, "sqlite: {}", "PRAGMA quick_check") if p != "sqlite: ok"]
     for template, sql in _CHECKS:
-        problems += [template.format(*row) for row in conn.execute(sql)]
-    problems += [f"chunk {r[0]} has an embedding of {r[1]} bytes, expected {4 * dim}"
-                 for r in conn.execute("SELECT id, length(embedding) FROM chunks "
-                                       "WHERE length(embedding) != ?", (4 * dim,))]
+        problems += _found(conn, template, sql)
+    problems += _found(conn, "chunk {} has an embedding of {} bytes, expected {}",
+                       "SELECT id, length(embedding), ? FROM chunks WHERE length(embedding) != ?", (4 * dim,) * 2)
     try:
         conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('integrity-check')")
     except sqlite3.DatabaseError as err:
         problems.append(f"FTS index: {err}")
     return problems
+
+
+def _found(conn: sqlite3.Connection, template: str, sql: str, params: tuple[int, ...] = ()) -> list[str]:
+    """`template` filled by each row of `sql`; a check that a damaged file stops is a problem too."""
+    try:
+        return [template.format(*row) for row in conn.execute(sql, params)]
+    except sqlite3.DatabaseError as err:
+        return [f"sqlite: {err} (running: {sql[:80]})"]

@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The personal store's crash tests kill SQLite inside its log writes, found with strace.
+if ! command -v strace >/dev/null 2>&1; then
+  echo "test: installing strace (apt-get)" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -q strace >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q strace >/dev/null; }
+fi
 echo "test: ruff check" >&2
 .venv/bin/ruff check .
 echo "test: mypy" >&2
