@@ -121,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     front = gateway_config_from(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s cloud %(levelname)s %(message)s", stream=sys.stderr)
-    secret = gateway.gateway_secret(front)
-    gateway.build(front, "unused:0", secret)  # every security check, before Ray starts
+    front_door = gateway.build(front, None, gateway.gateway_secret(front))  # every security check, before Ray
     stop = threading.Event()
 
     def install_handlers() -> None:
@@ -130,11 +129,11 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
 
     install_handlers()
-    return serve_until(config, stop, after_init=install_handlers, front=front, secret=secret)
+    return serve_until(config, stop, after_init=install_handlers, front=front, front_door=front_door)
 
 
 def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable[[], None] = lambda: None,
-                front: GatewayConfig | None = None, secret: str | None = None) -> int:
+                front: GatewayConfig | None = None, front_door: Any = None) -> int:
     """Start (or join) Ray, deploy, start the gateway, print the ready line, wait for `stop`, shut down.
 
     `after_init` runs right after ray.init (which replaces the SIGTERM handler with its own).
@@ -146,25 +145,26 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
     from cloud_node.cpus import available_cpus
 
     front = front or GatewayConfig()
-    secret = secret or gateway.gateway_secret(front)
+    front_door = front_door or gateway.build(front, None, gateway.gateway_secret(front))
     local = config.address is None
     port = config.serve_port or _free_port()
     cpus = None if not local else max(available_cpus(), int(config.replicas * config.replica_cpus + 0.999))
     ray.init(address="local" if local else config.address, num_cpus=cpus, include_dashboard=False,
              configure_logging=False)
     after_init()
-    front_door = None
+    running = None
     try:
         log.info("ray %s at %s", "local instance" if local else "cluster", ray.get_runtime_context().gcs_address)
         switch = serve_drain.create_switch()  # before the replicas start: each one waits on it
         serve_app.start(config.model_dir, grpc_port=port, http_port=_free_port(), dtype=config.dtype,
                         limits=config.limits(), replicas=config.replicas, num_cpus=config.replica_cpus,
-                        threads=config.threads, gateway_digest=gateway.secret_digest(secret))
+                        threads=config.threads, gateway_digest=front_door.secret_digest)
         serve_app.wait_healthy(f"127.0.0.1:{port}", timeout_s=120)
-        front_door = gateway.InThread(gateway.build(front, f"127.0.0.1:{port}", secret), f"{front.host}:{front.port}")
+        front_door.upstream = f"127.0.0.1:{port}"
+        running = gateway.InThread(front_door, f"{front.host}:{front.port}")
         log.info("Serve's proxy (internal) on port %d; edges connect to the gateway on %s:%d", port, front.host,
-                 front_door.port)
-        print(f"cloud grpc={_advertised(front.host)}:{front_door.port}", flush=True)
+                 running.port)
+        print(f"cloud grpc={_advertised(front.host)}:{running.port}", flush=True)
         stop.wait()
         _drain(switch)
     finally:
@@ -175,8 +175,8 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
         except Exception:  # Ray may already be going down with the same signal
             log.warning("Serve shutdown was not clean", exc_info=True)
         ray.shutdown()
-        if front_door is not None:
-            front_door.stop()
+        if running is not None:
+            running.stop()
     return 0
 
 

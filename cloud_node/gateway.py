@@ -93,9 +93,12 @@ class _Lease:
 class Gateway:
     """Forwards CloudVerifier, Health and reflection calls to `upstream`, checking tokens first."""
 
-    def __init__(self, upstream: str, *, secret: str, checker: TokenChecker | None = None,
+    def __init__(self, upstream: str | None, *, secret: str, checker: TokenChecker | None = None,
                  tls: ServerTls | None = None) -> None:
+        """`upstream` may be filled in later, before `start` (the cloud builds its gateway, and so
+        checks its settings, before Serve's proxy has a port)."""
         self.upstream, self._secret, self.checker, self.tls = upstream, secret, checker, tls
+        self.secret_digest = secret_digest(secret)  # what the replicas are told
         self._methods = _methods()
         self._open: Counter[str] = Counter()
         self._leases: set[_Lease] = set()
@@ -106,6 +109,8 @@ class Gateway:
 
     async def start(self, address: str) -> int:
         """Listen on `address` (HOST:PORT, port 0 picks one); returns the port."""
+        if self.upstream is None:
+            raise ValueError("the gateway's upstream is not set")
         self._channel = grpc.aio.insecure_channel(self.upstream, options=[("grpc.use_local_subchannel_pool", 1)])
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
         self._server.add_generic_rpc_handlers((_Handler(self),))
@@ -320,7 +325,7 @@ def replica_refusal(metadata: Any, digest: str | None) -> str | None:
     return "this address is the cloud's internal port; connect through the cloud's gateway"
 
 
-def build(config: Any, upstream: str, secret: str) -> Gateway:  # config: cloud_node.config.GatewayConfig
+def build(config: Any, upstream: str | None, secret: str) -> Gateway:  # config: cloud_node.config.GatewayConfig
     """A Gateway from its config; SecurityError (exit 2 in the CLIs) for an unsafe or broken setting."""
     tls = ServerTls.from_flags("cloud gateway", config.tls_cert, config.tls_key, config.tls_client_ca)
     check_bind("cloud gateway", config.host, tls=tls is not None, credential=config.tokens_file is not None,

@@ -38,12 +38,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--route", choices=("auto", "local", "speculative", "cloud"), default="auto",
                    help="the orchestrator's route for the sample request")
     p.add_argument("--in-process", action="store_true", help="no processes: drafter and target in this process")
-    security = p.add_mutually_exclusive_group()
-    security.add_argument("--secure", dest="secure", action="store_true", default=True,
-                          help="TLS and a credential on every hop, with a development CA and tokens under "
-                               "TANDEM_HOME/secure (the default)")
-    security.add_argument("--insecure", dest="secure", action="store_false",
-                          help="plaintext, no credentials (every process still listens on loopback only)")
+    from tandem.cli.stack import add_secure_flags
+
+    add_secure_flags(p)
     p.set_defaults(func=run)
 
 

@@ -39,18 +39,23 @@ def add_parser(sub: Any) -> None:
     up.add_argument("--draft-len", type=int, default=4)
     up.add_argument("--port", type=int, default=7070, help="orchestrator gRPC port (0 = free port)")
     up.add_argument("--http-port", type=int, default=7080, help="OpenAI-compatible HTTP port (0 = free port)")
-    security = up.add_mutually_exclusive_group()
-    security.add_argument("--secure", dest="secure", action="store_true", default=True,
-                          help="TLS and a credential on every hop; CA, tokens and keys under TANDEM_HOME/secure "
-                               "(the default)")
-    security.add_argument("--insecure", dest="secure", action="store_false",
-                          help="plaintext, no credentials (every process still listens on loopback only)")
+    add_secure_flags(up)
     up.set_defaults(func=run_up)
     down = sub.add_parser("down", help="stop everything `tandem up` started")
     down.set_defaults(func=run_down)
     status = sub.add_parser("status", help="health of each process of the local stack")
     status.add_argument("--json", action="store_true", help="one JSON object (processes, link, tls, auth)")
     status.set_defaults(func=run_status)
+
+
+def add_secure_flags(p: argparse.ArgumentParser) -> None:
+    """`--secure` (the default) / `--insecure` for a command that starts the local stack."""
+    security = p.add_mutually_exclusive_group()
+    security.add_argument("--secure", dest="secure", action="store_true", default=True,
+                          help="TLS and a credential on every hop; CA, tokens and keys under TANDEM_HOME/secure "
+                               "(the default)")
+    security.add_argument("--insecure", dest="secure", action="store_false",
+                          help="plaintext, no credentials (every process still listens on loopback only)")
 
 
 def _interrupt(*_: object) -> None:

@@ -97,17 +97,14 @@ class Cloud:
         return rc
 
 
-@pytest.fixture(scope="module")
-def cloud(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
-    log = tmp_path_factory.mktemp("cloud") / "cloud.log"
+def start_cloud(argv: list[str], log: Path) -> Cloud:
+    """`python -m cloud_node ARGV`, started in its own session; returns once it printed its ready
+    line (fails the test with the log's tail if it does not)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "TANDEM_CLOUD_"))}
     env["RAY_DEDUP_LOGS"] = "0"  # every replica log line reaches the log (one test reads them)
-    argv = [sys.executable, "-m", "cloud_node", "--port", "0", "--model-dir", str(tiny_models.target_hf),
-            "--dtype", "fp32", "--replicas", str(REPLICAS), "--replica-cpus", "0.5",
-            "--max-sessions", str(MAX_SESSIONS), "--max-context", str(CONTEXT), "--max-draft-len", "8",
-            "--max-new-tokens", "64"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log.open("w"), stdin=subprocess.DEVNULL,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cloud_node", *argv], stdout=subprocess.PIPE,
+                            stderr=log.open("w"), stdin=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
@@ -117,7 +114,15 @@ def cloud(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clo
     if not line.startswith("cloud grpc="):
         Cloud(proc, "", log).stop()
         pytest.fail(f"cloud node did not start: {line!r}\n{log.read_text()[-3000:]}")
-    cloud = Cloud(proc, line.split("=", 1)[1].strip(), log)
+    return Cloud(proc, line.split("=", 1)[1].strip(), log)
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    cloud = start_cloud(["--port", "0", "--model-dir", str(tiny_models.target_hf), "--dtype", "fp32", "--replicas",
+                         str(REPLICAS), "--replica-cpus", "0.5", "--max-sessions", str(MAX_SESSIONS),
+                         "--max-context", str(CONTEXT), "--max-draft-len", "8", "--max-new-tokens", "64"],
+                        tmp_path_factory.mktemp("cloud") / "cloud.log")
     try:
         yield cloud
     finally:

@@ -11,12 +11,7 @@ to its session limit; health answers without a token; no token reaches the cloud
 from __future__ import annotations
 
 import contextlib
-import os
-import queue
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +25,7 @@ from tandem.ops import devpki
 from tandem.pair import LocalPair
 from tandem.security import ClientTls, secure_channel
 from tandem_core.sampling import SamplingParams
-from tests.integration.test_cloud_ray import START_TIMEOUT_S, Cloud, spec_for, speculative
+from tests.integration.test_cloud_ray import Cloud, spec_for, speculative, start_cloud
 from tests.support.cloud_client import CloudVerifierClient
 
 PROMPT = [5, 17, 99, 3, 44]
@@ -59,23 +54,10 @@ def secure(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     store = TokenStore(work / "tokens.json")
     _, token = store.issue("edge-1", max_sessions=2)
     log, serve_port = work / "cloud.log", _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "TANDEM_CLOUD_"))}
-    argv = [sys.executable, "-m", "cloud_node", "--port", "0", "--serve-port", str(serve_port), "--model-dir",
-            str(tiny_models.target_hf), "--dtype", "fp32", "--replicas", "1", "--replica-cpus", "0.5",
-            "--max-new-tokens", "64", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-            "--tokens-file", str(store.path)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log.open("w"), stdin=subprocess.DEVNULL,
-                            text=True, env=env, start_new_session=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    try:
-        line = lines.get(timeout=START_TIMEOUT_S)
-    except queue.Empty:
-        line = ""
-    if not line.startswith("cloud grpc="):
-        Cloud(proc, "", log).stop()
-        pytest.fail(f"cloud node did not start: {line!r}\n{log.read_text()[-3000:]}")
-    cloud = Cloud(proc, line.split("=", 1)[1].strip(), log)
+    cloud = start_cloud(["--port", "0", "--serve-port", str(serve_port), "--model-dir", str(tiny_models.target_hf),
+                         "--dtype", "fp32", "--replicas", "1", "--replica-cpus", "0.5", "--max-new-tokens", "64",
+                         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                         "--tokens-file", str(store.path)], log)
     try:
         yield Secure(cloud, serve_port, pki, store, token)
     finally:
