@@ -8,7 +8,9 @@ Guarantees:
   accident); with --address it joins that cluster. It deploys the app, starts the gateway
   (`cloud_node.gateway`: TLS, per-device tokens) in front of Serve's proxy and, once the gRPC
   health check through the gateway answers SERVING, prints exactly one line to stdout:
-  `cloud grpc=HOST:PORT` (flushed): the gateway's address, the one edges use.
+  `cloud grpc=HOST:PORT` (flushed): the gateway's address, the one edges use; with
+  --metrics-port a local Ray instance adds ` metrics=127.0.0.1:PORT`, its Prometheus exporter
+  (`cloud_node.metrics`).
 - Security settings are checked before Ray starts: a non-loopback --host without TLS and a
   token store (and without --insecure), a missing certificate or an unreadable store exits 2
   with one line naming the problem. Secrets come from files, never from flags.
@@ -149,8 +151,9 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
     local = config.address is None
     port = config.serve_port or _free_port()
     cpus = None if not local else max(available_cpus(), int(config.replicas * config.replica_cpus + 0.999))
+    exporter = None if config.metrics_port is None or not local else (config.metrics_port or _free_port())
     ray.init(address="local" if local else config.address, num_cpus=cpus, include_dashboard=False,
-             configure_logging=False)
+             configure_logging=False, _metrics_export_port=exporter)
     after_init()
     running = None
     try:
@@ -164,7 +167,8 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
         running = gateway.InThread(front_door, f"{front.host}:{front.port}")
         log.info("Serve's proxy (internal) on port %d; edges connect to the gateway on %s:%d", port, front.host,
                  running.port)
-        print(f"cloud grpc={_advertised(front.host)}:{running.port}", flush=True)
+        scrape = f" metrics=127.0.0.1:{exporter}" if exporter is not None else ""
+        print(f"cloud grpc={_advertised(front.host)}:{running.port}{scrape}", flush=True)
         stop.wait()
         _drain(switch)
     finally:

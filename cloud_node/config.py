@@ -43,12 +43,17 @@ class CloudConfig:
     max_batch_rows: int = _f(64, "rows a pass fills with prefill chunks after its rounds (rounds are never "
                                  "split or held back)")
     batch_window_ms: float = _f(20.0, "longest wait of a pass for sessions expected back within it")
+    metrics_port: int | None = _f(None, "Prometheus port of Ray's metrics exporter on a local Ray instance (every "
+                                        "replica's tandem_* metrics, prefixed ray_), printed in the ready line; 0 "
+                                        "picks a free one; unset: Ray's choice. A cluster (--address) uses its "
+                                        "nodes' --metrics-export-port")
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").exists():
             raise ValueError(f"model_dir: no model at {self.model_dir} (no config.json); run `tandem models fetch`")
-        if not 0 <= self.serve_port <= 65535:
-            raise ValueError(f"serve_port: must be in [0, 65535], got {self.serve_port}")
+        for name in ("serve_port", "metrics_port"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name}: must be in [0, 65535], got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
         if self.threads < 0:

@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from cloud_node import metrics
 from cloud_node.servicer import SERVICE_NAME
 from cloud_node.status import new_request_id, with_id
 from cloud_node.tokens import RELOAD_S, TokenChecker, TokenError, Verdict, load_records
@@ -205,6 +206,7 @@ class Gateway:
                       error: grpc.aio.AioRpcError | None) -> None:
         if lease.revoked:
             self.denied["PERMISSION_DENIED"] += 1
+            metrics.record_gateway_refusal("PERMISSION_DENIED")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token {lease.device} was revoked")
         if error is not None:
             trailing = error.trailing_metadata()
@@ -217,6 +219,7 @@ class Gateway:
 
     def _denied(self, exc: _Denied) -> None:
         self.denied[exc.code.name] += 1
+        metrics.record_gateway_refusal(exc.code.name)
         log.info("refused a call: %s", exc.code.name)
 
     def _streaming(self, method: str, client_streaming: bool) -> Callable[..., AsyncIterator[Any]]:

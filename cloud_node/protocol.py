@@ -14,6 +14,8 @@ Guarantees:
 - `VerifyStream.close` may run from any thread at any moment, also while `open` is still
   running: the session is closed exactly once, whenever it comes into being.
 - While the replica drains (`Admission.draining`), opening raises `Draining`.
+- Each open and round is counted in `cloud_node.metrics` with the timing it reports, and the
+  session store's state is read right after.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from cloud_node import metrics
 from cloud_node.errors import BadRequest, Draining, ResourceExhausted
 from cloud_node.verifier import (
     DraftRound,
@@ -133,6 +136,8 @@ class VerifyStream:
                 raise BadRequest("round: the session has already finished")
             verdict = self.core.verify(self.session, round_from_proto(request.round))
             self.finished = verdict.finished
+            metrics.record_round(verdict.timing)
+            metrics.record_store(self.core.store)
             return verdict_to_proto(verdict)
         raise BadRequest("request: empty VerifyRequest (set open or round)")
 
@@ -148,6 +153,8 @@ class VerifyStream:
             closed = self._closed
         if closed:  # the stream ended while the session was being opened
             self.core.close(opened.session)
+        metrics.record_open(opened.timing)
+        metrics.record_store(self.core.store)
         return opened_to_proto(opened)
 
     def close(self) -> None:

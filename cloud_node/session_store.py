@@ -120,6 +120,7 @@ class SessionStore:
     hits: int = field(default=0, init=False)
     misses: int = field(default=0, init=False)
     evicted_prefixes: int = field(default=0, init=False)
+    evicted_sessions: int = field(default=0, init=False)  # open sessions' caches dropped by `reserve`
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -229,6 +230,7 @@ class SessionStore:
                 need -= self._cached_tokens(other) * self.bytes_per_token
                 other.cache = None
                 other.evictions += 1
+                self.evicted_sessions += 1
                 evicted.append(other_key)
             if need > self.kv_budget_bytes:
                 log.warning("session %s alone needs %d KV bytes, over the budget of %d",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from cloud_node import metrics
 from cloud_node.errors import BadRequest, Draining, ResourceExhausted, SessionGone, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def status_for(exc: BaseException, request_id: str) -> Status:
     """The status a client gets for `exc`; a server fault is logged here with its traceback."""
     for kind, code in _CODES.items():
         if isinstance(exc, kind):
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                metrics.record_shed()
             log.info("request %s: %s %s", request_id, code.name, exc)
             return Status(code, with_id(str(exc), request_id))
     log.error("request %s: internal error", request_id, exc_info=exc)

@@ -1,6 +1,7 @@
 """`tandem serve edge` / `python -m edge_node`: run the edge node's gRPC service.
 
-Prints `edge grpc=HOST:PORT` once it serves. On SIGTERM or SIGINT it drains: health turns
+Prints `edge grpc=HOST:PORT` once it serves (and ` metrics=HOST:PORT` with --metrics-port: Prometheus'
+`/metrics`, see `edge_node.metrics`). On SIGTERM or SIGINT it drains: health turns
 NOT_SERVING, new generations are refused with UNAVAILABLE, and the running ones finish within
 `drain_s` seconds; then it exits 0. A second signal, or the end of the drain period, stops it at
 once (running streams are cancelled; a thread still running 2 s later is logged with its stack
@@ -75,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     node = create_node(DrafterModel(config.drafter), config)  # type: ignore[arg-type]
     signals = _Signals()
     node.server.start()
-    print(f"edge grpc={config.host}:{node.port}", flush=True)
+    scrape = f" metrics={config.metrics_host}:{node.metrics.start().port}" if node.metrics is not None else ""
+    print(f"edge grpc={config.host}:{node.port}{scrape}", flush=True)
     signals.wait_first()
     log.info("draining: up to %.0f s for %d running generation(s)", config.drain_s, node.core.running)
     t0 = time.monotonic()

@@ -32,6 +32,10 @@ class EdgeConfig:
     port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
     drafter: Path | None = field(default=None, metadata={"help": "ONNX drafter folder (default: the fetched one)"})
     draft_len: int = field(default=DEFAULT_DRAFT_LEN, metadata={"help": "drafts per round"})
+    lookup: bool = field(default=True, metadata={
+        "help": "retrieval drafts: continuations of the prompt and the answer so far, checked by the drafter "
+                "in one batched pass or sent as they are (tandem_core.lookup); also self-speculation on the "
+                "local route"})
     round_deadline_ms: int = field(default=ROUND_DEADLINE_MS, metadata={
         "help": "a verdict later than this resumes the stream (or continues on the device)"})
     open_deadline_ms: int = field(default=OPEN_DEADLINE_MS, metadata={
@@ -58,6 +62,11 @@ class EdgeConfig:
     tls_key: Path | None = field(default=None, metadata={"help": "the certificate's private key (PEM)"})
     api_key_file: Path | None = field(default=None, metadata={
         "help": "file with the key callers must send (or set TANDEM_EDGE_API_KEY)", "secret_env": "TANDEM_EDGE_API_KEY"})
+    metrics_port: int | None = field(default=None, metadata={
+        "help": "serve Prometheus /metrics on this port (0 picks a free one; -1 or unset: none); it takes "
+                "this node's TLS and API key"})
+    metrics_host: str = field(default="127.0.0.1", metadata={
+        "help": "address of the /metrics endpoint; beyond loopback it needs TLS and a key, or --insecure"})
     insecure: bool = field(default=False, metadata={
         "help": "allow a non-loopback --host without TLS and a key (INSECURE: anyone who reaches it can use it)"})
 
@@ -71,6 +80,10 @@ class EdgeConfig:
         for name in ("round_deadline_ms", "open_deadline_ms"):
             if not 1 <= getattr(self, name) <= MAX_DEADLINE_MS:
                 raise ValueError(f"{name}: must be in [1, {MAX_DEADLINE_MS}], got {getattr(self, name)}")
+        if self.metrics_port is not None and self.metrics_port < 0:
+            object.__setattr__(self, "metrics_port", None)  # -1 on the command line: no endpoint
+        if self.metrics_port is not None and self.metrics_port > 65535:
+            raise ValueError(f"metrics_port: must be in [0, 65535] (or -1: none), got {self.metrics_port}")
         if self.max_concurrent < 1:
             raise ValueError(f"max_concurrent: must be >= 1, got {self.max_concurrent}")
         if self.max_resumes < 0:

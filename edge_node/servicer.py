@@ -14,8 +14,10 @@ Guarantees:
 - A client that goes away stops its generation at the next token and frees its slot; the
   server keeps serving either way.
 - `create_node` returns an `EdgeServer` (not started) with health checking and reflection
-  registered; `EdgeServer.drain` reports NOT_SERVING, refuses new generations and waits for
-  the running ones. `create_server` returns the bare (server, port), as every node's does.
+  registered, and with `config.metrics_port` its `/metrics` endpoint (`edge_node.metrics`: the
+  node's TLS and API key, loopback by default; every answer is counted there as it ends);
+  `EdgeServer.drain` reports NOT_SERVING, refuses new generations and waits for the running ones.
+  `create_server` returns the bare (server, port), as every node's does.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edge_node import metrics
 from edge_node.cloud_link import CloudRejected, LinkError
 from edge_node.config import EdgeConfig
 from edge_node.core import Busy, Draining, EdgeCore, EdgeJob, Piece
@@ -119,16 +122,32 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
         try:
             generation = self._core.start(_job(self._core, request))
         except (ValueError, Busy, Draining) as exc:
+            metrics.record_refused(next(code for kind, code in _REFUSED if isinstance(exc, kind)))
             _status(context, exc)
         if not context.add_callback(generation.cancel):  # the client left already
             generation.cancel()
         try:
-            for item in generation:
+            for item in _measured(generation):
                 yield _to_proto(item)
         except Exception as exc:  # noqa: BLE001 - the worker's error, mapped in _failure
             _failure(context, exc)
         finally:
             generation.cancel()
+
+
+_REFUSED = ((Busy, "RESOURCE_EXHAUSTED"), (Draining, "UNAVAILABLE"), (ValueError, "INVALID_ARGUMENT"))
+
+
+def _measured(items: Iterator[Piece | EdgeResult]) -> Iterator[Piece | EdgeResult]:
+    """The items, timed and counted in `edge_node.metrics` as they pass (the result: when final)."""
+    gaps = metrics.TokenGaps()
+    for item in items:
+        if isinstance(item, Piece):
+            gaps.tokens(len(item.tokens))
+        else:
+            metrics.record_result(item)
+            gaps.record(item.route)
+        yield item
 
 
 def stats_to_proto(r: EdgeResult) -> common_pb2.GenerationStats:
@@ -156,6 +175,7 @@ class EdgeServer:
     port: int
     core: EdgeCore
     health: health.HealthServicer
+    metrics: metrics.MetricsServer | None = None  # `/metrics` on config.metrics_port (not started)
 
     def drain(self, period_s: float, hurry: threading.Event | None = None) -> bool:
         """Health NOT_SERVING ("" and the service), new Generate UNAVAILABLE, then wait for the
@@ -190,6 +210,7 @@ def create_node(drafter: DrafterModel, config: EdgeConfig, address: str | None =
     check_bind("edge", address.rsplit(":", 1)[0], tls=tls is not None, credential=key is not None,
                insecure=config.insecure)
     core = EdgeCore(drafter, config, cloud_channel(config))
+    metrics.track_running(lambda: core.running)
     interceptors: list[grpc.ServerInterceptor] = [RpcGuard()] + ([KeyInterceptor(key)] if key else [])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edge-rpc"),
                          interceptors=interceptors)
@@ -202,7 +223,9 @@ def create_node(drafter: DrafterModel, config: EdgeConfig, address: str | None =
     port = add_port(server, address, tls)
     if port == 0:
         raise OSError(f"cannot bind {address}")
-    return EdgeServer(server, port, core, health_servicer)
+    scrape = None if config.metrics_port is None else metrics.MetricsServer(
+        config.metrics_host, config.metrics_port, tls=tls, key=key, insecure=config.insecure)
+    return EdgeServer(server, port, core, health_servicer, scrape)
 
 
 def create_server(drafter: DrafterModel, config: EdgeConfig, address: str | None = None,

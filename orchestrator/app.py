@@ -13,6 +13,9 @@ Security (`config.resolve_security`, read in `start()` unless given): with a cer
 listeners speak TLS only; with an API key every gRPC call but health (`AioKeyInterceptor`) and
 every HTTP request (`http_api`) must carry it; the edge channel uses the edge's TLS and key, the
 link monitor the cloud's TLS.
+
+Metrics: every generation's items pass `orchestrator.metrics.observe` on their way out (both
+transports), and `GET /metrics` on the HTTP port serves them (`Running.metrics_text`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, cast
 
 import grpc
 
+from orchestrator import metrics
 from orchestrator.config import OrchestratorConfig, Security, resolve_security
 from orchestrator.core import Orchestrator
 from orchestrator.errors import Unavailable
@@ -71,6 +75,7 @@ class AdmittedOrchestrator(Orchestrator):
         items = cast(AsyncGenerator[opb.GenerateTextResponse, None], super().generate(request))
         try:
             async for item in items:
+                metrics.observe(item)
                 yield item
         finally:
             try:
@@ -110,12 +115,19 @@ class Running:
         if c.http_port is not None:
             from orchestrator.http_api import create_http_app, start_http
 
-            app = create_http_app(self.core, api_key=sec.api_key)
+            app = create_http_app(self.core, api_key=sec.api_key, metrics_text=self.metrics_text)
             ssl_context = sec.server_tls.ssl_context() if sec.server_tls is not None else None
             self._http, self.http_port = await start_http(app, c.host, c.http_port, ssl_context=ssl_context)
         self._monitor.start()
         await mark_serving(self._server)
         return self
+
+    def metrics_text(self) -> bytes:
+        """The exposition, with the gauges of now (circuit, RTT, generations in flight) set first."""
+        if self._monitor is not None:
+            link = self._monitor.snapshot()
+            metrics.refresh(circuit=link.circuit, rtt_ms=link.rtt_ms, in_flight=self.admission.in_flight)
+        return metrics.exposition()
 
     async def drain(self, period_s: float, hurry: asyncio.Event | None = None) -> bool:
         """NOT_SERVING, refuse new generations, wait for those in flight (see the module docstring)."""

@@ -2,7 +2,9 @@
 
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`,
 `POST /v1/completions`, streamed (server-sent events ending with `data: [DONE]`) or not, and
-`GET /openapi.json`, the request schema generated from `openai_schema`'s pydantic models.
+`GET /openapi.json`, the request schema generated from `openai_schema`'s pydantic models, and
+`GET /metrics`, Prometheus' text exposition (`orchestrator.metrics`; behind the API key like every
+route: a scraper sends it with `bearer_token_file`).
 
 Guarantees:
 - Every error is a JSON body in OpenAI's shape `{"error": {message, type, param, code}}`:
@@ -46,8 +48,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from orchestrator import errors
+from orchestrator import errors, metrics
 from orchestrator.openai_run import GenerationRun, StopMatcher, tandem_json
 from orchestrator.openai_schema import (
     ApiError,
@@ -88,15 +91,18 @@ class GenerationCore(Protocol):
 CORE_KEY = web.AppKey("tandem_core", GenerationCore)
 MAX_BODY_KEY = web.AppKey("tandem_max_body_bytes", int)
 BODY_TIMEOUT_KEY = web.AppKey("tandem_body_timeout_s", float)
+METRICS_KEY = web.AppKey("tandem_metrics_text", Callable[[], bytes])
 
 
 # --- the aiohttp app ---
 
 
 def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20,
-                    body_timeout_s: float = BODY_TIMEOUT_S, api_key: str | None = None) -> web.Application:
+                    body_timeout_s: float = BODY_TIMEOUT_S, api_key: str | None = None,
+                    metrics_text: Callable[[], bytes] = metrics.exposition) -> web.Application:
     """The OpenAI-compatible app over `core`; bodies over `max_body_bytes` get 413, bodies not
-    received within `body_timeout_s` 408; with `api_key`, requests without it 401."""
+    received within `body_timeout_s` 408; with `api_key`, requests without it 401. `GET /metrics`
+    answers `metrics_text()` (Prometheus' text format), behind the same key."""
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes: must be positive (got {max_body_bytes})")
     if not body_timeout_s > 0:
@@ -113,7 +119,14 @@ def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20,
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/openapi.json", _openapi)
+    app[METRICS_KEY] = metrics_text
+    app.router.add_get("/metrics", _metrics)
     return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY]()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def start_http(app: web.Application, host: str, port: int, *, header_timeout_s: float = HEADER_TIMEOUT_S,
@@ -325,6 +338,7 @@ def _key_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]
         given = bearer_from(request.headers)
         if same_secret(given, api_key):
             return await handler(request)
+        metrics.record_auth_failure()
         err = ApiError(401, _BAD_KEY if given else _NO_KEY, code="invalid_api_key")
         return web.json_response(err.to_json(), status=401, headers={"WWW-Authenticate": "Bearer"})
     return require_key

@@ -23,6 +23,9 @@ Guarantees:
   fine up to a few tens of thousands of chunks (tens of MB); beyond that use an ANN index.
 - The FTS5 table keeps its own copy of each chunk's text (a regular FTS5 table, not external
   content), so `check_consistency` can compare it row by row with `chunks`.
+- Metrics (`orchestrator.metrics`, counts only): the documents and chunks this connection sees
+  (counted at open, then moved by its own adds and deletes, with no extra statement in `add`),
+  and each search (`nearest`).
 - Idempotency: `add(..., idempotency_key=k)` with a key already stored returns that document
   and stores nothing (checked before embedding, and again inside the write transaction, so two
   concurrent adds with one key store one document); the same key with a different title, text,
@@ -49,7 +52,7 @@ from typing import Protocol, Self
 
 import numpy as np
 
-from orchestrator import store_schema
+from orchestrator import metrics, store_schema
 from orchestrator.errors import BadRequest, Conflict, NotFound, shown
 from orchestrator.retrieval import chunk_text
 from orchestrator.validation import MAX_DOCUMENT_BYTES, MAX_SOURCE_CHARS, MAX_TITLE_CHARS
@@ -121,6 +124,9 @@ class PersonalStore:
         with self._lock:
             self._setup()
             self.dim = self._check_embedder()
+            counts = self._conn.execute("SELECT count(*), coalesce(sum(chunk_count), 0) FROM documents").fetchone()
+        self._counts = [int(counts[0]), int(counts[1])]  # (documents, chunks), for the metrics' gauges
+        metrics.record_store_counts(*self._counts)
 
     @property
     def embedder(self) -> EmbedderLike:
@@ -200,7 +206,14 @@ class PersonalStore:
             self._conn.executemany(
                 "INSERT INTO chunks (doc_id, idx, text, embedding) VALUES (?, ?, ?, ?)", rows)
         logger.info("added document %s (%s, %s, %d chunks)", info.id, kind, privacy, len(rows))
+        self._count(1, len(rows))
         return info
+
+    def _count(self, documents: int, chunks: int) -> None:
+        """Move the metrics' gauges by what this connection changed (no extra statement in add)."""
+        with self._lock:
+            self._counts = [self._counts[0] + documents, self._counts[1] + chunks]
+            metrics.record_store_counts(*self._counts)
 
     def _by_key(self, key: str, digest: str) -> DocumentInfo | None:
         """The document stored under idempotency `key`; Conflict if it came from another request."""
@@ -223,7 +236,10 @@ class PersonalStore:
     def delete(self, doc_id: str) -> bool:
         """Remove the document, its chunks, vectors and FTS rows; False if it was not there."""
         with self._lock, self._transaction():
+            row = self._conn.execute("SELECT chunk_count FROM documents WHERE id = ?", (doc_id,)).fetchone()
             cur = self._conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+        if cur.rowcount > 0:
+            self._count(-1, -int(row[0]) if row else 0)
         return cur.rowcount > 0
 
     def set_privacy(self, doc_id: str, privacy: str) -> DocumentInfo:
@@ -288,6 +304,7 @@ class PersonalStore:
 
     def nearest(self, query: np.ndarray, limit: int) -> builtins.list[tuple[int, float]]:
         """(chunk id, cosine) of the `limit` chunks most similar to the unit vector `query`."""
+        metrics.record_retrieval()
         matrix, ids = self._vectors()
         if len(ids) == 0 or limit < 1:
             return []

@@ -20,11 +20,16 @@ Definitions (p = target, q = drafter, as in `tandem_core.verify`):
   whose KV came from its prefix cache (the cloud's ServerTiming, summed over the request's
   streams; both 0 when the cloud does not report them); drafter_prefill_tokens are the tokens
   the drafter ran to build its own KV cache before the first draft.
+- Per-round shapes, for histograms without a log of every round (bounded by the draft length,
+  not the answer): accepted_by_position[i] counts the rounds whose draft at position i (0 = the
+  first) was accepted; rounds_by_drafted[k] the rounds that drafted k tokens; rounds_by_emitted[n]
+  the rounds that committed n tokens. Each list is only as long as its largest index.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from numbers import Integral
 
 from tandem_core.verify import Verdict
@@ -35,6 +40,13 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
+def _bump(counts: list[int], indices: Iterable[int]) -> None:
+    for i in indices:
+        if i >= len(counts):
+            counts.extend([0] * (i + 1 - len(counts)))
+        counts[i] += 1
+
+
 @dataclass(frozen=True)
 class RoundStats:
     """What one speculative round did."""
@@ -42,9 +54,10 @@ class RoundStats:
     drafted: int  # drafts proposed (k)
     accepted: int  # drafts accepted and committed (Verdict.accepted)
     emitted: int  # tokens committed this round (len(Verdict.tokens))
+    retrieved: int = 0  # of the drafts, those copied by retrieval (`tandem_core.lookup`): 0 or drafted
 
     def __post_init__(self) -> None:
-        for name in ("drafted", "accepted", "emitted"):
+        for name in ("drafted", "accepted", "emitted", "retrieved"):
             _check_count(name, getattr(self, name))
         if self.accepted > self.drafted:
             raise ValueError(f"accepted ({self.accepted}) must not exceed drafted ({self.drafted})")
@@ -53,6 +66,8 @@ class RoundStats:
                 f"emitted ({self.emitted}) must be accepted ({self.accepted}) or accepted + 1; "
                 "pass Verdict.accepted, which already reflects truncation"
             )
+        if self.retrieved > self.drafted:
+            raise ValueError(f"retrieved ({self.retrieved}) must not exceed drafted ({self.drafted})")
 
     @classmethod
     def from_verdict(cls, drafted: int, verdict: Verdict) -> RoundStats:
@@ -72,14 +87,24 @@ class RequestStats:
     cloud_prefill_tokens: int = 0  # tokens the cloud prefilled for this request (see the module doc)
     cloud_reused_tokens: int = 0  # tokens whose KV the cloud took from its prefix cache
     drafter_prefill_tokens: int = 0  # tokens the drafter prefilled
+    retrieval_drafted: int = 0  # drafts copied by retrieval (`tandem_core.lookup`)
+    retrieval_accepted: int = 0  # of which accepted
+    accepted_by_position: list[int] = field(default_factory=list)  # [i]: rounds whose draft i was accepted
+    rounds_by_drafted: list[int] = field(default_factory=list)  # [k]: rounds that drafted k tokens
+    rounds_by_emitted: list[int] = field(default_factory=list)  # [n]: rounds that committed n tokens
 
     def add_round(self, r: RoundStats) -> None:
+        _bump(self.accepted_by_position, range(int(r.accepted)))
+        _bump(self.rounds_by_drafted, (int(r.drafted),))
+        _bump(self.rounds_by_emitted, (int(r.emitted),))
         self.rounds += 1
         self.drafted += int(r.drafted)
         self.accepted += int(r.accepted)
         self.generated_tokens += int(r.emitted)
         self.round_tokens += int(r.emitted)
         self.target_forwards += 1
+        self.retrieval_drafted += int(r.retrieved)
+        self.retrieval_accepted += min(int(r.retrieved), int(r.accepted))
 
     def add_target_forwards(self, n: int) -> None:
         """Count target passes outside speculative rounds (prefill, plain decoding steps)."""
@@ -111,6 +136,11 @@ class RequestStats:
         return self.round_tokens / self.rounds if self.rounds else None
 
     @property
+    def retrieval_draft_share(self) -> float | None:
+        """The fraction of accepted drafts that retrieval copied."""
+        return self.retrieval_accepted / self.accepted if self.accepted else None
+
+    @property
     def target_forwards_per_token(self) -> float | None:
         return self.target_forwards / self.generated_tokens if self.generated_tokens else None
 
@@ -128,4 +158,7 @@ class RequestStats:
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_len": self.mean_accepted_len,
             "target_forwards_per_token": self.target_forwards_per_token,
+            "retrieval_drafted": self.retrieval_drafted,
+            "retrieval_accepted": self.retrieval_accepted,
+            "retrieval_draft_share": self.retrieval_draft_share,
         }

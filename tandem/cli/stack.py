@@ -13,7 +13,8 @@ Guarantees:
 - `status` shows each process's health (exit 0 when all are healthy, 1 otherwise) and the
   orchestrator's view of the link. `status --json` prints one JSON object: `processes` (each
   with `name` among cloud, shaper, edge, orchestrator, `pid`, `grpc` HOST:PORT, `http` for the
-  orchestrator, `healthy`), `link`, and in secure mode `tls.ca_cert` and `auth.api_key_file`
+  orchestrator, `healthy`, `metrics`: the URL Prometheus scrapes, "" for the shaper; see
+  deploy/prometheus-local.yaml), `link`, and in secure mode `tls.ca_cert` and `auth.api_key_file`
   (paths; never a key). The exit codes are the same.
 - Secure by default: `up` runs every hop over TLS with credentials (`local_stack`'s secure
   mode); `--insecure` turns that off, by name. The orchestrator's addresses printed are then
@@ -31,6 +32,9 @@ from typing import Any
 
 from tandem.cli.main import CliError
 
+# The Prometheus ports `tandem up` uses by default: deploy/prometheus-local.yaml scrapes them.
+EDGE_METRICS_PORT, CLOUD_METRICS_PORT = 7081, 7082
+
 
 def add_parser(sub: Any) -> None:
     up = sub.add_parser("up", help="start the local stack in the background; prints the orchestrator's addresses")
@@ -39,6 +43,10 @@ def add_parser(sub: Any) -> None:
     up.add_argument("--draft-len", type=int, default=4)
     up.add_argument("--port", type=int, default=7070, help="orchestrator gRPC port (0 = free port)")
     up.add_argument("--http-port", type=int, default=7080, help="OpenAI-compatible HTTP port (0 = free port)")
+    up.add_argument("--edge-metrics-port", type=int, default=EDGE_METRICS_PORT,
+                    help="the edge's Prometheus /metrics port (0 = free port)")
+    up.add_argument("--cloud-metrics-port", type=int, default=CLOUD_METRICS_PORT,
+                    help="the cloud's Prometheus port, Ray's exporter (0 = free port)")
     add_secure_flags(up)
     up.set_defaults(func=run_up)
     down = sub.add_parser("down", help="stop everything `tandem up` started")
@@ -85,7 +93,8 @@ def run_up(args: argparse.Namespace) -> int:
 
     if args.link_rtt_ms < 0 or not 1 <= args.draft_len <= 16:
         raise CliError("--link-rtt-ms must be >= 0 and --draft-len in [1, 16]")
-    for flag, port in (("--port", args.port), ("--http-port", args.http_port)):
+    for flag, port in (("--port", args.port), ("--http-port", args.http_port),
+                       ("--edge-metrics-port", args.edge_metrics_port), ("--cloud-metrics-port", args.cloud_metrics_port)):
         if not 0 <= port <= 65535:
             raise CliError(f"{flag} must be in [0, 65535], got {port}")
     if _running(local_stack.read_state()):
@@ -103,7 +112,9 @@ def run_up(args: argparse.Namespace) -> int:
         return child
 
     opts = local_stack.StackConfig(dtype=args.dtype, link_rtt_ms=args.link_rtt_ms, draft_len=args.draft_len,
-                                    grpc_port=args.port, http_port=args.http_port, secure=args.secure)
+                                    grpc_port=args.port, http_port=args.http_port, secure=args.secure,
+                                    edge_metrics_port=args.edge_metrics_port,
+                                    cloud_metrics_port=args.cloud_metrics_port)
     _say(f"logs in {log_dir}")
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     secrets = local_stack.secrets_for(opts)
@@ -189,6 +200,7 @@ def _process_rows(state: dict) -> list[dict[str, Any]]:
                                "state": "healthy" if ok else ("unhealthy" if alive else "stopped")}
         if name == "orchestrator":
             row["http"] = state.get("orchestrator_http", "")
+        row["metrics"] = p.get("metrics", "")  # Prometheus' /metrics URL ("" for the shaper)
         rows.append(row)
     return rows
 

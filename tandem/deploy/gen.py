@@ -19,6 +19,8 @@ Guarantees:
 - No rendered file relies on the host's core count: `threads` is the replica's declared CPUs.
 - `--check` exits 1 and names each file that differs from what the spec renders (the unit test
   `tests/unit/test_deploy_drift.py` does the same); bad `--set` input exits 2 naming the field.
+- It also renders the monitoring files (`tandem.deploy.observability`): the Grafana dashboard,
+  the local stack's Prometheus config and the KubeRay PodMonitor.
 - Tests and benchmarks render copies with overrides (`dataclasses.replace`) for tiny models and
   free ports; what `deploy/` holds is `render(DeploySpec())`.
 """
@@ -35,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from tandem.deploy import observability as obs
 from tandem.deploy.spec import SECRET_DIRS, DeploySpec, apply_overrides
 from tandem.deploy.texts import (
     CLUSTER_NOTES,
@@ -423,6 +426,22 @@ def render(spec: DeploySpec | None = None) -> dict[str, str]:
         RAYSERVICE: (_header(RAYSERVICE, spec) + dump(rayservice(spec, serve_text)) + "---\n"
                      + dump(gateway_service(spec), {"apiVersion": GATEWAY_SERVICE_NOTE.format(**_facts(spec))})),
         DOCKERFILE_NAME: _header(DOCKERFILE_NAME, spec) + dockerfile(spec),
+        **monitoring(spec),
+    }
+
+
+def monitoring(spec: DeploySpec) -> dict[str, str]:
+    """The dashboard and scrape configs (`tandem.deploy.observability`)."""
+    def note(text: str) -> str:
+        return "".join(f"# {line}\n" for line in (GENERATED_NOTE, text)) + "\n"
+
+    return {
+        obs.DASHBOARD: obs.dashboard_text(),
+        obs.PROMETHEUS_LOCAL: note("Prometheus scraping `tandem up` on its default ports; copy it into TANDEM_HOME "
+                                   "(paths are relative)")
+        + dump(obs.prometheus_local()),
+        obs.PODMONITOR: note("prometheus-operator PodMonitor: Ray's exporter on the RayService's pods")
+        + dump(obs.pod_monitor(spec, GATEWAY_LABEL)),
     }
 
 

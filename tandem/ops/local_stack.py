@@ -4,7 +4,9 @@ Guarantees: `launch` starts the four processes in dependency order and returns o
 printed its ready line and the gRPC ones answer health checks; a failure raises
 `procs.ChildFailed` with the failing child's log tail (the caller stops what was started).
 `tandem demo` runs it attached (stopped when the demo ends); `tandem up` runs it detached and
-records it in `TANDEM_HOME/run/stack.json` for `tandem down` and `tandem status`.
+records it in `TANDEM_HOME/run/stack.json` for `tandem down` and `tandem status`, with each
+process's Prometheus endpoint (`metrics`: the cloud's Ray exporter, the edge's metrics port, the
+orchestrator's HTTP port; `metrics_url`).
 
 Secure mode (`StackConfig.secure`, the default of `tandem up` and `tandem demo`): every hop is
 TLS with a credential. `prepare_secrets` makes, under `TANDEM_HOME/secure` (mode 0700): a
@@ -43,6 +45,8 @@ class StackConfig:
     http_port: int = 7080
     round_deadline_ms: int = 1000
     secure: bool = True
+    edge_metrics_port: int = 0  # the edge's /metrics (0: a free port)
+    cloud_metrics_port: int = 0  # Ray's Prometheus exporter of the cloud node (0: a free port)
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,8 @@ def launch(start: StartFn, opts: StackConfig, say: Callable[[str], None],
     children: dict[str, procs.Child] = {}
     say(f"starting the cloud node (Ray Serve, target {opts.dtype}) ...")
     children["cloud"] = cloud = start("cloud", [py, "-m", "tandem", "serve", "cloud", "--port", "0", "--dtype",
-                                                opts.dtype, *flags["cloud"]], timeout_s=900)
+                                                opts.dtype, "--metrics-port", str(opts.cloud_metrics_port),
+                                                *flags["cloud"]], timeout_s=900)
     say(f"  cloud verifier at {cloud.fields['grpc']} ({time.perf_counter() - t0:.1f} s)")
     children["shaper"] = shaper = start(
         "shaper", [py, "-m", "netshape", "--listen", "127.0.0.1:0", "--upstream", cloud.fields["grpc"],
@@ -140,6 +145,7 @@ def launch(start: StartFn, opts: StackConfig, say: Callable[[str], None],
     say(f"  link shaper at {shaper.fields['listen']} (RTT +{opts.link_rtt_ms:g} ms, control {shaper.fields['control']})")
     children["edge"] = edge = start("edge", [py, "-m", "tandem", "serve", "edge", "--port", "0", "--cloud",
                                              shaper.fields["listen"], "--draft-len", str(opts.draft_len),
+                                             "--metrics-port", str(opts.edge_metrics_port),
                                              *flags["edge"]], timeout_s=180)
     procs.wait_healthy(edge.fields["grpc"], timeout_s=60, ca_cert=ca)
     say(f"  edge node at {edge.fields['grpc']}")
@@ -151,6 +157,17 @@ def launch(start: StartFn, opts: StackConfig, say: Callable[[str], None],
     say(f"  orchestrator at grpc {orch.fields['grpc']}, http {orch.fields['http']}")
     say(f"all processes healthy; start-up took {time.perf_counter() - t0:.1f} s")
     return children
+
+
+def metrics_url(name: str, fields: dict[str, str], *, secure: bool) -> str:
+    """Where Prometheus scrapes a process ("" for the shaper): the edge's own metrics port and the
+    orchestrator's HTTP port (both over TLS with the API key when secure, see
+    deploy/prometheus-local.yaml), the cloud's Ray exporter (plain HTTP, loopback)."""
+    scheme = "https" if secure else "http"
+    address = {"cloud": fields.get("metrics"), "edge": fields.get("metrics"), "orchestrator": fields.get("http")}.get(name)
+    if not address:
+        return ""
+    return f"{'http' if name == 'cloud' else scheme}://{address}/metrics"
 
 
 def state_file() -> Path:
@@ -168,7 +185,9 @@ def write_state(children: dict[str, procs.Child], secrets: StackSecrets | None =
         "link_control": children["shaper"].fields.get("control", ""),  # the shaper's HTTP control endpoint
         # identity: "BOOT:START" in seconds (procs.identity); records from before psutil hold "BOOT_ID:TICKS"
         "processes": [{"name": name, "pid": c.proc.pid, "identity": procs.identity(c.proc.pid), "log": str(c.log_path),
-                       "address": c.fields.get("grpc") or c.fields.get("listen", "")} for name, c in children.items()],
+                       "address": c.fields.get("grpc") or c.fields.get("listen", ""),
+                       "metrics": metrics_url(name, c.fields, secure=secrets is not None)}
+                      for name, c in children.items()],
     }
     if secrets is not None:
         state["tls"] = {"ca_cert": str(secrets.ca_cert)}
