@@ -2,16 +2,21 @@
 
 Real gRPC on 127.0.0.1, the tiny target in fp32 on the cloud side and the tiny ONNX drafter on
 the edge side. The link is cut, black-holed and slowed in the middle of answers; every answer
-must equal the undisturbed one, token for token. A tampering proxy in the shaper's place
-rewrites verdicts on the wire: the edge must commit nothing from them.
+must equal the undisturbed one, token for token. A black hole lasts far longer than the
+deadline (or for good), and the wait it causes is measured on one clock against the deadline
+plus the round time measured in the same run. A tampering proxy in the shaper's place rewrites
+verdicts on the wire: the edge must commit nothing from them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -19,7 +24,7 @@ import pytest
 from cloud_node.verifier import VerifierCore
 from edge_node.cloud_link import CloudLink, SessionRequest, cloud_generate
 from edge_node.drafter import DrafterModel
-from edge_node.generation import EdgeResult, generate_speculative
+from edge_node.generation import EdgeResult, generate_cloud, generate_speculative
 from netshape.shaper import LinkShaper
 from protos.tandem.v1 import cloud_pb2
 from tandem.pair import LocalPair
@@ -28,8 +33,14 @@ from tandem_core.sampling import SamplingParams
 from tests.support.cloud_server import serving
 from tests.support.tamper_proxy import TamperProxy
 
+log = logging.getLogger(__name__)
+
 PROMPT = [5, 17, 99, 3, 44, 101, 7]
 N = 40
+DEADLINE_S = 0.6  # short: a doubled deadline (1.2 s) or a wait for the link fails the bound clearly
+RESTORE_AFTER_S = 3.0  # a black hole ends this long after it began, far past any bound
+SLACK_S = 0.2  # thread hand-offs and the first local token; 3 measured rounds are added to it
+BACKOFF_S = 0.05  # before a resume: backoff_delay(0, BACKOFF_S)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +69,84 @@ def shaper(cloud: str) -> Iterator[LinkShaper]:
 GREEDY = SamplingParams()
 
 
+@dataclass
+class Timeline:
+    """Tokens as the caller got them, when, and when the fault struck: one monotonic clock."""
+
+    tokens: list[int] = field(default_factory=list)
+    arrivals: list[tuple[float, str]] = field(default_factory=list)  # (time, source) per batch
+    fault_at: float = 0.0  # 0: not yet
+
+    def mark(self, tokens: Sequence[int], source: str) -> None:
+        self.tokens.extend(tokens)
+        self.arrivals.append((time.monotonic(), source))
+
+    def strike(self, fault: Callable[[], object]) -> None:
+        fault()
+        self.fault_at = time.monotonic()
+
+    def round_s(self) -> float:
+        """The longest gap between batches before the fault (the first, with the prefill, excluded)."""
+        before = [t for t, _ in self.arrivals if t <= self.fault_at]
+        return max((b - a for a, b in zip(before, before[1:])), default=0.0)
+
+    def first_local(self) -> float:
+        return next(t for t, source in self.arrivals if source == "local")
+
+    def first_after(self, moment: float) -> float:
+        return next(t for t, _ in self.arrivals if t > moment)
+
+    def check_stall(self, end: float, deadline_s: float, extra_s: float = 0.0) -> None:
+        """The wait that ended at `end` began at the fault, or at a reply already past the shaper
+        when it struck; it lasted at least the deadline and at most the deadline plus `extra_s`,
+        three rounds of this run and SLACK_S."""
+        assert self.fault_at, "the fault never struck"
+        start = max([self.fault_at] + [t for t, _ in self.arrivals if t < end])
+        bound = deadline_s + extra_s + 3 * self.round_s() + SLACK_S
+        measured = (f"fault -> {end - self.fault_at:.3f} s, stall {end - start:.3f} s, deadline {deadline_s} s, "
+                    f"round {self.round_s():.3f} s, bound {bound:.3f} s")
+        log.info("stall: %s", measured)  # the figures the bound was checked against
+        assert deadline_s <= end - start <= bound, measured
+
+
+class CallTimes(grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """When each call started, by method name ("Verify", "Generate")."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, list[float]] = defaultdict(list)
+
+    def _mark(self, details: grpc.ClientCallDetails) -> None:
+        self.started[details.method.rsplit("/", 1)[-1]].append(time.monotonic())
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        self._mark(client_call_details)
+        return continuation(client_call_details, request)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        self._mark(client_call_details)
+        return continuation(client_call_details, request_iterator)
+
+
+def _restore_later(shaper: LinkShaper) -> None:
+    timer = threading.Timer(RESTORE_AFTER_S, lambda: shaper.set_conditions(mode="up"))
+    timer.daemon = True
+    timer.start()
+
+
+def _check_fallback(drafter: DrafterModel, result: EdgeResult, timeline: Timeline, reference: tuple[int, ...]) -> None:
+    """Verified tokens are the target's; the rest is the drafter's own continuation of them."""
+    m = result.verified_tokens
+    assert timeline.tokens == result.tokens  # every token delivered once, in order
+    assert [(s.at_token, s.to_route) for s in result.switches] == [(m, "local")]
+    assert 5 <= m < N and tuple(result.tokens[:m]) == reference[:m]
+    fresh = drafter.new_session([*PROMPT, *result.tokens[:m]], GREEDY, 0)
+    assert result.tokens[m:] == list(fresh.generate(max_new_tokens=N - m, eos_ids=drafter.eos_ids))
+
+
 def _run(drafter: DrafterModel, address: str, params: SamplingParams = GREEDY, *, seed: int = 0,
-         on_tokens=None, round_timeout_s: float = 5.0) -> EdgeResult:
-    with grpc.insecure_channel(address) as channel:
+         on_tokens=None, round_timeout_s: float = 5.0, intercept: CallTimes | None = None) -> EdgeResult:
+    with grpc.insecure_channel(address) as plain:
+        channel = plain if intercept is None else grpc.intercept_channel(plain, intercept)
         link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), params, seed, N),
                          round_timeout_s=round_timeout_s)
         return generate_speculative(drafter, link, PROMPT, params, seed, draft_len=4, max_new_tokens=N,
@@ -95,20 +181,84 @@ def test_a_cut_link_mid_answer_resumes_with_identical_output(drafter, shaper, re
     assert result.resumes >= 1
 
 
+# --- black holes: the wait ends on the deadline, measured ------------------------------------
+# The link stays black-holed far longer than any bound (or for good), so only the deadline can end
+# the wait: a doubled deadline, or a wait for the link to come back, fails the bound.
+
+
 def test_a_black_holed_link_mid_answer_resumes_after_the_round_deadline(drafter, shaper, reference) -> None:
-    seen: list[int] = []
+    calls = CallTimes()
+    timeline = Timeline()
 
-    def blackhole_once(tokens, _source) -> None:
-        seen.extend(tokens)
-        if len(seen) >= 8 and -1 not in seen:
-            shaper.set_conditions(mode="blackhole")
-            # Restore the link a little after the round deadline has fired.
-            threading.Timer(1.2, lambda: shaper.set_conditions(mode="up")).start()
-            seen.append(-1)
+    def blackhole_once(tokens, source) -> None:
+        timeline.mark(tokens, source)
+        if not timeline.fault_at and len(timeline.tokens) >= 8:
+            timeline.strike(lambda: shaper.set_conditions(mode="blackhole"))
+            _restore_later(shaper)
 
-    result = _run(drafter, _address(shaper), on_tokens=blackhole_once, round_timeout_s=1.0)
+    result = _run(drafter, _address(shaper), on_tokens=blackhole_once, round_timeout_s=DEADLINE_S,
+                  intercept=calls)
     assert tuple(result.tokens) == reference
-    assert result.resumes >= 1
+    assert timeline.tokens == list(reference)  # every token delivered once, in order
+    # The first resume (a new Verify call) came on the round deadline, long before the link returned.
+    resumed = [t for t in calls.started["Verify"] if t > timeline.fault_at]
+    assert resumed and result.resumes >= 1
+    timeline.check_stall(resumed[0], DEADLINE_S, extra_s=BACKOFF_S)
+    # Nothing got through before the link came back: the black hole really held.
+    assert timeline.first_after(resumed[0]) - timeline.fault_at >= RESTORE_AFTER_S
+
+
+def test_a_black_holed_link_mid_answer_falls_back_at_the_round_deadline(drafter, shaper, reference) -> None:
+    timeline = Timeline()
+
+    def blackhole_once(tokens, source) -> None:
+        timeline.mark(tokens, source)
+        if not timeline.fault_at and len(timeline.tokens) >= 8:
+            timeline.strike(lambda: shaper.set_conditions(mode="blackhole"))  # for good
+
+    with grpc.insecure_channel(_address(shaper)) as channel:
+        link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), GREEDY, 0, N),
+                         round_timeout_s=DEADLINE_S)
+        result = generate_speculative(drafter, link, PROMPT, GREEDY, 0, draft_len=4, max_new_tokens=N,
+                                      on_tokens=blackhole_once, fallback_local=True)
+    [switch] = result.switches
+    assert switch.cause == SwitchCause.LATE_VERDICT
+    timeline.check_stall(timeline.first_local(), DEADLINE_S)
+    _check_fallback(drafter, result, timeline, reference)
+
+
+def test_cloud_only_black_hole_falls_back_at_the_gap_deadline(drafter, shaper, reference) -> None:
+    timeline = Timeline()
+
+    def blackhole_once(tokens, source) -> None:
+        timeline.mark(tokens, source)
+        if not timeline.fault_at and len(timeline.tokens) >= 5:
+            timeline.strike(lambda: shaper.set_conditions(mode="blackhole"))  # for good
+
+    with grpc.insecure_channel(_address(shaper)) as channel:
+        result = generate_cloud(drafter, channel, PROMPT, GREEDY, 0, max_new_tokens=N, on_tokens=blackhole_once,
+                                first_timeout_s=30.0, gap_timeout_s=DEADLINE_S, fallback_local=True)
+    [switch] = result.switches
+    assert switch.cause == SwitchCause.LATE_VERDICT
+    timeline.check_stall(timeline.first_local(), DEADLINE_S)
+    _check_fallback(drafter, result, timeline, reference)
+
+
+def test_cloud_only_black_hole_resumes_after_the_gap_deadline(shaper, reference) -> None:
+    calls = CallTimes()
+    timeline = Timeline()
+    with grpc.insecure_channel(_address(shaper)) as plain:
+        channel = grpc.intercept_channel(plain, calls)
+        for response in cloud_generate(channel, PROMPT, GREEDY, 0, N, gap_timeout_s=DEADLINE_S, backoff_s=BACKOFF_S):
+            timeline.mark(response.tokens, "cloud")
+            if not timeline.fault_at and len(timeline.tokens) >= 5:
+                timeline.strike(lambda: shaper.set_conditions(mode="blackhole"))
+                _restore_later(shaper)
+    assert timeline.tokens == list(reference)  # every token once, in order, across the resumes
+    resumed = [t for t in calls.started["Generate"] if t > timeline.fault_at]
+    assert resumed, "no new Generate call after the black hole"
+    timeline.check_stall(resumed[0], DEADLINE_S, extra_s=BACKOFF_S)
+    assert timeline.first_after(resumed[0]) - timeline.fault_at >= RESTORE_AFTER_S
 
 
 def test_sampling_with_a_seed_survives_a_cut_identically(drafter, shaper) -> None:
