@@ -213,19 +213,21 @@ class EdgeCore:
         """Generate on the job's route in this thread (no admission: see `start`)."""
         seed = resolve_seed(job.params.seed)
         ids, n = list(job.prompt_ids), job.max_new_tokens
+        lookup = self.config.lookup
         if job.route == Route.LOCAL:
-            return generate_local(self.drafter, ids, job.params, seed, max_new_tokens=n, on_tokens=on_tokens)
+            return generate_local(self.drafter, ids, job.params, seed, max_new_tokens=n, on_tokens=on_tokens,
+                                  lookup=lookup)
         assert self.channel is not None  # prepare() checked
         if job.route == Route.CLOUD:
             return generate_cloud(self.drafter, self.channel, ids, job.params, seed, max_new_tokens=n,
                                   on_tokens=on_tokens, first_timeout_s=job.open_deadline_s,
                                   gap_timeout_s=job.round_deadline_s, max_resumes=self.config.max_resumes,
-                                  fallback_local=job.fallback_local)
+                                  fallback_local=job.fallback_local, lookup=lookup)
         link = CloudLink(self.channel, SessionRequest(uuid.uuid4().hex, job.prompt_ids, job.params, seed, n),
                          round_timeout_s=job.round_deadline_s, open_timeout_s=job.open_deadline_s)
         return generate_speculative(self.drafter, link, ids, job.params, seed, draft_len=job.draft_len,
                                     max_new_tokens=n, on_tokens=on_tokens, max_resumes=self.config.max_resumes,
-                                    fallback_local=job.fallback_local)
+                                    fallback_local=job.fallback_local, lookup=lookup)
 
 
 class _Cancelled(Exception):

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem_core.lookup import MIN_MATCH
 from tandem_core.loop import Draft
 from tandem_core.sampling import DRAFTER_STREAM, SamplingParams, cap_support, logits_to_probs, round_rng, sample
+from tandem_core.suffix_index import SuffixIndex
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_Q_SUPPORT = 64
 RETAIN = 2  # ended sessions whose KV a later request may reuse
 MIN_REUSE = 16  # shorter common prefixes are prefilled anew
+LOCAL_HINT = 16  # longest continuation on-device generation checks in one pass
 REUSE_ROOM = 1024  # extra KV room a greedy session reserves for its conversation's next turns
 
 
@@ -157,6 +160,7 @@ class DrafterSession:
         self.committed_len = len(prompt_ids)
         self.tokens: list[int] = [int(t) for t in prompt_ids]  # committed, in order
         self._pending: tuple[int, ...] = ()  # drafts proposed but not yet settled by commit
+        self._pending_cached = 0  # of which in the cache (draft: k-1; adopt: none)
         self._last = int(prompt_ids[-1])  # the last committed token
         self.reused = 0  # prompt tokens whose KV came from a retained session
         if reuse is not None:
@@ -192,37 +196,93 @@ class DrafterSession:
         q = cap_support(logits_to_probs(logits, self._params), self._q_support)
         return sample(q, round_rng(self._seed, DRAFTER_STREAM, position)), q
 
-    def draft(self, k: int) -> Draft:
-        """Propose k tokens; the cache grows by k-1 (the last draft waits for the verdict)."""
+    def draft(self, k: int, hint: Sequence[int] = (), min_len: int | None = None) -> Draft:
+        """Propose up to k tokens; the cache grows by all but the last (which waits for the verdict).
+
+        With `hint` (a guess at the continuation: retrieval's, `tandem_core.lookup`), the drafter
+        checks the guess in one batched pass instead of one pass per token: while its own choice
+        equals the hint the draft runs on, up to k; once the hint is spent or wrong it stops at
+        `min_len` tokens (default k). The tokens are the drafter's own choices either way (argmax,
+        or samples from q with the per-position keys), so the q rows sent are the ones it drew
+        from; only a batched pass's rounding may differ from one pass per token.
+        """
         if self._pending:
             raise RuntimeError("draft() called twice without commit()")
         # Never draft past the cache's capacity: commit may append the k-th draft plus one token.
         k = max(0, min(k, self.max_length - self.committed_len - 1))
+        stop = k if min_len is None else min(k, min_len)
         tokens: list[int] = []
         qs: list[np.ndarray] = []
-        for i in range(k):
-            if i > 0:
-                self._append((tokens[-1],))
-            token, q = self._choose(self._logits, self.committed_len + i)
-            tokens.append(token)
-            if q is not None:
-                qs.append(q)
+        if k > 0:
+            self._pick(self._logits, tokens, qs)
+        while len(tokens) < k:
+            n = len(tokens)
+            alive = n < len(hint) and [int(t) for t in hint[:n]] == tokens
+            if n >= stop and not alive:
+                break
+            # Append the last draft and, while the hint holds, the hint's next tokens: one pass
+            # scores them all; keep the drafter's choices while they equal the hint.
+            ahead = [int(t) for t in hint[n:k]] if alive else []
+            base = self.cached
+            rows = self._append_rows([tokens[-1], *ahead])
+            matched = 0
+            while True:
+                self._pick(rows[matched], tokens, qs)
+                if matched < len(ahead) and tokens[-1] == ahead[matched]:
+                    matched += 1
+                    if len(tokens) < k:
+                        continue
+                break
+            if base + 1 + matched < self.cached:  # drop the hint's tokens the drafter did not choose
+                self._gen.rewind_to(base + 1 + matched)
+                self.cached = base + 1 + matched
         self._pending = tuple(tokens)
+        self._pending_cached = self.cached - self.committed_len
         return Draft(tuple(tokens), np.stack(qs) if qs else None)
+
+    def _pick(self, logits: np.ndarray, tokens: list[int], qs: list[np.ndarray]) -> None:
+        token, q = self._choose(logits, self.committed_len + len(tokens))
+        tokens.append(token)
+        if q is not None:
+            qs.append(q)
+
+    def _append_rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Append `ids` in one pass; the logits after each of them, (len(ids), V)."""
+        if len(ids) == 1:
+            self._append(ids)
+            return self._logits[None, :]
+        self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        self.cached += len(ids)
+        rows = np.asarray(self._gen.get_output("logits"))[0, -len(ids):]
+        self._logits = rows[-1]
+        return rows
+
+    def adopt(self, tokens: Sequence[int]) -> tuple[int, ...]:
+        """Take drafts made elsewhere (retrieval, `tandem_core.lookup`) as the unsettled draft;
+        returns those kept (as many as the cache has room for, like `draft`).
+
+        Nothing is computed now: `commit` appends the committed tokens in one batched pass.
+        """
+        if self._pending:
+            raise RuntimeError("adopt() called with a draft unsettled")
+        k = max(0, min(len(tokens), self.max_length - self.committed_len - 1))
+        self._pending = tuple(int(t) for t in tokens[:k])
+        self._pending_cached = 0
+        return self._pending
 
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
         """Settle the last draft: keep `accepted` drafts, then append the target's token(s)."""
         k = len(self._pending)
         if not 0 <= accepted <= k:
             raise ValueError(f"accepted={accepted} outside [0, {k}]")
-        appended = max(k - 1, 0)  # drafts already in the cache
+        appended = self._pending_cached  # drafts already in the cache
         if accepted < appended:
             self._gen.rewind_to(self.committed_len + accepted)
             self.cached = self.committed_len + accepted
         # Append what the cache lacks of the committed tokens: the accepted k-th draft (if any)
         # and the target's correction or bonus token.
         new = [int(t) for t in tokens][min(accepted, appended):]
-        self._pending = ()
+        self._pending, self._pending_cached = (), 0
         self.committed_len += len(tokens)
         self.tokens.extend(int(t) for t in tokens)
         if tokens:
@@ -237,22 +297,42 @@ class DrafterSession:
         Rewinding keeps stale logits, so rewind one further and re-append the last committed
         token, which recomputes them exactly.
         """
-        appended = max(len(self._pending) - 1, 0)
-        self._pending = ()
+        appended = self._pending_cached
+        self._pending, self._pending_cached = (), 0
         if appended:
             self._gen.rewind_to(self.committed_len - 1)
             self.cached = self.committed_len - 1
             self._append((self._last,))
 
-    def generate(self, *, max_new_tokens: int, eos_ids: frozenset[int]) -> Iterator[int]:
-        """On-device generation: one forward pass per token, no verification."""
+    def generate(self, *, max_new_tokens: int, eos_ids: frozenset[int], lookup: SuffixIndex | None = None
+                 ) -> Iterator[int]:
+        """On-device generation: the drafter's own choices, one forward pass per token.
+
+        With `lookup` (a suffix index whose live stream is the text so far), a continuation the
+        index proposes is checked in one batched pass and the tokens the drafter itself would
+        choose are kept (self-speculation: the same tokens, fewer passes, up to a batched
+        pass's rounding). The index is extended with every token.
+        """
         budget = min(max_new_tokens, self.max_length - self.committed_len)
-        for _ in range(budget):
-            token, _ = self._choose(self._logits, self.committed_len)
-            self.committed_len += 1
-            self.tokens.append(token)
-            self._last = token
-            yield token
-            if token in eos_ids:
+        produced = 0
+        while produced < budget:
+            left = budget - produced
+            proposal = lookup.propose(min(left, LOCAL_HINT)) if lookup is not None and left > 1 else None
+            if proposal is not None and proposal.match_len >= MIN_MATCH:
+                chunk = list(self.draft(left, hint=proposal.tokens, min_len=1).tokens)
+                chunk = chunk[:next((i + 1 for i, t in enumerate(chunk) if t in eos_ids), len(chunk))]
+                self.commit(len(chunk), chunk)
+            else:
+                token, _ = self._choose(self._logits, self.committed_len)
+                chunk = [token]
+                self.committed_len += 1
+                self.tokens.append(token)
+                self._last = token
+            if lookup is not None:
+                lookup.extend(chunk)
+            produced += len(chunk)
+            yield from chunk  # before the next pass: a token is out as soon as it is chosen
+            if chunk[-1] in eos_ids:
                 return
-            self._append((token,))
+            if proposal is None or proposal.match_len < MIN_MATCH:
+                self._append(chunk)

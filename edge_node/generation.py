@@ -36,9 +36,11 @@ from edge_node.cloud_link import CloudLink, LinkError, RemoteVerifier, cloud_gen
 from edge_node.drafter import DrafterModel, DrafterSession
 from protos.enums import finish_from_proto
 from tandem.limits import MAX_DRAFT_LEN
-from tandem_core.loop import DraftLen, SwitchCause, VerifierUnavailable, speculative_generate
+from tandem_core.lookup import LookupDrafter
+from tandem_core.loop import DraftLen, DraftSession, SwitchCause, VerifierUnavailable, speculative_generate
 from tandem_core.sampling import SamplingParams
 from tandem_core.stats import RequestStats
+from tandem_core.suffix_index import SuffixIndex
 from tandem_core.verify import FinishReason
 
 log = logging.getLogger(__name__)
@@ -101,9 +103,13 @@ def _max_length(prompt_ids: Sequence[int], max_new_tokens: int, draft_len: int) 
 
 
 def _continue_local(session: DrafterSession, eos_ids: frozenset[int], result: EdgeResult, max_new_tokens: int,
-                    on_tokens: OnTokens | None, clock: _Clock) -> None:
-    """Generate on the device until eos or `max_new_tokens` in all; sets the finish reason."""
-    for token in session.generate(max_new_tokens=max_new_tokens - len(result.tokens), eos_ids=eos_ids):
+                    on_tokens: OnTokens | None, clock: _Clock, lookup: SuffixIndex | None) -> None:
+    """Generate on the device until eos or `max_new_tokens` in all; sets the finish reason.
+
+    With `lookup` (an index over the text so far), continuations it proposes are checked in
+    batched passes (`DrafterSession.generate`)."""
+    for token in session.generate(max_new_tokens=max_new_tokens - len(result.tokens), eos_ids=eos_ids,
+                                  lookup=lookup):
         clock.mark_first()
         result.tokens.append(token)
         result.local_tokens += 1
@@ -133,11 +139,13 @@ def _prefill(drafter: DrafterModel, result: EdgeResult, ids: Sequence[int], para
 
 
 def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: SamplingParams, seed: int, *,
-                   max_new_tokens: int, on_tokens: OnTokens | None = None) -> EdgeResult:
-    """On-device generation with the drafter alone."""
+                   max_new_tokens: int, on_tokens: OnTokens | None = None, lookup: bool = True) -> EdgeResult:
+    """On-device generation with the drafter alone (with `lookup`, self-speculation on
+    continuations of the prompt and the answer so far)."""
     clock, result = _Clock(), EdgeResult(route="local")
     session = _prefill(drafter, result, prompt_ids, params, seed, _max_length(prompt_ids, max_new_tokens, 0))
-    _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
+    _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock,
+                    _index(prompt_ids) if lookup else None)
     drafter.retain(session)
     result.stats.add_tokens(len(result.tokens))
     return clock.finish(result)
@@ -145,19 +153,30 @@ def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: Sam
 
 def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Sequence[int], params: SamplingParams,
                          seed: int, *, draft_len: DraftLen, max_new_tokens: int, on_tokens: OnTokens | None = None,
-                         max_resumes: int = 3, backoff_s: float = 0.2, fallback_local: bool = False) -> EdgeResult:
+                         max_resumes: int = 3, backoff_s: float = 0.2, fallback_local: bool = False,
+                         lookup: bool = True) -> EdgeResult:
     """Speculative decoding: `tandem_core.loop` with the cloud verifying over `link`.
 
+    With `lookup` (and a fixed `draft_len`), each round drafts from the prompt and the answer so
+    far when a copied span pays better than the model's drafts (`tandem_core.lookup`); such
+    rounds may send up to the cloud's longest draft, the model's rounds send `draft_len`.
     Fallback wraps the loop: when the verifier gives up (`VerifierUnavailable`), the unsettled
     draft is rolled back and the drafter goes on alone from the last committed token.
     """
     clock, result = _Clock(), EdgeResult(route="speculative")
+    lookup = lookup and isinstance(draft_len, int)
     session = _prefill(drafter, result, prompt_ids, params, seed,
-                       _max_length(prompt_ids, max_new_tokens, _longest(draft_len)))
+                       _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if lookup else _longest(draft_len)))
     verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s,
                               prompt_len=len(prompt_ids), vocab=drafter.vocab_size)
+    drafts: DraftSession = session
+    if lookup:
+        assert isinstance(draft_len, int)
+        drafts = LookupDrafter.over(session, prompt_ids, model_len=draft_len,
+                                    vocab=None if params.greedy else drafter.vocab_size)
+        draft_len = MAX_DRAFT_LEN  # the loop's bound; the lookup drafter keeps the model's rounds at draft_len
     try:
-        for verdict in speculative_generate(session, verifier, draft_len=_within_cloud(draft_len, verifier),
+        for verdict in speculative_generate(drafts, verifier, draft_len=_within_cloud(draft_len, verifier),
                                             max_new_tokens=max_new_tokens, stats=result.stats):
             clock.mark_first()
             result.tokens.extend(verdict.tokens)
@@ -171,7 +190,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
         link.close()
         session.rollback()
         _fall_back(result, clock, exc)
-        _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
+        _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock,
+                        drafts.index if isinstance(drafts, LookupDrafter) else None)
     finally:
         link.close()
         drafter.retain(session)  # a settled greedy session's KV serves the conversation's next turn
@@ -181,6 +201,12 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     # One target pass per round, plus the prefill of each (re)opened stream.
     result.stats.add_target_forwards(1 + result.resumes)
     return clock.finish(result)
+
+
+def _index(ids: Sequence[int]) -> SuffixIndex:
+    index = SuffixIndex()
+    index.extend(ids)
+    return index
 
 
 def _within_cloud(draft_len: DraftLen, verifier: RemoteVerifier) -> DraftLen:
@@ -197,7 +223,8 @@ def _longest(draft_len: DraftLen) -> int:
 
 def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Sequence[int], params: SamplingParams,
                    seed: int, *, max_new_tokens: int, on_tokens: OnTokens | None = None, first_timeout_s: float,
-                   gap_timeout_s: float, max_resumes: int = 3, fallback_local: bool = False) -> EdgeResult:
+                   gap_timeout_s: float, max_resumes: int = 3, fallback_local: bool = False,
+                   lookup: bool = True) -> EdgeResult:
     """Cloud-only generation relayed through the edge (which detokenizes), falling back if asked."""
     clock, result = _Clock(), EdgeResult(route="cloud")
     counter: dict[str, int] = {}
@@ -220,7 +247,8 @@ def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Seq
         _fall_back(result, clock, exc)
         context = list(prompt_ids) + result.tokens
         session = _prefill(drafter, result, context, params, seed, _max_length(prompt_ids, max_new_tokens, 0))
-        _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock)
+        _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock,
+                        _index(context) if lookup else None)
     finally:
         result.bytes_up, result.bytes_down = counter.get("up", 0), counter.get("down", 0)
         result.resumes = counter.get("resumes", 0)

@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from cloud_node.scorer import read_eos_ids
+from tandem.limits import MAX_DRAFT_LEN
+from tandem_core.lookup import LookupDrafter
 from tandem_core.loop import Draft, TargetVerifier, speculative_generate
 from tandem_core.sampling import SamplingParams, resolve_seed
 from tandem_core.stats import RequestStats
+from tandem_core.suffix_index import SuffixIndex
 
 OnTokens = Callable[[Sequence[int]], None]
 
@@ -73,6 +76,10 @@ class _MeteredDraft:
     def rollback(self) -> None:
         with self.meter:
             self.inner.rollback()
+
+    def adopt(self, tokens: Sequence[int]) -> tuple[int, ...]:
+        with self.meter:
+            return self.inner.adopt(tokens)  # type: ignore[no-any-return]
 
 
 class _MeteredScore(_MeteredDraft):
@@ -169,17 +176,22 @@ class LocalPair:
                                  assistant_model=self.assistant)
 
     def drafter_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_tokens: int,
-                         on_tokens: OnTokens | None = None) -> GenerationResult:
-        """The ONNX drafter alone: on-device generation."""
+                         on_tokens: OnTokens | None = None, lookup: bool = True) -> GenerationResult:
+        """The ONNX drafter alone: on-device generation (with `lookup`, self-speculation on
+        continuations of the prompt and the answer so far, as on the edge's local route)."""
         assert self.drafter is not None
         seed = resolve_seed(params.seed)
         t0, meter = time.perf_counter(), Meter()
         with meter:
             session = self.drafter.new_session(prompt_ids, params, seed,
                                                max_length=len(prompt_ids) + max_new_tokens + 1)
-            tokens, first = _drain(session.generate(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids),
-                                   on_tokens, single=True)
-        return GenerationResult("drafter", tokens, first - t0, meter.wall_s, meter.cpu_s, None, None, None)
+            index = SuffixIndex() if lookup else None
+            if index is not None:
+                index.extend(prompt_ids)
+            tokens, first = _drain(session.generate(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                                                    lookup=index), on_tokens, single=True)
+        return GenerationResult("drafter" if lookup else "drafter_model", tokens, first - t0, meter.wall_s,
+                                meter.cpu_s, None, None, None)
 
     def cloud_only_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_tokens: int,
                             on_tokens: OnTokens | None = None) -> GenerationResult:
@@ -205,26 +217,34 @@ class LocalPair:
                                 None, s.forwards)
 
     def speculative_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, draft_len: int,
-                             max_new_tokens: int, on_tokens: OnTokens | None = None) -> GenerationResult:
-        """Tandem speculative decoding, drafter and target in this process."""
+                             max_new_tokens: int, on_tokens: OnTokens | None = None,
+                             lookup: bool = True) -> GenerationResult:
+        """Tandem speculative decoding, drafter and target in this process (with `lookup`,
+        retrieval drafts as on the edge: `edge_node.generation.generate_speculative`)."""
         assert self.drafter is not None
         seed = resolve_seed(params.seed)
         edge, cloud, stats = Meter(), Meter(), RequestStats()
         t0 = time.perf_counter()
         with edge:
+            longest = MAX_DRAFT_LEN if lookup else draft_len
             d = self.drafter.new_session(prompt_ids, params, seed,
-                                         max_length=len(prompt_ids) + max_new_tokens + draft_len + 2)
+                                         max_length=len(prompt_ids) + max_new_tokens + longest + 2)
         with cloud:
             s = self.target.new_session(prompt_ids)
         stats.add_target_forwards(s.forwards)  # the prefill pass
         verifier = TargetVerifier(_MeteredScore(s, cloud), params, seed=seed, start=len(prompt_ids),
                                   max_new_tokens=max_new_tokens, eos_ids=self.eos_ids)
-        rounds = speculative_generate(_MeteredDraft(d, edge), verifier, draft_len=draft_len,
+        inner: Any = d
+        if lookup:
+            inner = LookupDrafter.over(d, prompt_ids, model_len=draft_len,
+                                       vocab=None if params.greedy else self.drafter.vocab_size)
+        drafts = _MeteredDraft(inner, edge)
+        rounds = speculative_generate(drafts, verifier, draft_len=MAX_DRAFT_LEN if lookup else draft_len,
                                       max_new_tokens=max_new_tokens, stats=stats)
         chunks = (verdict.tokens for verdict in rounds)
         tokens, first = _drain(chunks, on_tokens, single=False)
         wall = time.perf_counter() - t0
-        return GenerationResult("tandem", tokens, first - t0, wall, edge.cpu_s, cloud.cpu_s, stats,
+        return GenerationResult("tandem" if lookup else "tandem_model", tokens, first - t0, wall, edge.cpu_s, cloud.cpu_s, stats,
                                 stats.target_forwards)
 
 

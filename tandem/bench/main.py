@@ -26,14 +26,18 @@ from tandem.bench.report import progress as _progress
 from tandem.cli.main import CliError
 
 METHODS = ("target", "cloud_only", "assisted", "drafter", "tandem")
+# the same without retrieval drafts (`tandem_core.lookup`): the model drafter alone, for ratios
+NO_LOOKUP_METHODS = ("drafter_model", "tandem_model")
 # over gRPC through the cloud's gateway, Ray Serve and the link shaper; `tandem_grpc_tls` adds TLS
-# and a device token (a second gateway in front of the same Serve proxy)
-NETWORK_METHODS = ("tandem_grpc", "tandem_grpc_tls", "cloud_stream")
-ALL_METHODS = METHODS + NETWORK_METHODS
+# and a device token (a second gateway in front of the same Serve proxy); `tandem_grpc_model`
+# drafts with the model alone
+NETWORK_METHODS = ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_tls", "cloud_stream")
+ALL_METHODS = METHODS + NO_LOOKUP_METHODS + NETWORK_METHODS
 # methods whose greedy output must equal the target's
-CLAIMS_TARGET_OUTPUT = {"assisted", "cloud_only", "tandem", "tandem_grpc", "tandem_grpc_tls", "cloud_stream"}
+CLAIMS_TARGET_OUTPUT = {"assisted", "cloud_only", "tandem", "tandem_model", "tandem_grpc", "tandem_grpc_model",
+                        "tandem_grpc_tls", "cloud_stream"}
 # methods that run Tandem's engine, whose greedy output must equal its cloud-only path bit for bit
-CLAIMS_CLOUD_ONLY_OUTPUT = {"cloud_only", "tandem", "tandem_grpc", "tandem_grpc_tls", "cloud_stream"}
+CLAIMS_CLOUD_ONLY_OUTPUT = CLAIMS_TARGET_OUTPUT - {"assisted"}
 SUITES = ("methods", "orchestrator", "fallback", "cloud-scale", "chat-turns")
 DEFAULT_MAX_NEW_TOKENS = 128
 # cloud-scale: the figures are for 32-64 new tokens; chat-turns: each answer adds about 40 tokens to the next turn
@@ -176,7 +180,7 @@ def _select(prompts: list[BenchPrompt], categories: str | None, limit: int | Non
 
 def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argparse.Namespace, n: int,
               remote: Any = None) -> Any:
-    if method in ("tandem_grpc", "tandem_grpc_tls"):
+    if method in ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_tls"):
         return remote.speculative(ids, params, draft_len=args.draft_len, max_new_tokens=n, method=method)
     if method == "cloud_stream":
         return remote.cloud_stream(ids, params, max_new_tokens=n)
@@ -184,11 +188,12 @@ def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argpars
         return pair.target_generate(ids, params, max_new_tokens=n)
     if method == "assisted":
         return pair.assisted_generate(ids, params, draft_len=args.draft_len, max_new_tokens=n)
-    if method == "drafter":
-        return pair.drafter_generate(ids, params, max_new_tokens=n)
+    if method in ("drafter", "drafter_model"):
+        return pair.drafter_generate(ids, params, max_new_tokens=n, lookup=method == "drafter")
     if method == "cloud_only":
         return pair.cloud_only_generate(ids, params, max_new_tokens=n)
-    return pair.speculative_generate(ids, params, draft_len=args.draft_len, max_new_tokens=n)
+    return pair.speculative_generate(ids, params, draft_len=args.draft_len, max_new_tokens=n,
+                                     lookup=method == "tandem")
 
 
 def run(args: argparse.Namespace) -> int:

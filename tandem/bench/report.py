@@ -94,6 +94,9 @@ def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
         "tokens": tokens,
         "wall_s": wall,
         "bytes_per_round": _bytes_per_round(results),
+        # accepted drafts that retrieval copied or let the drafter check in one pass (tandem_core.lookup)
+        "retrieval_draft_share": _ratio(sum(s.retrieval_accepted for s in stats if s is not None),
+                                        sum(s.accepted for s in stats if s is not None)) if has_stats else None,
     }
 
 
@@ -135,11 +138,12 @@ def fmt(value: Any, spec: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ("method", "category", "n", "tok/s", "decode tok/s", "TTFT ms", "accept", "tau", "fwd/tok",
-              "edge cpu/tok", "cloud cpu/tok", "speedup", "decode speedup", "identical", "= cloud-only")
-    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".3f", ".3f", ".3f", ".2f", ".2f", "", "")
+              "edge cpu/tok", "cloud cpu/tok", "retrieved", "speedup", "decode speedup", "identical", "= cloud-only")
+    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".3f", ".3f", ".3f", ".2f", ".2f", ".2f", "", "")
     keys = ("method", "category", "n_prompts", "tokens_per_s", "decode_tokens_per_s", "ttft_ms", "acceptance_rate",
             "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token", "cloud_cpu_s_per_token",
-            "speedup_vs_target", "decode_speedup_vs_target", "identical_to_target", "identical_to_cloud_only")
+            "retrieval_draft_share", "speedup_vs_target", "decode_speedup_vs_target", "identical_to_target",
+            "identical_to_cloud_only")
     lines = [[fmt(row[k], s) for k, s in zip(keys, specs, strict=True)] for row in rows]
     for line, row in zip(lines, rows):
         if row.get("rtt_ms") is not None:

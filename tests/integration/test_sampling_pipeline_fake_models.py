@@ -37,8 +37,11 @@ from edge_node.cloud_link import CloudLink, SessionRequest, q_rows_to_proto
 from edge_node.drafter import DrafterModel, DrafterSession
 from edge_node.generation import EdgeResult, generate_speculative
 from protos.tandem.v1 import cloud_pb2
+from tandem.limits import MAX_DRAFT_LEN
+from tandem_core.lookup import LookupDrafter
 from tandem_core.loop import TargetVerifier, speculative_generate
 from tandem_core.sampling import DRAFTER_STREAM, SamplingParams, cap_support, logits_to_probs, round_rng, sample
+from tandem_core.stats import RequestStats
 from tests.support.sampling_models import (
     Logits,
     V,
@@ -66,9 +69,16 @@ class FakeGenerator:
 
     def append_tokens(self, ids: np.ndarray) -> None:
         self.tokens.extend(int(t) for t in ids)
+        self.appended = len(ids)
 
     def get_logits(self) -> np.ndarray:
         return self.logits(self.tokens)[None, None, :]
+
+    def get_output(self, name: str) -> np.ndarray:
+        """The last append's logits, one row per token appended (a batched pass)."""
+        assert name == "logits"
+        n = len(self.tokens)
+        return np.stack([self.logits(self.tokens[:i]) for i in range(n - self.appended + 1, n + 1)])[None]
 
     def rewind_to(self, length: int) -> None:
         del self.tokens[length:]
@@ -203,22 +213,25 @@ def core() -> VerifierCore:
 # --- the two paths --------------------------------------------------------------------------
 
 def deployed(core: VerifierCore, drafter: FakeOnnxDrafterModel, params: SamplingParams, seed: int, *, draft_len: int,
-             n: int, break_at_round: int | None = None) -> EdgeResult:
+             n: int, break_at_round: int | None = None, lookup: bool = False) -> EdgeResult:
     """An answer on the speculative route: edge drafter, wire, cloud verifier."""
     link = CloudLink(InProcessChannel(core, break_at_round),  # type: ignore[arg-type]
                      SessionRequest(f"seed-{seed}", PROMPT, params, seed, n), round_timeout_s=10.0)
     return generate_speculative(drafter, link, PROMPT, params, seed, draft_len=draft_len, max_new_tokens=n,
-                                max_resumes=1, backoff_s=0.0)
+                                max_resumes=1, backoff_s=0.0, lookup=lookup)
 
 
 def in_process(drafter: FakeOnnxDrafterModel, params: SamplingParams, seed: int, *, draft_len: int,
-               n: int) -> tuple[int, ...]:
-    """The same answer from the in-process pair (`tandem.pair`): the loop over a `TargetVerifier`."""
+               n: int, lookup: bool = False) -> tuple[int, ...]:
+    """The same answer from the in-process pair (`tandem.pair`): the loop over a `TargetVerifier`
+    (with `lookup`, retrieval drafts as `tandem.pair` and the edge make them)."""
     verifier = TargetVerifier(FakeTargetSession(PROMPT), params, seed=seed, start=len(PROMPT), max_new_tokens=n,
                               eos_ids=frozenset())
-    session = drafter.new_session(PROMPT, params, seed)
-    return tuple(t for v in speculative_generate(session, verifier, draft_len=draft_len, max_new_tokens=n)
-                 for t in v.tokens)
+    session: Any = drafter.new_session(PROMPT, params, seed, max_length=len(PROMPT) + n + MAX_DRAFT_LEN + 2)
+    if lookup:
+        session = LookupDrafter.over(session, PROMPT, model_len=draft_len, vocab=V)
+    return tuple(t for v in speculative_generate(session, verifier, draft_len=MAX_DRAFT_LEN if lookup else draft_len,
+                                                 max_new_tokens=n) for t in v.tokens)
 
 
 # --- the tests ------------------------------------------------------------------------------
@@ -247,13 +260,14 @@ def test_drafts_are_sampled_from_the_q_sent_with_a_fake_onnx_drafter(core: Verif
     np.testing.assert_allclose(dense, draft.q / draft.q.sum(axis=1, keepdims=True), rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("lookup", [False, True], ids=["model-drafts", "with-lookup"])
 @pytest.mark.parametrize(("kind", "params", "draft_len"), [("shifted", TRANSFORMED, 2), ("close", PLAIN, 3)])
 def test_the_deployed_path_gives_the_in_process_tokens_with_fake_models(
-        core: VerifierCore, kind: str, params: SamplingParams, draft_len: int) -> None:
+        core: VerifierCore, kind: str, params: SamplingParams, draft_len: int, lookup: bool) -> None:
     drafter = FakeOnnxDrafterModel(drafter_logits(kind), Q_SUPPORT)
     for seed in range(100):
-        result = deployed(core, drafter, params, seed, draft_len=draft_len, n=6)
-        assert tuple(result.tokens) == in_process(drafter, params, seed, draft_len=draft_len, n=6), seed
+        result = deployed(core, drafter, params, seed, draft_len=draft_len, n=6, lookup=lookup)
+        assert tuple(result.tokens) == in_process(drafter, params, seed, draft_len=draft_len, n=6, lookup=lookup), seed
 
 
 @pytest.mark.parametrize("break_at_round", [1, 2, 3])
@@ -289,4 +303,38 @@ def test_answers_follow_the_exact_target_distribution_through_edge_and_cloud_wit
     counts = Counter(tuple(deployed(core, drafter, TRANSFORMED, seed, draft_len=2, n=n).tokens)
                      for seed in range(50_000, 50_000 + answers))
     stat, df, pvalue = chi_square(counts, exact_distribution(PROMPT, n, TRANSFORMED))
+    assert pvalue > ALPHA, f"chi2 {stat:.1f} with {df} degrees of freedom, p-value {pvalue:.2e}"
+
+
+@pytest.mark.parametrize(("how", "draft_s"), [("copied", 1e3), ("checked", 0.0)])
+def test_answers_follow_the_exact_target_distribution_with_retrieval_drafts_with_fake_models(
+        how: str, draft_s: float) -> None:
+    """Retrieval drafts mixed into the real loop (`tandem_core.lookup`), on a prompt whose tail
+    repeats so the index proposes from the first round. "copied": a costly drafter makes the
+    policy send the index's continuation as it is, with one-hot q rows (a deterministic
+    proposal); "checked": a free drafter makes it check the continuation in batched passes and
+    send its own draws. Either way the answers follow the target's exact distribution."""
+    from tandem_core.lookup import LookupPolicy
+    from tandem_core.suffix_index import SuffixIndex
+
+    prompt, n, answers = (1, 2, 3, 4, 1, 2), 4, 2500
+    drafter = FakeOnnxDrafterModel(drafter_logits("close"), Q_SUPPORT)
+    counts: Counter[tuple[int, ...]] = Counter()
+    copied = checked = 0
+    for seed in range(70_000, 70_000 + answers):
+        verifier = TargetVerifier(FakeTargetSession(prompt), TRANSFORMED, seed=seed, start=len(prompt),
+                                  max_new_tokens=n, eos_ids=frozenset())
+        index = SuffixIndex()
+        index.extend(prompt)
+        drafts = LookupDrafter(drafter.new_session(prompt, TRANSFORMED, seed, max_length=len(prompt) + n + 18), index,
+                               LookupPolicy(draft_s=draft_s), model_len=2, vocab=V)
+        stats = RequestStats()
+        counts[tuple(t for v in speculative_generate(drafts, verifier, draft_len=MAX_DRAFT_LEN, max_new_tokens=n,
+                                                     stats=stats) for t in v.tokens)] += 1
+        copied, checked = copied + drafts.rounds_copied, checked + drafts.rounds_checked
+    if how == "copied":
+        assert copied >= answers and checked == 0  # at least the first round of every answer
+    else:
+        assert checked >= answers and copied == 0
+    stat, df, pvalue = chi_square(counts, exact_distribution(prompt, n, TRANSFORMED))
     assert pvalue > ALPHA, f"chi2 {stat:.1f} with {df} degrees of freedom, p-value {pvalue:.2e}"

@@ -1,0 +1,230 @@
+"""Retrieval drafting combined with the model drafter: which source drafts each round.
+
+`LookupDrafter` is a `tandem_core.loop.DraftSession`. Each round it asks the suffix index
+(`tandem_core.suffix_index`) for a continuation of the committed text and the model drafter
+for nothing yet; `LookupPolicy.choose` then compares, on one cost model, the two drafts a round
+could send:
+- retrieval: the index's r tokens. Free to draft; each is accepted with probability a_b, learnt
+  online per match-length bucket b (longer matches are accepted further);
+- model: k tokens from the drafter, each accepted with probability a_m (learnt), costing
+  k * t_d of drafting before the round can leave.
+A round costs T (send, verify, receive; learnt) plus its drafting, and commits 1 + E[accepted]
+tokens, with E[accepted] = a (1 - a^n) / (1 - a) for n drafts under a per-token acceptance a.
+The source with more expected tokens per second drafts the round. Retrieval drafts may be longer
+than the model's (`k` up to the verifier's limit, 16 on the cloud); the model drafts
+`model_len` tokens.
+
+Exactness:
+- Greedy: the verifier keeps only drafts equal to its argmax, so the output is the target's
+  whatever drafts the round (checked by the tests against target-only output).
+- Sampling: a retrieval draft is deterministic given the committed tokens, so its proposal
+  distribution is one-hot and is sent as such (q_i(x_i) = 1). The rejection sampler (`verify`)
+  then accepts x_i with probability p_i(x_i) and otherwise samples norm(max(0, p_i - q_i)) =
+  p_i without x_i, renormalized: each committed token is distributed as p (Leviathan et al.,
+  Theorem 1, holds for any q, including a q chosen from the past). Mixing sources round by
+  round is exact for the same reason: the choice depends only on committed tokens and on the
+  measurements, never on the verifier's randomness for the round being drafted.
+
+The model drafter's cache must take tokens it did not draft: `AdoptingDraftSession.adopt`
+marks them as the unsettled draft without computing them, and `commit` then appends the
+committed ones in one batched pass.
+
+Pure: numpy and the clock passed in; no I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+
+from tandem_core.loop import Draft
+from tandem_core.suffix_index import Proposal, SuffixIndex
+
+MIN_MATCH = 2  # a shorter match (one token) is too common to draft from
+# Match-length buckets (lower bounds) and the prior per-token acceptance of a retrieval draft in
+# each, before anything is learnt (weight PRIOR_WEIGHT pseudo-drafts).
+BUCKETS = (2, 3, 4, 6, 10, 16, 32)
+PRIOR_ACCEPT = (0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.9)
+PRIOR_WEIGHT = 4.0
+MODEL_PRIOR_ACCEPT = 0.7
+DEFAULT_ROUND_S = 0.1      # verify round trip before one is measured
+DEFAULT_DRAFT_S = 0.035    # model draft time per token before one is measured (0.5B int4, 2 cores)
+EMA = 0.2                  # weight of a new timing sample
+HINT_COST = 0.25           # a hint token checked in a batched pass, as a share of a drafting step
+
+
+class AdoptingDraftSession(Protocol):
+    """A model drafter that can also carry drafts it did not make (see the module doc)."""
+
+    def draft(self, k: int, hint: Sequence[int] = (), min_len: int | None = None) -> Draft:
+        """Up to k drafts; while its own choices equal `hint` it runs on (checking the hint in one
+        batched pass), else it stops at `min_len` (see `edge_node.drafter.DrafterSession.draft`)."""
+        ...
+
+    def adopt(self, tokens: Sequence[int]) -> tuple[int, ...]:
+        """Take `tokens` (or as many as fit) as the unsettled draft, without computing them."""
+        ...
+
+    def commit(self, accepted: int, tokens: Sequence[int]) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+def bucket_of(match_len: int) -> int:
+    """Index in BUCKETS of a match length (>= MIN_MATCH)."""
+    b = 0
+    while b + 1 < len(BUCKETS) and match_len >= BUCKETS[b + 1]:
+        b += 1
+    return b
+
+
+def expected_accepted(a: float, n: int) -> float:
+    """E[accepted] for n drafts each accepted with probability a, stopping at the first reject."""
+    if n <= 0:
+        return 0.0
+    if a >= 1.0:
+        return float(n)
+    return a * (1.0 - a ** n) / (1.0 - a)
+
+
+@dataclass(frozen=True)
+class Choice:
+    source: str  # "retrieval" or "model"
+    k: int       # drafts to send
+    why: str     # for stats and logs
+
+
+@dataclass
+class _Rate:
+    """Per-token acceptance as accepted / (accepted + rejections), with a prior."""
+
+    accepted: float
+    rejected: float
+
+    @property
+    def a(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def learn(self, drafted: int, accepted: int) -> None:
+        self.accepted += accepted
+        self.rejected += 1 if accepted < drafted else 0
+
+
+class LookupPolicy:
+    """Chooses each round's source from learnt acceptance and timings (see the module doc).
+
+    Deterministic: the same sequence of `learn`/`observe_*` calls gives the same choices.
+    """
+
+    def __init__(self, *, round_s: float = DEFAULT_ROUND_S, draft_s: float = DEFAULT_DRAFT_S) -> None:
+        self.retrieval = [_Rate(PRIOR_WEIGHT * p, PRIOR_WEIGHT * (1 - p)) for p in PRIOR_ACCEPT]
+        self.model = _Rate(PRIOR_WEIGHT * MODEL_PRIOR_ACCEPT, PRIOR_WEIGHT * (1 - MODEL_PRIOR_ACCEPT))
+        self.round_s, self.draft_s = round_s, draft_s
+
+    def choose(self, proposal: Proposal | None, *, k_max: int, model_len: int) -> Choice:
+        model_k = max(0, min(model_len, k_max))
+        if proposal is None or proposal.match_len < MIN_MATCH or k_max <= 0:
+            return Choice("model", model_k, "no match")
+        r = min(len(proposal.tokens), k_max)
+        a_r = self.retrieval[bucket_of(proposal.match_len)].a
+        copied = expected_accepted(a_r, r)  # hint tokens the drafter is expected to agree with
+        rate_r = (1 + copied) / self.round_s
+        # The model checks the hint in a batched pass (about HINT_COST of a step per token) and
+        # drafts on by itself once it disagrees.
+        k_h = min(k_max, round(model_k + copied))
+        cost_m = model_k * self.draft_s + copied * HINT_COST * self.draft_s
+        rate_m = (1 + expected_accepted(self.model.a, k_h)) / (self.round_s + cost_m)
+        if rate_r > rate_m:
+            return Choice("retrieval", r, f"match {proposal.match_len}: {r} copied drafts (a={a_r:.2f})")
+        return Choice("model", model_k, f"match {proposal.match_len}: the drafter checks the copy")
+
+    def learn(self, choice: Choice, match_len: int, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        rate = self.retrieval[bucket_of(match_len)] if choice.source == "retrieval" else self.model
+        rate.learn(drafted, accepted)
+
+    def observe_round(self, seconds: float) -> None:
+        if np.isfinite(seconds) and seconds >= 0:
+            self.round_s += EMA * (seconds - self.round_s)
+
+    def observe_draft(self, seconds_per_token: float) -> None:
+        if np.isfinite(seconds_per_token) and seconds_per_token >= 0:
+            self.draft_s += EMA * (seconds_per_token - self.draft_s)
+
+
+class LookupDrafter:
+    """A DraftSession drafting from the index when it pays, else from the model."""
+
+    def __init__(self, model: AdoptingDraftSession, index: SuffixIndex, policy: LookupPolicy, *, model_len: int,
+                 vocab: int | None, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.model, self.index, self.policy = model, index, policy
+        self.model_len = model_len
+        self.vocab = vocab  # sampling mode: retrieval drafts carry one-hot q rows of this width
+        self.clock = clock
+        self._choice: Choice | None = None
+        self._match = 0
+        self._sent_at = 0.0
+        self.rounds_copied = 0   # rounds that sent the index's continuation as it is
+        self.rounds_checked = 0  # rounds whose drafter checked a continuation in batched passes
+
+    @classmethod
+    def over(cls, model: AdoptingDraftSession, prompt_ids: Sequence[int], *, model_len: int,
+             vocab: int | None) -> LookupDrafter:
+        """Retrieval from the prompt (which holds the conversation and any injected documents)
+        and the answer as it is committed, with a fresh policy."""
+        index = SuffixIndex()
+        index.extend(prompt_ids)
+        return cls(model, index, LookupPolicy(), model_len=model_len, vocab=vocab)
+
+    def draft(self, k: int) -> Draft:
+        proposal = self.index.propose(k) if k > 0 else None
+        choice = self.policy.choose(proposal, k_max=k, model_len=self.model_len)
+        t0 = self.clock()
+        if choice.source == "retrieval" and proposal is not None:
+            tokens = self.model.adopt(proposal.tokens[:choice.k])
+            q = None if self.vocab is None else _one_hot(tokens, self.vocab)
+            draft = Draft(tokens, q, retrieved=len(tokens))
+            self._match = proposal.match_len
+            self.rounds_copied += 1
+        else:
+            hint = proposal.tokens if proposal is not None and proposal.match_len >= MIN_MATCH else ()
+            draft = self.model.draft(k, hint=hint, min_len=choice.k) if hint else self.model.draft(choice.k)
+            if hint:
+                draft = replace(draft, retrieved=_agreement(draft.tokens, hint))
+                self.rounds_checked += 1
+            if draft.tokens:
+                self.policy.observe_draft((self.clock() - t0) / len(draft.tokens))
+            self._match = 0
+        self._choice = Choice(choice.source, len(draft.tokens), choice.why)
+        self._sent_at = self.clock()
+        return draft
+
+    def commit(self, accepted: int, tokens: Sequence[int]) -> None:
+        self.policy.observe_round(self.clock() - self._sent_at)
+        choice, self._choice = self._choice, None
+        if choice is not None:
+            self.policy.learn(choice, self._match, choice.k, accepted)
+        self.model.commit(accepted, tokens)
+        self.index.extend(tokens)
+
+    def rollback(self) -> None:
+        self._choice = None
+        self.model.rollback()
+
+
+def _agreement(tokens: Sequence[int], hint: Sequence[int]) -> int:
+    n = 0
+    while n < len(tokens) and n < len(hint) and tokens[n] == hint[n]:
+        n += 1
+    return n
+
+
+def _one_hot(tokens: Sequence[int], vocab: int) -> np.ndarray:
+    q = np.zeros((len(tokens), vocab))
+    q[np.arange(len(tokens)), np.asarray(tokens, dtype=np.int64)] = 1.0
+    return q
