@@ -107,7 +107,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--replay-file", type=Path, default=None,
                    help="cloud-scale suite: keep (or reuse) the recorded drafts in this JSON file "
                         "(default: the run's temporary folder)")
-    p.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the shipped code/prose/chat set)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="JSONL prompts (default: the shipped set: code, prose, chat, edit, personal)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="per answer (default: " + ", ".join(f"{k} {v}" for k, v in SUITE_MAX_NEW_TOKENS.items())
                         + f", else {DEFAULT_MAX_NEW_TOKENS})")
