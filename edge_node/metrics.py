@@ -62,6 +62,8 @@ def record_result(r: EdgeResult) -> None:
     M["tandem_spec_draft_tokens_total"].inc(s.drafted)
     M["tandem_spec_accepted_tokens_total"].inc(s.accepted)
     M["tandem_spec_bonus_tokens_total"].inc(s.round_tokens - s.accepted)
+    M["tandem_spec_retrieval_draft_tokens_total"].inc(s.retrieval_drafted)
+    M["tandem_spec_retrieval_accepted_tokens_total"].inc(s.retrieval_accepted)
     for position, n in enumerate(s.accepted_by_position):
         M["tandem_spec_accepted_tokens_per_position_total"].labels(position=str(min(position, MAX_POSITION))).inc(n)
     _counts("tandem_spec_tokens_per_round", s.rounds_by_emitted)

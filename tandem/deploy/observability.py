@@ -40,6 +40,8 @@ _R = "[$__rate_interval]"
 PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     ("Acceptance rate (accepted / draft tokens)", "percentunit", (
         ("acceptance", f"sum(rate(tandem_spec_accepted_tokens_total{_R})) / sum(rate(tandem_spec_draft_tokens_total{_R}))"),
+        ("retrieval share of accepted", f"sum(rate(tandem_spec_retrieval_accepted_tokens_total{_R})) "
+                                        f"/ sum(rate(tandem_spec_accepted_tokens_total{_R}))"),
     )),
     ("Mean tokens per round (accepted + bonus) / drafts", "short", (
         ("tokens per round", f"(sum(rate(tandem_spec_accepted_tokens_total{_R})) "

@@ -89,6 +89,8 @@ def test_one_speculative_answer_moves_the_counters_by_its_statistics(stack: Stac
     assert edge("tandem_spec_accepted_tokens_total") == g.accepted
     assert edge("tandem_spec_draft_tokens_total") == g.drafted
     assert edge("tandem_spec_drafts_total") == g.rounds
+    assert edge("tandem_spec_retrieval_draft_tokens_total") == g.retrieval_drafted
+    assert edge("tandem_spec_retrieval_accepted_tokens_total") == g.retrieval_accepted <= g.accepted
     per_position = [edge("tandem_spec_accepted_tokens_per_position_total", position=str(i)) for i in range(17)]
     assert sum(per_position) == g.accepted
     assert per_position == sorted(per_position, reverse=True)  # a draft is accepted only after its predecessors
