@@ -10,6 +10,11 @@ Guarantees:
 - Drafts are chosen with the one shared transform `tandem_core.sampling.logits_to_probs`, so q
   here and p in the verifier are computed the same way.
 - `generate` is on-device generation through the same session.
+- A hint (a continuation retrieval proposes, `tandem_core.lookup`) is checked in one batched
+  pass: `draft(k, hint=...)` and `generate(lookup=...)` keep the drafter's own choices while
+  they equal the hint (the same tokens and q rows as one pass per token, up to the rounding of
+  a batched pass), then rewind the rest. `adopt` takes drafts made elsewhere without computing
+  them; `commit` then appends the committed ones in one pass.
 - Prefix reuse across requests (a chat's next turn): `DrafterModel.retain(session)` keeps an
   ended greedy session's generator (at most `RETAIN` of them, least recently used dropped);
   `new_session` for a greedy request whose prompt shares at least `MIN_REUSE` tokens with one
