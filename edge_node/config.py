@@ -31,7 +31,8 @@ class EdgeConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
     drafter: Path | None = field(default=None, metadata={"help": "ONNX drafter folder (default: the fetched one)"})
-    draft_len: int = field(default=DEFAULT_DRAFT_LEN, metadata={"help": "drafts per round"})
+    draft_len: int = field(default=DEFAULT_DRAFT_LEN, metadata={
+        "help": "drafts per round; 0: chosen each round from the measured acceptance and timings (0 to 16)"})
     lookup: bool = field(default=True, metadata={
         "help": "retrieval drafts: continuations of the prompt and the answer so far, checked by the drafter "
                 "in one batched pass or sent as they are (tandem_core.lookup); also self-speculation on the "
@@ -75,8 +76,8 @@ class EdgeConfig:
             raise ValueError(f"cloud_address: must be HOST:PORT, got {self.cloud_address!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
-        if not 1 <= self.draft_len <= MAX_DRAFT_LEN:
-            raise ValueError(f"draft_len: must be in [1, {MAX_DRAFT_LEN}], got {self.draft_len}")
+        if not 0 <= self.draft_len <= MAX_DRAFT_LEN:
+            raise ValueError(f"draft_len: must be in [0, {MAX_DRAFT_LEN}] (0: adaptive), got {self.draft_len}")
         for name in ("round_deadline_ms", "open_deadline_ms"):
             if not 1 <= getattr(self, name) <= MAX_DEADLINE_MS:
                 raise ValueError(f"{name}: must be in [1, {MAX_DEADLINE_MS}], got {getattr(self, name)}")

@@ -159,22 +159,24 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
 
     With `lookup` (and a fixed `draft_len`), each round drafts from the prompt and the answer so
     far when a copied span pays better than the model's drafts (`tandem_core.lookup`); such
-    rounds may send up to the cloud's longest draft, the model's rounds send `draft_len`.
+    rounds may send up to the cloud's longest draft, the model's rounds send `draft_len`, or,
+    with `draft_len` 0, the length the policy expects to pay best (adaptive, 0 to 16).
     Fallback wraps the loop: when the verifier gives up (`VerifierUnavailable`), the unsettled
     draft is rolled back and the drafter goes on alone from the last committed token.
     """
     clock, result = _Clock(), EdgeResult(route="speculative")
-    lookup = lookup and isinstance(draft_len, int)
+    adaptive = draft_len == 0
+    per_round = (lookup or adaptive) and isinstance(draft_len, int)
     session = _prefill(drafter, result, prompt_ids, params, seed,
-                       _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if lookup else _longest(draft_len)))
+                       _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)))
     verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s,
                               prompt_len=len(prompt_ids), vocab=drafter.vocab_size)
     drafts: DraftSession = session
-    if lookup:
+    if per_round:
         assert isinstance(draft_len, int)
-        drafts = LookupDrafter.over(session, prompt_ids, model_len=draft_len,
-                                    vocab=None if params.greedy else drafter.vocab_size)
-        draft_len = MAX_DRAFT_LEN  # the loop's bound; the lookup drafter keeps the model's rounds at draft_len
+        drafts = LookupDrafter.over(session, prompt_ids, model_len=None if adaptive else draft_len,
+                                    vocab=None if params.greedy else drafter.vocab_size, retrieval=lookup)
+        draft_len = MAX_DRAFT_LEN  # the loop's bound; the lookup drafter chooses each round's length
     try:
         for verdict in speculative_generate(drafts, verifier, draft_len=_within_cloud(draft_len, verifier),
                                             max_new_tokens=max_new_tokens, stats=result.stats):

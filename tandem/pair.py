@@ -190,6 +190,7 @@ class LocalPair:
                 index.extend(prompt_ids)
             tokens, first = _drain(session.generate(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
                                                     lookup=index), on_tokens, single=True)
+            self.drafter.retain(session)  # as the edge does: the next method finds the same drafter KV
         return GenerationResult("drafter" if lookup else "drafter_model", tokens, first - t0, meter.wall_s,
                                 meter.cpu_s, None, None, None)
 
@@ -226,7 +227,8 @@ class LocalPair:
         edge, cloud, stats = Meter(), Meter(), RequestStats()
         t0 = time.perf_counter()
         with edge:
-            longest = MAX_DRAFT_LEN if lookup else draft_len
+            per_round = lookup or draft_len == 0  # retrieval, or the adaptive length
+            longest = MAX_DRAFT_LEN if per_round else draft_len
             d = self.drafter.new_session(prompt_ids, params, seed,
                                          max_length=len(prompt_ids) + max_new_tokens + longest + 2)
         with cloud:
@@ -235,14 +237,15 @@ class LocalPair:
         verifier = TargetVerifier(_MeteredScore(s, cloud), params, seed=seed, start=len(prompt_ids),
                                   max_new_tokens=max_new_tokens, eos_ids=self.eos_ids)
         inner: Any = d
-        if lookup:
-            inner = LookupDrafter.over(d, prompt_ids, model_len=draft_len,
-                                       vocab=None if params.greedy else self.drafter.vocab_size)
+        if per_round:
+            inner = LookupDrafter.over(d, prompt_ids, model_len=draft_len or None,
+                                       vocab=None if params.greedy else self.drafter.vocab_size, retrieval=lookup)
         drafts = _MeteredDraft(inner, edge)
-        rounds = speculative_generate(drafts, verifier, draft_len=MAX_DRAFT_LEN if lookup else draft_len,
+        rounds = speculative_generate(drafts, verifier, draft_len=MAX_DRAFT_LEN if per_round else draft_len,
                                       max_new_tokens=max_new_tokens, stats=stats)
         chunks = (verdict.tokens for verdict in rounds)
         tokens, first = _drain(chunks, on_tokens, single=False)
+        self.drafter.retain(d)  # as the edge does
         wall = time.perf_counter() - t0
         return GenerationResult("tandem" if lookup else "tandem_model", tokens, first - t0, wall, edge.cpu_s, cloud.cpu_s, stats,
                                 stats.target_forwards)

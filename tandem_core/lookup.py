@@ -53,6 +53,9 @@ PRIOR_WEIGHT = 4.0
 MODEL_PRIOR_ACCEPT = 0.7
 DEFAULT_ROUND_S = 0.1      # verify round trip before one is measured
 DEFAULT_DRAFT_S = 0.035    # model draft time per token before one is measured (0.5B int4, 2 cores)
+DEFAULT_ROW_S = 0.01       # verification time per draft row before it is measured
+MAX_K = 16                 # longest draft a policy considers (the cloud's limit)
+PROBE_EVERY = 4            # at k = 0, every 4th round still drafts one token
 EMA = 0.2                  # weight of a new timing sample
 HINT_COST = 0.25           # a hint token checked in a batched pass, as a share of a drafting step
 
@@ -115,53 +118,141 @@ class _Rate:
 
 
 class LookupPolicy:
-    """Chooses each round's source from learnt acceptance and timings (see the module doc).
+    """Chooses each round's source and, unless pinned, the model's draft length (module doc).
+
+    The model's acceptance is learnt per draft position (a_j: accepted at j given that j was
+    reached), so E[accepted | k] = sum_{i<k} prod_{j<=i} a_j; a round's time is learnt as
+    T(k) = t0 + c * k (verification grows with the rows sent) by a decayed least-squares fit
+    that starts from a prior. An adaptive round drafts the k in [0, k_max] with the most
+    expected tokens per second, (1 + E[accepted | k]) / (T(k) + k * t_d); k = 0 is plain target
+    decoding, and then every PROBE_EVERY-th round drafts one token so acceptance is still learnt.
 
     Deterministic: the same sequence of `learn`/`observe_*` calls gives the same choices.
     """
 
-    def __init__(self, *, round_s: float = DEFAULT_ROUND_S, draft_s: float = DEFAULT_DRAFT_S) -> None:
+    def __init__(self, *, round_s: float = DEFAULT_ROUND_S, draft_s: float = DEFAULT_DRAFT_S,
+                 row_s: float = DEFAULT_ROW_S) -> None:
         self.retrieval = [_Rate(PRIOR_WEIGHT * p, PRIOR_WEIGHT * (1 - p)) for p in PRIOR_ACCEPT]
         self.model = _Rate(PRIOR_WEIGHT * MODEL_PRIOR_ACCEPT, PRIOR_WEIGHT * (1 - MODEL_PRIOR_ACCEPT))
-        self.round_s, self.draft_s = round_s, draft_s
+        self.positions = [_Rate(PRIOR_WEIGHT * MODEL_PRIOR_ACCEPT, PRIOR_WEIGHT * (1 - MODEL_PRIOR_ACCEPT))
+                          for _ in range(MAX_K)]
+        self._reached = [False] * MAX_K  # positions some model round drafted
+        self.draft_s = draft_s
+        self._fit = _LineFit(round_s, row_s)
+        self._zero_rounds = 0  # consecutive adaptive rounds that chose k = 0
 
-    def choose(self, proposal: Proposal | None, *, k_max: int, model_len: int) -> Choice:
-        model_k = max(0, min(model_len, k_max))
+    @property
+    def round_s(self) -> float:
+        """The learnt time of a round with no drafts, t0."""
+        return self._fit.at(0)
+
+    def round_time(self, k: int) -> float:
+        return self._fit.at(k)
+
+    def model_expected(self, k: int) -> float:
+        """E[accepted] for k model drafts, from the per-position acceptance (a position never
+        drafted yet takes the acceptance of the deepest one that was)."""
+        total, reach, a = 0.0, 1.0, self.positions[0].a
+        for j in range(min(k, MAX_K)):
+            if self._reached[j]:
+                a = self.positions[j].a
+            reach *= a
+            total += reach
+        return total
+
+    def adaptive_len(self, k_max: int) -> tuple[int, str]:
+        """The adaptive draft length and why."""
+        best, best_rate = 0, 1.0 / self.round_time(0)
+        for k in range(1, max(0, min(k_max, MAX_K)) + 1):
+            rate = (1 + self.model_expected(k)) / (self.round_time(k) + k * self.draft_s)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best == 0 and k_max > 0:
+            self._zero_rounds += 1
+            if self._zero_rounds % PROBE_EVERY == 0:
+                return 1, "probe: acceptance too low to draft, one draft keeps it measured"
+            return 0, f"acceptance too low to draft (a0={self.positions[0].a:.2f}): plain target decoding"
+        self._zero_rounds = 0
+        return best, f"k={best}: {best_rate:.1f} tok/s expected (a0={self.positions[0].a:.2f})"
+
+    def choose(self, proposal: Proposal | None, *, k_max: int, model_len: int | None) -> Choice:
+        if model_len is None:
+            model_k, why = self.adaptive_len(k_max)
+        else:
+            model_k, why = max(0, min(model_len, k_max)), "pinned"
         if proposal is None or proposal.match_len < MIN_MATCH or k_max <= 0:
-            return Choice("model", model_k, "no match")
+            return Choice("model", model_k, f"no match; {why}")
         r = min(len(proposal.tokens), k_max)
         a_r = self.retrieval[bucket_of(proposal.match_len)].a
         copied = expected_accepted(a_r, r)  # hint tokens the drafter is expected to agree with
-        rate_r = (1 + copied) / self.round_s
+        rate_r = (1 + copied) / self.round_time(r)
         # The model checks the hint in a batched pass (about HINT_COST of a step per token) and
         # drafts on by itself once it disagrees.
         k_h = min(k_max, round(model_k + copied))
         cost_m = model_k * self.draft_s + copied * HINT_COST * self.draft_s
-        rate_m = (1 + expected_accepted(self.model.a, k_h)) / (self.round_s + cost_m)
+        rate_m = (1 + self.model_expected(k_h)) / (self.round_time(k_h) + cost_m)
         if rate_r > rate_m:
             return Choice("retrieval", r, f"match {proposal.match_len}: {r} copied drafts (a={a_r:.2f})")
-        return Choice("model", model_k, f"match {proposal.match_len}: the drafter checks the copy")
+        return Choice("model", model_k, f"match {proposal.match_len}: the drafter checks the copy; {why}")
 
     def learn(self, choice: Choice, match_len: int, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
-        rate = self.retrieval[bucket_of(match_len)] if choice.source == "retrieval" else self.model
-        rate.learn(drafted, accepted)
+        if choice.source == "retrieval":
+            self.retrieval[bucket_of(match_len)].learn(drafted, accepted)
+            return
+        self.model.learn(drafted, accepted)
+        for j in range(min(accepted + 1, drafted, MAX_K)):
+            self._reached[j] = True
+        for j in range(min(accepted, MAX_K)):
+            self.positions[j].accepted += 1
+        if accepted < min(drafted, MAX_K):
+            self.positions[accepted].rejected += 1
 
-    def observe_round(self, seconds: float) -> None:
-        if np.isfinite(seconds) and seconds >= 0:
-            self.round_s += EMA * (seconds - self.round_s)
+    def observe_round(self, seconds: float, rows: int = 0) -> None:
+        """A round with `rows` drafts took `seconds` from sending to the verdict."""
+        if np.isfinite(seconds) and seconds >= 0 and rows >= 0:
+            self._fit.add(rows, seconds)
 
     def observe_draft(self, seconds_per_token: float) -> None:
         if np.isfinite(seconds_per_token) and seconds_per_token >= 0:
             self.draft_s += EMA * (seconds_per_token - self.draft_s)
 
 
+class _LineFit:
+    """y = t0 + c x by least squares over decayed samples, starting from a prior line
+    (PRIOR_WEIGHT samples on it at x = 0 and x = 8), so one length alone still gives a slope."""
+
+    def __init__(self, t0: float, c: float) -> None:
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        for x in (0.0, 8.0):
+            self._add(x, t0 + c * x, PRIOR_WEIGHT)
+
+    def _add(self, x: float, y: float, w: float) -> None:
+        self.n += w
+        self.sx += w * x
+        self.sy += w * y
+        self.sxx += w * x * x
+        self.sxy += w * x * y
+
+    def add(self, x: float, y: float) -> None:
+        for name in ("n", "sx", "sy", "sxx", "sxy"):
+            setattr(self, name, getattr(self, name) * (1 - EMA))
+        self._add(x, y, 1.0)
+
+    def at(self, x: float) -> float:
+        var = self.n * self.sxx - self.sx * self.sx
+        c = (self.n * self.sxy - self.sx * self.sy) / var if var > 1e-12 else 0.0
+        c = max(c, 0.0)  # more rows never verify faster
+        t0 = (self.sy - c * self.sx) / self.n
+        return max(t0 + c * x, 1e-4)
+
+
 class LookupDrafter:
     """A DraftSession drafting from the index when it pays, else from the model."""
 
-    def __init__(self, model: AdoptingDraftSession, index: SuffixIndex, policy: LookupPolicy, *, model_len: int,
-                 vocab: int | None, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, model: AdoptingDraftSession, index: SuffixIndex | None, policy: LookupPolicy, *,
+                 model_len: int | None, vocab: int | None, clock: Callable[[], float] = time.perf_counter) -> None:
         self.model, self.index, self.policy = model, index, policy
         self.model_len = model_len
         self.vocab = vocab  # sampling mode: retrieval drafts carry one-hot q rows of this width
@@ -173,16 +264,19 @@ class LookupDrafter:
         self.rounds_checked = 0  # rounds whose drafter checked a continuation in batched passes
 
     @classmethod
-    def over(cls, model: AdoptingDraftSession, prompt_ids: Sequence[int], *, model_len: int,
-             vocab: int | None) -> LookupDrafter:
+    def over(cls, model: AdoptingDraftSession, prompt_ids: Sequence[int], *, model_len: int | None,
+             vocab: int | None, retrieval: bool = True) -> LookupDrafter:
         """Retrieval from the prompt (which holds the conversation and any injected documents)
-        and the answer as it is committed, with a fresh policy."""
-        index = SuffixIndex()
-        index.extend(prompt_ids)
+        and the answer as it is committed, with a fresh policy; without `retrieval`, only the
+        adaptive draft length (`model_len` None)."""
+        index = None
+        if retrieval:
+            index = SuffixIndex()
+            index.extend(prompt_ids)
         return cls(model, index, LookupPolicy(), model_len=model_len, vocab=vocab)
 
     def draft(self, k: int) -> Draft:
-        proposal = self.index.propose(k) if k > 0 else None
+        proposal = self.index.propose(k) if k > 0 and self.index is not None else None
         choice = self.policy.choose(proposal, k_max=k, model_len=self.model_len)
         t0 = self.clock()
         if choice.source == "retrieval" and proposal is not None:
@@ -205,12 +299,13 @@ class LookupDrafter:
         return draft
 
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
-        self.policy.observe_round(self.clock() - self._sent_at)
         choice, self._choice = self._choice, None
+        self.policy.observe_round(self.clock() - self._sent_at, choice.k if choice is not None else 0)
         if choice is not None:
             self.policy.learn(choice, self._match, choice.k, accepted)
         self.model.commit(accepted, tokens)
-        self.index.extend(tokens)
+        if self.index is not None:
+            self.index.extend(tokens)
 
     def rollback(self) -> None:
         self._choice = None

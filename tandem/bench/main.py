@@ -30,12 +30,14 @@ METHODS = ("target", "cloud_only", "assisted", "drafter", "tandem")
 NO_LOOKUP_METHODS = ("drafter_model", "tandem_model")
 # over gRPC through the cloud's gateway, Ray Serve and the link shaper; `tandem_grpc_tls` adds TLS
 # and a device token (a second gateway in front of the same Serve proxy); `tandem_grpc_model`
-# drafts with the model alone
-NETWORK_METHODS = ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_tls", "cloud_stream")
+# drafts with the model alone (--draft-len as given); `tandem_grpc_seq` is the old sequential
+# protocol: the model alone, k = SEQ_DRAFT_LEN every round
+NETWORK_METHODS = ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_seq", "tandem_grpc_tls", "cloud_stream")
+SEQ_DRAFT_LEN = 4
 ALL_METHODS = METHODS + NO_LOOKUP_METHODS + NETWORK_METHODS
 # methods whose greedy output must equal the target's
 CLAIMS_TARGET_OUTPUT = {"assisted", "cloud_only", "tandem", "tandem_model", "tandem_grpc", "tandem_grpc_model",
-                        "tandem_grpc_tls", "cloud_stream"}
+                        "tandem_grpc_seq", "tandem_grpc_tls", "cloud_stream"}
 # methods that run Tandem's engine, whose greedy output must equal its cloud-only path bit for bit
 CLAIMS_CLOUD_ONLY_OUTPUT = CLAIMS_TARGET_OUTPUT - {"assisted"}
 SUITES = ("methods", "orchestrator", "fallback", "cloud-scale", "chat-turns")
@@ -114,7 +116,9 @@ def add_parser(sub: Any) -> None:
                         + f", else {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target (and assistant) dtype")
-    p.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (k)")
+    p.add_argument("--draft-len", type=int, default=4,
+                   help="draft tokens per round (k); 0: chosen each round (tandem_core.lookup); the *_seq methods "
+                        f"always use {SEQ_DRAFT_LEN}")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: the in-process four)")
     p.add_argument("--rtt-ms", default="0,20,50", help="link RTTs for the networked methods, comma-separated")
@@ -122,10 +126,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category")
     p.add_argument("--warmup-tokens", type=int, default=8)
     p.add_argument("--warm-prompts", action="store_true",
-                   help="before timing a prompt, run it once untimed (warm-up tokens) so that every method sees "
-                        "the same caches (the cloud's prefix cache, the drafter's retained KV): for side-by-side "
-                        "ratios such as tandem_grpc vs tandem_grpc_tls, where the second runner of a prompt "
-                        "would otherwise get the first one's cached prefill")
+                   help="before timing a prompt, run it once untimed (warm-up tokens; a network method when "
+                        "there is one) so that every method sees the same caches (the cloud's prefix cache, the "
+                        "drafter's retained KV): for side-by-side ratios such as tandem_grpc vs tandem_grpc_tls "
+                        "or tandem_grpc_model, where the second runner of a prompt would otherwise get the first "
+                        "one's cached prefill; compare decode tok/s with the target, whose prefill is not cached")
     p.add_argument("--handshake-repeats", type=int, default=20,
                    help="connections per measurement of the TLS set-up (with --methods ...,tandem_grpc_tls)")
     p.add_argument("--target", type=Path, default=None, help="target model folder (default: fetched pair)")
@@ -181,14 +186,15 @@ def _select(prompts: list[BenchPrompt], categories: str | None, limit: int | Non
 
 def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argparse.Namespace, n: int,
               remote: Any = None) -> Any:
-    if method in ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_tls"):
-        return remote.speculative(ids, params, draft_len=args.draft_len, max_new_tokens=n, method=method)
+    if method in ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_seq", "tandem_grpc_tls"):
+        k = SEQ_DRAFT_LEN if method == "tandem_grpc_seq" else args.draft_len
+        return remote.speculative(ids, params, draft_len=k, max_new_tokens=n, method=method)
     if method == "cloud_stream":
         return remote.cloud_stream(ids, params, max_new_tokens=n)
     if method == "target":
         return pair.target_generate(ids, params, max_new_tokens=n)
     if method == "assisted":
-        return pair.assisted_generate(ids, params, draft_len=args.draft_len, max_new_tokens=n)
+        return pair.assisted_generate(ids, params, draft_len=args.draft_len or SEQ_DRAFT_LEN, max_new_tokens=n)
     if method in ("drafter", "drafter_model"):
         return pair.drafter_generate(ids, params, max_new_tokens=n, lookup=method == "drafter")
     if method == "cloud_only":
@@ -205,8 +211,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens is None:
         args.max_new_tokens = SUITE_MAX_NEW_TOKENS.get(args.suite, DEFAULT_MAX_NEW_TOKENS)
-    if args.max_new_tokens < 1 or args.draft_len < 1:
-        raise CliError("--max-new-tokens and --draft-len must be >= 1")
+    if args.max_new_tokens < 1 or not 0 <= args.draft_len <= 16:
+        raise CliError("--max-new-tokens must be >= 1 and --draft-len in [0, 16] (0: adaptive)")
     if args.suite == "orchestrator":
         from tandem.bench.orchestrator import run_suite
 
@@ -288,9 +294,12 @@ def _run_all(pair: Any, remote: Any, methods: list[str], rtts: list[float], prom
     for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
         order = variants[i % len(variants):] + variants[: i % len(variants)]
         if args.warm_prompts:
-            if order[0][1] is not None:
-                remote.set_rtt(order[0][1])
-            _generate(pair, order[0][0], ids, params, args, args.warmup_tokens, remote)
+            # A network method fills both caches (the cloud's prefix cache and the drafter's
+            # retained KV); an in-process run has only the drafter's.
+            warm = next((v for v in order if v[1] is not None), order[0])
+            if warm[1] is not None:
+                remote.set_rtt(warm[1])
+            _generate(pair, warm[0], ids, params, args, args.warmup_tokens, remote)
         results = {}
         for method, rtt in order:
             if rtt is not None:

@@ -95,12 +95,14 @@ class RemoteStack:
         from edge_node.generation import generate_speculative
 
         seed = resolve_seed(params.seed)
-        channel = self.channels[method.replace("_model", "")]  # tandem_grpc_model: tandem_grpc's channel
+        # tandem_grpc_model and tandem_grpc_seq: tandem_grpc's channel
+        channel = self.channels["tandem_grpc_tls" if method == "tandem_grpc_tls" else "tandem_grpc"]
         link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(ids), params, seed, max_new_tokens),
                          round_timeout_s=60.0, open_timeout_s=120.0)
         cloud0 = _tree_cpu_s(self.cloud.proc.pid)
         r = generate_speculative(self.drafter, link, ids, params, seed, draft_len=draft_len,
-                                 max_new_tokens=max_new_tokens, lookup=method != "tandem_grpc_model")
+                                 max_new_tokens=max_new_tokens,
+                                 lookup=method not in ("tandem_grpc_model", "tandem_grpc_seq"))
         cloud_cpu = _tree_cpu_s(self.cloud.proc.pid) - cloud0
         return GenerationResult(method, tuple(r.tokens), r.ttft_s, r.wall_s, r.edge_cpu_s, cloud_cpu, r.stats,
                                 r.stats.target_forwards, bytes_up=r.bytes_up, bytes_down=r.bytes_down)

@@ -124,3 +124,39 @@ def test_with_a_fake_model_a_checked_round_passes_the_hint_and_counts_the_agreem
     drafter.rollback()
     assert model.calls[-1] == ("rollback",)
     assert drafter.rounds_checked == 1 and drafter.rounds_copied == 0
+
+
+def trained(accept_all: bool, *, rounds: int = 30, row_s: float = 0.01, draft_s: float = 0.03) -> LookupPolicy:
+    """A policy after `rounds` model rounds of 8 drafts, all accepted or all rejected at once."""
+    policy = LookupPolicy(round_s=0.3, draft_s=draft_s, row_s=row_s)
+    for _ in range(rounds):
+        c = policy.choose(None, k_max=16, model_len=8)
+        policy.learn(c, 0, 8, 8 if accept_all else 0)
+        policy.observe_round(0.3 + row_s * 8, 8)
+    return policy
+
+
+def test_adaptive_length_grows_with_acceptance_and_drops_to_zero_without_it() -> None:
+    assert trained(True).adaptive_len(16)[0] >= 10
+    low = trained(False)
+    picks = [low.adaptive_len(16)[0] for _ in range(8)]
+    assert picks == [0, 0, 0, 1, 0, 0, 0, 1]  # plain target decoding, probing every 4th round
+
+
+def test_adaptive_length_shrinks_when_rows_cost_verification_time() -> None:
+    cheap = trained(True, row_s=0.001).adaptive_len(16)[0]
+    dear = trained(True, row_s=0.2).adaptive_len(16)[0]
+    assert dear < cheap
+
+
+def test_the_round_time_fit_learns_the_cost_of_a_row() -> None:
+    policy = LookupPolicy(round_s=0.1, row_s=0.0)
+    for k in (2, 4, 8, 12, 16) * 10:
+        policy.observe_round(0.2 + 0.05 * k, k)
+    assert policy.round_time(0) == pytest.approx(0.2, abs=0.02)
+    assert policy.round_time(10) == pytest.approx(0.7, abs=0.03)
+
+
+def test_a_pinned_length_is_kept_whatever_was_learnt() -> None:
+    assert trained(False).choose(None, k_max=16, model_len=5).k == 5
+    assert trained(True).choose(None, k_max=3, model_len=None).k == 3  # within the verifier's limit
