@@ -368,6 +368,16 @@ class RemoteVerifier:
         """`wanted`, within the cloud's limits (see `CloudLink.draft_room`)."""
         return self.link.draft_room(wanted, self.position)
 
+    def start(self) -> None:
+        """Open the stream now, so that the cloud prefills while the edge prefills its drafter and
+        drafts the first round. A failure here is left to `verify`, which opens again with its
+        resumes and causes."""
+        if not self.link.is_open:
+            try:
+                self.link.open(self.committed)
+            except LinkError as exc:
+                log.info("opening the cloud session early failed (%s); the first round retries", exc)
+
     def verify(self, draft: Draft) -> Verdict:
         if not self.link.is_open:
             self.link.open(self.committed)

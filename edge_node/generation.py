@@ -167,10 +167,15 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     clock, result = _Clock(), EdgeResult(route="speculative")
     adaptive = draft_len == 0
     per_round = (lookup or adaptive) and isinstance(draft_len, int)
-    session = _prefill(drafter, result, prompt_ids, params, seed,
-                       _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)))
     verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s,
                               prompt_len=len(prompt_ids), vocab=drafter.vocab_size)
+    verifier.start()  # the cloud's prefill overlaps the drafter's prefill and first drafts
+    try:
+        session = _prefill(drafter, result, prompt_ids, params, seed,
+                           _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)))
+    except BaseException:
+        link.close()
+        raise
     drafts: DraftSession = session
     if per_round:
         assert isinstance(draft_len, int)
