@@ -113,9 +113,11 @@ class Running:
                                                      tls=sec.server_tls)
         await self._server.start()
         if c.http_port is not None:
+            from orchestrator.console_api import ConsoleBackend
             from orchestrator.http_api import create_http_app, start_http
 
-            app = create_http_app(self.core, api_key=sec.api_key, metrics_text=self.metrics_text)
+            app = create_http_app(self.core, api_key=sec.api_key, metrics_text=self.metrics_text,
+                                  console=ConsoleBackend(self.core, c.shaper_control))
             ssl_context = sec.server_tls.ssl_context() if sec.server_tls is not None else None
             self._http, self.http_port = await start_http(app, c.host, c.http_port, ssl_context=ssl_context)
         self._monitor.start()

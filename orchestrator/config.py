@@ -88,6 +88,9 @@ class OrchestratorConfig:
                                               f"{EDGE_API_KEY_ENV} to the key", secret_env=EDGE_API_KEY_ENV)
     cloud_tls: bool = _f(False, "probe the cloud's health over TLS (the system's CAs unless --cloud-ca-cert)")
     cloud_ca_cert: Path | None = _f(None, "PEM CA certificate that signed the cloud's (implies --cloud-tls)")
+    shaper_control: str | None = _f(None, "loopback HOST:PORT of the link shaper's control endpoint (`tandem up` and "
+                                          "`tandem demo` set it): the web console's demo buttons cut, black-hole, "
+                                          "slow and restore the link through it")
 
     def __post_init__(self) -> None:
         if self.http_port is not None and self.http_port < 0:
@@ -118,6 +121,11 @@ class OrchestratorConfig:
             raise ValueError(f"drain_s must be in [0, {MAX_DRAIN_S:g}], got {self.drain_s}")
         if not 0 <= self.context_chunks <= MAX_CONTEXT_CHUNKS:
             raise ValueError(f"context_chunks must be in [0, {MAX_CONTEXT_CHUNKS}]")
+        if self.shaper_control is not None:
+            host, _, port = self.shaper_control.rpartition(":")
+            if not port.isdigit() or not 0 < int(port) <= 65535 or not is_loopback(host.strip("[]")):
+                raise ValueError(f"shaper_control must be a loopback HOST:PORT (the control endpoint has no "
+                                 f"authentication), got {self.shaper_control!r}")
         self._check_security_files()
 
     def _check_security_files(self) -> None:

@@ -26,11 +26,21 @@ Guarantees:
   it trickles bytes. Heads are bounded by aiohttp (request line and each header at most 8190
   bytes, at most 128 headers), bodies by `max_body_bytes` and `body_timeout_s`. (aiohttp has
   no connection cap; each held connection costs one file descriptor for at most those timeouts.)
-- With an API key (`create_http_app(api_key=...)`) every request, whatever its route or method
-  (`/v1/models` and `/openapi.json` included), must carry `Authorization: Bearer KEY`; any other
-  gets 401 with `WWW-Authenticate: Bearer` and OpenAI's body (type "invalid_request_error", code
-  "invalid_api_key"), before its body is read. Keys are compared in constant time, and no reply
-  or log line holds the key given or expected. With `ssl_context` (`start_http`) it speaks HTTPS only.
+- With an API key (`create_http_app(api_key=...)`) every request but the console's static files,
+  whatever its route or method (`/v1/models` and `/openapi.json` included), must carry
+  `Authorization: Bearer KEY`; any other gets 401 with `WWW-Authenticate: Bearer` and OpenAI's
+  body (type "invalid_request_error", code "invalid_api_key"), before its body is read. Keys are
+  compared in constant time, and no reply or log line holds the key given or expected. With
+  `ssl_context` (`start_http`) it speaks HTTPS only.
+- The web console (`console_api`): `GET /` and its script and style load without the key (they hold
+  no data); with `console=ConsoleBackend(...)` its JSON routes under `/v1/tandem/` (documents,
+  status, link control) are served behind the key like every other route.
+- In a stream, the first chunk's `tandem` holds the planned route and reason, and each text
+  chunk's `tandem` the source of its tokens ("verified", "cloud" or "local") and their count
+  (`openai_run.started_json`, `delta_json`): extra keys that OpenAI clients ignore. A delta whose
+  text is held back (an unfinished character, or the start of a possible stop sequence) still gets
+  a chunk, with empty content, so sources and counts arrive as the tokens are committed; the held
+  text goes out with the chunk that releases it, under that chunk's source.
 - Usage, the `tandem` extension and stop sequences: see `openai_run`. `stop` is applied here:
   the text is cut before the first stop sequence, finish_reason is "stop" and the core's
   generator is closed at once.
@@ -50,8 +60,9 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from orchestrator import errors, metrics
-from orchestrator.openai_run import GenerationRun, StopMatcher, tandem_json
+from orchestrator import console_api, errors, metrics
+from orchestrator.console_api import ConsoleBackend
+from orchestrator.openai_run import GenerationRun, StopMatcher, delta_json, started_json, tandem_json
 from orchestrator.openai_schema import (
     ApiError,
     Envelope,
@@ -99,10 +110,12 @@ METRICS_KEY = web.AppKey("tandem_metrics_text", Callable[[], bytes])
 
 def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20,
                     body_timeout_s: float = BODY_TIMEOUT_S, api_key: str | None = None,
-                    metrics_text: Callable[[], bytes] = metrics.exposition) -> web.Application:
+                    metrics_text: Callable[[], bytes] = metrics.exposition,
+                    console: ConsoleBackend | None = None) -> web.Application:
     """The OpenAI-compatible app over `core`; bodies over `max_body_bytes` get 413, bodies not
     received within `body_timeout_s` 408; with `api_key`, requests without it 401. `GET /metrics`
-    answers `metrics_text()` (Prometheus' text format), behind the same key."""
+    answers `metrics_text()` (Prometheus' text format), behind the same key. `GET /` is the web
+    console; with `console`, its JSON routes too (`console_api`)."""
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes: must be positive (got {max_body_bytes})")
     if not body_timeout_s > 0:
@@ -121,6 +134,9 @@ def create_http_app(core: GenerationCore, *, max_body_bytes: int = 4 << 20,
     app.router.add_get("/openapi.json", _openapi)
     app[METRICS_KEY] = metrics_text
     app.router.add_get("/metrics", _metrics)
+    console_api.add_static_routes(app)
+    if console is not None:
+        console_api.add_api_routes(app, console, _read_body)
     return app
 
 
@@ -217,20 +233,22 @@ async def _pump(
     run: GenerationRun,
     items: AsyncIterator[orchestrator_pb2.GenerateTextResponse],
     first: orchestrator_pb2.GenerateTextResponse | None,
-    emit: Callable[[str], Awaitable[None]],
+    emit: Callable[[str, orchestrator_pb2.GenerateTextResponse | None], Awaitable[None]],
 ) -> None:
-    """Feeds the core's items through `run` until stats, a stop sequence or the end."""
+    """Feeds the core's items through `run` until stats, a stop sequence or the end; `emit` gets
+    each piece of text and the item that released it (None for the tail flushed at the end), and
+    an empty piece for a delta that commits tokens whose text is held back."""
     item = first
     while item is not None:
         text = run.feed(item)
-        if text:
-            await emit(text)
+        if text or (item.WhichOneof("kind") == "delta" and item.delta.tokens and not run.done):
+            await emit(text, item)
         if run.done:
             return
         item = await anext(items, None)
     tail = run.flush()
     if tail:
-        await emit(tail)
+        await emit(tail, None)
 
 
 async def _complete(parsed: ParsedRequest, env: Envelope,
@@ -239,7 +257,7 @@ async def _complete(parsed: ParsedRequest, env: Envelope,
     run = GenerationRun(parsed.stop)
     pieces: list[str] = []
 
-    async def collect(text: str) -> None:
+    async def collect(text: str, item: orchestrator_pb2.GenerateTextResponse | None) -> None:
         pieces.append(text)
 
     await _pump(run, items, first, collect)
@@ -265,13 +283,19 @@ async def _stream(request: web.Request, parsed: ParsedRequest, env: Envelope,
                 request.transport.close()
             raise ConnectionResetError("the client stopped reading the stream") from None
 
-    async def send_text(text: str) -> None:
-        await send(chunk_json(env, text, None))
+    async def send_text(text: str, item: orchestrator_pb2.GenerateTextResponse | None) -> None:
+        chunk = chunk_json(env, text, None)
+        if item is not None and item.WhichOneof("kind") == "delta":
+            chunk["tandem"] = delta_json(item.delta)
+        await send(chunk)
 
     run = GenerationRun(parsed.stop)
     try:
         if env.kind == "chat":
-            await send(chunk_json(env, "", None, role=True))
+            opening = chunk_json(env, "", None, role=True)
+            if first is not None and first.WhichOneof("kind") == "started":
+                opening["tandem"] = started_json(first.started)
+            await send(opening)
         await _pump(run, items, first, send_text)
         await _close(items)  # a stop sequence ends the generation now, not after the trailer is written
         tandem = run.tandem()
@@ -336,7 +360,7 @@ def _key_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]
     async def require_key(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                           ) -> web.StreamResponse:
         given = bearer_from(request.headers)
-        if same_secret(given, api_key):
+        if same_secret(given, api_key) or console_api.is_static(request):
             return await handler(request)
         metrics.record_auth_failure()
         err = ApiError(401, _BAD_KEY if given else _NO_KEY, code="invalid_api_key")

@@ -10,7 +10,9 @@ Guarantees:
 - `tandem_json` holds route, reason, ttft_ms, tokens_per_s, acceptance_rate, local_tokens,
   verified_tokens, cloud_prefill_tokens, cloud_reused_tokens, drafter_prefill_tokens,
   drafter_prefill_ms, switches, citations, private_chunks_dropped, category,
-  stopped_by_sequence; the statistics are null when the core sent none.
+  stopped_by_sequence; the statistics are null when the core sent none. In a stream, the first
+  chunk carries `started_json` (route, reason, prompt_tokens, citations, private_chunks_dropped)
+  and each text chunk `delta_json` (source, tokens) under the same `tandem` key.
 """
 
 from __future__ import annotations
@@ -123,6 +125,20 @@ def tandem_json(started: orchestrator_pb2.GenerationStarted | None,
         "category": stats.category if stats is not None else None,
         "stopped_by_sequence": stopped_by_sequence,
     }
+
+
+def started_json(started: orchestrator_pb2.GenerationStarted) -> JsonObj:
+    """The `tandem` extension of a stream's first chunk: the route planned, why, and the context."""
+    full = tandem_json(started, None)
+    return {"route": full["route"], "reason": full["reason"], "prompt_tokens": started.prompt_tokens,
+            "citations": full["citations"], "private_chunks_dropped": full["private_chunks_dropped"]}
+
+
+def delta_json(delta: orchestrator_pb2.TextDelta) -> JsonObj:
+    """The `tandem` extension of a streamed text chunk: where its tokens came from ("verified": a
+    speculative round's, the accepted drafts and the target's token that ends the round; "cloud":
+    the cloud route's; "local": generated on the device) and how many tokens it commits."""
+    return {"source": delta.source, "tokens": len(delta.tokens)}
 
 
 def _privacy_name(privacy: int) -> str:

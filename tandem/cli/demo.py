@@ -7,15 +7,28 @@ up) and prints the route, its reason and the statistics. Every hop runs over TLS
 made under TANDEM_HOME/secure (`local_stack`'s secure mode) unless `--insecure` is given. On exit, error or
 Ctrl-C it stops every process it started, Ray included. `--in-process` runs drafter and target
 in this process instead (no network), for comparison.
+
+`--web` starts the same stack and, instead of the sample answer, prints the web console's URL
+(the orchestrator's HTTP port; with the API key in the URL's fragment when secure) and opens it
+in a browser when this machine has a display; the stack runs until Ctrl-C, then stops. The
+console's demo buttons cut, black-hole, slow and restore the link through the shaper.
+
+The sample answer (greedy, about 180 tokens with the Qwen2.5-Coder pair) ends by itself within
+the default budget of 256 tokens; an answer that reaches the budget says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import os
 import signal
 import sys
 import time
+import webbrowser
+from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from tandem.cli.main import CliError
@@ -38,6 +51,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--route", choices=("auto", "local", "speculative", "cloud"), default="auto",
                    help="the orchestrator's route for the sample request")
     p.add_argument("--in-process", action="store_true", help="no processes: drafter and target in this process")
+    p.add_argument("--web", action="store_true",
+                   help="start the stack and serve the web console instead of the sample answer: prints its URL, "
+                        "opens it when there is a display, runs until Ctrl-C")
     from tandem.cli.stack import add_secure_flags
 
     add_secure_flags(p)
@@ -67,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     except models.ModelsMissing as exc:
         raise CliError(str(exc)) from None
     if args.in_process:
+        if args.web:
+            raise CliError("--web needs the processes (the console is the orchestrator's); drop --in-process")
         return _run_in_process(args, params)
     return _run_processes(args, params)
 
@@ -93,7 +111,11 @@ def _run_processes(args: argparse.Namespace, params: Any) -> int:
             secrets = local_stack.secrets_for(opts)
             children = local_stack.launch(stack.start, opts, _say, secrets)
             _say("")
-            _stream_answer(children["orchestrator"].fields["grpc"], args, params, local_stack.sdk_options(secrets))
+            if args.web:
+                serve_console(children, secrets)
+            else:
+                _stream_answer(children["orchestrator"].fields["grpc"], args, params,
+                               local_stack.sdk_options(secrets))
         except procs.ChildFailed as exc:
             raise CliError(str(exc)) from None
         except KeyboardInterrupt:
@@ -102,6 +124,50 @@ def _run_processes(args: argparse.Namespace, params: Any) -> int:
         finally:
             _say("stopping the processes ...")
     return 0
+
+
+def serve_console(children: dict[str, Any], secrets: Any, *, opener: Callable[[str], object] | None = None,
+                  poll_s: float = 1.0) -> None:
+    """Print the console's URL, open it when there is a display (`opener`, default `webbrowser`),
+    then wait until Ctrl-C (returns) or until a process of the stack ends (CliError)."""
+    from tandem.ops import local_stack
+    from tandem.security import read_secret
+
+    key = read_secret(file=secrets.api_key, what="api key") if secrets is not None else None
+    url = local_stack.console_url(children["orchestrator"].fields["http"], secure=secrets is not None, api_key=key)
+    print(f"web console: {url}", flush=True)
+    if secrets is not None:
+        _say(f"  the part after '#' is the API key (the browser keeps it to itself). The page is HTTPS with the "
+             f"development CA {secrets.ca_cert}: trust it in the browser, or run `tandem demo --web --insecure`.")
+    _say("  the demo buttons cut, black-hole, slow and restore the link; Ctrl-C stops everything")
+    if opener is not None or _has_display():
+        try:
+            # The browser is handed a private redirect file, so the key never shows in a process list.
+            (opener or webbrowser.open)(_redirect_file(url, secrets.folder) if secrets is not None else url)
+        except Exception as exc:  # noqa: BLE001 - opening a browser is a convenience; the URL is printed
+            _say(f"  (could not open a browser: {exc})")
+    try:
+        while True:
+            for name, child in children.items():
+                if child.proc.poll() is not None:
+                    raise CliError(f"the {name} process ended (exit code {child.proc.returncode}); its log: "
+                                   f"{child.log_path}")
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        _say("\nCtrl-C: stopping every process")
+
+
+def _has_display() -> bool:
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _redirect_file(url: str, folder: Path) -> str:
+    """A file URL of a page (mode 0600, in the secrets folder) that sends the browser on to `url`."""
+    path = Path(folder) / "console.html"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'<!doctype html><meta http-equiv="refresh" content="0;url={html.escape(url)}">\n')
+    return path.resolve().as_uri()
 
 
 def _stream_answer(address: str, args: argparse.Namespace, params: Any, client_options: dict[str, Any]) -> None:
@@ -121,6 +187,8 @@ def _stream_answer(address: str, args: argparse.Namespace, params: Any, client_o
             raise CliError(f"generation failed: {exc}") from None
     print("\n")
     s = answer.stats
+    if s.finish_reason == "length":
+        print(f"[the answer reached the budget of {args.max_new_tokens} tokens; --max-new-tokens raises it]\n")
     print(f"route {s.route}: {s.reason}")
     for w in s.switches:
         print(f"  switched {w.from_route} -> {w.to_route} after {w.at_token} tokens ({w.reason})")

@@ -135,6 +135,8 @@ def run_up(args: argparse.Namespace) -> int:
     if secrets is not None:
         _say(f"TLS: trust {secrets.ca_cert}; API key in {secrets.api_key} (send it as 'Authorization: Bearer KEY')")
     orch = children["orchestrator"].fields
+    asks = " (it asks for the API key)" if secrets is not None else ""
+    _say(f"web console: {local_stack.console_url(orch['http'], secure=secrets is not None)}{asks}")
     print(orch["grpc"])
     print(orch["http"])
     return 0

@@ -6,7 +6,8 @@ printed its ready line and the gRPC ones answer health checks; a failure raises
 `tandem demo` runs it attached (stopped when the demo ends); `tandem up` runs it detached and
 records it in `TANDEM_HOME/run/stack.json` for `tandem down` and `tandem status`, with each
 process's Prometheus endpoint (`metrics`: the cloud's Ray exporter, the edge's metrics port, the
-orchestrator's HTTP port; `metrics_url`).
+orchestrator's HTTP port; `metrics_url`). The orchestrator is told the shaper's (loopback) control
+endpoint, so the web console at `console_url` can cut, black-hole, slow and restore the link.
 
 Secure mode (`StackConfig.secure`, the default of `tandem up` and `tandem demo`): every hop is
 TLS with a credential. `prepare_secrets` makes, under `TANDEM_HOME/secure` (mode 0700): a
@@ -152,7 +153,8 @@ def launch(start: StartFn, opts: StackConfig, say: Callable[[str], None],
     children["orchestrator"] = orch = start(
         "orchestrator", [py, "-m", "tandem", "serve", "orchestrator", "--edge", edge.fields["grpc"], "--cloud",
                          shaper.fields["listen"], "--port", str(opts.grpc_port), "--http-port", str(opts.http_port),
-                         "--round-deadline-ms", str(opts.round_deadline_ms), *flags["orchestrator"]], timeout_s=180)
+                         "--round-deadline-ms", str(opts.round_deadline_ms), "--shaper-control", shaper.fields["control"],
+                         *flags["orchestrator"]], timeout_s=180)
     procs.wait_healthy(orch.fields["grpc"], timeout_s=60, ca_cert=ca)
     say(f"  orchestrator at grpc {orch.fields['grpc']}, http {orch.fields['http']}")
     say(f"all processes healthy; start-up took {time.perf_counter() - t0:.1f} s")
@@ -168,6 +170,13 @@ def metrics_url(name: str, fields: dict[str, str], *, secure: bool) -> str:
     if not address:
         return ""
     return f"{'http' if name == 'cloud' else scheme}://{address}/metrics"
+
+
+def console_url(http_address: str, *, secure: bool, api_key: str | None = None) -> str:
+    """The web console on the orchestrator's HTTP port; with `api_key`, in the URL's fragment,
+    which the browser keeps to itself (the page reads it, stores it for the tab, and clears it)."""
+    url = f"{'https' if secure else 'http'}://{http_address}/"
+    return url + (f"#key={api_key}" if api_key else "")
 
 
 def state_file() -> Path:

@@ -47,11 +47,8 @@ def stack(tiny_models):
 @pytest.fixture()
 def link(stack: Stack):
     """Each test starts with a healthy link and leaves one behind."""
-    stack.shaper.set_conditions(rtt_ms=40, mode="up")
-    stack.wait_link("up")
-    yield stack.shaper
-    stack.shaper.set_conditions(rtt_ms=0, mode="up")
-    stack.wait_link("up")
+    with stack.healthy_link(rtt_ms=40) as shaper:
+        yield shaper
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,62 @@
-"""Private personal context never reaches the cloud: recorded traffic, real stack.
+"""Private personal context never reaches the cloud: every route, privacy mode, sampling mode and
+cut, against everything the cloud node receives (real stack, tiny models).
 
-The cloud node (tiny target) records every message it receives; the orchestrator has a real
-personal store (SQLite + all-MiniLM-L6-v2). A private and a shareable document are both relevant
-to the question. In strict mode the request stays on the device; in cloud-quality mode the
-private chunk is dropped and the shareable one goes to the cloud. The shareable document's text
-showing up in the recorded prompts proves the recorder sees what the cloud sees.
+The orchestrator has a real personal store (SQLite + all-MiniLM-L6-v2) holding a private note
+(SECRET) and a shareable one (SHARED), both relevant to the question. What the cloud receives is
+kept twice (`tests.support.recorder`): by an interceptor on the cloud node (method, metadata and
+every request message of every call type) and by a byte tap between the link shaper and the
+cloud node. The secret is searched as token-id sequences in every id the cloud got (contexts,
+drafts concatenated across rounds and resumed streams, q rows position by position), as text
+in each of those views decoded whole, and as bytes in the metadata and on the link.
+
+The matrix: route (speculative, cloud, and auto steered to each of them by setting the cost
+model it learned, its choice asserted) x privacy (strict, cloud_quality) x greedy/sampling x
+with/without the link cut after the first delta. Strict keeps the request on the device and
+nothing but health probes reaches the cloud; cloud_quality drops the private chunks and sends
+the shareable ones, which the recorder must see (positive control). On every route, the same
+note relabelled shareable must be seen too (positive control of the id and text search).
 """
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
 import pytest
 
+from protos.tandem.v1 import common_pb2
+from protos.tandem.v1 import orchestrator_pb2 as opb
+from tandem_core.link_health import AcceptanceTracker
+from tandem_core.routing import RouteCosts
 from tandem_sdk import Client
 from tests.support.orch_stack import Stack, local_stack
+from tests.support.recorder import CloudRecorder, LinkTap, contains, find_secret, secret_id_sequences
 
 SECRET = "Zanzibar-7731"
 SHARED = "Kestrel-42"
 QUESTION = "What is my gym locker code, and what is the build server called?"
+N = 16  # tokens per answer
+VERIFY, GENERATE = "/tandem.v1.CloudVerifier/Verify", "/tandem.v1.CloudVerifier/Generate"
+
+# What auto learned, set so that it picks one route: the other one is far slower.
+AUTO_COSTS = {
+    "speculative": RouteCosts(device_prefill_tps=1e6, device_decode_tps=1e6, cloud_prefill_tps=1e6,
+                              cloud_decode_tps=0.01, verify_ms=0.0),
+    "cloud": RouteCosts(device_prefill_tps=1e6, device_decode_tps=1e6, cloud_prefill_tps=1e6,
+                        cloud_decode_tps=1e6, verify_ms=1e5),
+}
+# route as asked -> (proto route, the route it must end up on, the cloud method it uses)
+ROUTES = {
+    "speculative": (opb.ROUTE_SPECULATIVE, "speculative", VERIFY),
+    "cloud": (opb.ROUTE_CLOUD, "cloud", GENERATE),
+    "auto->speculative": (opb.ROUTE_AUTO, "speculative", VERIFY),
+    "auto->cloud": (opb.ROUTE_AUTO, "cloud", GENERATE),
+}
+PRIVACY = {"strict": opb.PRIVACY_MODE_STRICT, "cloud_quality": opb.PRIVACY_MODE_CLOUD_QUALITY}
+SAMPLING = {"greedy": common_pb2.SamplingParams(),
+            "sampling": common_pb2.SamplingParams(temperature=1.0, seed=7)}
 
 
 @pytest.fixture(scope="module")
@@ -31,61 +71,147 @@ def stack(tiny_models, tmp_path_factory):
         yield s
 
 
-def _ask(stack: Stack, **options):
-    stack.recorder.messages.clear()
-    with Client(stack.orchestrator.grpc_address, timeout_s=120) as client:
-        return client.complete(prompt=QUESTION, use_personal_context=True, max_new_tokens=12, **options)
+@pytest.fixture()
+def link(stack: Stack):
+    """Each test starts and ends with a healthy link (a cut opens the circuit for a while)."""
+    with stack.healthy_link(rtt_ms=0) as shaper:
+        yield shaper
 
 
-def _cloud_saw(stack: Stack) -> str:
-    """Everything the cloud received, as text: decoded token lists plus the raw message bytes."""
-    decoded = [stack.drafter.decode(ids) for ids in stack.recorder.token_lists() if ids]
-    return "\n".join(decoded) + stack.recorder.raw().decode("utf-8", errors="replace")
-
-
-def test_strict_privacy_keeps_the_request_on_the_device(stack) -> None:
-    result = _ask(stack, route="speculative", privacy="strict")
-    assert result.started.route == "local"
-    assert "private" in result.started.reason
-    titles = {c.title: c.privacy for c in result.started.citations}
-    assert titles.get("Gym locker") == "private", "the private note was retrieved and used on the device"
-    assert SECRET not in _cloud_saw(stack)
-    assert not stack.recorder.token_lists(), "nothing but health probes reached the cloud"
-
-
-def test_strict_privacy_overrides_a_cloud_route_request(stack) -> None:
-    result = _ask(stack, route="cloud")
-    assert result.started.route == "local"
-    assert SECRET not in _cloud_saw(stack)
-
-
-def test_cloud_quality_drops_the_private_chunks_and_sends_the_shareable_ones(stack) -> None:
-    result = _ask(stack, route="speculative", privacy="cloud_quality")
-    assert result.started.route == "speculative"
-    assert result.started.private_chunks_dropped >= 1
-    assert {c.privacy for c in result.started.citations} == {"shareable"}
-    saw = _cloud_saw(stack)
-    assert SHARED in saw, "the recorder must see the shareable context the cloud got (positive control)"
-    assert SECRET not in saw
-    assert result.stats.private_chunks_dropped == result.started.private_chunks_dropped
-
-
-def test_cloud_quality_with_auto_routing_never_leaks(stack) -> None:
-    result = _ask(stack, route="auto", privacy="cloud_quality")
-    assert result.started.route in ("speculative", "cloud", "local")
-    assert SECRET not in _cloud_saw(stack)
-
-
-def test_relabelling_a_document_shareable_lets_it_reach_the_cloud(stack) -> None:
+@pytest.fixture()
+def shareable_note(stack: Stack):
+    """The private note relabelled shareable for one test."""
     with Client(stack.orchestrator.grpc_address, timeout_s=60) as client:
         [doc] = [d for d in client.list_documents() if d.title == "Gym locker"]
         client.set_document_privacy(doc.id, "shareable")
         try:
-            result = _ask(stack, route="speculative", privacy="strict")
-            assert result.started.route == "speculative" and result.started.private_chunks_dropped == 0
-            assert SECRET in _cloud_saw(stack)
+            yield doc
         finally:
             client.set_document_privacy(doc.id, "private")
+
+
+@dataclass
+class Run:
+    started: opb.GenerationStarted | None = None
+    tokens: list[int] = field(default_factory=list)
+    stats: opb.OrchestratorStats | None = None
+
+
+def _ask(stack: Stack, route: str, privacy: int, sampling: str, *, cut: bool = False) -> Run:
+    """One answer with personal context; the recorders hold only what this answer sent."""
+    proto_route, _, _ = ROUTES[route]
+    core = stack.orchestrator.running.core
+    if route.startswith("auto"):
+        core.costs, core.acceptance = AUTO_COSTS[ROUTES[route][1]], AcceptanceTracker()
+    if cut:
+        stack.shaper.set_conditions(rtt_ms=40)  # rounds slow enough for the cut to land mid-answer
+    stack.recorder.clear()
+    assert stack.tap is not None
+    stack.tap.clear()
+    request = opb.GenerateTextRequest(prompt=QUESTION, options=opb.GenerateOptions(
+        route=proto_route, privacy=privacy, use_personal_context=True, max_new_tokens=N,
+        sampling=SAMPLING[sampling]))
+    run = Run()
+    for msg in stack.stub.Generate(request, timeout=120):
+        kind = msg.WhichOneof("kind")
+        if kind == "started":
+            run.started = msg.started
+        elif kind == "delta":
+            if cut and not run.tokens and msg.delta.tokens:
+                stack.shaper.drop_connections()
+            run.tokens += msg.delta.tokens
+        else:
+            run.stats = msg.stats
+    assert run.started is not None and run.stats is not None
+    return run
+
+
+def _secret_seen(stack: Stack, secret: str = SECRET) -> list[str]:
+    ids = secret_id_sequences(lambda text: stack.drafter.encode(prompt=text), secret)
+    return find_secret(stack.recorder, secret, ids, stack.drafter.decode, stack.tap)
+
+
+def _cloud_calls(stack: Stack) -> list[str]:
+    return [m for m in stack.recorder.methods() if m.startswith("/tandem.v1.CloudVerifier/")]
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut"])
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+@pytest.mark.parametrize("privacy", list(PRIVACY))
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_private_context_never_reaches_the_cloud(stack, link, route, privacy, sampling, cut) -> None:
+    run = _ask(stack, route, PRIVACY[privacy], sampling, cut=cut)
+    _, expected, method = ROUTES[route]
+    assert run.started is not None and run.stats is not None
+    assert "Gym locker" in {c.title for c in run.stats.citations} or privacy == "cloud_quality"
+    if privacy == "strict":
+        assert run.started.route == "local" and "private" in run.started.reason
+        assert not _cloud_calls(stack), "only health probes may reach the cloud"
+    else:
+        assert run.started.route == expected, run.started.reason
+        assert run.started.private_chunks_dropped >= 1
+        assert {c.privacy for c in run.started.citations} == {opb.PRIVACY_SHAREABLE}
+        assert method in _cloud_calls(stack)
+        assert _secret_seen(stack, SHARED), "the recorder must see the shareable context (positive control)"
+        if cut and expected == "speculative":  # a cloud-only answer may be streamed whole before the cut
+            assert run.stats.switches, "the cut did not land mid-answer"
+    assert _secret_seen(stack) == []
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut"])
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_the_same_note_relabelled_shareable_is_seen_on_every_route(stack, link, shareable_note, route, sampling,
+                                                                   cut) -> None:
+    run = _ask(stack, route, PRIVACY["strict"], sampling, cut=cut)
+    _, expected, method = ROUTES[route]
+    assert run.started is not None
+    assert run.started.route == expected and run.started.private_chunks_dropped == 0, run.started.reason
+    assert method in _cloud_calls(stack)
+    seen = _secret_seen(stack)
+    assert "context 0 hold the secret's ids" in seen and "decoded context 0" in seen, seen
+
+
+def test_strict_privacy_uses_the_private_note_on_the_device(stack, link) -> None:
+    run = _ask(stack, "speculative", PRIVACY["strict"], "greedy")
+    assert run.started is not None and run.started.route == "local"
+    titles = {c.title: c.privacy for c in run.started.citations}
+    assert titles.get("Gym locker") == opb.PRIVACY_PRIVATE, "the private note was retrieved and used on the device"
+    assert not _cloud_calls(stack)
+
+
+def test_grpc_requests_default_to_strict_privacy(stack, link) -> None:
+    run = _ask(stack, "cloud", opb.PRIVACY_MODE_UNSPECIFIED, "greedy")
+    assert run.started is not None and run.started.route == "local" and "strict" in run.started.reason
+    assert not _cloud_calls(stack) and _secret_seen(stack) == []
+
+
+def _http_chat(stack: Stack, tandem: dict) -> dict:
+    body = {"model": "tandem", "max_tokens": N, "messages": [{"role": "user", "content": QUESTION}],
+            "tandem": {"use_personal_context": True, **tandem}}
+    request = urllib.request.Request(f"http://{stack.orchestrator.http_address}/v1/chat/completions",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    stack.recorder.clear()
+    assert stack.tap is not None
+    stack.tap.clear()
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+@pytest.mark.parametrize("route", ["speculative", "cloud", "auto"])
+def test_the_http_endpoint_defaults_to_strict_privacy(stack, link, route) -> None:
+    if route == "auto":
+        stack.orchestrator.running.core.costs = AUTO_COSTS["cloud"]
+    reply = _http_chat(stack, {"route": route})
+    assert reply["tandem"]["route"] == "local", reply["tandem"]["reason"]
+    assert "strict" in reply["tandem"]["reason"]
+    assert not _cloud_calls(stack) and _secret_seen(stack) == []
+    # Control: the same request with cloud_quality said does use the cloud, without the note.
+    if route == "auto":
+        stack.orchestrator.running.core.costs = AUTO_COSTS["cloud"]
+    reply = _http_chat(stack, {"route": route, "privacy": "cloud_quality"})
+    assert reply["tandem"]["route"] == ("cloud" if route == "auto" else route)
+    assert _cloud_calls(stack) and _secret_seen(stack) == [] and _secret_seen(stack, SHARED)
 
 
 def test_document_calls_reject_bad_input_with_a_status_naming_the_field(stack) -> None:
@@ -104,3 +230,136 @@ def test_document_calls_reject_bad_input_with_a_status_naming_the_field(stack) -
         assert doc.privacy == "shareable" and doc.chunks >= 1 and doc.id not in before
         assert client.delete_document(doc.id) is True
         assert {d.id for d in client.list_documents()} == before
+
+
+# --- the recorder itself: every call type, metadata, ids split across messages -----------------
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    """A gRPC server with one method of each call type, recorded by a `CloudRecorder` and behind
+    a `LinkTap`: the recorder's own tests."""
+    import grpc
+
+    def drain(requests, context):
+        return b"".join(requests)
+
+    handlers = {
+        "UnaryUnary": grpc.unary_unary_rpc_method_handler(lambda r, c: r, _identity, _identity),
+        "UnaryStream": grpc.unary_stream_rpc_method_handler(lambda r, c: iter([r]), _identity, _identity),
+        "StreamUnary": grpc.stream_unary_rpc_method_handler(drain, _identity, _identity),
+        "StreamStream": grpc.stream_stream_rpc_method_handler(lambda rs, c: iter(list(rs)), _identity, _identity),
+    }
+    from concurrent.futures import ThreadPoolExecutor
+
+    recorder = CloudRecorder()
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), interceptors=[recorder])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Echo", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with LinkTap(f"127.0.0.1:{port}") as tap, grpc.insecure_channel(tap.address) as channel:
+            yield recorder, tap, channel
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("kind", ["UnaryUnary", "UnaryStream", "StreamUnary", "StreamStream", "Missing"])
+def test_the_recorder_keeps_every_call_type_its_metadata_and_its_bytes(echo_server, kind) -> None:
+    import grpc
+
+    recorder, tap, channel = echo_server
+    recorder.clear()
+    tap.clear()
+    body, note = f"body {SECRET} body".encode(), f"note {SHARED}"
+    method = f"/test.Echo/{kind}"
+    metadata = (("x-note", note),)
+    call: dict = {
+        "UnaryUnary": lambda: channel.unary_unary(method)(body, metadata=metadata, timeout=10),
+        "UnaryStream": lambda: list(channel.unary_stream(method)(body, metadata=metadata, timeout=10)),
+        "StreamUnary": lambda: channel.stream_unary(method)(iter([body[:7], body[7:]]), metadata=metadata,
+                                                           timeout=10),
+        "StreamStream": lambda: list(channel.stream_stream(method)(iter([body[:7], body[7:]]), metadata=metadata,
+                                                                  timeout=10)),
+    }
+    if kind == "Missing":  # unary: the body goes out with the headers, before UNIMPLEMENTED comes back
+        with pytest.raises(grpc.RpcError):
+            channel.unary_unary(method)(body, metadata=metadata, timeout=10)
+    else:
+        call[kind]()
+    [recorded] = recorder.calls
+    assert recorded.method == method and ("x-note", note) in recorded.metadata
+    assert note.encode() in recorder.raw()
+    if kind != "Missing":  # a method the server lacks has no messages to decode; the tap has them
+        assert b"".join(recorded.messages) == body
+    deadline = time.monotonic() + 5
+    while SECRET.encode() not in b"".join(tap.grpc_messages()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "link gRPC messages" in find_secret(recorder, SECRET, [], bytes.decode, tap)
+
+
+def test_the_id_search_sees_a_secret_split_across_rounds_streams_and_q_rows() -> None:
+    from protos.tandem.v1 import cloud_pb2
+
+    secret, other = [11, 12, 13, 14, 15, 16], [1, 2, 3]
+    recorder = CloudRecorder()
+
+    def receive(*messages: cloud_pb2.VerifyRequest) -> None:
+        for m in messages:
+            recorder.add(VERIFY, m)
+
+    def open_(generated: list[int]) -> cloud_pb2.VerifyRequest:
+        return cloud_pb2.VerifyRequest(open=cloud_pb2.SessionSpec(prompt_tokens=other, generated_tokens=generated))
+
+    def round_(drafts: list[int], rows: list[list[int]] | None = None) -> cloud_pb2.VerifyRequest:
+        q = [common_pb2.SparseDist(ids=r, probs=[1 / len(r)] * len(r)) for r in rows or []]
+        return cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(draft_tokens=drafts, q_rows=q))
+
+    def seen() -> list[str]:
+        return find_secret(recorder, "never-as-text", [secret], lambda ids: " ".join(map(str, ids)))
+
+    # Across two rounds and a resumed stream (its open, carrying the context, comes between).
+    receive(open_([]), round_([4, 11, 12]), round_([13, 14]), open_([5, 6]), round_([15, 16, 7]))
+    assert "draft ids hold the secret's ids" in seen()
+    assert not any(contains(ids, secret) for ids in recorder.token_lists()), "no single message holds it"
+    # One id per q row, over consecutive rows of two rounds; the drafts themselves are other ids.
+    recorder.clear()
+    rows = [[s, 40 + i, 80 + i] for i, s in enumerate(secret)]
+    receive(open_([]), round_([40, 41, 42], rows[:3]), round_([43, 44, 45], rows[3:]))
+    assert seen() == ["q rows hold the secret's ids"]
+    # In the committed tokens of a resumed stream.
+    recorder.clear()
+    receive(open_([9, *secret]))
+    assert "context 0 hold the secret's ids" in seen()
+
+
+
+# --- retrieval drafts (issue 17) ----------------------------------------------------------------
+# The edge drafts by copying from its prompt (`tandem_core.lookup`), so what a draft may carry is
+# exactly what the prompt holds: the private chunks the orchestrator drops never reach the edge's
+# index on a route the cloud sees (the matrix above runs with retrieval on, the edge's default).
+# This positive control shows that copies do cross the wire as drafts, so the matrix would see one.
+
+def test_retrieval_drafts_carry_the_prompts_own_text_to_the_cloud_positive_control(stack, link) -> None:
+    import grpc
+
+    from protos.tandem.v1 import edge_pb2, edge_pb2_grpc
+
+    key = [200 + i for i in range(20)]        # a long span the prompt repeats at its end
+    span = [300 + 7 * i for i in range(12)]  # what followed it the first time
+    prompt = key + span + [50, 51, 52, 53] + key
+    stack.recorder.clear()
+    with grpc.insecure_channel(stack.edge_address) as channel:
+        stub = edge_pb2_grpc.EdgeNodeStub(channel)
+        stats = None
+        for msg in stub.Generate(edge_pb2.EdgeGenerateRequest(prompt_tokens=prompt, max_new_tokens=8,
+                                                              mode=edge_pb2.EDGE_MODE_SPECULATIVE), timeout=60):
+            if msg.WhichOneof("kind") == "stats":
+                stats = msg.stats
+    assert stats is not None and stats.route == "speculative" and stats.retrieval_drafted >= 7
+    drafts = stack.recorder.sent_ids().drafts
+    assert contains(drafts, span[:7])  # the first round copied what followed the key (7 = the budget's room)

@@ -2,8 +2,9 @@
 
 Real gRPC servers on 127.0.0.1 (port 0) with the tiny models; the shaper sits between the edge
 (and the orchestrator's health probes) and the cloud, so tests can cut, black-hole, slow or flap
-the link. `TrafficRecorder` keeps every message the cloud node received, serialized, so a test can
-check what left the device.
+the link. The cloud node's `recorder` (`tests.support.recorder.CloudRecorder`, also importable here
+as `TrafficRecorder`) keeps every call and request message it received, and `tap`, a byte-level
+proxy between the shaper and the cloud node, every byte; so a test can check what left the device.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,85 +29,11 @@ from netshape.shaper import LinkShaper
 from orchestrator.app import Running
 from orchestrator.config import OrchestratorConfig
 from orchestrator.personal import Personal
-from protos.tandem.v1 import cloud_pb2, orchestrator_pb2_grpc
 from protos.tandem.v1 import orchestrator_pb2 as opb
+from protos.tandem.v1 import orchestrator_pb2_grpc
+from tests.support.recorder import CloudRecorder, LinkTap
 
-
-class TrafficRecorder(grpc.ServerInterceptor):
-    """Records every request message of every call the cloud node serves (health included)."""
-
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-        self._lock = threading.Lock()
-
-    def _keep(self, message: Any) -> None:
-        with self._lock:
-            self.messages.append(message)
-
-    def _decoder(self, method: str) -> Callable[[bytes], None]:
-        """For a service that parses its own bytes (the cloud verifier): keep what they decode to."""
-        request_type = {"/tandem.v1.CloudVerifier/Verify": cloud_pb2.VerifyRequest,
-                        "/tandem.v1.CloudVerifier/Generate": cloud_pb2.GenerateRequest}.get(method)
-
-        def keep(raw: bytes) -> None:
-            # A raw-bytes method the recorder cannot read would hide traffic: fail the call loudly.
-            assert request_type is not None, f"TrafficRecorder cannot decode {method}"
-            self._keep(request_type.FromString(raw))
-        return keep
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        des, ser = handler.request_deserializer, handler.response_serializer
-        keep = self._keep if des is not None else self._decoder(details.method)
-        if handler.stream_stream:
-            inner_ss = handler.stream_stream
-
-            def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                def recorded() -> Iterator[Any]:
-                    for r in requests:
-                        keep(r)
-                        yield r
-                return inner_ss(recorded(), context)
-            return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Any:
-                keep(request)
-                return inner_us(request, context)
-            return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                keep(request)
-                return inner_uu(request, context)
-            return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
-        return handler
-
-    def token_lists(self) -> list[list[int]]:
-        """Every token-id list the cloud received: session prompts, committed tokens, drafts."""
-        out: list[list[int]] = []
-        for m in self.messages:
-            for spec in _specs(m):
-                out += [list(spec.prompt_tokens), list(spec.generated_tokens)]
-            if m.DESCRIPTOR.name == "VerifyRequest" and m.WhichOneof("kind") == "round":
-                out.append(list(m.round.draft_tokens))
-        return out
-
-    def raw(self) -> bytes:
-        return b"".join(m.SerializeToString() for m in self.messages)
-
-
-def _specs(m: Any) -> list[Any]:
-    name = m.DESCRIPTOR.name
-    if name == "VerifyRequest" and m.WhichOneof("kind") == "open":
-        return [m.open]
-    if name == "GenerateRequest":
-        return [m.session]
-    return []
+TrafficRecorder = CloudRecorder  # the name the stack's recorder had before
 
 
 @dataclass
@@ -114,8 +41,9 @@ class Stack:
     shaper: LinkShaper
     drafter: DrafterModel
     orchestrator: InThread
-    recorder: TrafficRecorder
+    recorder: CloudRecorder
     edge_address: str
+    tap: LinkTap | None = None  # every byte between the shaper and the cloud node
 
     @property
     def stub(self) -> orchestrator_pb2_grpc.OrchestratorStub:
@@ -123,6 +51,16 @@ class Stack:
 
     def status(self) -> opb.StatusResponse:
         return self.stub.Status(opb.StatusRequest(), timeout=10)
+
+    @contextlib.contextmanager
+    def healthy_link(self, rtt_ms: float = 0) -> Iterator[LinkShaper]:
+        """The link up (at `rtt_ms`) on entry, and up again on exit, whatever the test did to it
+        (a cut opens the circuit for a while): for each test's fixture."""
+        self.shaper.set_conditions(rtt_ms=rtt_ms, mode="up")
+        self.wait_link("up")
+        yield self.shaper
+        self.shaper.set_conditions(rtt_ms=0, mode="up")
+        self.wait_link("up")
 
     def wait_link(self, state: str, timeout_s: float = 15.0) -> opb.StatusResponse:
         """Poll Status until the link is `state` ("up" or "down"); bounded."""
@@ -168,14 +106,15 @@ class InThread:
 
 @contextlib.contextmanager
 def local_stack(target_hf: Path, drafter_onnx: Path, *, round_deadline_ms: int = 1000,
-                store_path: Path | None = None, **config: Any) -> Iterator[Stack]:
-    recorder = TrafficRecorder()
+                store_path: Path | None = None, personal: Personal | None = None, **config: Any) -> Iterator[Stack]:
+    recorder = CloudRecorder()
     cloud, cloud_port = create_cloud_server(VerifierCore.load(target_hf, dtype="fp32"), "127.0.0.1:0",
                                             interceptors=[recorder])
     cloud.start()
     with contextlib.ExitStack() as stack:
         stack.callback(cloud.stop, None)
-        shaper = stack.enter_context(LinkShaper(f"127.0.0.1:{cloud_port}"))
+        tap = stack.enter_context(LinkTap(f"127.0.0.1:{cloud_port}"))
+        shaper = stack.enter_context(LinkShaper(tap.address, control=("127.0.0.1", 0)))  # the console's demo buttons
         link = f"{shaper.address[0]}:{shaper.address[1]}"
         drafter = DrafterModel(drafter_onnx)
         edge, edge_port = create_edge_server(drafter, EdgeConfig(cloud_address=link, drafter=drafter_onnx),
@@ -185,11 +124,12 @@ def local_stack(target_hf: Path, drafter_onnx: Path, *, round_deadline_ms: int =
         orch = InThread(OrchestratorConfig(
             edge_address=f"127.0.0.1:{edge_port}", cloud_address=link, grpc_port=0, http_port=0,
             round_deadline_ms=round_deadline_ms, health_interval_s=0.2, probe_timeout_s=0.5, circuit_open_s=0.5,
-            personal=store_path is not None, store_path=store_path, **config))
+            personal=store_path is not None, store_path=store_path,
+            shaper_control=f"127.0.0.1:{shaper.control_address[1]}", **config), personal=personal)
         stack.callback(orch.stop)
         channel = grpc.insecure_channel(orch.grpc_address)
         stack.callback(channel.close)
-        s = Stack(shaper, drafter, orch, recorder, f"127.0.0.1:{edge_port}")
+        s = Stack(shaper, drafter, orch, recorder, f"127.0.0.1:{edge_port}", tap)
         s._channel = channel  # type: ignore[attr-defined]
         s.wait_link("up")
         yield s

@@ -62,20 +62,24 @@ class Http2Rewriter:
         return len(body).to_bytes(3, "big") + bytes([_DATA, flags]) + header[5:9] + body
 
 
-class TamperProxy:
-    """Listens on 127.0.0.1 (port 0) and forwards each connection to `upstream` ("host:port"),
-    rewriting the gRPC messages that come back. A context manager; `address` is "host:port"."""
+class LoopbackProxy:
+    """Listens on 127.0.0.1 (port 0) and forwards each connection to `upstream` ("host:port")
+    through `transforms(connection index)` = (client-to-upstream, upstream-to-client) byte
+    transforms. A context manager; `address` is "host:port"."""
 
-    def __init__(self, upstream: str, rewrite: Rewrite) -> None:
+    def __init__(self, upstream: str) -> None:
         host, _, port = upstream.rpartition(":")
         self._upstream = (host, int(port))
-        self._rewrite = rewrite
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
+        self._connections = 0
 
-    def __enter__(self) -> TamperProxy:
+    def transforms(self, index: int) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        raise NotImplementedError
+
+    def __enter__(self) -> LoopbackProxy:
         self._spawn(self._accept)
         return self
 
@@ -87,7 +91,7 @@ class TamperProxy:
             thread.join(5)
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True, name="tamper-proxy")
+        thread = threading.Thread(target=target, args=args, daemon=True, name=type(self).__name__)
         self._threads.append(thread)
         thread.start()
 
@@ -104,8 +108,25 @@ class TamperProxy:
                 continue
             upstream.settimeout(None)
             self._sockets += [client, upstream]
-            self._spawn(_pump, client, upstream, lambda data: data)
-            self._spawn(_pump, upstream, client, Http2Rewriter(self._rewrite).feed)
+            up, down = self.transforms(self._connections)
+            self._connections += 1
+            self._spawn(_pump, client, upstream, up)
+            self._spawn(_pump, upstream, client, down)
+
+
+class TamperProxy(LoopbackProxy):
+    """A `LoopbackProxy` rewriting the gRPC messages that come back."""
+
+    def __init__(self, upstream: str, rewrite: Rewrite) -> None:
+        super().__init__(upstream)
+        self._rewrite = rewrite
+
+    def __enter__(self) -> TamperProxy:
+        super().__enter__()
+        return self
+
+    def transforms(self, index: int) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        return (lambda data: data), Http2Rewriter(self._rewrite).feed
 
 
 def _pump(src: socket.socket, dst: socket.socket, transform: Callable[[bytes], bytes]) -> None:
