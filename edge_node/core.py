@@ -81,7 +81,7 @@ class Piece:
 
     tokens: tuple[int, ...]
     text: str
-    source: str  # "verified", "cloud" or "local"
+    source: str  # "verified" (accepted drafts), "target" (the target's token ending a round), "cloud" or "local"
 
 
 def _echo(value: str) -> str:

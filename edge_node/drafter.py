@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_Q_SUPPORT = 64
 RETAIN = 2  # ended sessions whose KV a later request may reuse
 MIN_REUSE = 16  # shorter common prefixes are prefilled anew
-LOCAL_HINT = 16  # longest continuation on-device generation checks in one pass
+LOCAL_HINT = 32  # longest continuation on-device generation checks at a time
+HINT_CHUNK = 4  # hint tokens checked in a draft's first batched pass (then 8, 16, ...)
 REUSE_ROOM = 1024  # extra KV room a greedy session reserves for its conversation's next turns
 
 
@@ -220,14 +221,17 @@ class DrafterSession:
         qs: list[np.ndarray] = []
         if k > 0:
             self._pick(self._logits, tokens, qs)
+        chunk = HINT_CHUNK
         while len(tokens) < k:
             n = len(tokens)
             alive = n < len(hint) and [int(t) for t in hint[:n]] == tokens
             if n >= stop and not alive:
                 break
             # Append the last draft and, while the hint holds, the hint's next tokens: one pass
-            # scores them all; keep the drafter's choices while they equal the hint.
-            ahead = [int(t) for t in hint[n:k]] if alive else []
+            # scores them all; keep the drafter's choices while they equal the hint. The batch
+            # doubles while the hint keeps holding (a wrong hint costs a short pass, not a long one).
+            ahead = [int(t) for t in hint[n:min(k, n + chunk)]] if alive else []
+            chunk *= 2
             base = self.cached
             rows = self._append_rows([tokens[-1], *ahead])
             matched = 0

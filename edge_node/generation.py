@@ -45,7 +45,9 @@ from tandem_core.verify import FinishReason
 
 log = logging.getLogger(__name__)
 
-OnTokens = Callable[[Sequence[int], str], None]  # (tokens, source): "verified" | "cloud" | "local"
+# (tokens, source): "verified" (accepted drafts), "target" (the target's correction or bonus token
+# ending a speculative round), "cloud" (the cloud route) or "local" (generated on the device)
+OnTokens = Callable[[Sequence[int], str], None]
 
 
 @dataclass(frozen=True)
@@ -189,8 +191,11 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
             result.tokens.extend(verdict.tokens)
             result.verified_tokens += len(verdict.tokens)
             result.finish_reason = verdict.finish_reason
-            if on_tokens is not None:
-                on_tokens(verdict.tokens, "verified")
+            if on_tokens is not None:  # the accepted drafts, then the target's own token(s)
+                if verdict.accepted:
+                    on_tokens(verdict.tokens[:verdict.accepted], "verified")
+                if len(verdict.tokens) > verdict.accepted:
+                    on_tokens(verdict.tokens[verdict.accepted:], "target")
     except VerifierUnavailable as exc:
         if not fallback_local:
             raise

@@ -36,7 +36,7 @@ Guarantees:
   no data); with `console=ConsoleBackend(...)` its JSON routes under `/v1/tandem/` (documents,
   status, link control) are served behind the key like every other route.
 - In a stream, the first chunk's `tandem` holds the planned route and reason, and each text
-  chunk's `tandem` the source of its tokens ("verified", "cloud" or "local") and their count
+  chunk's `tandem` the source of its tokens ("verified", "target", "cloud" or "local") and their count
   (`openai_run.started_json`, `delta_json`): extra keys that OpenAI clients ignore. A delta whose
   text is held back (an unfinished character, or the start of a possible stop sequence) still gets
   a chunk, with empty content, so sources and counts arrive as the tokens are committed; the held

@@ -135,9 +135,10 @@ def started_json(started: orchestrator_pb2.GenerationStarted) -> JsonObj:
 
 
 def delta_json(delta: orchestrator_pb2.TextDelta) -> JsonObj:
-    """The `tandem` extension of a streamed text chunk: where its tokens came from ("verified": a
-    speculative round's, the accepted drafts and the target's token that ends the round; "cloud":
-    the cloud route's; "local": generated on the device) and how many tokens it commits."""
+    """The `tandem` extension of a streamed text chunk: where its tokens came from ("verified":
+    drafts the cloud accepted; "target": the target's correction or bonus token ending a
+    speculative round; "cloud": the cloud route's; "local": generated on the device) and how many
+    tokens it commits."""
     return {"source": delta.source, "tokens": len(delta.tokens)}
 
 

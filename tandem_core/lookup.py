@@ -1,33 +1,46 @@
-"""Retrieval drafting combined with the model drafter: which source drafts each round.
+"""Each round's drafts: copied by retrieval, checked by the drafter, or drafted by the model.
 
-`LookupDrafter` is a `tandem_core.loop.DraftSession`. Each round it asks the suffix index
-(`tandem_core.suffix_index`) for a continuation of the committed text and the model drafter
-for nothing yet; `LookupPolicy.choose` then compares, on one cost model, the two drafts a round
-could send:
-- retrieval: the index's r tokens. Free to draft; each is accepted with probability a_b, learnt
-  online per match-length bucket b (longer matches are accepted further);
-- model: k tokens from the drafter, each accepted with probability a_m (learnt), costing
-  k * t_d of drafting before the round can leave.
-A round costs T (send, verify, receive; learnt) plus its drafting, and commits 1 + E[accepted]
-tokens, with E[accepted] = a (1 - a^n) / (1 - a) for n drafts under a per-token acceptance a.
-The source with more expected tokens per second drafts the round. Retrieval drafts may be longer
-than the model's (`k` up to the verifier's limit, 16 on the cloud); the model drafts
-`model_len` tokens.
+`LookupDrafter` is a `tandem_core.loop.DraftSession` over the model drafter and a suffix index
+(`tandem_core.suffix_index`) of the prompt and the answer so far. Each round the index proposes
+a continuation of the committed text (r tokens, with the length of the match behind it), and
+`LookupPolicy.choose` picks one of:
+- **copy**: send the r tokens as they are. Free to draft; each is accepted with probability a_b,
+  learnt online per match-length bucket b (longer matches are accepted further);
+- **check**: the model drafter checks the r tokens in one batched pass and keeps its own choices
+  while they equal them (`AdoptingDraftSession.draft(k, hint=...)`), then drafts on by itself
+  up to its length: about HINT_COST of a drafting step per copied token, and the drafts are the
+  model's, accepted like the model's;
+- **model**: the drafter alone (also the choice when nothing matches).
+On one cost model: a round with k drafts takes T(k) = t0 + c k (send, verify, receive; learnt
+by a decayed least-squares fit) plus its drafting (k t_d for the model, learnt), and commits
+1 + E[accepted] tokens. For a copy, E = a (1 - a^r) / (1 - a); for the model,
+E = sum_{i<k} prod_{j<=i} a_j with a_j its acceptance at draft position j (learnt). The choice
+with more expected tokens per second drafts the round. Copies may be longer than the model's
+drafts: up to the verifier's limit (16 on the cloud).
+
+The model's length is `model_len` when pinned; when it is None (`--draft-len 0`), the policy
+chooses it each round in [0, 16] on the same model (`LookupPolicy.adaptive_len`); k = 0 is plain
+target decoding, with a one-draft probe every PROBE_EVERY-th round so acceptance is still learnt.
+Copies and the model's drafts are learnt separately.
 
 Exactness:
 - Greedy: the verifier keeps only drafts equal to its argmax, so the output is the target's
   whatever drafts the round (checked by the tests against target-only output).
-- Sampling: a retrieval draft is deterministic given the committed tokens, so its proposal
-  distribution is one-hot and is sent as such (q_i(x_i) = 1). The rejection sampler (`verify`)
-  then accepts x_i with probability p_i(x_i) and otherwise samples norm(max(0, p_i - q_i)) =
-  p_i without x_i, renormalized: each committed token is distributed as p (Leviathan et al.,
-  Theorem 1, holds for any q, including a q chosen from the past). Mixing sources round by
-  round is exact for the same reason: the choice depends only on committed tokens and on the
-  measurements, never on the verifier's randomness for the round being drafted.
+- Sampling, copy: a retrieval draft is deterministic given the committed tokens, so its
+  proposal distribution is one-hot and is sent as such (q_i(x_i) = 1). The rejection sampler
+  (`verify`) accepts x_i with probability p_i(x_i) and otherwise samples norm(max(0, p_i - q_i))
+  = p_i without x_i, renormalized: each committed token is distributed as p (Leviathan et al.,
+  Theorem 1, holds for any q, including a q chosen from the past).
+- Sampling, check: the drafts are the drafter's own draws from its q rows (the position-keyed
+  draws it would make one pass per token), and those rows are sent: exact as any model draft.
+- Mixing the three round by round is exact for the same reason: the choice depends only on
+  committed tokens and on the measurements, never on the verifier's randomness for the round
+  being drafted. The chi-square tests hold both copy and check rounds to the target's exact
+  distribution.
 
 The model drafter's cache must take tokens it did not draft: `AdoptingDraftSession.adopt`
-marks them as the unsettled draft without computing them, and `commit` then appends the
-committed ones in one batched pass.
+marks copied tokens as the unsettled draft without computing them, and `commit` then appends
+the committed ones in one batched pass.
 
 Pure: numpy and the clock passed in; no I/O.
 """
@@ -249,7 +262,7 @@ class _LineFit:
 
 
 class LookupDrafter:
-    """A DraftSession drafting from the index when it pays, else from the model."""
+    """A DraftSession: each round copied, checked or drafted by the model (see the module doc)."""
 
     def __init__(self, model: AdoptingDraftSession, index: SuffixIndex | None, policy: LookupPolicy, *,
                  model_len: int | None, vocab: int | None, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -291,7 +304,7 @@ class LookupDrafter:
             if hint:
                 draft = replace(draft, retrieved=_agreement(draft.tokens, hint))
                 self.rounds_checked += 1
-            if draft.tokens:
+            elif draft.tokens:  # one pass per token: the cost the policy weighs for the model
                 self.policy.observe_draft((self.clock() - t0) / len(draft.tokens))
             self._match = 0
         self._choice = Choice(choice.source, len(draft.tokens), choice.why)

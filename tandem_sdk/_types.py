@@ -45,7 +45,7 @@ class Delta:
 
     text: str
     tokens: tuple[int, ...]  # the token ids this delta commits
-    source: str  # "verified", "cloud" or "local"
+    source: str  # "verified" (accepted drafts), "target" (the target's token ending a round), "cloud" or "local"
 
 
 @dataclass(frozen=True)

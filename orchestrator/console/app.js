@@ -6,9 +6,9 @@
 // - The API key comes from the person (the key form) or from the URL's fragment (#key=...), which
 //   the browser never sends; it is kept in this tab's sessionStorage and the fragment is cleared.
 //   Every API call sends it as "Authorization: Bearer KEY".
-// - Per token source (the `tandem` extension of each streamed chunk): "verified" (a speculative
-//   round: accepted drafts and the target's token ending the round), "cloud" (the cloud route),
-//   "local" (generated on the device, e.g. after a fallback).
+// - Per token source (the `tandem` extension of each streamed chunk): "verified" (drafts the cloud
+//   accepted), "target" (the target's correction or bonus token ending a speculative round),
+//   "cloud" (the cloud route), "local" (generated on the device, e.g. after a fallback).
 "use strict";
 
 (function () {
@@ -276,9 +276,17 @@
       setText("ttft", fmt(now - run.t0, 0, " ms"));
     }
     run.tokens += n;
-    if (run.source === "verified" && n > 0) state.rounds.push({accepted: n - 1, ms: now - run.last});
-    else if (run.source === "cloud" && n > 0) state.rounds.push({accepted: 0, ms: now - run.last});
-    run.last = now;
+    // A speculative round streams its accepted drafts ("verified"), then the target's token that
+    // ends it ("target"): the round is complete at the latter.
+    if (run.source === "verified") run.pendingAccepted = (run.pendingAccepted || 0) + n;
+    else if (run.source === "target" && n > 0) {
+      state.rounds.push({accepted: run.pendingAccepted || 0, ms: now - run.last});
+      run.pendingAccepted = 0;
+      run.last = now;
+    } else if (run.source === "cloud" && n > 0) {
+      state.rounds.push({accepted: 0, ms: now - run.last});
+      run.last = now;
+    } else run.last = now;
     if (run.source === "local" && run.route && run.route !== "local" && !run.fellBack) {
       run.fellBack = true;
       showRoute("local", "(fell back from " + run.route + ")");

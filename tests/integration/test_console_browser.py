@@ -114,10 +114,11 @@ def test_the_console_streams_falls_back_on_a_cut_and_lists_a_private_document(
     browser.find_element(By.ID, "send").click()
 
     answer = _wait(browser, "an answer to start", lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant"))[0]
-    _wait(browser, "a few verified rounds", lambda d: len(answer.find_elements(By.CSS_SELECTOR, ".cell.src-verified"))
-          >= VERIFIED_BEFORE_CUT)
+    cloud_cells = ".cell.src-verified, .cell.src-target"  # accepted drafts, and the target's token ending a round
+    _wait(browser, "a few verified rounds", lambda d: len(answer.find_elements(By.CSS_SELECTOR, ".cell.src-target"))
+          >= VERIFIED_BEFORE_CUT // 2)
     assert browser.find_element(By.ID, "route-now").get_attribute("data-route") == "speculative"
-    verified = answer.find_elements(By.CSS_SELECTOR, ".cell.src-verified")
+    verified = answer.find_elements(By.CSS_SELECTOR, cloud_cells)
     colour = verified[0].value_of_css_property("background-color")
 
     browser.find_element(By.ID, "link-cut").click()
@@ -130,9 +131,10 @@ def test_the_console_streams_falls_back_on_a_cut_and_lists_a_private_document(
     assert local, "no token generated on the device after the cut"
     assert local[0].value_of_css_property("background-color") != colour  # the legend's colours differ
     cells = [c.get_attribute("data-source") for c in answer.find_elements(By.CSS_SELECTOR, ".cell")]
-    assert len(cells) == 64 and cells == sorted(cells, key=lambda s: s == "local"), cells  # verified, then local
+    assert len(cells) == 64 and cells == sorted(cells, key=lambda s: s == "local"), cells  # the cloud's, then local
+    assert "target" in cells  # every speculative round ends with the target's own token
     spans = answer.find_elements(By.CSS_SELECTOR, ".tok")  # the text, coloured by source (the tiny model's is
-    assert spans and {s.get_attribute("data-source") for s in spans} <= {"verified", "local"}  # mostly unprintable)
+    assert spans and {s.get_attribute("data-source") for s in spans} <= {"verified", "target", "local"}  # mostly unprintable)
     assert "finish" in answer.find_element(By.CSS_SELECTOR, ".meta").text
     assert _text(browser, "acceptance").endswith("%") and _text(browser, "ttft").endswith("ms")
     _wait(browser, "the status to show the cut link", lambda d: _text(d, "link-state").startswith("down"))

@@ -363,3 +363,43 @@ def test_retrieval_drafts_carry_the_prompts_own_text_to_the_cloud_positive_contr
     assert stats is not None and stats.route == "speculative" and stats.retrieval_drafted >= 7
     drafts = stack.recorder.sent_ids().drafts
     assert contains(drafts, span[:7])  # the first round copied what followed the key (7 = the budget's room)
+
+
+# A note whose text ends like the prompt the orchestrator builds for COPY_ASK (the question, then
+# the tiny chat template's end of turn and assistant header), followed by COPY_SPAN: the edge's
+# index matches the prompt's whole tail in the note and proposes COPY_SPAN as the first round's
+# drafts. Labelled shareable it is injected and copied; labelled private it is dropped, and no id
+# of COPY_SPAN may reach the cloud in any form.
+COPY_ASK = "Hello, how are you today? Tell me about the river."
+COPY_SPAN = " The river shapes the valley over many years. def add(a, b): return a + b"
+
+
+@pytest.mark.parametrize("label", ["shareable", "private"])
+def test_a_note_that_holds_the_answer_feeds_drafts_only_when_shareable(stack, link, label) -> None:
+    with Client(stack.orchestrator.grpc_address, timeout_s=60) as client:
+        doc = client.add_document(f"{COPY_ASK}<eos><|assistant|>{COPY_SPAN}", title="River notes",
+                                  privacy=label)
+    try:
+        stack.recorder.clear()
+        request = opb.GenerateTextRequest(prompt=COPY_ASK, options=opb.GenerateOptions(
+            route=opb.ROUTE_SPECULATIVE, privacy=PRIVACY["cloud_quality"], use_personal_context=True,
+            max_new_tokens=N))
+        started = stats = None
+        for msg in stack.stub.Generate(request, timeout=120):
+            kind = msg.WhichOneof("kind")
+            started = msg.started if kind == "started" else started
+            stats = msg.stats if kind == "stats" else stats
+        assert started is not None and stats is not None and started.route == "speculative"
+        span = stack.drafter.encode(prompt=" shapes the valley over many")
+        sent = stack.recorder.sent_ids()
+        if label == "shareable":
+            assert "River notes" in {c.title for c in started.citations}
+            assert stats.generation.retrieval_drafted > 0
+            assert contains(sent.drafts, span), "the shareable note's text was copied into the drafts"
+        else:
+            assert started.private_chunks_dropped >= 1
+            assert not contains(sent.all, span) and not contains(sent.drafts, span)
+            assert _secret_seen(stack, COPY_SPAN.strip()) == []
+    finally:
+        with Client(stack.orchestrator.grpc_address, timeout_s=60) as client:
+            client.delete_document(doc.id)
