@@ -387,7 +387,9 @@ class RemoteVerifier:
                 # sent); the drafter's commit keeps only the accepted ones anyway.
                 keep = self.draft_len(len(draft.tokens))
                 verdict = self.link.verify(draft.tokens[:keep], None if draft.q is None else draft.q[:keep])
-                self._check(draft.tokens[:keep], verdict)
+                # A round sent before the SessionOpened came may hold more drafts than the cloud
+                # verifies: it dropped those past its limits, which are known now.
+                self._check(draft.tokens[:self.draft_len(keep)], verdict)
             except ProtocolError as exc:
                 self._drop_bad_verdict(exc)
                 continue

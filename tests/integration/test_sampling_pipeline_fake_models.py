@@ -338,3 +338,20 @@ def test_answers_follow_the_exact_target_distribution_with_retrieval_drafts_with
         assert checked >= answers and copied == 0
     stat, df, pvalue = chi_square(counts, exact_distribution(prompt, n, TRANSFORMED))
     assert pvalue > ALPHA, f"chi2 {stat:.1f} with {df} degrees of freedom, p-value {pvalue:.2e}"
+
+
+@pytest.mark.parametrize("lookup", [False, True], ids=["model-drafts", "with-lookup"])
+def test_a_first_round_past_the_clouds_draft_limit_is_cut_to_it_not_taken_for_a_bad_verdict_with_fake_models(
+        lookup: bool) -> None:
+    """The first round leaves before the SessionOpened (with the cloud's max_draft_len) has come,
+    so it may hold more drafts than the cloud verifies (a copy of 16, or a pinned length above the
+    cloud's); the cloud drops the rest and the edge checks the verdict against what the cloud kept.
+    With the target drafting for itself every draft is right, the hardest case: the bonus token
+    after the cloud's last verified draft equals the next draft sent."""
+    small = VerifierCore(FakeTarget(), eos_ids=frozenset(), limits=Limits(max_sessions=4, max_draft_len=2),
+                         bytes_per_token=1, model_name="fake-target")
+    drafter = FakeOnnxDrafterModel(target_logits, V)
+    greedy = SamplingParams()
+    result = deployed(small, drafter, greedy, 0, draft_len=4, n=8, lookup=lookup)
+    assert tuple(result.tokens) == in_process(drafter, greedy, 0, draft_len=2, n=8)
+    assert result.resumes == 0

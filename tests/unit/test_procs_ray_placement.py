@@ -107,3 +107,18 @@ def test_node_names_are_unique_labels(cluster) -> None:
         c.add_worker("worker", num_cpus=1, resources={})
     with pytest.raises(ClusterError, match="valid Ray label"):
         c.add_worker("bad name", num_cpus=1, resources={})
+
+
+def test_free_ports_sit_below_the_ephemeral_range_and_are_free_on_v4_and_v6() -> None:
+    """A port chosen for Ray or Serve must not be one a process binding port 0 can take (Ray's
+    own agents do, between the choice and the use): below the kernel's ephemeral range, and above
+    the ports Ray hands its workers."""
+    import socket
+
+    from tandem.ops.ray_cluster import RAY_WORKER_PORTS_END, _ephemeral_low, free_ports
+
+    ports = free_ports(6)
+    assert len(set(ports)) == 6 and all(RAY_WORKER_PORTS_END < p < _ephemeral_low() for p in ports)
+    for p in ports:
+        with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as s:
+            s.bind(("::" if socket.has_ipv6 else "0.0.0.0", p))  # dual-stack where there is IPv6, as Serve binds
