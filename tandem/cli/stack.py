@@ -14,7 +14,8 @@ Guarantees:
   orchestrator's view of the link. `status --json` prints one JSON object: `processes` (each
   with `name` among cloud, shaper, edge, orchestrator, `pid`, `grpc` HOST:PORT, `http` for the
   orchestrator, `healthy`, `metrics`: the URL Prometheus scrapes, "" for the shaper; see
-  deploy/prometheus-local.yaml), `link`, and in secure mode `tls.ca_cert` and `auth.api_key_file`
+  deploy/prometheus-local.yaml), `link`, and in secure mode `tls.ca_cert`, `auth.api_key_file` (the
+  orchestrator's key) and `auth.edge_api_key_file` (the edge's, for its /metrics)
   (paths; never a key). The exit codes are the same.
 - Secure by default: `up` runs every hop over TLS with credentials (`local_stack`'s secure
   mode); `--insecure` turns that off, by name. The orchestrator's addresses printed are then

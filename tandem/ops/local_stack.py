@@ -200,7 +200,8 @@ def write_state(children: dict[str, procs.Child], secrets: StackSecrets | None =
     }
     if secrets is not None:
         state["tls"] = {"ca_cert": str(secrets.ca_cert)}
-        state["auth"] = {"api_key_file": str(secrets.api_key)}
+        # the orchestrator's key (its API, console and /metrics) and the edge's (its API and /metrics)
+        state["auth"] = {"api_key_file": str(secrets.api_key), "edge_api_key_file": str(secrets.edge_api_key)}
     path = state_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -58,7 +58,8 @@ def env(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(env, home):
-    up = _tandem(env, "up", "--port", "0", "--http-port", "0", timeout=900)
+    up = _tandem(env, "up", "--port", "0", "--http-port", "0", "--edge-metrics-port", "0", "--cloud-metrics-port", "0",
+                 timeout=900)
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         lines = up.stdout.split()
@@ -142,6 +143,34 @@ def test_auto_routes_code_speculative_at_rtt_0(env, stack) -> None:
     result = json.loads(out.stdout)
     assert result["stats"]["route"] == "speculative", result["stats"]["reason"]
     assert result["stats"]["generated_tokens"] == 8 and result["text"]
+
+
+def _scrape(url: str, key: str, ca: str) -> set[str]:
+    import ssl
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    context = ssl.create_default_context(cafile=ca) if url.startswith("https:") else None
+    with urllib.request.urlopen(request, context=context, timeout=30) as reply:
+        return {f.name for f in text_string_to_metric_families(reply.read().decode())}
+
+
+def test_every_process_serves_its_metrics_after_an_answer(env, stack) -> None:
+    """After the speculative answer above: the edge's and the orchestrator's /metrics (TLS, key)
+    and the cloud replicas' metrics through Ray's exporter, at the URLs `status --json` gives."""
+    status = _status(env)
+    by_name = {p["name"]: p for p in status["processes"]}
+    key, ca = _key(env), status["tls"]["ca_cert"]
+    edge_key = Path(status["auth"]["edge_api_key_file"]).read_text().strip()
+    assert by_name["shaper"]["metrics"] == ""
+    assert "tandem_spec_accepted_tokens" in _scrape(by_name["edge"]["metrics"], edge_key, ca)
+    assert "tandem_orch_decisions" in _scrape(by_name["orchestrator"]["metrics"], key, ca)
+    deadline = time.monotonic() + 120  # Ray's agent exports the replicas' metrics every few seconds
+    while "ray_tandem_cloud_sessions_opened" not in (names := _scrape(by_name["cloud"]["metrics"], key, ca)):
+        assert time.monotonic() < deadline, sorted(n for n in names if "tandem" in n)
+        time.sleep(2)
 
 
 def test_openai_endpoint_on_the_real_pair(env, stack) -> None:
