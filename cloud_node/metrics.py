@@ -20,7 +20,7 @@ import sys
 import threading
 from typing import Any
 
-from tandem.metric_defs import CLOUD, MetricDef, for_node
+from tandem.metric_defs import CLOUD, MetricDef, for_node, prometheus_instruments
 
 _LOCK = threading.Lock()
 _SEEN: dict[int, dict[str, int]] = {}  # id(store) -> the store's cumulative counters last counted
@@ -30,15 +30,10 @@ class _Prom:
     """prometheus-client instruments in `REGISTRY`."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry(auto_describe=True)
-        kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
-        self.m: dict[str, Any] = {}
-        for d in for_node(CLOUD):
-            extra = {"buckets": d.buckets} if d.buckets else {}
-            name = d.base_name if d.kind == "counter" else d.name
-            self.m[d.name] = kinds[d.kind](name, d.help, d.labels, registry=self.registry, **extra)
+        self.m: dict[str, Any] = prometheus_instruments(CLOUD, self.registry)
 
     def _get(self, name: str, labels: dict[str, str]) -> Any:
         metric = self.m[name]

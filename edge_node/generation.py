@@ -147,7 +147,7 @@ def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: Sam
     clock, result = _Clock(), EdgeResult(route="local")
     session = _prefill(drafter, result, prompt_ids, params, seed, _max_length(prompt_ids, max_new_tokens, 0))
     _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock,
-                    _index(prompt_ids) if lookup else None)
+                    SuffixIndex.over(prompt_ids) if lookup else None)
     drafter.retain(session)
     result.stats.add_tokens(len(result.tokens))
     return clock.finish(result)
@@ -215,12 +215,6 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     return clock.finish(result)
 
 
-def _index(ids: Sequence[int]) -> SuffixIndex:
-    index = SuffixIndex()
-    index.extend(ids)
-    return index
-
-
 def _within_cloud(draft_len: DraftLen, verifier: RemoteVerifier) -> DraftLen:
     """`draft_len`, clamped each round to what the cloud verifies at the session's position."""
     def k(stats: RequestStats) -> int:
@@ -260,7 +254,7 @@ def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Seq
         context = list(prompt_ids) + result.tokens
         session = _prefill(drafter, result, context, params, seed, _max_length(prompt_ids, max_new_tokens, 0))
         _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock,
-                        _index(context) if lookup else None)
+                        SuffixIndex.over(context) if lookup else None)
     finally:
         result.bytes_up, result.bytes_down = counter.get("up", 0), counter.get("down", 0)
         result.resumes = counter.get("resumes", 0)

@@ -21,25 +21,15 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edge_node.generation import EdgeResult
-from tandem.metric_defs import EDGE, MAX_POSITION, MetricDef, for_node
+from tandem.metric_defs import EDGE, MAX_POSITION, prometheus_instruments
 from tandem.security import ServerTls, check_bind, same_secret
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-
-
-def _build(d: MetricDef) -> Any:
-    if d.kind == "counter":
-        return Counter(d.base_name, d.help, d.labels, registry=REGISTRY)
-    if d.kind == "gauge":
-        return Gauge(d.name, d.help, d.labels, registry=REGISTRY)
-    return Histogram(d.name, d.help, d.labels, buckets=d.buckets, registry=REGISTRY)
-
-
-M: dict[str, Any] = {d.name: _build(d) for d in for_node(EDGE)}
+M: dict[str, Any] = prometheus_instruments(EDGE, REGISTRY)
 
 
 def _counts(name: str, counts: list[int]) -> None:

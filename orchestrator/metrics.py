@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from protos.enums import cause_from_proto
 from protos.tandem.v1 import orchestrator_pb2 as opb
-from tandem.metric_defs import ORCHESTRATOR, MetricDef, for_node
+from tandem.metric_defs import ORCHESTRATOR, prometheus_instruments
 from tandem_core.link_health import CIRCUIT_STATES
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -39,15 +39,7 @@ REASON_CLASSES = (
 )
 
 
-def _build(d: MetricDef) -> Any:
-    if d.kind == "counter":
-        return Counter(d.base_name, d.help, d.labels, registry=REGISTRY)
-    if d.kind == "gauge":
-        return Gauge(d.name, d.help, d.labels, registry=REGISTRY)
-    return Histogram(d.name, d.help, d.labels, buckets=d.buckets, registry=REGISTRY)
-
-
-M: dict[str, Any] = {d.name: _build(d) for d in for_node(ORCHESTRATOR)}
+M: dict[str, Any] = prometheus_instruments(ORCHESTRATOR, REGISTRY)
 
 
 def reason_class(reason: str) -> str:

@@ -6,9 +6,10 @@ Guarantees:
   go through Ray's exporter (`ray.serve.metrics`), which prefixes `ray_`.
 - Cardinality is bounded: every label has a closed set of values (routes, causes, status codes,
   draft positions 0..`MAX_POSITION`); nothing per request, per session or per token.
-- Stdlib only: each node's `metrics` module builds its instruments from these definitions
-  (`edge_node.metrics`, `orchestrator.metrics` with prometheus-client; `cloud_node.metrics`
-  with `ray.serve.metrics` in a replica), and `tests/unit/test_metrics_dashboard.py` checks
+- Stdlib only at import: each node's `metrics` module builds its instruments from these
+  definitions (`prometheus_instruments` for the edge, the orchestrator and the cloud outside Ray,
+  which imports prometheus-client when called; `cloud_node.metrics` with `ray.serve.metrics` in
+  a replica), and `tests/unit/test_metrics_dashboard.py` checks
   that the dashboard and the scrape configs query only names defined here.
 
 Speculative-decoding terms (p = target, q = drafter; Leviathan et al. 2023, arXiv 2211.17192):
@@ -21,6 +22,7 @@ accepted / draft tokens; mean tokens per round = (accepted + bonus) / drafts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 EDGE, ORCHESTRATOR, CLOUD = "edge", "orchestrator", "cloud"
 RAY_PREFIX = "ray_"  # Ray's Prometheus exporter prefixes every application metric with this
@@ -150,3 +152,20 @@ def for_node(node: str) -> tuple[MetricDef, ...]:
 def exposed_series() -> frozenset[str]:
     """Every series name a scraper can see from Tandem's processes."""
     return frozenset(s for m in METRICS for s in m.series())
+
+
+def prometheus_instruments(node: str, registry: Any) -> dict[str, Any]:
+    """prometheus-client instruments for `node`'s definitions, registered in `registry`, by name
+    (counters are registered under their name without `_total`, which the client adds back)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    out: dict[str, Any] = {}
+    for d in for_node(node):
+        if d.kind == "counter":
+            out[d.name] = Counter(d.base_name, d.help, d.labels, registry=registry)
+        elif d.kind == "gauge":
+            out[d.name] = Gauge(d.name, d.help, d.labels, registry=registry)
+        else:
+            buckets = d.buckets or Histogram.DEFAULT_BUCKETS  # none given: the client's defaults
+            out[d.name] = Histogram(d.name, d.help, d.labels, buckets=buckets, registry=registry)
+    return out

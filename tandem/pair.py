@@ -185,9 +185,7 @@ class LocalPair:
         with meter:
             session = self.drafter.new_session(prompt_ids, params, seed,
                                                max_length=len(prompt_ids) + max_new_tokens + 1)
-            index = SuffixIndex() if lookup else None
-            if index is not None:
-                index.extend(prompt_ids)
+            index = SuffixIndex.over(prompt_ids) if lookup else None
             tokens, first = _drain(session.generate(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
                                                     lookup=index), on_tokens, single=True)
             self.drafter.retain(session)  # as the edge does: the next method finds the same drafter KV

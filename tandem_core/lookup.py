@@ -125,6 +125,11 @@ class _Rate:
     def a(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
+    @property
+    def seen(self) -> bool:
+        """Something was learnt beyond the prior."""
+        return self.accepted + self.rejected > PRIOR_WEIGHT
+
     def learn(self, drafted: int, accepted: int) -> None:
         self.accepted += accepted
         self.rejected += 1 if accepted < drafted else 0
@@ -146,10 +151,8 @@ class LookupPolicy:
     def __init__(self, *, round_s: float = DEFAULT_ROUND_S, draft_s: float = DEFAULT_DRAFT_S,
                  row_s: float = DEFAULT_ROW_S) -> None:
         self.retrieval = [_Rate(PRIOR_WEIGHT * p, PRIOR_WEIGHT * (1 - p)) for p in PRIOR_ACCEPT]
-        self.model = _Rate(PRIOR_WEIGHT * MODEL_PRIOR_ACCEPT, PRIOR_WEIGHT * (1 - MODEL_PRIOR_ACCEPT))
         self.positions = [_Rate(PRIOR_WEIGHT * MODEL_PRIOR_ACCEPT, PRIOR_WEIGHT * (1 - MODEL_PRIOR_ACCEPT))
                           for _ in range(MAX_K)]
-        self._reached = [False] * MAX_K  # positions some model round drafted
         self.draft_s = draft_s
         self._fit = _LineFit(round_s, row_s)
         self._zero_rounds = 0  # consecutive adaptive rounds that chose k = 0
@@ -167,7 +170,7 @@ class LookupPolicy:
         drafted yet takes the acceptance of the deepest one that was)."""
         total, reach, a = 0.0, 1.0, self.positions[0].a
         for j in range(min(k, MAX_K)):
-            if self._reached[j]:
+            if self.positions[j].seen:
                 a = self.positions[j].a
             reach *= a
             total += reach
@@ -214,9 +217,6 @@ class LookupPolicy:
         if choice.source == "retrieval":
             self.retrieval[bucket_of(match_len)].learn(drafted, accepted)
             return
-        self.model.learn(drafted, accepted)
-        for j in range(min(accepted + 1, drafted, MAX_K)):
-            self._reached[j] = True
         for j in range(min(accepted, MAX_K)):
             self.positions[j].accepted += 1
         if accepted < min(drafted, MAX_K):
@@ -282,10 +282,7 @@ class LookupDrafter:
         """Retrieval from the prompt (which holds the conversation and any injected documents)
         and the answer as it is committed, with a fresh policy; without `retrieval`, only the
         adaptive draft length (`model_len` None)."""
-        index = None
-        if retrieval:
-            index = SuffixIndex()
-            index.extend(prompt_ids)
+        index = SuffixIndex.over(prompt_ids) if retrieval else None
         return cls(model, index, LookupPolicy(), model_len=model_len, vocab=vocab)
 
     def draft(self, k: int) -> Draft:

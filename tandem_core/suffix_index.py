@@ -71,6 +71,13 @@ class SuffixIndex:
         self._state, self._match = 0, 0   # the live suffix's longest match: state and length
         self._overflow = False            # the live stream stopped being indexed
 
+    @classmethod
+    def over(cls, live: Sequence[int]) -> SuffixIndex:
+        """An index whose live stream starts with `live` (a prompt: no documents)."""
+        index = cls()
+        index.extend(live)
+        return index
+
     # -- building ----------------------------------------------------------------------------
 
     def add_document(self, tokens: Sequence[int]) -> bool:

@@ -85,6 +85,14 @@ class Timeline:
         fault()
         self.fault_at = time.monotonic()
 
+    def fault_after(self, n: int, fault: Callable[[], object]) -> Callable[[Sequence[int], str], None]:
+        """An `on_tokens` that marks every batch and strikes `fault` once `n` tokens have come."""
+        def on_tokens(tokens: Sequence[int], source: str) -> None:
+            self.mark(tokens, source)
+            if not self.fault_at and len(self.tokens) >= n:
+                self.strike(fault)
+        return on_tokens
+
     def round_s(self) -> float:
         """The longest gap between batches before the fault (the first, with the prefill, excluded)."""
         before = [t for t, _ in self.arrivals if t <= self.fault_at]
@@ -190,14 +198,12 @@ def test_a_black_holed_link_mid_answer_resumes_after_the_round_deadline(drafter,
     calls = CallTimes()
     timeline = Timeline()
 
-    def blackhole_once(tokens, source) -> None:
-        timeline.mark(tokens, source)
-        if not timeline.fault_at and len(timeline.tokens) >= 8:
-            timeline.strike(lambda: shaper.set_conditions(mode="blackhole"))
-            _restore_later(shaper)
+    def blackhole_until_restored() -> None:
+        shaper.set_conditions(mode="blackhole")
+        _restore_later(shaper)
 
-    result = _run(drafter, _address(shaper), on_tokens=blackhole_once, round_timeout_s=DEADLINE_S,
-                  intercept=calls)
+    result = _run(drafter, _address(shaper), on_tokens=timeline.fault_after(8, blackhole_until_restored),
+                  round_timeout_s=DEADLINE_S, intercept=calls)
     assert tuple(result.tokens) == reference
     assert timeline.tokens == list(reference)  # every token delivered once, in order
     # The first resume (a new Verify call) came on the round deadline, long before the link returned.
@@ -210,12 +216,7 @@ def test_a_black_holed_link_mid_answer_resumes_after_the_round_deadline(drafter,
 
 def test_a_black_holed_link_mid_answer_falls_back_at_the_round_deadline(drafter, shaper, reference) -> None:
     timeline = Timeline()
-
-    def blackhole_once(tokens, source) -> None:
-        timeline.mark(tokens, source)
-        if not timeline.fault_at and len(timeline.tokens) >= 8:
-            timeline.strike(lambda: shaper.set_conditions(mode="blackhole"))  # for good
-
+    blackhole_once = timeline.fault_after(8, lambda: shaper.set_conditions(mode="blackhole"))  # for good
     with grpc.insecure_channel(_address(shaper)) as channel:
         link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), GREEDY, 0, N),
                          round_timeout_s=DEADLINE_S)
@@ -229,12 +230,7 @@ def test_a_black_holed_link_mid_answer_falls_back_at_the_round_deadline(drafter,
 
 def test_cloud_only_black_hole_falls_back_at_the_gap_deadline(drafter, shaper, reference) -> None:
     timeline = Timeline()
-
-    def blackhole_once(tokens, source) -> None:
-        timeline.mark(tokens, source)
-        if not timeline.fault_at and len(timeline.tokens) >= 5:
-            timeline.strike(lambda: shaper.set_conditions(mode="blackhole"))  # for good
-
+    blackhole_once = timeline.fault_after(5, lambda: shaper.set_conditions(mode="blackhole"))  # for good
     with grpc.insecure_channel(_address(shaper)) as channel:
         result = generate_cloud(drafter, channel, PROMPT, GREEDY, 0, max_new_tokens=N, on_tokens=blackhole_once,
                                 first_timeout_s=30.0, gap_timeout_s=DEADLINE_S, fallback_local=True)

@@ -134,8 +134,8 @@ MUTANTS = [
            equivalent="for the statistics: rejection sampling is lossless for any q the drafter samples "
                       "from and sends; only acceptance drops (the as-sent and self-drafting tests see it)"),
     Mutant("drafter stream keyed by the round, not the position", DRAFTER,
-           "token, q = self._choose(self._logits, self.committed_len + i)",
-           "token, q = self._choose(self._logits, self.committed_len)"),
+           "token, q = self._choose(logits, self.committed_len + len(tokens))",
+           "token, q = self._choose(logits, self.committed_len)"),
     Mutant("q rows sent in reverse order", LINK, "    for row in q:\n", "    for row in q[::-1]:\n"),
     Mutant("q rows sent as float64", LINK, "probs=row[ids].astype(np.float32).tolist()", "probs=row[ids].tolist()",
            equivalent="cap_support already rounds q to float32 values, and the proto's probs field is a "
