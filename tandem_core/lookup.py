@@ -111,7 +111,8 @@ def expected_accepted(a: float, n: int) -> float:
 class Choice:
     source: str  # "retrieval" or "model"
     k: int       # drafts to send
-    why: str     # for stats and logs
+    why: str     # for logs
+    kind: str = ""  # the reason's class, for stats: pinned, cost_model, low_acceptance, probe, retrieval
 
 
 @dataclass
@@ -177,7 +178,7 @@ class LookupPolicy:
         return total
 
     def adaptive_len(self, k_max: int) -> tuple[int, str]:
-        """The adaptive draft length and why."""
+        """The adaptive draft length and why (the reason's class is `reason_kind(why)`)."""
         best, best_rate = 0, 1.0 / self.round_time(0)
         for k in range(1, max(0, min(k_max, MAX_K)) + 1):
             rate = (1 + self.model_expected(k)) / (self.round_time(k) + k * self.draft_s)
@@ -194,10 +195,12 @@ class LookupPolicy:
     def choose(self, proposal: Proposal | None, *, k_max: int, model_len: int | None) -> Choice:
         if model_len is None:
             model_k, why = self.adaptive_len(k_max)
+            kind = ("probe" if why.startswith("probe") else "low_acceptance" if model_k == 0 and k_max > 0
+                    else "cost_model")
         else:
-            model_k, why = max(0, min(model_len, k_max)), "pinned"
+            model_k, why, kind = max(0, min(model_len, k_max)), "pinned", "pinned"
         if proposal is None or proposal.match_len < MIN_MATCH or k_max <= 0:
-            return Choice("model", model_k, f"no match; {why}")
+            return Choice("model", model_k, f"no match; {why}", kind)
         r = min(len(proposal.tokens), k_max)
         a_r = self.retrieval[bucket_of(proposal.match_len)].a
         copied = expected_accepted(a_r, r)  # hint tokens the drafter is expected to agree with
@@ -208,8 +211,8 @@ class LookupPolicy:
         cost_m = model_k * self.draft_s + copied * HINT_COST * self.draft_s
         rate_m = (1 + self.model_expected(k_h)) / (self.round_time(k_h) + cost_m)
         if rate_r > rate_m:
-            return Choice("retrieval", r, f"match {proposal.match_len}: {r} copied drafts (a={a_r:.2f})")
-        return Choice("model", model_k, f"match {proposal.match_len}: the drafter checks the copy; {why}")
+            return Choice("retrieval", r, f"match {proposal.match_len}: {r} copied drafts (a={a_r:.2f})", "retrieval")
+        return Choice("model", model_k, f"match {proposal.match_len}: the drafter checks the copy; {why}", kind)
 
     def learn(self, choice: Choice, match_len: int, drafted: int, accepted: int) -> None:
         if drafted <= 0:
@@ -292,19 +295,20 @@ class LookupDrafter:
         if choice.source == "retrieval" and proposal is not None:
             tokens = self.model.adopt(proposal.tokens[:choice.k])
             q = None if self.vocab is None else _one_hot(tokens, self.vocab)
-            draft = Draft(tokens, q, retrieved=len(tokens))
+            draft = Draft(tokens, q, retrieved=len(tokens), reason=choice.kind)
             self._match = proposal.match_len
             self.rounds_copied += 1
         else:
             hint = proposal.tokens if proposal is not None and proposal.match_len >= MIN_MATCH else ()
             draft = self.model.draft(k, hint=hint, min_len=choice.k) if hint else self.model.draft(choice.k)
+            draft = replace(draft, reason="checked" if hint else choice.kind)
             if hint:
                 draft = replace(draft, retrieved=_agreement(draft.tokens, hint))
                 self.rounds_checked += 1
             elif draft.tokens:  # one pass per token: the cost the policy weighs for the model
                 self.policy.observe_draft((self.clock() - t0) / len(draft.tokens))
             self._match = 0
-        self._choice = Choice(choice.source, len(draft.tokens), choice.why)
+        self._choice = Choice(choice.source, len(draft.tokens), choice.why, choice.kind)
         self._sent_at = self.clock()
         return draft
 

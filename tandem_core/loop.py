@@ -41,6 +41,7 @@ class Draft:
     tokens: tuple[int, ...]  # (k,) drafted token ids, in order
     q: np.ndarray | None  # (k, V) float64 drafter probabilities; None in greedy mode
     retrieved: int = 0  # 0, or k when retrieval copied the drafts (`tandem_core.lookup`)
+    reason: str = ""  # why this length, a class for the stats (`tandem_core.stats.draft_reasons`)
 
 
 class SwitchCause(StrEnum):
@@ -175,7 +176,8 @@ def speculative_generate(
         draft = drafter.draft(k) if k > 0 else Draft((), None)
         verdict = verifier.verify(draft)
         stats.add_round(RoundStats(drafted=len(draft.tokens), accepted=verdict.accepted,
-                                   emitted=len(verdict.tokens), retrieved=draft.retrieved))
+                                   emitted=len(verdict.tokens), retrieved=draft.retrieved,
+                                   reason=draft.reason))
         produced += len(verdict.tokens)
         yield verdict
         if verdict.finished:

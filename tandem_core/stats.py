@@ -5,7 +5,7 @@ Guarantees:
   accepted <= emitted <= accepted + 1 (a round commits its kept drafts plus at most one target
   token), so the aggregates below are internally consistent.
 - Every ratio is None, never NaN or a ZeroDivisionError, when its denominator is 0.
-- `RequestStats.to_dict()` holds plain JSON types only (int, float, None).
+- `RequestStats.to_dict()` holds plain JSON types only (int, float, None, and one str -> int map).
 
 Definitions (p = target, q = drafter, as in `tandem_core.verify`):
 - acceptance_rate = accepted / drafted: the empirical per-draft acceptance probability (the
@@ -24,6 +24,13 @@ Definitions (p = target, q = drafter, as in `tandem_core.verify`):
   not the answer): accepted_by_position[i] counts the rounds whose draft at position i (0 = the
   first) was accepted; rounds_by_drafted[k] the rounds that drafted k tokens; rounds_by_emitted[n]
   the rounds that committed n tokens. Each list is only as long as its largest index.
+- Pipelining (`tandem_core.loop`): pipeline_tries counts rounds whose successor was drafted
+  while the round's verdict was in flight (on the guess that every draft is accepted and the
+  target's own token is the drafter's), pipeline_hits those whose verdict confirmed the guess,
+  so the next round went out without drafting; pipeline_hit_rate = hits / tries.
+- Draft length: mean_draft_len = drafted / rounds; draft_reasons counts each round's reason
+  class for its length ("pinned", "cost_model", "low_acceptance", "probe", "retrieval",
+  "checked"), so a mean k can be explained.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class RoundStats:
     accepted: int  # drafts accepted and committed (Verdict.accepted)
     emitted: int  # tokens committed this round (len(Verdict.tokens))
     retrieved: int = 0  # of the drafts, those copied by retrieval (`tandem_core.lookup`): 0 or drafted
+    reason: str = ""  # why this draft length (a class, see the module doc); "" when not said
 
     def __post_init__(self) -> None:
         for name in ("drafted", "accepted", "emitted", "retrieved"):
@@ -92,6 +100,9 @@ class RequestStats:
     accepted_by_position: list[int] = field(default_factory=list)  # [i]: rounds whose draft i was accepted
     rounds_by_drafted: list[int] = field(default_factory=list)  # [k]: rounds that drafted k tokens
     rounds_by_emitted: list[int] = field(default_factory=list)  # [n]: rounds that committed n tokens
+    pipeline_tries: int = 0  # rounds whose successor was drafted while their verdict was in flight
+    pipeline_hits: int = 0  # of which the verdict confirmed the guess (the successor went out as drafted)
+    draft_reasons: dict[str, int] = field(default_factory=dict)  # reason class -> rounds
 
     def add_round(self, r: RoundStats) -> None:
         _bump(self.accepted_by_position, range(int(r.accepted)))
@@ -105,6 +116,13 @@ class RequestStats:
         self.target_forwards += 1
         self.retrieval_drafted += int(r.retrieved)
         self.retrieval_accepted += min(int(r.retrieved), int(r.accepted))
+        if r.reason:
+            self.draft_reasons[r.reason] = self.draft_reasons.get(r.reason, 0) + 1
+
+    def add_pipeline(self, hit: bool) -> None:
+        """Count a round drafted ahead of its predecessor's verdict, and whether it was used."""
+        self.pipeline_tries += 1
+        self.pipeline_hits += int(bool(hit))
 
     def add_target_forwards(self, n: int) -> None:
         """Count target passes outside speculative rounds (prefill, plain decoding steps)."""
@@ -141,10 +159,18 @@ class RequestStats:
         return self.retrieval_accepted / self.accepted if self.accepted else None
 
     @property
+    def mean_draft_len(self) -> float | None:
+        return self.drafted / self.rounds if self.rounds else None
+
+    @property
+    def pipeline_hit_rate(self) -> float | None:
+        return self.pipeline_hits / self.pipeline_tries if self.pipeline_tries else None
+
+    @property
     def target_forwards_per_token(self) -> float | None:
         return self.target_forwards / self.generated_tokens if self.generated_tokens else None
 
-    def to_dict(self) -> dict[str, int | float | None]:
+    def to_dict(self) -> dict[str, int | float | dict[str, int] | None]:
         return {
             "rounds": self.rounds,
             "drafted": self.drafted,
@@ -161,4 +187,9 @@ class RequestStats:
             "retrieval_drafted": self.retrieval_drafted,
             "retrieval_accepted": self.retrieval_accepted,
             "retrieval_draft_share": self.retrieval_draft_share,
+            "mean_draft_len": self.mean_draft_len,
+            "pipeline_tries": self.pipeline_tries,
+            "pipeline_hits": self.pipeline_hits,
+            "pipeline_hit_rate": self.pipeline_hit_rate,
+            "draft_reasons": dict(self.draft_reasons),
         }

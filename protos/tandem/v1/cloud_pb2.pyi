@@ -26,14 +26,18 @@ class SessionSpec(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftRound(_message.Message):
-    __slots__ = ("round", "draft_tokens", "q_rows")
+    __slots__ = ("round", "draft_tokens", "q_rows", "assume_position", "assume_token")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_ROWS_FIELD_NUMBER: _ClassVar[int]
+    ASSUME_POSITION_FIELD_NUMBER: _ClassVar[int]
+    ASSUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     round: int
     draft_tokens: _containers.RepeatedScalarFieldContainer[int]
     q_rows: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDist]
-    def __init__(self, round: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[_common_pb2.SparseDist, _Mapping]]] = ...) -> None: ...
+    assume_position: int
+    assume_token: int
+    def __init__(self, round: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[_common_pb2.SparseDist, _Mapping]]] = ..., assume_position: _Optional[int] = ..., assume_token: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("open", "round")
@@ -76,20 +80,22 @@ class SessionOpened(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., replica: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("round", "accepted", "tokens", "finished", "finish_reason", "timing")
+    __slots__ = ("round", "accepted", "tokens", "finished", "finish_reason", "timing", "dropped")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     round: int
     accepted: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     finished: bool
     finish_reason: _common_pb2.FinishReason
     timing: ServerTiming
-    def __init__(self, round: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
+    dropped: bool
+    def __init__(self, round: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., dropped: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("opened", "verdict")

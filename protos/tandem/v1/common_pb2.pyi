@@ -58,7 +58,14 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("route", "generated_tokens", "ttft_ms", "tokens_per_s", "rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_len", "target_forwards", "bytes_up", "bytes_down", "edge_cpu_s", "resumes", "finish_reason", "local_tokens", "verified_tokens", "switches", "cloud_prefill_tokens", "cloud_reused_tokens", "drafter_prefill_tokens", "drafter_prefill_ms", "retrieval_drafted", "retrieval_accepted")
+    __slots__ = ("route", "generated_tokens", "ttft_ms", "tokens_per_s", "rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_len", "target_forwards", "bytes_up", "bytes_down", "edge_cpu_s", "resumes", "finish_reason", "local_tokens", "verified_tokens", "switches", "cloud_prefill_tokens", "cloud_reused_tokens", "drafter_prefill_tokens", "drafter_prefill_ms", "retrieval_drafted", "retrieval_accepted", "pipeline_tries", "pipeline_hits", "draft_reasons")
+    class DraftReasonsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +90,9 @@ class GenerationStats(_message.Message):
     DRAFTER_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_DRAFTED_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_TRIES_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_HITS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_REASONS_FIELD_NUMBER: _ClassVar[int]
     route: str
     generated_tokens: int
     ttft_ms: float
@@ -107,7 +117,10 @@ class GenerationStats(_message.Message):
     drafter_prefill_ms: float
     retrieval_drafted: int
     retrieval_accepted: int
-    def __init__(self, route: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., target_forwards: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_cpu_s: _Optional[float] = ..., resumes: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., local_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., switches: _Optional[_Iterable[_Union[RouteSwitch, _Mapping]]] = ..., cloud_prefill_tokens: _Optional[int] = ..., cloud_reused_tokens: _Optional[int] = ..., drafter_prefill_tokens: _Optional[int] = ..., drafter_prefill_ms: _Optional[float] = ..., retrieval_drafted: _Optional[int] = ..., retrieval_accepted: _Optional[int] = ...) -> None: ...
+    pipeline_tries: int
+    pipeline_hits: int
+    draft_reasons: _containers.ScalarMap[str, int]
+    def __init__(self, route: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., target_forwards: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_cpu_s: _Optional[float] = ..., resumes: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., local_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., switches: _Optional[_Iterable[_Union[RouteSwitch, _Mapping]]] = ..., cloud_prefill_tokens: _Optional[int] = ..., cloud_reused_tokens: _Optional[int] = ..., drafter_prefill_tokens: _Optional[int] = ..., drafter_prefill_ms: _Optional[float] = ..., retrieval_drafted: _Optional[int] = ..., retrieval_accepted: _Optional[int] = ..., pipeline_tries: _Optional[int] = ..., pipeline_hits: _Optional[int] = ..., draft_reasons: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RouteSwitch(_message.Message):
     __slots__ = ("at_token", "from_route", "to_route", "reason", "at_ms", "cause")
