@@ -73,7 +73,8 @@ def spec_from_proto(msg: cloud_pb2.SessionSpec) -> SessionSpec:
 
 
 def round_from_proto(msg: cloud_pb2.DraftRound) -> DraftRound:
-    return DraftRound(msg.round, tuple(msg.draft_tokens), tuple((r.ids, r.probs) for r in msg.q_rows))
+    return DraftRound(msg.round, tuple(msg.draft_tokens), tuple((r.ids, r.probs) for r in msg.q_rows),
+                      msg.assume_position, msg.assume_token)
 
 
 def timing_to_proto(t: Timing) -> cloud_pb2.ServerTiming:
@@ -91,7 +92,7 @@ def opened_to_proto(o: Opened) -> cloud_pb2.VerifyResponse:
 def verdict_to_proto(v: RoundVerdict) -> cloud_pb2.VerifyResponse:
     return cloud_pb2.VerifyResponse(verdict=cloud_pb2.Verdict(
         round=v.round, accepted=v.accepted, tokens=v.tokens, finished=v.finished,
-        finish_reason=finish_to_proto(v.finish_reason), timing=timing_to_proto(v.timing)))
+        finish_reason=finish_to_proto(v.finish_reason), timing=timing_to_proto(v.timing), dropped=v.dropped))
 
 
 def chunk_to_proto(c: GenerateChunk) -> cloud_pb2.GenerateResponse:
@@ -136,7 +137,8 @@ class VerifyStream:
                 raise BadRequest("round: the session has already finished")
             verdict = self.core.verify(self.session, round_from_proto(request.round))
             self.finished = verdict.finished
-            metrics.record_round(verdict.timing)
+            if not verdict.dropped:  # a dropped round ran no pass
+                metrics.record_round(verdict.timing)
             metrics.record_store(self.core.store)
             return verdict_to_proto(verdict)
         raise BadRequest("request: empty VerifyRequest (set open or round)")

@@ -28,6 +28,8 @@ Guarantees:
   to `graceful_shutdown_timeout_s` for the streams to end by themselves (checking every
   `graceful_shutdown_wait_loop_s`), and cuts those still open; the edge resumes them. No token
   is lost either way.
+- Pinning (benchmarks): with `REPLICA_CPUS_ENV` set, a replica pins all its threads to those
+  CPUs before loading the model (`threads` sets torch's thread count).
 - `max_ongoing_requests` exceeds `max_sessions`, so the core's limit (RESOURCE_EXHAUSTED)
   answers before Serve would queue a stream.
 """
@@ -70,6 +72,10 @@ SERVICER_FUNCTIONS = [
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0  # `python -m cloud_node`'s drain period (deploy/ sets its own)
 GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 0.5
 _DRAIN_POLL_S = 0.25  # an idle stream notices a drain within this
+# CPUs ("1", "2,3") every thread of each replica is pinned to before the model loads: what
+# `tandem bench --split-cores` gives the cloud. Ray's workers inherit the node process's
+# environment; Ray's helper processes never read it.
+REPLICA_CPUS_ENV = "TANDEM_REPLICA_CPUS"
 # The ends of streams are None, never an `object()` sentinel: Serve may pickle the deployment
 # class by value, and a copied sentinel is not the module's own.
 
@@ -90,6 +96,21 @@ def _log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+def _pin_from_env() -> None:
+    """Pin every thread of this replica process to the CPUs in REPLICA_CPUS_ENV, when set (a
+    thread's affinity is its own in Linux; threads started later inherit their creator's)."""
+    text = os.environ.get(REPLICA_CPUS_ENV, "").strip()
+    if not text:
+        return
+    cpus = {int(c) for c in text.split(",")}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+    log.info("replica pid=%d pinned to CPUs %s", os.getpid(), sorted(cpus))
 
 
 def _fail(grpc_context: Any, exc: Exception, request_id: str) -> NoReturn:
@@ -141,6 +162,7 @@ class CloudVerifierDeployment:
     def __init__(self, model_dir: str, dtype: str, limits: Limits, model_name: str | None = None,
                  threads: int = 0, gateway_digest: str | None = None) -> None:
         _log_to_stderr()
+        _pin_from_env()  # before torch sizes its thread pool
         self._gateway_digest = gateway_digest
         import torch
 

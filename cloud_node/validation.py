@@ -64,6 +64,8 @@ class DraftRound:
     round: int
     draft_tokens: tuple[int, ...]  # (k,)
     q_rows: tuple[tuple[Sequence[int], Sequence[float]], ...] = ()  # k rows in sampling mode
+    assume_position: int = 0  # pipelining: verify only if the session then holds this many tokens...
+    assume_token: int = 0  # ...the last of them this one (see protos/tandem/v1/cloud.proto)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,10 @@ class Checker:
         if k > most:
             raise BadRequest(f"draft_tokens: {k} drafts exceed the protocol's max_draft_len={most}")
         tokens = self.ids("draft_tokens", draft.draft_tokens)
+        if draft.assume_position:
+            if draft.assume_position > self.max_context:
+                raise BadRequest(f"assume_position: {draft.assume_position} exceeds max_context={self.max_context}")
+            self.ids("assume_token", (draft.assume_token,))
         q = self.q_rows(draft.q_rows, tokens, params)
         keep = max(0, min(k, self.max_draft_len, self.max_context - position - 1))
         return tokens[:keep], (None if q is None else q[:keep])

@@ -15,6 +15,8 @@ Guarantees:
   `ResourceExhausted` whose message ends with a retry hint ("retry after N ms": the mean
   session lifetime seen here over the open sessions, 100 ms..30 s). Other sessions and the
   model are unaffected.
+- A round tagged with an assumption (pipelining: `assume_position`, `assume_token`) that does
+  not hold when its turn comes gets a verdict with `dropped` set: no pass, nothing committed.
 - The context is a limit, not an error: drafts past it are dropped, and a session whose
   committed tokens reach `max_context` ends with finish reason "length", on Verify and Generate.
 - Sessions run concurrently: each round or prefill goes to the target's batcher, which packs
@@ -112,6 +114,7 @@ class RoundVerdict:
     finished: bool
     finish_reason: str | None  # "stop", "length" or None
     timing: Timing
+    dropped: bool = False  # the round's assumption failed: nothing verified or committed
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,9 @@ class VerifierCore:
         record = self._record(session)
         state: _SessionState = record.state
         tokens, q = self.check.round(draft, state.params, len(record.committed))
+        if draft.assume_position and (len(record.committed) != draft.assume_position
+                                      or record.committed[-1] != draft.assume_token):
+            return RoundVerdict(draft.round, 0, (), False, None, Timing(), dropped=True)
         verdict, timing = self._run_round(record, Draft(tuple(tokens), q))
         return RoundVerdict(draft.round, verdict.accepted, verdict.tokens, verdict.finished,
                             verdict.finish_reason, timing)

@@ -4,6 +4,11 @@ Guarantees:
 - Every wait has a deadline: opening a stream and each round's verdict. A verdict later than
   the round deadline, a broken stream or an error status raises `LinkError`; the caller decides
   whether to `resume` (new stream, committed tokens resent) or fall back to the device.
+- The round deadline follows the round (`LinkDeadline`, `tandem_core.deadline`): learnt from the
+  latencies (send -> verdict) of the verdicts that came normally on this link, counted from the
+  round's send, never above `round_timeout_s` (the ceiling, waited from the start of the wait
+  as before until enough rounds are measured, and always without an adaptive `LinkDeadline`).
+  A round sent before its stream's SessionOpened came waits the ceiling and is not learnt from.
 - `resume(generated)` opens a fresh stream whose SessionSpec carries every committed token, so
   the cloud (any replica) re-prefills and continues exactly; gRPC never retries a stream after
   its first response, so this is the protocol's own retry.
@@ -29,6 +34,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +44,9 @@ import numpy as np
 
 from protos.enums import finish_from_proto
 from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
+from tandem_core.deadline import DeadlinePolicy, RoundDeadline
 from tandem_core.link_health import backoff_delay
-from tandem_core.loop import Draft, SwitchCause, VerifierUnavailable
+from tandem_core.loop import Assume, Draft, SwitchCause, VerifierUnavailable
 from tandem_core.sampling import SamplingParams
 from tandem_core.verdict_check import BadVerdict, check_verdict
 from tandem_core.verify import Verdict
@@ -159,14 +166,41 @@ class _Stream:
         self._call.cancel()
 
 
+class LinkDeadline:
+    """A `tandem_core.deadline.RoundDeadline` shared by the sessions over one link (they all
+    measure it), behind a lock: what one answer learnt serves the next. The default never adapts:
+    every round waits the ceiling."""
+
+    def __init__(self, deadline: RoundDeadline | None = None) -> None:
+        self._lock = threading.Lock()
+        self._deadline = deadline if deadline is not None else RoundDeadline(DeadlinePolicy(adaptive=False))
+
+    def deadline_s(self, rows: int, ceiling_s: float, fastest_s: float | None = None) -> float:
+        with self._lock:
+            return self._deadline.deadline_s(rows, ceiling_s, fastest_s)
+
+    def observe(self, rows: int, latency_s: float) -> None:
+        with self._lock:
+            self._deadline.observe(rows, latency_s)
+
+    def missed(self) -> None:
+        with self._lock:
+            self._deadline.missed()
+
+
 class CloudLink:
     """A speculative session's verifier in the cloud, reached over one resumable stream."""
 
     def __init__(self, channel: grpc.Channel, request: SessionRequest, *, round_timeout_s: float = 5.0,
-                 open_timeout_s: float = 30.0, total_timeout_s: float = 3600.0) -> None:
+                 open_timeout_s: float = 30.0, total_timeout_s: float = 3600.0,
+                 deadline: LinkDeadline | None = None) -> None:
         self._stub = cloud_pb2_grpc.CloudVerifierStub(channel)
         self._request = request
-        self.round_timeout_s = round_timeout_s
+        self.round_timeout_s = round_timeout_s  # the ceiling of every round's deadline
+        self.deadline = deadline if deadline is not None else LinkDeadline()
+        # Per round of the current stream: (sent at, rows, sent before its SessionOpened came).
+        self._sent: dict[int, tuple[float, int, bool]] = {}
+        self._fastest_s: float | None = None  # the quickest verdict on the current stream
         self.open_timeout_s = open_timeout_s
         self._total_timeout_s = total_timeout_s
         self._stream: _Stream | None = None
@@ -218,6 +252,7 @@ class CloudLink:
         except grpc.RpcError as exc:  # the channel can fail fast when the peer is down
             raise LinkError(f"cannot open a stream: {exc}") from None
         self.opened = None
+        self._sent, self._fastest_s = {}, None
         self._send(cloud_pb2.VerifyRequest(open=spec))
         if wait:
             self._await_opened(self.open_timeout_s)
@@ -241,22 +276,71 @@ class CloudLink:
             return wanted
         return max(0, min(wanted, self.opened.max_draft_len, self.opened.max_context - position - 1))
 
-    def verify(self, draft_tokens: Sequence[int], q: np.ndarray | None) -> Verdict:
-        """Send one round and wait for its verdict (the first round also waits for the open ack)."""
+    def send_round(self, draft_tokens: Sequence[int], q: np.ndarray | None, assume: Assume | None = None) -> int:
+        """Send one round (with `assume`, tagged with what it assumes); returns its round number."""
         if self._stream is None:
             raise LinkError("no open stream")
         self._round += 1
+        self._sent[self._round] = (time.monotonic(), len(draft_tokens) + 1, self.opened is None)
         self._send(cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(
-            round=self._round, draft_tokens=list(draft_tokens), q_rows=q_rows_to_proto(q))))
+            round=self._round, draft_tokens=list(draft_tokens), q_rows=q_rows_to_proto(q),
+            assume_position=0 if assume is None else assume.position,
+            assume_token=0 if assume is None else assume.token)))
         self.rounds_sent += 1
+        return self._round
+
+    def recv_verdict(self, round_no: int) -> tuple[Verdict, bool]:
+        """Wait for round `round_no`'s verdict (the first also waits for the open ack); returns it
+        and whether the cloud dropped the round (its assumption failed)."""
+        if self._stream is None:
+            raise LinkError("no open stream")
         self._await_opened(self.open_timeout_s)
-        response = self._recv(self.round_timeout_s)
-        if response.WhichOneof("kind") != "verdict" or response.verdict.round != self._round:
-            raise ProtocolError(f"out-of-order reply from the cloud (round {self._round} sent)")
+        response = self._await_verdict(round_no)
+        if response.WhichOneof("kind") != "verdict" or response.verdict.round != round_no:
+            raise ProtocolError(f"out-of-order reply from the cloud (round {round_no} awaited)")
         v = response.verdict
+        self._learn(round_no, v.dropped)
         self.server_verify_ms += v.timing.verify_ms
         return Verdict(accepted=v.accepted, tokens=tuple(v.tokens), finished=v.finished,
-                       finish_reason=finish_from_proto(v.finish_reason))
+                       finish_reason=finish_from_proto(v.finish_reason)), v.dropped
+
+    def verify(self, draft_tokens: Sequence[int], q: np.ndarray | None) -> Verdict:
+        """Send one round and wait for its verdict (the first round also waits for the open ack)."""
+        verdict, _ = self.recv_verdict(self.send_round(draft_tokens, q))
+        return verdict
+
+    # Issue 15.3, deadlines that follow the round: a round's verdict is late once `deadline` (learnt
+    # from this link's rounds, below `round_timeout_s`) has passed since the round was sent. At the
+    # ceiling (not learnt yet, or not adaptive) it waits `round_timeout_s` from now, as before.
+    # A round sent before the SessionOpened came (the cloud's prefill is in it) waits the ceiling
+    # and is not learnt from; its latency only bounds the stream's later deadlines from below
+    # (`fastest_s`: the link as it is now).
+    def _await_verdict(self, round_no: int) -> cloud_pb2.VerifyResponse:
+        sent_at, rows, first = self._sent.get(round_no, (0.0, 1, True))
+        ceiling_s = self.round_timeout_s
+        deadline_s = ceiling_s if first else self.deadline.deadline_s(rows, ceiling_s, self._fastest_s)
+        log.debug("round %d (%d rows): deadline %.0f ms, ceiling %.0f ms", round_no, rows, 1000 * deadline_s,
+                  1000 * ceiling_s)
+        if deadline_s >= ceiling_s:
+            return self._recv(ceiling_s)
+        try:
+            return self._recv(max(0.0, sent_at + deadline_s - time.monotonic()))
+        except LinkError as exc:
+            if exc.cause != SwitchCause.LATE_VERDICT:
+                raise
+            self.deadline.missed()
+            raise LinkError(f"no reply within {1000 * deadline_s:.0f} ms of sending round {round_no} (the learnt "
+                            f"deadline; ceiling {1000 * ceiling_s:.0f} ms)", exc.cause) from None
+
+    def _learn(self, round_no: int, dropped: bool) -> None:
+        """Feed a verdict's latency to the deadline; a dropped round skipped the verification pass."""
+        sent_at, rows, first = self._sent.pop(round_no, (0.0, 1, True))
+        if dropped or not sent_at:
+            return
+        latency_s = time.monotonic() - sent_at
+        self._fastest_s = latency_s if self._fastest_s is None else min(self._fastest_s, latency_s)
+        if not first:
+            self.deadline.observe(rows, latency_s)
 
     @property
     def request(self) -> SessionRequest:
@@ -338,6 +422,16 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
             log.info("cloud Generate stream broke (%s); resuming after %d tokens", exc, len(generated))
 
 
+@dataclass
+class _Sent:
+    """A round in flight: the draft, what it assumes, the drafts sent and its round number."""
+
+    draft: Draft
+    assume: Assume | None
+    keep: int = 0
+    round_no: int = -1  # -1: not sent on the current stream
+
+
 class RemoteVerifier:
     """A `tandem_core.loop.Verifier` in the cloud: each round over `link`, resumed on a break.
 
@@ -358,6 +452,7 @@ class RemoteVerifier:
         self.max_bad_verdicts = max_bad_verdicts
         self.bad_verdicts = 0
         self.committed: list[int] = []
+        self._out: deque[_Sent] = deque()  # rounds sent and not yet answered, oldest first
 
     @property
     def position(self) -> int:
@@ -368,39 +463,91 @@ class RemoteVerifier:
         """`wanted`, within the cloud's limits (see `CloudLink.draft_room`)."""
         return self.link.draft_room(wanted, self.position)
 
-    def start(self) -> None:
+    def start(self, first_round: bool = False) -> bool:
         """Open the stream now, so that the cloud prefills while the edge prefills its drafter and
-        drafts the first round. A failure here is left to `verify`, which opens again with its
+        drafts the first round; with `first_round`, also send round 1 with no drafts (the cloud's
+        prefill then yields the first token, as on the cloud-only route). Returns whether round 1
+        was sent. A failure to open is left to the first round, which opens again with its
         resumes and causes."""
         if not self.link.is_open:
             try:
                 self.link.open(self.committed)
             except LinkError as exc:
                 log.info("opening the cloud session early failed (%s); the first round retries", exc)
+                return False
+        if first_round:
+            self.submit(Draft((), None))
+        return first_round
 
     def verify(self, draft: Draft) -> Verdict:
+        self.submit(draft)
+        verdict = self.collect()
+        assert verdict is not None  # a round without an assumption is never dropped
+        return verdict
+
+    def submit(self, draft: Draft, assume: Assume | None = None) -> None:
+        """Send a round now; `collect` answers the rounds in the order sent."""
         if not self.link.is_open:
             self.link.open(self.committed)
+        entry = _Sent(draft, assume)
+        self._out.append(entry)
+        try:
+            self._send(entry)
+        except LinkError:
+            pass  # the stream is gone: `collect` resumes and sends it again
+
+    def _send(self, entry: _Sent) -> None:
+        # Drafts past the cloud's limits are dropped here (the verdict accepts at most those
+        # sent); the drafter's commit keeps only the accepted ones anyway.
+        position = self.position if entry.assume is None else entry.assume.position
+        entry.keep = self.link.draft_room(len(entry.draft.tokens), position)
+        q = entry.draft.q
+        entry.round_no = self.link.send_round(entry.draft.tokens[:entry.keep], None if q is None else q[:entry.keep],
+                                              entry.assume)
+
+    def collect(self) -> Verdict | None:
+        """The oldest round's verdict (committed here), or None if the cloud dropped it as it should
+        (its assumption failed); a break resumes and sends every round in flight again."""
         while True:
+            entry = self._out[0]
             try:
-                # Drafts past the cloud's limits are dropped here (the verdict accepts at most those
-                # sent); the drafter's commit keeps only the accepted ones anyway.
-                keep = self.draft_len(len(draft.tokens))
-                verdict = self.link.verify(draft.tokens[:keep], None if draft.q is None else draft.q[:keep])
-                # A round sent before the SessionOpened came may hold more drafts than the cloud
-                # verifies: it dropped those past its limits, which are known now.
-                self._check(draft.tokens[:self.draft_len(keep)], verdict)
+                if entry.round_no < 0:
+                    raise LinkError("the round was never sent")
+                verdict, dropped = self.link.recv_verdict(entry.round_no)
+                holds = entry.assume is None or (
+                    self.position == entry.assume.position and self.committed[-1:] == [entry.assume.token])
+                if dropped != (not holds):
+                    raise ProtocolError(f"the cloud {'dropped' if dropped else 'verified'} a round whose assumption "
+                                        f"{'held' if holds else 'failed'}")
+                if dropped and (verdict.accepted or verdict.tokens or verdict.finished):
+                    raise ProtocolError("bad verdict: a dropped round with tokens or a finish")
+                if not dropped:
+                    # A round sent before the SessionOpened came may hold more drafts than the cloud
+                    # verifies: it dropped those past its limits, which are known now.
+                    self._check(entry.draft.tokens[:self.draft_len(entry.keep)], verdict)
             except ProtocolError as exc:
                 self._drop_bad_verdict(exc)
+                self._resend()
                 continue
             except LinkError as exc:
                 if self.link.resumes - self.bad_verdicts >= self.max_resumes:  # resumes after breaks
                     raise LinkError(f"cloud unreachable after {self.link.resumes} resumes: {exc}", exc.cause) from None
                 time.sleep(backoff_delay(self.link.resumes, self.backoff_s))
                 self.link.resume(self.committed)
+                self._resend()
                 continue
+            self._out.popleft()
+            if dropped:
+                return None
             self.committed.extend(verdict.tokens)
             return verdict
+
+    def _resend(self) -> None:
+        """Send every round in flight again, in order, on the stream just opened."""
+        for entry in self._out:
+            entry.round_no = -1
+        for entry in self._out:
+            self._send(entry)
 
     def _check(self, sent: Sequence[int], verdict: Verdict) -> None:
         """Raise `ProtocolError` unless the cloud could have sent `verdict` for the drafts `sent`."""

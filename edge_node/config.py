@@ -20,6 +20,7 @@ from tandem.limits import (
     OPEN_DEADLINE_MS,
     ROUND_DEADLINE_MS,
 )
+from tandem_core.deadline import FLOOR_MS
 
 ENV_PREFIX = "TANDEM_EDGE_"
 
@@ -37,8 +38,19 @@ class EdgeConfig:
         "help": "retrieval drafts: continuations of the prompt and the answer so far, checked by the drafter "
                 "in one batched pass or sent as they are (tandem_core.lookup); also self-speculation on the "
                 "local route"})
+    pipeline: bool = field(default=True, metadata={
+        "help": "round 1 goes out with the open and no drafts (the first token comes from the cloud's "
+                "prefill), and each next round is drafted and sent while the verdict is in flight, on the "
+                "guess that every draft is accepted (tandem_core.loop); off: one round after the other"})
     round_deadline_ms: int = field(default=ROUND_DEADLINE_MS, metadata={
-        "help": "a verdict later than this resumes the stream (or continues on the device)"})
+        "help": "a verdict later than this resumes the stream (or continues on the device); with "
+                "--adaptive-deadline the ceiling of the learnt deadline"})
+    adaptive_deadline: bool = field(default=True, metadata={
+        "help": "each round's deadline follows the rounds measured on the link: a high quantile of their "
+                "latency times a factor plus a margin (tandem_core.deadline), between --round-deadline-floor-ms "
+                "and --round-deadline-ms; off: every round waits --round-deadline-ms"})
+    round_deadline_floor_ms: int = field(default=FLOOR_MS, metadata={
+        "help": "the learnt round deadline is never shorter than this (unless --round-deadline-ms is)"})
     open_deadline_ms: int = field(default=OPEN_DEADLINE_MS, metadata={
         "help": "deadline for opening a cloud session, prefill included"})
     max_concurrent: int = field(default=MAX_CONCURRENT_GENERATIONS, metadata={"help": "generations at once"})
@@ -78,7 +90,7 @@ class EdgeConfig:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
         if not 0 <= self.draft_len <= MAX_DRAFT_LEN:
             raise ValueError(f"draft_len: must be in [0, {MAX_DRAFT_LEN}] (0: adaptive), got {self.draft_len}")
-        for name in ("round_deadline_ms", "open_deadline_ms"):
+        for name in ("round_deadline_ms", "open_deadline_ms", "round_deadline_floor_ms"):
             if not 1 <= getattr(self, name) <= MAX_DEADLINE_MS:
                 raise ValueError(f"{name}: must be in [1, {MAX_DEADLINE_MS}], got {getattr(self, name)}")
         if self.metrics_port is not None and self.metrics_port < 0:

@@ -16,6 +16,9 @@ Guarantees:
   (`CloudRejected`, `LinkError`). After `cancel()` the worker stops at its next token and the
   consumer's iteration ends quietly.
 - `drain()` stops admitting for good; `wait_idle` waits, bounded, until nothing runs.
+- Speculative answers share one learnt round deadline for the link to the cloud
+  (`EdgeCore.deadline`, per `config.adaptive_deadline` and `round_deadline_floor_ms`); each
+  request's `round_deadline_ms` (or the configured one) is its ceiling.
 The servicer (`edge_node.servicer`) only translates between this and the proto.
 """
 
@@ -30,12 +33,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from edge_node.cloud_link import CloudLink, SessionRequest
+from edge_node.cloud_link import CloudLink, LinkDeadline, SessionRequest
 from edge_node.config import EdgeConfig
 from edge_node.drafter import DrafterModel
 from edge_node.generation import EdgeResult, generate_cloud, generate_local, generate_speculative
 from edge_node.text import TextStream
 from tandem.limits import MAX_DEADLINE_MS, MAX_DRAFT_LEN, MAX_NEW_TOKENS
+from tandem_core.deadline import DeadlinePolicy, RoundDeadline
 from tandem_core.routing import Route
 from tandem_core.sampling import SamplingParams, resolve_seed
 
@@ -97,6 +101,9 @@ def _check_text(field: str, text: str) -> None:
 class EdgeCore:
     def __init__(self, drafter: DrafterModel, config: EdgeConfig, channel: grpc.Channel | None) -> None:
         self.drafter, self.config, self.channel = drafter, config, channel
+        # One learnt round deadline for the link to the cloud, shared by every answer over it.
+        self.deadline = LinkDeadline(RoundDeadline(DeadlinePolicy(
+            adaptive=config.adaptive_deadline, floor_s=config.round_deadline_floor_ms / 1000)))
         self._lock = threading.Condition()
         self._running = 0
         self._draining = False
@@ -224,10 +231,12 @@ class EdgeCore:
                                   gap_timeout_s=job.round_deadline_s, max_resumes=self.config.max_resumes,
                                   fallback_local=job.fallback_local, lookup=lookup)
         link = CloudLink(self.channel, SessionRequest(uuid.uuid4().hex, job.prompt_ids, job.params, seed, n),
-                         round_timeout_s=job.round_deadline_s, open_timeout_s=job.open_deadline_s)
+                         round_timeout_s=job.round_deadline_s, open_timeout_s=job.open_deadline_s,
+                         deadline=self.deadline)
         return generate_speculative(self.drafter, link, ids, job.params, seed, draft_len=job.draft_len,
                                     max_new_tokens=n, on_tokens=on_tokens, max_resumes=self.config.max_resumes,
-                                    fallback_local=job.fallback_local, lookup=lookup)
+                                    fallback_local=job.fallback_local, lookup=lookup,
+                                    pipeline=self.config.pipeline)
 
 
 class _Cancelled(Exception):

@@ -15,6 +15,10 @@ Guarantees:
   they equal the hint (the same tokens and q rows as one pass per token, up to the rounding of
   a batched pass), then rewind the rest. `adopt` takes drafts made elsewhere without computing
   them; `commit` then appends the committed ones in one pass.
+- Pipelining (`tandem_core.loop`): `draft_ahead(k)` extends an unsettled draft with the
+  drafter's guess at the target's next token and k drafts after it, with the same choices and
+  per-position keys a round drafted after that verdict would use. `commit` with a verdict equal
+  to the guess keeps them as the next unsettled draft; any other verdict rewinds them away.
 - Prefix reuse across requests (a chat's next turn): `DrafterModel.retain(session)` keeps an
   ended greedy session's generator (at most `RETAIN` of them, least recently used dropped);
   `new_session` for a greedy request whose prompt shares at least `MIN_REUSE` tokens with one
@@ -54,12 +58,18 @@ REUSE_ROOM = 1024  # extra KV room a greedy session reserves for its conversatio
 class DrafterModel:
     """The loaded ONNX drafter; sessions share it and own their generators (KV caches)."""
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, threads: int = 0) -> None:
+        """`threads` > 0 sets ONNX Runtime's intra-op threads (0: ONNX Runtime's default)."""
+        import json
+
         import onnxruntime_genai as og
 
         self._og = og
         self.model_dir = str(model_dir)
-        self.model = og.Model(str(model_dir))
+        config = og.Config(str(model_dir))
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.context_length, self.eos_ids, self.vocab_size = _read_config(model_dir)
         self._retained: list[DrafterSession] = []  # most recently retained first
@@ -167,6 +177,8 @@ class DrafterSession:
         self.tokens: list[int] = [int(t) for t in prompt_ids]  # committed, in order
         self._pending: tuple[int, ...] = ()  # drafts proposed but not yet settled by commit
         self._pending_cached = 0  # of which in the cache (draft: k-1; adopt: none)
+        # A round drafted ahead (draft_ahead): the guessed target token, its drafts and q rows.
+        self._ahead: tuple[int, Draft] | None = None
         self._last = int(prompt_ids[-1])  # the last committed token
         self.reused = 0  # prompt tokens whose KV came from a retained session
         if reuse is not None:
@@ -279,15 +291,66 @@ class DrafterSession:
         self._pending_cached = 0
         return self._pending
 
+    def draft_ahead(self, k: int) -> tuple[int, Draft]:
+        """On the guess that the unsettled draft is accepted whole: the drafter's choice for the
+        target's next token, and up to k drafts after it (see the module doc)."""
+        if self._ahead is not None:
+            raise RuntimeError("draft_ahead() called twice without commit()")
+        if self._pending_cached < len(self._pending) - 1:
+            raise RuntimeError("draft_ahead() needs the unsettled draft in the cache (not adopted)")
+        base = self.committed_len + len(self._pending)  # the guessed token's position
+        k = min(k, self.max_length - base - 2)
+        if k <= 0:  # no room (or none asked): nothing ahead, and -1 matches no verdict
+            return -1, Draft((), None)
+        if self._pending:
+            self._append(self._pending[-1:])
+        guess_tokens: list[int] = []
+        self._pick_at(self._logits, base, guess_tokens, [])
+        guess = guess_tokens[0]
+        tokens: list[int] = []
+        qs: list[np.ndarray] = []
+        self._append((guess,))
+        self._pick_at(self._logits, base + 1, tokens, qs)
+        while len(tokens) < k:
+            self._append(tokens[-1:])
+            self._pick_at(self._logits, base + 1 + len(tokens), tokens, qs)
+        ahead = Draft(tuple(tokens), np.stack(qs) if qs else None)
+        self._ahead = (guess, ahead)
+        return guess, ahead
+
+    def _pick_at(self, logits: np.ndarray, position: int, tokens: list[int], qs: list[np.ndarray]) -> None:
+        token, q = self._choose(logits, position)
+        tokens.append(token)
+        if q is not None:
+            qs.append(q)
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        """The unsettled draft's tokens (empty when settled)."""
+        return self._pending
+
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
-        """Settle the last draft: keep `accepted` drafts, then append the target's token(s)."""
+        """Settle the last draft: keep `accepted` drafts, then append the target's token(s).
+
+        A round drafted ahead whose guess the verdict confirms becomes the unsettled draft."""
         k = len(self._pending)
         if not 0 <= accepted <= k:
             raise ValueError(f"accepted={accepted} outside [0, {k}]")
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            guess, drafts = ahead
+            if accepted == k and tuple(int(t) for t in tokens) == (*self._pending, guess):
+                self.committed_len += len(tokens)
+                self.tokens.extend(int(t) for t in tokens)
+                self._last = guess
+                self._pending = drafts.tokens
+                self._pending_cached = self.cached - self.committed_len
+                return
         appended = self._pending_cached  # drafts already in the cache
-        if accepted < appended:
-            self._gen.rewind_to(self.committed_len + accepted)
-            self.cached = self.committed_len + accepted
+        if self.cached > self.committed_len + min(accepted, appended):  # rejected drafts, or a round ahead
+            appended = min(accepted, appended)
+            self._gen.rewind_to(self.committed_len + appended)
+            self.cached = self.committed_len + appended
         # Append what the cache lacks of the committed tokens: the accepted k-th draft (if any)
         # and the target's correction or bonus token.
         new = [int(t) for t in tokens][min(accepted, appended):]
@@ -306,9 +369,8 @@ class DrafterSession:
         Rewinding keeps stale logits, so rewind one further and re-append the last committed
         token, which recomputes them exactly.
         """
-        appended = self._pending_cached
-        self._pending, self._pending_cached = (), 0
-        if appended:
+        self._pending, self._pending_cached, self._ahead = (), 0, None
+        if self.cached > self.committed_len:
             self._gen.rewind_to(self.committed_len - 1)
             self.cached = self.committed_len - 1
             self._append((self._last,))

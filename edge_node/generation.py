@@ -156,13 +156,16 @@ def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: Sam
 def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Sequence[int], params: SamplingParams,
                          seed: int, *, draft_len: DraftLen, max_new_tokens: int, on_tokens: OnTokens | None = None,
                          max_resumes: int = 3, backoff_s: float = 0.2, fallback_local: bool = False,
-                         lookup: bool = True) -> EdgeResult:
+                         lookup: bool = True, pipeline: bool = True) -> EdgeResult:
     """Speculative decoding: `tandem_core.loop` with the cloud verifying over `link`.
 
     With `lookup` (and a fixed `draft_len`), each round drafts from the prompt and the answer so
     far when a copied span pays better than the model's drafts (`tandem_core.lookup`); such
     rounds may send up to the cloud's longest draft, the model's rounds send `draft_len`, or,
     with `draft_len` 0, the length the policy expects to pay best (adaptive, 0 to 16).
+    With `pipeline`, round 1 goes out with the open and no drafts (the cloud's prefill yields the
+    first token), and each next round is drafted and sent while the verdict is in flight
+    (`tandem_core.loop`); without it, rounds run one after the other.
     Fallback wraps the loop: when the verifier gives up (`VerifierUnavailable`), the unsettled
     draft is rolled back and the drafter goes on alone from the last committed token.
     """
@@ -171,7 +174,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     per_round = (lookup or adaptive) and isinstance(draft_len, int)
     verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s,
                               prompt_len=len(prompt_ids), vocab=drafter.vocab_size)
-    verifier.start()  # the cloud's prefill overlaps the drafter's prefill and first drafts
+    first_sent = verifier.start(first_round=pipeline)  # the cloud's prefill overlaps the drafter's
     try:
         session = _prefill(drafter, result, prompt_ids, params, seed,
                            _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)))
@@ -186,7 +189,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
         draft_len = MAX_DRAFT_LEN  # the loop's bound; the lookup drafter chooses each round's length
     try:
         for verdict in speculative_generate(drafts, verifier, draft_len=_within_cloud(draft_len, verifier),
-                                            max_new_tokens=max_new_tokens, stats=result.stats):
+                                            max_new_tokens=max_new_tokens, stats=result.stats,
+                                            pipeline=pipeline, first_sent=first_sent):
             clock.mark_first()
             result.tokens.extend(verdict.tokens)
             result.verified_tokens += len(verdict.tokens)

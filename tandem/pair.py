@@ -81,6 +81,10 @@ class _MeteredDraft:
         with self.meter:
             return self.inner.adopt(tokens)  # type: ignore[no-any-return]
 
+    def draft_ahead(self, k: int) -> tuple[int, Draft]:
+        with self.meter:
+            return self.inner.draft_ahead(k)  # type: ignore[no-any-return]
+
 
 class _MeteredScore(_MeteredDraft):
     def score(self, draft_tokens: Sequence[int]) -> Any:
@@ -217,9 +221,15 @@ class LocalPair:
 
     def speculative_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, draft_len: int,
                              max_new_tokens: int, on_tokens: OnTokens | None = None,
-                             lookup: bool = True) -> GenerationResult:
+                             lookup: bool = True, pipeline: bool = False) -> GenerationResult:
         """Tandem speculative decoding, drafter and target in this process (with `lookup`,
-        retrieval drafts as on the edge: `edge_node.generation.generate_speculative`)."""
+        retrieval drafts as on the edge: `edge_node.generation.generate_speculative`).
+
+        `pipeline` runs the edge's pipelined rounds (round 1 with no drafts, each next round
+        drafted on a guess before the verdict; `tandem_core.loop`): the same rounds, so the same
+        tokens as the edge with pipelining for a seed. In one process nothing runs while a round
+        is verified, so it only reorders work (and drafts in vain where a guess fails): off by
+        default here."""
         assert self.drafter is not None
         seed = resolve_seed(params.seed)
         edge, cloud, stats = Meter(), Meter(), RequestStats()
@@ -239,8 +249,11 @@ class LocalPair:
             inner = LookupDrafter.over(d, prompt_ids, model_len=draft_len or None,
                                        vocab=None if params.greedy else self.drafter.vocab_size, retrieval=lookup)
         drafts = _MeteredDraft(inner, edge)
+        if pipeline:
+            verifier.submit(Draft((), None))
         rounds = speculative_generate(drafts, verifier, draft_len=MAX_DRAFT_LEN if per_round else draft_len,
-                                      max_new_tokens=max_new_tokens, stats=stats)
+                                      max_new_tokens=max_new_tokens, stats=stats, pipeline=pipeline,
+                                      first_sent=pipeline)
         chunks = (verdict.tokens for verdict in rounds)
         tokens, first = _drain(chunks, on_tokens, single=False)
         self.drafter.retain(d)  # as the edge does

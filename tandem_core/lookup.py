@@ -274,6 +274,7 @@ class LookupDrafter:
         self.vocab = vocab  # sampling mode: retrieval drafts carry one-hot q rows of this width
         self.clock = clock
         self._choice: Choice | None = None
+        self._ahead: Choice | None = None  # the round drafted ahead, if any (`draft_ahead`)
         self._match = 0
         self._sent_at = 0.0
         self.rounds_copied = 0   # rounds that sent the index's continuation as it is
@@ -312,17 +313,39 @@ class LookupDrafter:
         self._sent_at = self.clock()
         return draft
 
+    def draft_ahead(self, k: int) -> tuple[int, Draft]:
+        """The next round, drafted by the model on the guess that this one is accepted whole
+        (`tandem_core.loop`); only after a model round (a copied one is not in the model's cache),
+        and never copied itself (the index has not seen this round's tokens yet)."""
+        ahead_of = getattr(self.model, "draft_ahead", None)
+        # After a model round, or after none (an empty first round: the cloud's prefill answers it).
+        after_model = (self._choice.source == "model" if self._choice is not None
+                       else not tuple(getattr(self.model, "pending", ())))
+        if not after_model or ahead_of is None:
+            return -1, Draft((), None)
+        if self.model_len is None:
+            k, why = self.policy.adaptive_len(k)
+            kind = "probe" if why.startswith("probe") else "cost_model"
+        else:
+            k, why, kind = min(self.model_len, k), "pinned", "pinned"
+        guess, draft = ahead_of(k) if k > 0 else (-1, Draft((), None))
+        self._ahead = Choice("model", len(draft.tokens), f"ahead; {why}", kind)
+        return guess, replace(draft, reason=kind)
+
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
         choice, self._choice = self._choice, None
-        self.policy.observe_round(self.clock() - self._sent_at, choice.k if choice is not None else 0)
-        if choice is not None:
+        ahead, self._ahead = self._ahead, None
+        if choice is not None:  # a round this drafter made (not one sent without drafts by its caller)
+            self.policy.observe_round(self.clock() - self._sent_at, choice.k)
             self.policy.learn(choice, self._match, choice.k, accepted)
         self.model.commit(accepted, tokens)
         if self.index is not None:
             self.index.extend(tokens)
+        if ahead is not None and tuple(getattr(self.model, "pending", ())):  # the guess held: the round ahead is next
+            self._choice, self._match, self._sent_at = ahead, 0, self.clock()
 
     def rollback(self) -> None:
-        self._choice = None
+        self._choice = self._ahead = None
         self.model.rollback()
 
 

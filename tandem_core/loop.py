@@ -16,12 +16,28 @@ Guarantees:
   an unsettled draft, which `DraftSession.rollback` drops, so a caller can fall back to the
   device from the last committed token (`edge_node.generation` does).
 
+Pipelining (`pipeline=True`, with a `PipelinedVerifier` and an `AheadDraftSession`): while a
+round's verdict is in flight, the drafter drafts the next round on the guess that every draft is
+accepted and the target's own token is the drafter's choice there (`draft_ahead`), and the round
+goes out at once, tagged with the position and last token it assumes. A verdict that confirms
+the guess means the next round is already verified or under way; one that does not costs the
+drafter a rewind, and the verifier drops the tagged round without a pass (`Verdict` of a dropped
+round: None from `collect`). The rounds drafted are the ones sequential decoding would draft
+after the same verdicts (the drafter's choices depend only on the committed tokens and, in
+sampling mode, on per-position random keys), so greedy output is the target's token for token
+and a seeded sampled run equals the sequential one, up to the rounding of the drafter's passes
+(a rewound pass shape). A tagged round never commits a token unless its assumption held.
+`first_sent` says the caller already submitted round 1 with no drafts (the cloud's prefill
+then yields the first token; the drafter drafts round 2 on a guess of it meanwhile).
+
 The loop is pure: no I/O. Runtimes (ONNX Runtime, PyTorch, a gRPC peer) sit behind the
 `DraftSession`, `ScoreSession` and `Verifier` protocols.
 """
 
 from __future__ import annotations
 
+import copy
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -77,11 +93,49 @@ class DraftSession(Protocol):
         ...
 
 
+class AheadDraftSession(DraftSession, Protocol):
+    """A drafter that can draft the next round before the unsettled one is verified."""
+
+    def draft_ahead(self, k: int) -> tuple[int, Draft]:
+        """On the guess that every unsettled draft is accepted: the drafter's choice for the
+        target's token after them, and up to k drafts after that. `commit` with a verdict that
+        equals the guess (all drafts, then that token) keeps these as the unsettled draft;
+        any other verdict drops them."""
+        ...
+
+
+@dataclass(frozen=True)
+class Assume:
+    """What a round drafted ahead assumes: the session then holds `position` tokens (prompt +
+    committed), the last of them `token`."""
+
+    position: int
+    token: int
+
+
 class Verifier(Protocol):
     """The target side of one request: verifies a draft and commits the verdict's tokens."""
 
     def verify(self, draft: Draft) -> Verdict:
         """The verdict for `draft`; raises `VerifierUnavailable` when there is none."""
+        ...
+
+
+class PipelinedVerifier(Verifier, Protocol):
+    """A verifier with rounds in flight: `submit` sends, `collect` answers them in order."""
+
+    @property
+    def position(self) -> int:
+        """Tokens the verifier holds before the next round it will answer (prompt + committed)."""
+        ...
+
+    def submit(self, draft: Draft, assume: Assume | None = None) -> None:
+        """Send a round; with `assume`, it is verified only if the assumption holds then."""
+        ...
+
+    def collect(self) -> Verdict | None:
+        """The oldest round's verdict, committed; None if it was dropped (its assumption failed).
+        Raises `VerifierUnavailable` when there is none."""
         ...
 
 
@@ -138,15 +192,58 @@ class TargetVerifier:
                  max_new_tokens: int, eos_ids: frozenset[int]) -> None:
         self.scorer, self.params, self.seed, self.eos_ids = scorer, params, seed, eos_ids
         self.position, self.end = start, start + max_new_tokens
+        self.last: int | None = None  # the last committed token, once a round committed one
+        self._rounds: deque[tuple[Draft, Assume | None]] = deque()
 
     def verify(self, draft: Draft) -> Verdict:
         verdict = target_round(self.scorer, draft, self.params, seed=self.seed, position=self.position,
                                remaining=self.end - self.position, eos_ids=self.eos_ids)
         self.position += len(verdict.tokens)
+        if verdict.tokens:
+            self.last = verdict.tokens[-1]
         return verdict
+
+    def submit(self, draft: Draft, assume: Assume | None = None) -> None:
+        """Queue a round; `collect` verifies it (in process, nothing runs meanwhile)."""
+        self._rounds.append((draft, assume))
+
+    def collect(self) -> Verdict | None:
+        draft, assume = self._rounds.popleft()
+        if assume is not None and (self.position != assume.position or self.last != assume.token):
+            return None
+        return self.verify(draft)
 
 
 DraftLen = int | Callable[[RequestStats], int]  # fixed, or chosen per round from the request so far
+
+
+class _Sequential:
+    """A plain `Verifier` as a `PipelinedVerifier` that never gets a round ahead."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self._rounds: deque[Draft] = deque()
+
+    def submit(self, draft: Draft, assume: Assume | None = None) -> None:
+        if assume is not None:
+            raise ValueError("this verifier cannot take rounds ahead of a verdict")
+        self._rounds.append(draft)
+
+    def collect(self) -> Verdict | None:
+        return self.verifier.verify(self._rounds.popleft())
+
+
+def _if_whole(stats: RequestStats, draft: Draft) -> RequestStats:
+    """The statistics as they will be if `draft` is accepted whole: what a round drafted ahead
+    chooses its length from, as the round after that verdict would."""
+    seen = copy.deepcopy(stats)
+    n = len(draft.tokens)
+    seen.add_round(RoundStats(drafted=n, accepted=n, emitted=n + 1, retrieved=draft.retrieved, reason=draft.reason))
+    return seen
+
+
+def _pipelines(drafter: DraftSession, verifier: Verifier) -> bool:
+    return callable(getattr(drafter, "draft_ahead", None)) and callable(getattr(verifier, "submit", None))
 
 
 def speculative_generate(
@@ -156,25 +253,57 @@ def speculative_generate(
     draft_len: DraftLen,
     max_new_tokens: int,
     stats: RequestStats | None = None,
+    pipeline: bool = False,
+    first_sent: bool = False,
 ) -> Iterator[Verdict]:
     """Yield each round's verdict until EOS or `max_new_tokens` tokens are committed.
 
     `stats`, when given, is filled in round by round, so a caller can read it while the stream
     is still running. `VerifierUnavailable` from the verifier propagates with the draft
-    unsettled; the tokens yielded before it are committed.
+    unsettled (rounds drafted ahead included: `DraftSession.rollback` drops them all); the
+    tokens yielded before it are committed. `pipeline` drafts and sends each next round while
+    the verdict is in flight, when the drafter and the verifier support it (see the module
+    doc); `first_sent`: round 1, with no drafts, was already submitted to `verifier`.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     stats = stats if stats is not None else RequestStats()
-    produced = 0
-    while produced < max_new_tokens:
-        wanted = draft_len(stats) if callable(draft_len) else draft_len
+    ahead_ok = pipeline and _pipelines(drafter, verifier)
+    rounds: PipelinedVerifier | _Sequential = (
+        verifier if callable(getattr(verifier, "submit", None)) else _Sequential(verifier))  # type: ignore[assignment]
+    if first_sent and not callable(getattr(verifier, "submit", None)):
+        raise ValueError("first_sent needs a verifier that takes submitted rounds")
+
+    def length(seen: RequestStats) -> int:
+        wanted = draft_len(seen) if callable(draft_len) else draft_len
         if wanted < 0:
             raise ValueError(f"draft_len must be >= 0, got {wanted}")
-        # Drafting past the budget is wasted work: the round emits at most k+1 tokens.
-        k = min(wanted, max_new_tokens - produced - 1)
-        draft = drafter.draft(k) if k > 0 else Draft((), None)
-        verdict = verifier.verify(draft)
+        return wanted
+
+    produced = 0
+    draft: Draft | None = Draft((), None) if first_sent else None  # the round in flight
+    while produced < max_new_tokens:
+        if draft is None:
+            # Drafting past the budget is wasted work: the round emits at most k+1 tokens.
+            k = min(length(stats), max_new_tokens - produced - 1)
+            draft = drafter.draft(k) if k > 0 else Draft((), None)
+            rounds.submit(draft)
+        ahead: Draft | None = None
+        guess = -1
+        if ahead_ok:
+            # After a round that keeps every draft, tokens left for the next one: it drafts k2
+            # and commits at most k2 + 1 of them.
+            k2 = min(length(_if_whole(stats, draft)), max_new_tokens - produced - len(draft.tokens) - 2)
+            if k2 > 0:
+                guess, ahead = drafter.draft_ahead(k2)  # type: ignore[attr-defined]
+                if ahead.tokens:
+                    position = rounds.position + len(draft.tokens) + 1  # type: ignore[union-attr]
+                    rounds.submit(ahead, Assume(position, guess))
+                else:
+                    ahead = None
+        verdict = rounds.collect()
+        if verdict is None:
+            raise AssertionError("a round sent without an assumption was dropped")
         stats.add_round(RoundStats(drafted=len(draft.tokens), accepted=verdict.accepted,
                                    emitted=len(verdict.tokens), retrieved=draft.retrieved,
                                    reason=draft.reason))
@@ -182,4 +311,11 @@ def speculative_generate(
         yield verdict
         if verdict.finished:
             return
-        drafter.commit(verdict.accepted, verdict.tokens)
+        hit = (ahead is not None and verdict.accepted == len(draft.tokens)
+               and tuple(verdict.tokens) == (*draft.tokens, guess))
+        drafter.commit(verdict.accepted, verdict.tokens)  # keeps `ahead` as the unsettled draft on a hit
+        if ahead is not None:
+            stats.add_pipeline(hit)
+            if not hit and rounds.collect() is not None:  # the verifier drops a failed guess unverified
+                raise AssertionError("a round whose assumption failed was verified")
+        draft = ahead if hit else None

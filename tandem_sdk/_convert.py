@@ -265,6 +265,9 @@ def stats(s: orchestrator_pb2.OrchestratorStats) -> Stats:
         switches=tuple(route_switch(x) for x in switches),
         citations=tuple(citation(c) for c in s.citations),
         private_chunks_dropped=s.private_chunks_dropped,
+        pipeline_tries=g.pipeline_tries,
+        pipeline_hits=g.pipeline_hits,
+        draft_reasons=dict(g.draft_reasons),
     )
 
 

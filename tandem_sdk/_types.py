@@ -118,6 +118,19 @@ class Stats:
     switches: tuple[RouteSwitch, ...] = ()
     citations: tuple[Citation, ...] = ()
     private_chunks_dropped: int = 0
+    pipeline_tries: int = 0  # rounds drafted while their predecessor's verdict was in flight
+    pipeline_hits: int = 0  # of which the verdict confirmed the guess
+    draft_reasons: dict[str, int] = field(default_factory=dict)  # why each draft length: reason class -> rounds
+
+    @property
+    def mean_draft_len(self) -> float | None:
+        """Drafts per round; None without rounds."""
+        return self.drafted / self.rounds if self.rounds else None
+
+    @property
+    def pipeline_hit_rate(self) -> float | None:
+        """pipeline_hits / pipeline_tries; None when no round was drafted ahead."""
+        return self.pipeline_hits / self.pipeline_tries if self.pipeline_tries else None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,14 @@ Guarantees:
 - Greedy runs record whether each method's tokens equal the target's (`identical_to_target`:
   transformers `generate`) and the product's own target-only path's (`identical_to_cloud_only`:
   the engine's cloud-only decoding, the same dtype), the latter bit for bit in bf16 too.
+- `--temperature T` (> 0) samples every method with T and `--seed`; the rows then report
+  speedup and acceptance, and no method claims identical output (None).
+- `--split-cores` (`tandem.bench.cores`): the edge (this process's drafter, ONNX Runtime) on one
+  CPU and the cloud (the Serve replica's target) on another, one thread each; the target alone
+  (`target`, `cloud_only`) runs on the cloud's CPU with one thread; `tandem`, `tandem_model` and
+  `assisted`, drafter and target in turn in one thread, may use both CPUs. Fewer than 2 CPUs is a
+  usage error (exit code 2). The JSON's `config.split_cores` says what each side was given and
+  what the kernel applied (each thread's `Cpus_allowed_list`).
 - The JSON written with `--json` has the shape
   {"machine": {...}, "config": {...}, "results": [row, ...]} with the rows of
   `tandem.bench_report.FIELDS`; progress lines go to stderr while it runs.
@@ -15,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tandem.bench.cores import Placement, plan_cores
 from tandem.bench.report import Run, aggregate, format_table, machine_info
 from tandem.bench.report import progress as _progress
 from tandem.cli.main import CliError
@@ -31,7 +42,7 @@ NO_LOOKUP_METHODS = ("drafter_model", "tandem_model")
 # over gRPC through the cloud's gateway, Ray Serve and the link shaper; `tandem_grpc_tls` adds TLS
 # and a device token (a second gateway in front of the same Serve proxy); `tandem_grpc_model`
 # drafts with the model alone (--draft-len as given); `tandem_grpc_seq` is the old sequential
-# protocol: the model alone, k = SEQ_DRAFT_LEN every round
+# protocol: the model alone, k = SEQ_DRAFT_LEN every round, one round after the other (no pipelining)
 NETWORK_METHODS = ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_seq", "tandem_grpc_tls", "cloud_stream")
 SEQ_DRAFT_LEN = 4
 ALL_METHODS = METHODS + NO_LOOKUP_METHODS + NETWORK_METHODS
@@ -42,6 +53,7 @@ CLAIMS_TARGET_OUTPUT = {"assisted", "cloud_only", "tandem", "tandem_model", "tan
 CLAIMS_CLOUD_ONLY_OUTPUT = CLAIMS_TARGET_OUTPUT - {"assisted"}
 SUITES = ("methods", "orchestrator", "fallback", "cloud-scale", "chat-turns")
 DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_RTTS_MS = "0,20,50,100,200"
 # cloud-scale: the figures are for 32-64 new tokens; chat-turns: each answer adds about 40 tokens to the next turn
 SUITE_MAX_NEW_TOKENS = {"cloud-scale": 32, "chat-turns": 40}
 
@@ -121,7 +133,14 @@ def add_parser(sub: Any) -> None:
                         f"always use {SEQ_DRAFT_LEN}")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: the in-process four)")
-    p.add_argument("--rtt-ms", default="0,20,50", help="link RTTs for the networked methods, comma-separated")
+    p.add_argument("--rtt-ms", default=DEFAULT_RTTS_MS,
+                   help=f"link RTTs for the networked methods, comma-separated (default: {DEFAULT_RTTS_MS})")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="methods suite: 0 = greedy (default); > 0 samples every method (with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="methods suite, with --temperature: the seed of every answer")
+    p.add_argument("--split-cores", action="store_true",
+                   help="methods suite: the edge (drafter) on one CPU, the cloud (the replica's target) and the "
+                        "target alone on another, one thread each; needs 2 CPUs")
     p.add_argument("--categories", default=None, help="comma-separated categories to keep")
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category")
     p.add_argument("--warmup-tokens", type=int, default=8)
@@ -213,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         args.max_new_tokens = SUITE_MAX_NEW_TOKENS.get(args.suite, DEFAULT_MAX_NEW_TOKENS)
     if args.max_new_tokens < 1 or not 0 <= args.draft_len <= 16:
         raise CliError("--max-new-tokens must be >= 1 and --draft-len in [0, 16] (0: adaptive)")
+    if args.split_cores and args.suite != "methods":
+        raise CliError("--split-cores applies to the methods suite only")
     if args.suite == "orchestrator":
         from tandem.bench.orchestrator import run_suite
 
@@ -232,11 +253,17 @@ def run(args: argparse.Namespace) -> int:
         return run_chat(args)
     methods = _parse_methods(args.methods)
     rtts = _parse_rtts(args.rtt_ms)
+    params = _sampling(args)
+    placement = _placement(args)
+    machine = machine_info()  # now: --split-cores narrows this process's affinity later
     prompts = _select(load_prompts(args.prompts or default_prompts_path()), args.categories, args.limit)
     target, drafter, drafter_hf = _model_dirs(args)
     _progress(f"loading models (target {args.dtype}): {target}, {drafter}")
     t0 = time.perf_counter()
-    pair = LocalPair(target, drafter, dtype=args.dtype, drafter_hf_dir=drafter_hf if "assisted" in methods else None)
+    pair = LocalPair(target, None if placement else drafter, dtype=args.dtype,
+                     drafter_hf_dir=drafter_hf if "assisted" in methods else None)
+    if placement is not None:
+        placement.limit_threads(pair, drafter)
     _progress(f"models loaded in {time.perf_counter() - t0:.1f} s")
     encoded = [encode_prompt(pair.tokenizer, p.prompt, p.messages) for p in prompts]
     with procs.Stack(paths.tandem_home() / "logs" / "bench") as stack:
@@ -245,21 +272,56 @@ def run(args: argparse.Namespace) -> int:
             from tandem.bench.remote import RemoteStack
 
             remote = RemoteStack(stack, pair.drafter, dtype=args.dtype, model_dir=args.target, progress=_progress,
-                                 tls="tandem_grpc_tls" in methods)
-        runs = _run_all(pair, remote, methods, rtts, prompts, encoded, args)
+                                 tls="tandem_grpc_tls" in methods,
+                                 cloud_cpu=placement.plan.cloud if placement is not None else None)
+            if placement is not None:
+                placement.cloud = remote.pinning()
+        runs = _run_all(pair, remote, methods, rtts, prompts, encoded, args, params, placement)
         handshake = None
         if "tandem_grpc_tls" in methods:
             from tandem.bench.remote import handshake_figures
 
             _progress("connection set-up, plaintext vs TLS, new vs reused connections ...")
+            if placement is not None:
+                placement.enter("tandem_grpc_tls")
             handshake = handshake_figures(remote, encoded[0], args.handshake_repeats, _progress)
     rows = aggregate(runs)
     print(format_table(rows))
     if handshake is not None:
         print(format_handshake(handshake))
     if args.json:
-        _write_json(args, rows, runs, methods, rtts, len(prompts), target, drafter, handshake)
+        extra = {"sampling": _describe_sampling(params),
+                 "split_cores": placement.describe() if placement is not None else None}
+        _write_json(args, rows, runs, methods, rtts, len(prompts), target, drafter, handshake, machine=machine,
+                    extra=extra)
     return 0
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from tandem_core.sampling import SamplingParams
+
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise CliError(f"--temperature: must be a finite number >= 0, got {args.temperature}")
+    if not 0 <= args.seed < 2**63:
+        raise CliError(f"--seed: must be in [0, 2**63), got {args.seed}")
+    # greedy: the goal figures and identical_to_target are greedy
+    return SamplingParams(temperature=args.temperature, seed=args.seed) if args.temperature else SamplingParams()
+
+
+def _describe_sampling(params: Any) -> Any:
+    if params.greedy:
+        return "greedy"
+    return {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed}
+
+
+def _placement(args: argparse.Namespace) -> Placement | None:
+    """--split-cores: the plan from this process's CPUs, checked before anything loads."""
+    if not args.split_cores:
+        return None
+    try:
+        return Placement(plan_cores(os.sched_getaffinity(0)))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def format_handshake(h: dict[str, Any]) -> str:
@@ -281,14 +343,17 @@ def _variants(methods: list[str], rtts: list[float]) -> list[tuple[str, float | 
 
 
 def _run_all(pair: Any, remote: Any, methods: list[str], rtts: list[float], prompts: list[BenchPrompt],
-             encoded: list[list[int]], args: argparse.Namespace) -> list[Run]:
-    from tandem_core.sampling import SamplingParams
+             encoded: list[list[int]], args: argparse.Namespace, params: Any,
+             placement: Placement | None = None) -> list[Run]:
+    def generate(method: str, ids: list[int], n: int) -> Any:
+        if placement is not None:
+            placement.enter(method)  # outside the timed call
+        return _generate(pair, method, ids, params, args, n, remote)
 
-    params = SamplingParams()  # greedy: the goal figures and identical_to_target are greedy
     variants = _variants(methods, rtts)
     for method in methods:  # warm-up: first-call allocations and lazy init stay out of the figures
         _progress(f"warm-up: {method}")
-        _generate(pair, method, encoded[0], params, args, args.warmup_tokens, remote)
+        generate(method, encoded[0], args.warmup_tokens)
     runs: list[Run] = []
     total = len(prompts) * len(variants)
     for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
@@ -299,16 +364,17 @@ def _run_all(pair: Any, remote: Any, methods: list[str], rtts: list[float], prom
             warm = next((v for v in order if v[1] is not None), order[0])
             if warm[1] is not None:
                 remote.set_rtt(warm[1])
-            _generate(pair, warm[0], ids, params, args, args.warmup_tokens, remote)
+            generate(warm[0], ids, args.warmup_tokens)
         results = {}
         for method, rtt in order:
             if rtt is not None:
                 remote.set_rtt(rtt)
-            results[(method, rtt)] = _generate(pair, method, ids, params, args, args.max_new_tokens, remote)
-        base = results.get(("target", None))
-        own = results.get(("cloud_only", None))
-        if own is None and any(m in CLAIMS_CLOUD_ONLY_OUTPUT for m, _ in order):  # the reference, untimed
-            own = pair.cloud_only_generate(ids, params, max_new_tokens=args.max_new_tokens)
+            results[(method, rtt)] = generate(method, ids, args.max_new_tokens)
+        # sampled answers differ from method to method: no identity is claimed
+        base = results.get(("target", None)) if params.greedy else None
+        own = results.get(("cloud_only", None)) if params.greedy else None
+        if own is None and params.greedy and any(m in CLAIMS_CLOUD_ONLY_OUTPUT for m, _ in order):
+            own = generate("cloud_only", ids, args.max_new_tokens)  # the reference, untimed
         for method, rtt in order:
             r = results[(method, rtt)]
             same = r.tokens == base.tokens if base is not None and method in CLAIMS_TARGET_OUTPUT else None
@@ -323,17 +389,19 @@ def _run_all(pair: Any, remote: Any, methods: list[str], rtts: list[float], prom
 
 
 def _write_json(args: argparse.Namespace, rows: list[dict], runs: list[Run], methods: list[str], rtts: list[float],
-                n_prompts: int, target: Path, drafter: Path, handshake: dict[str, Any] | None = None) -> None:
+                n_prompts: int, target: Path, drafter: Path, handshake: dict[str, Any] | None = None, *,
+                machine: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """`extra`: more config entries (sampling, split_cores)."""
     config = {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "draft_len": args.draft_len,
               "methods": methods, "rtt_ms": rtts if any(m in NETWORK_METHODS for m in methods) else None,
               "prompts": str(args.prompts or default_prompts_path()), "n_prompts": n_prompts, "sampling": "greedy",
               "warm_prompts": bool(args.warm_prompts),
-              "target": str(target), "drafter": str(drafter)}
+              "target": str(target), "drafter": str(drafter)} | (extra or {})
     per_prompt = [{"method": r.result.method, "rtt_ms": r.rtt_ms, "prompt_id": r.prompt_id, "category": r.category,
                    "tokens": len(r.result.tokens), "wall_s": r.result.wall_s, "ttft_s": r.result.ttft_s,
                    "identical_to_target": r.identical_to_target,
                    "identical_to_cloud_only": r.identical_to_cloud_only} for r in runs]
-    doc = {"machine": machine_info(), "config": config, "results": rows, "runs": per_prompt}
+    doc = {"machine": machine or machine_info(), "config": config, "results": rows, "runs": per_prompt}
     if handshake is not None:
         doc["tls_handshake"] = handshake
     args.json.parent.mkdir(parents=True, exist_ok=True)

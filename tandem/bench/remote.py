@@ -13,11 +13,16 @@ Guarantees:
   what reusing a connection saves. No secret is returned or written anywhere but the temporary
   folder.
 - Each RTT is set on the shapers at run time; every method sees the same link.
+- With `cloud_cpu` (`tandem bench --split-cores`), the cloud node runs with one torch thread per
+  replica and each replica pins all its threads to that CPU before loading the target
+  (`cloud_node.serve_app.REPLICA_CPUS_ENV`, inherited by Ray's workers); Ray's helpers, Serve's
+  proxy, the gateway and the shaper stay unpinned. `pinning` reads back what the kernel applied.
 - The processes are stopped when the benchmark ends, whatever happens (`tandem.procs.Stack`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -54,7 +59,7 @@ class RemoteStack:
     """Cloud node + link shaper as processes, and the edge side in this process."""
 
     def __init__(self, stack: Any, drafter: Any, *, dtype: str, model_dir: Path | None, progress: Any,
-                 tls: bool = False) -> None:
+                 tls: bool = False, cloud_cpu: int | None = None) -> None:
         import grpc
 
         py = sys.executable
@@ -62,8 +67,15 @@ class RemoteStack:
         argv = [py, "-m", "tandem", "serve", "cloud", "--port", "0", "--dtype", dtype]
         if model_dir is not None:
             argv += ["--model-dir", str(model_dir)]
+        env = None
+        if cloud_cpu is not None:
+            from cloud_node.serve_app import REPLICA_CPUS_ENV
+            from tandem.bench.cores import THREADS
+
+            argv += ["--threads", str(THREADS)]
+            env = os.environ | {REPLICA_CPUS_ENV: str(cloud_cpu)}
         secure = _SecureSide(argv) if tls else None
-        self.cloud = stack.start("cloud", argv, timeout_s=600)
+        self.cloud = stack.start("cloud", argv, timeout_s=600, env=env)
         self.controls: list[Any] = []
         self.plain_address = self._shaper(stack, "netshape", self.cloud.fields["grpc"])
         self.channel = grpc.insecure_channel(self.plain_address)
@@ -85,6 +97,12 @@ class RemoteStack:
         self.controls.append(ShaperControl(shaper.fields["control"]))
         return str(shaper.fields["listen"])
 
+    def pinning(self) -> dict[str, Any]:
+        """The replicas' pids and their threads' `Cpus_allowed_list`, and the other cloud processes'."""
+        from tandem.bench.cores import helpers_allowed, replicas
+
+        return {"replicas": replicas(self.cloud.proc.pid), "others_cpus_allowed": helpers_allowed(self.cloud.proc.pid)}
+
     def set_rtt(self, rtt_ms: float) -> None:
         for control in self.controls:
             control.set(rtt_ms=rtt_ms)
@@ -102,7 +120,8 @@ class RemoteStack:
         cloud0 = _tree_cpu_s(self.cloud.proc.pid)
         r = generate_speculative(self.drafter, link, ids, params, seed, draft_len=draft_len,
                                  max_new_tokens=max_new_tokens,
-                                 lookup=method not in ("tandem_grpc_model", "tandem_grpc_seq"))
+                                 lookup=method not in ("tandem_grpc_model", "tandem_grpc_seq"),
+                                 pipeline=method != "tandem_grpc_seq")  # the old protocol: one round at a time
         cloud_cpu = _tree_cpu_s(self.cloud.proc.pid) - cloud0
         return GenerationResult(method, tuple(r.tokens), r.ttft_s, r.wall_s, r.edge_cpu_s, cloud_cpu, r.stats,
                                 r.stats.target_forwards, bytes_up=r.bytes_up, bytes_down=r.bytes_down)

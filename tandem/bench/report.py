@@ -3,6 +3,11 @@
 Guarantees: one row per (method, category) plus an `all` category, with exactly the fields of the
 benchmark JSON schema; a field that does not apply to a method is None (null in JSON). Rates are
 ratios of totals (total tokens / total seconds), not means of per-prompt ratios.
+
+Speculative rows also say how long the drafts were and why (`tandem_core.stats`):
+`mean_draft_len` = drafted / rounds; `pipeline_hit_rate` = pipeline hits / tries, None when no
+round was drafted ahead of its predecessor's verdict; `draft_reasons` the rounds per reason
+class, summed over the prompts.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from tandem.pair import GenerationResult
 
 FIELDS = ("method", "category", "n_prompts", "tokens_per_s", "ttft_ms", "acceptance_rate",
           "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token",
-          "cloud_cpu_s_per_token", "speedup_vs_target", "identical_to_target", "identical_to_cloud_only")
+          "cloud_cpu_s_per_token", "speedup_vs_target", "identical_to_target", "identical_to_cloud_only",
+          "mean_draft_len", "pipeline_hit_rate", "draft_reasons")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,10 @@ def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
         "speedup_vs_target": None,
         "identical_to_target": None if any(i is None for i in identical) else all(identical),
         "identical_to_cloud_only": None if any(i is None for i in own) else all(own),
+        "mean_draft_len": _ratio(drafted, rounds) if has_stats else None,
+        "pipeline_hit_rate": _ratio(sum(s.pipeline_hits for s in stats if s is not None),
+                                    sum(s.pipeline_tries for s in stats if s is not None)) if has_stats else None,
+        "draft_reasons": _sum_counts(s.draft_reasons for s in stats if s is not None) if has_stats else None,
         # Extras beyond the required schema. decode_tokens_per_s leaves out the time to the first
         # token (prefill), so a faster prefill cannot pass for faster decoding.
         "decode_tokens_per_s": _ratio(sum(len(r.tokens) - 1 for r in results), sum(r.wall_s - r.ttft_s for r in results)),
@@ -98,6 +108,14 @@ def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
         "retrieval_draft_share": _ratio(sum(s.retrieval_accepted for s in stats if s is not None),
                                         sum(s.accepted for s in stats if s is not None)) if has_stats else None,
     }
+
+
+def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for key, n in c.items():
+            total[key] = total.get(key, 0) + n
+    return dict(sorted(total.items()))
 
 
 def _bytes_per_round(results: Sequence[GenerationResult]) -> float | None:
@@ -122,7 +140,8 @@ def machine_info() -> dict[str, Any]:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - an absent optional package is just not reported
             versions[mod] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpus_allowed": sorted(os.sched_getaffinity(0)),
+            "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
             "platform": platform.platform(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "versions": versions}
 
@@ -137,13 +156,15 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ("method", "category", "n", "tok/s", "decode tok/s", "TTFT ms", "accept", "tau", "fwd/tok",
-              "edge cpu/tok", "cloud cpu/tok", "retrieved", "speedup", "decode speedup", "identical", "= cloud-only")
-    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".3f", ".3f", ".3f", ".2f", ".2f", ".2f", "", "")
+    header = ("method", "category", "n", "tok/s", "decode tok/s", "TTFT ms", "accept", "tau", "k", "pipe hit",
+              "fwd/tok", "edge cpu/tok", "cloud cpu/tok", "retrieved", "speedup", "decode speedup", "identical",
+              "= cloud-only")
+    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".2f", ".2f", ".3f", ".3f", ".3f", ".2f", ".2f", ".2f",
+             "", "")
     keys = ("method", "category", "n_prompts", "tokens_per_s", "decode_tokens_per_s", "ttft_ms", "acceptance_rate",
-            "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token", "cloud_cpu_s_per_token",
-            "retrieval_draft_share", "speedup_vs_target", "decode_speedup_vs_target", "identical_to_target",
-            "identical_to_cloud_only")
+            "mean_accepted_len", "mean_draft_len", "pipeline_hit_rate", "target_forwards_per_token",
+            "edge_cpu_s_per_token", "cloud_cpu_s_per_token", "retrieval_draft_share", "speedup_vs_target",
+            "decode_speedup_vs_target", "identical_to_target", "identical_to_cloud_only")
     lines = [[fmt(row[k], s) for k, s in zip(keys, specs, strict=True)] for row in rows]
     for line, row in zip(lines, rows):
         if row.get("rtt_ms") is not None:

@@ -39,13 +39,15 @@ class TimedLink(CloudLink):
         self.round_ms: list[float] = []
         self.rounds: list[dict[str, Any]] = []
 
-    def verify(self, draft_tokens: Sequence[int], q: Any) -> Any:
-        t0 = time.perf_counter()
-        verdict = super().verify(draft_tokens, q)
-        self.round_ms.append(1000 * (time.perf_counter() - t0))
-        self.rounds.append({"drafts": [int(t) for t in draft_tokens], "tokens": list(verdict.tokens),
-                            "finished": verdict.finished})
-        return verdict
+    def send_round(self, draft_tokens: Sequence[int], q: Any, assume: Any = None) -> int:
+        self._sent_at, self._drafts = time.perf_counter(), [int(t) for t in draft_tokens]
+        return super().send_round(draft_tokens, q, assume)
+
+    def recv_verdict(self, round_no: int) -> Any:
+        verdict, dropped = super().recv_verdict(round_no)
+        self.round_ms.append(1000 * (time.perf_counter() - self._sent_at))
+        self.rounds.append({"drafts": self._drafts, "tokens": list(verdict.tokens), "finished": verdict.finished})
+        return verdict, dropped
 
 
 def run_job(drafter: Any, channel: Any, job: dict[str, Any]) -> dict[str, Any]:
@@ -59,8 +61,9 @@ def run_job(drafter: Any, channel: Any, job: dict[str, Any]) -> dict[str, Any]:
                      round_timeout_s=job.get("round_timeout_s", 300.0), open_timeout_s=600.0)
     out: dict[str, Any] = {"id": job.get("id"), "start": time.time(), "tokens": [], "rejected": False, "error": None}
     try:
+        # One round at a time (no pipelining), so the rounds recorded replay in order.
         result = generate_speculative(drafter, link, ids, params, 0, draft_len=job["draft_len"],
-                                      max_new_tokens=job["max_new_tokens"], max_resumes=0)
+                                      max_new_tokens=job["max_new_tokens"], max_resumes=0, pipeline=False)
         out["tokens"] = list(result.tokens)
     except (LinkError, CloudRejected) as exc:
         out["rejected"] = "RESOURCE_EXHAUSTED" in str(exc)

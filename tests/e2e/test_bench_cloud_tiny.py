@@ -4,15 +4,18 @@ Slow: each starts real processes (a two-node Ray cluster with the Serve deployme
 stack: cloud node on Ray Serve, link shaper, edge node, orchestrator), about a minute each on
 two cores. TANDEM_HOME is a temporary folder. The figures of tiny random models mean nothing;
 these tests check the rows and their fields, and that replayed sessions follow their solo runs.
+The methods suite with `--split-cores` checks that the Serve replica really runs pinned.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from tandem.bench.cores import pin
 from tandem.cli.main import main
 
 pytestmark = pytest.mark.slow
@@ -71,3 +74,41 @@ def test_chat_turns_reports_six_turns(tmp_path: Path, monkeypatch, capsys) -> No
             assert turn["cloud_prefill_tokens"] <= turn["added_tokens"] + before["answer_tokens"]
     assert doc["summary"]["turns"] == 6 and doc["summary"]["ttft_last_over_first"] > 0
     assert "TTFT at turn 6 / turn 1" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--split-cores needs 2 CPUs")
+def test_split_cores_pins_the_replica_and_the_edge(tiny_models, tmp_path: Path, monkeypatch) -> None:
+    """A real Ray Serve replica runs on the cloud's CPU (every thread), Ray's helpers stay unpinned,
+    the edge side on the other CPU; the rows carry the draft fields."""
+    import torch
+
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "category": "code", "prompt": "def add(a, b):"}) + "\n")
+    out = tmp_path / "bench.json"
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        rc = main(["bench", "--prompts", str(prompts), "--max-new-tokens", "8", "--json", str(out), "--dtype", "fp32",
+                   "--methods", "target,tandem_grpc,tandem_grpc_seq", "--rtt-ms", "0", "--split-cores",
+                   "--target", str(tiny_models.target_hf), "--drafter", str(tiny_models.drafter_onnx)])
+    finally:
+        pin(before)
+        torch.set_num_threads(threads)
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    split = doc["config"]["split_cores"]
+    edge, cloud = (str(c) for c in sorted(before)[:2])
+    assert split["bench_process_cpus_allowed"] == {"cloud": [cloud], "edge": [edge]}
+    replicas = split["cloud"]["replicas"]
+    assert len(replicas) == 1 and replicas[0]["pid"] > 0
+    assert replicas[0]["cpus_allowed_list"] == [cloud]  # every thread of the replica
+    assert cloud not in split["cloud"]["others_cpus_allowed"]  # Ray's helpers were not pinned to it alone
+    rows = {(r["method"], r["category"]): r for r in doc["results"]}
+    for method in ("tandem_grpc", "tandem_grpc_seq"):
+        row = rows[(method, "all")]
+        assert row["identical_to_target"] is True and row["rtt_ms"] == 0
+        assert isinstance(row["mean_draft_len"], float) and row["mean_draft_len"] > 0
+        assert isinstance(row["draft_reasons"], dict)
+        assert row["pipeline_hit_rate"] is None or 0 <= row["pipeline_hit_rate"] <= 1
+    assert rows[("tandem_grpc_seq", "all")]["mean_draft_len"] <= 4

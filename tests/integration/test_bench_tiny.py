@@ -4,8 +4,12 @@ speculative rows are identical to the target."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
+
+from tandem.bench.cores import pin
 from tandem.bench.report import FIELDS
 from tandem.cli.main import main
 
@@ -61,3 +65,66 @@ def test_bench_in_bf16_is_bit_identical_to_the_cloud_only_path(tiny_models, tmp_
                      "--target", str(tiny_models.target_hf), "--drafter", str(tiny_models.drafter_onnx)]) == 0
         runs = json.loads(out.read_text())["runs"]
         assert [r["identical_to_cloud_only"] for r in runs] == [True] * 6
+
+
+def _two_prompts(tmp_path: Path) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in [
+        {"id": "a", "category": "code", "prompt": "def add(a, b):"},
+        {"id": "c", "category": "prose", "prompt": "The river shapes"},
+    ]) + "\n")
+    return prompts
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--split-cores needs 2 CPUs")
+def test_split_cores_pins_each_side_and_says_so(tiny_models, tmp_path: Path) -> None:
+    """In process: the target alone on the cloud's CPU, the drafter on the edge's, the pair on both;
+    the JSON records what the kernel applied to every thread, and the draft fields."""
+    import torch
+
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    try:
+        rc = main(["bench", "--prompts", str(_two_prompts(tmp_path)), "--max-new-tokens", "12", "--json", str(out),
+                   "--dtype", "fp32", "--draft-len", "3", "--methods", "target,drafter,tandem", "--split-cores",
+                   "--target", str(tiny_models.target_hf), "--drafter", str(tiny_models.drafter_onnx)])
+    finally:
+        pin(before)  # the test process goes on with what it had
+        torch.set_num_threads(threads)
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    split = doc["config"]["split_cores"]
+    edge, cloud = sorted(before)[:2]
+    assert (split["edge_cpus"], split["cloud_cpus"], split["threads_per_side"]) == ([edge], [cloud], 1)
+    assert split["bench_process_torch_threads"] == 1
+    assert split["bench_process_cpus_allowed"] == {"edge": [str(edge)], "cloud": [str(cloud)],
+                                                   "both": [f"{edge}-{cloud}" if cloud == edge + 1 else f"{edge},{cloud}"]}
+    assert split["cloud"] is None  # no networked method: no cloud node
+    assert doc["machine"]["cpus_allowed"] == sorted(before)
+    rows = {(r["method"], r["category"]): r for r in doc["results"]}
+    spec, base = rows[("tandem", "all")], rows[("target", "all")]
+    assert spec["identical_to_target"] is True
+    assert isinstance(spec["mean_draft_len"], float) and 0 < spec["mean_draft_len"] <= 3
+    assert isinstance(spec["draft_reasons"], dict) and all(isinstance(n, int) for n in spec["draft_reasons"].values())
+    assert spec["pipeline_hit_rate"] is None  # in process, nothing is drafted ahead of a verdict
+    assert (base["mean_draft_len"], base["pipeline_hit_rate"], base["draft_reasons"]) == (None, None, None)
+
+
+def test_sampled_rows_report_speedup_and_acceptance(tiny_models, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--prompts", str(_two_prompts(tmp_path)), "--max-new-tokens", "12", "--json", str(out),
+                 "--dtype", "fp32", "--draft-len", "3", "--methods", "target,cloud_only,tandem", "--temperature", "0.7",
+                 "--seed", "5", "--target", str(tiny_models.target_hf),
+                 "--drafter", str(tiny_models.drafter_onnx)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["sampling"] == {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "seed": 5}
+    rows = {(r["method"], r["category"]): r for r in doc["results"]}
+    spec = rows[("tandem", "all")]
+    assert spec["speedup_vs_target"] > 0 and 0 <= spec["acceptance_rate"] <= 1
+    # sampled answers are not claimed equal to anything
+    assert all(r["identical_to_target"] is None and r["identical_to_cloud_only"] is None for r in doc["results"])
+
+
+def test_bench_rejects_a_negative_temperature(capsys) -> None:
+    assert main(["bench", "--temperature", "-1", "--target", "t", "--drafter", "d"]) == 2
+    assert "--temperature" in capsys.readouterr().err

@@ -70,9 +70,9 @@ class SpyLink(CloudLink):
 
     sent: list[int]
 
-    def verify(self, draft_tokens, q):  # type: ignore[no-untyped-def]
+    def send_round(self, draft_tokens, q, assume=None):  # type: ignore[no-untyped-def]
         self.sent.append(len(draft_tokens))
-        return super().verify(draft_tokens, q)
+        return super().send_round(draft_tokens, q, assume)
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
@@ -80,8 +80,9 @@ def test_speculative_route_ends_with_length_at_the_cloud_context(address, drafte
     with grpc.insecure_channel(address) as channel:
         link = SpyLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), params, 1, 200))
         link.sent = []
+        # Sequential rounds: the first round then carries drafts, sent before SessionOpened.
         result = generate_speculative(drafter, link, PROMPT, params, 1, draft_len=12, max_new_tokens=200,
-                                      max_resumes=0)
+                                      max_resumes=0, pipeline=False)
     assert result.finish_reason == FinishReason.LENGTH
     assert len(result.tokens) == ROOM
     if params.greedy:

@@ -311,7 +311,7 @@ def _accept_one_more(v: cloud_pb2.Verdict) -> bool:
 
 
 def _add_a_token(v: cloud_pb2.Verdict) -> bool:
-    v.tokens.append(v.tokens[-1])
+    v.tokens.append(v.tokens[-1] if v.tokens else 0)  # a dropped round's verdict has none
     return True
 
 

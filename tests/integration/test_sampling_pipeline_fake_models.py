@@ -39,7 +39,7 @@ from edge_node.generation import EdgeResult, generate_speculative
 from protos.tandem.v1 import cloud_pb2
 from tandem.limits import MAX_DRAFT_LEN
 from tandem_core.lookup import LookupDrafter
-from tandem_core.loop import TargetVerifier, speculative_generate
+from tandem_core.loop import Draft, TargetVerifier, speculative_generate
 from tandem_core.sampling import DRAFTER_STREAM, SamplingParams, cap_support, logits_to_probs, round_rng, sample
 from tandem_core.stats import RequestStats
 from tests.support.sampling_models import (
@@ -213,25 +213,29 @@ def core() -> VerifierCore:
 # --- the two paths --------------------------------------------------------------------------
 
 def deployed(core: VerifierCore, drafter: FakeOnnxDrafterModel, params: SamplingParams, seed: int, *, draft_len: int,
-             n: int, break_at_round: int | None = None, lookup: bool = False) -> EdgeResult:
+             n: int, break_at_round: int | None = None, lookup: bool = False, pipeline: bool = True) -> EdgeResult:
     """An answer on the speculative route: edge drafter, wire, cloud verifier."""
     link = CloudLink(InProcessChannel(core, break_at_round),  # type: ignore[arg-type]
                      SessionRequest(f"seed-{seed}", PROMPT, params, seed, n), round_timeout_s=10.0)
     return generate_speculative(drafter, link, PROMPT, params, seed, draft_len=draft_len, max_new_tokens=n,
-                                max_resumes=1, backoff_s=0.0, lookup=lookup)
+                                max_resumes=1, backoff_s=0.0, lookup=lookup, pipeline=pipeline)
 
 
 def in_process(drafter: FakeOnnxDrafterModel, params: SamplingParams, seed: int, *, draft_len: int,
-               n: int, lookup: bool = False) -> tuple[int, ...]:
+               n: int, lookup: bool = False, pipeline: bool = False) -> tuple[int, ...]:
     """The same answer from the in-process pair (`tandem.pair`): the loop over a `TargetVerifier`
-    (with `lookup`, retrieval drafts as `tandem.pair` and the edge make them)."""
+    (with `lookup`, retrieval drafts as `tandem.pair` and the edge make them; with `pipeline`,
+    the pipelined rounds, round 1 sent with no drafts)."""
     verifier = TargetVerifier(FakeTargetSession(PROMPT), params, seed=seed, start=len(PROMPT), max_new_tokens=n,
                               eos_ids=frozenset())
     session: Any = drafter.new_session(PROMPT, params, seed, max_length=len(PROMPT) + n + MAX_DRAFT_LEN + 2)
     if lookup:
         session = LookupDrafter.over(session, PROMPT, model_len=draft_len, vocab=V)
+    if pipeline:
+        verifier.submit(Draft((), None))
     return tuple(t for v in speculative_generate(session, verifier, draft_len=MAX_DRAFT_LEN if lookup else draft_len,
-                                                 max_new_tokens=n) for t in v.tokens)
+                                                 max_new_tokens=n, pipeline=pipeline, first_sent=pipeline)
+                 for t in v.tokens)
 
 
 # --- the tests ------------------------------------------------------------------------------
@@ -260,14 +264,24 @@ def test_drafts_are_sampled_from_the_q_sent_with_a_fake_onnx_drafter(core: Verif
     np.testing.assert_allclose(dense, draft.q / draft.q.sum(axis=1, keepdims=True), rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "sequential"])
 @pytest.mark.parametrize("lookup", [False, True], ids=["model-drafts", "with-lookup"])
 @pytest.mark.parametrize(("kind", "params", "draft_len"), [("shifted", TRANSFORMED, 2), ("close", PLAIN, 3)])
 def test_the_deployed_path_gives_the_in_process_tokens_with_fake_models(
-        core: VerifierCore, kind: str, params: SamplingParams, draft_len: int, lookup: bool) -> None:
+        core: VerifierCore, kind: str, params: SamplingParams, draft_len: int, lookup: bool, pipeline: bool) -> None:
+    """Pipelined on the wire (rounds sent ahead, tagged, dropped by the cloud when the guess
+    fails) against pipelined in process, and sequential against sequential: the same tokens."""
     drafter = FakeOnnxDrafterModel(drafter_logits(kind), Q_SUPPORT)
+    tries = hits = 0
     for seed in range(100):
-        result = deployed(core, drafter, params, seed, draft_len=draft_len, n=6, lookup=lookup)
-        assert tuple(result.tokens) == in_process(drafter, params, seed, draft_len=draft_len, n=6, lookup=lookup), seed
+        result = deployed(core, drafter, params, seed, draft_len=draft_len, n=6, lookup=lookup, pipeline=pipeline)
+        assert tuple(result.tokens) == in_process(drafter, params, seed, draft_len=draft_len, n=6, lookup=lookup,
+                                                  pipeline=pipeline), seed
+        tries, hits = tries + result.stats.pipeline_tries, hits + result.stats.pipeline_hits
+    if pipeline:  # both outcomes of a guess went over the wire: used, and dropped by the cloud
+        assert 0 < hits < tries, (hits, tries)
+    else:
+        assert tries == 0
 
 
 @pytest.mark.parametrize("break_at_round", [1, 2, 3])

@@ -123,9 +123,12 @@ class _FakeLink:
     def draft_room(self, wanted: int, position: int) -> int:
         return wanted
 
-    def verify(self, tokens: tuple[int, ...], q: object) -> Verdict:
+    def send_round(self, tokens: tuple[int, ...], q: object, assume: object = None) -> int:
         self.sent.append(tokens)
-        return self.verdicts.pop(0)
+        return len(self.sent)
+
+    def recv_verdict(self, round_no: int) -> tuple[Verdict, bool]:
+        return self.verdicts.pop(0), False
 
 
 def test_fake_link_bad_verdicts_are_dropped_and_resumed_with_the_committed_tokens() -> None:

@@ -1,0 +1,154 @@
+"""The learnt round deadline (issue 15, item 3) on the deployed edge path, through the link shaper.
+
+`EdgeCore.run` (what the edge node's servicer calls) against a real cloud verifier server on
+127.0.0.1: the tiny target in fp32 in the cloud, the tiny ONNX drafter on the edge, the edge's
+default configuration unless a test says otherwise, and every answer with fallback on, so that
+a misfired deadline shows as a route switch. One `EdgeCore` per test: what its answers learn is
+shared across them, as on the node.
+
+- A slow, jittery link (RTT 200 ms +- 50 ms each way) never misfires, while rounds wait the
+  learnt deadline, well below the ceiling: every answer equals the target's, with no switch and
+  no resume.
+- A link that slows down between answers (learnt at RTT 0, then 500 ms, above the learnt
+  deadline) does not misfire either: each stream's first round waits the ceiling, and its
+  latency bounds the later ones.
+- A black-holed link, once the deadline is learnt, falls back at the learnt deadline (read from
+  the switch's reason) far below the configured ceiling of 5 s, within that deadline plus three
+  rounds of the same run plus a slack (the stall measured on one clock, as in
+  test_edge_cloud_faults.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from cloud_node.verifier import VerifierCore
+from edge_node.config import EdgeConfig
+from edge_node.core import EdgeCore
+from edge_node.drafter import DrafterModel
+from edge_node.generation import EdgeResult
+from netshape.shaper import LinkShaper
+from tandem.pair import LocalPair
+from tandem_core.loop import SwitchCause
+from tandem_core.routing import Route
+from tandem_core.sampling import SamplingParams
+from tests.integration.test_edge_cloud_faults import Timeline
+from tests.support.cloud_server import serving
+
+log = logging.getLogger(__name__)
+
+PROMPT = [5, 17, 99, 3, 44, 101, 7]
+N = 40
+GREEDY = SamplingParams()
+CEILING_MS = 5000  # the black-hole test's configured deadline: far above anything learnt at RTT 0
+SLACK_S = 0.5  # thread hand-offs and the first local token on a loaded 2-core machine
+_DEADLINE_LOG = re.compile(r"deadline (\d+) ms, ceiling (\d+) ms")
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_models) -> Iterator[str]:
+    with serving(VerifierCore.load(tiny_models.target_hf, dtype="fp32")) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def drafter(tiny_models) -> DrafterModel:
+    return DrafterModel(tiny_models.drafter_onnx)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models) -> tuple[int, ...]:
+    pair = LocalPair(tiny_models.target_hf, None, dtype="fp32")
+    return pair.target_generate(PROMPT, GREEDY, max_new_tokens=N).tokens
+
+
+@pytest.fixture()
+def shaper(cloud: str) -> Iterator[LinkShaper]:
+    with LinkShaper(cloud, seed=15) as s:
+        yield s
+
+
+@pytest.fixture()
+def channel(shaper: LinkShaper) -> Iterator[grpc.Channel]:
+    host, port = shaper.address
+    with grpc.insecure_channel(f"{host}:{port}") as c:
+        yield c
+
+
+def _core(drafter: DrafterModel, channel: grpc.Channel, shaper: LinkShaper, **config) -> EdgeCore:
+    host, port = shaper.address
+    return EdgeCore(drafter, EdgeConfig(cloud_address=f"{host}:{port}", **config), channel)
+
+
+def _answer(core: EdgeCore, n: int = N, on_tokens=None, **job) -> EdgeResult:
+    prepared = core.prepare(list(PROMPT), GREEDY, route=Route.SPECULATIVE, max_new_tokens=n, fallback_local=True,
+                            **job)
+    return core.run(prepared, on_tokens or (lambda tokens, source: None))
+
+
+def _check_clean(result: EdgeResult, reference: tuple[int, ...], n: int = N) -> None:
+    assert not result.switches, f"misfired: {[s.reason for s in result.switches]}"
+    assert result.resumes == 0
+    assert tuple(result.tokens) == reference[:n]
+
+
+def _learn(core: EdgeCore, reference: tuple[int, ...], ceiling_s: float) -> float:
+    """Answer over the healthy link until the deadline is learnt (at most 5 answers); returns it
+    for a round of 4 drafts."""
+    for _ in range(5):
+        _check_clean(_answer(core), reference)
+        learnt = core.deadline.deadline_s(5, ceiling_s)
+        if learnt < ceiling_s:
+            return learnt
+    pytest.fail("5 answers and the deadline is still the ceiling")
+
+
+def test_a_slow_jittery_link_never_misfires(drafter, channel, shaper, reference, caplog) -> None:
+    ceiling_ms = 2000  # a learnt deadline (about 0.8 to 1 s here) must show below it
+    shaper.set_conditions(rtt_ms=200, jitter_ms=50)
+    core = _core(drafter, channel, shaper)
+    with caplog.at_level(logging.DEBUG, logger="edge_node.cloud_link"):
+        for _ in range(6):
+            _check_clean(_answer(core, round_deadline_ms=ceiling_ms), reference)
+    waited = [(int(m[1]), int(m[2])) for r in caplog.records if (m := _DEADLINE_LOG.search(r.getMessage()))]
+    learnt = [d for d, ceiling in waited if d < ceiling]
+    log.info("%d rounds waited a learnt deadline (%s ms), %d the ceiling", len(learnt),
+             f"{min(learnt)} to {max(learnt)}" if learnt else "none", len(waited) - len(learnt))
+    assert len(learnt) >= 20, "the deadline never adapted: the test would not test it"
+    # Below the ceiling, and never below 2.5 x the shortest possible round trip (2 x 50 ms) + 100 ms.
+    assert max(learnt) < ceiling_ms and min(learnt) >= 350
+
+
+def test_a_link_that_slows_down_between_answers_does_not_misfire(drafter, channel, shaper, reference) -> None:
+    core = _core(drafter, channel, shaper)
+    learnt = _learn(core, reference, 1.0)
+    assert learnt == 0.3  # the floor: a tiny model's rounds at RTT 0 take a few ms
+    shaper.set_conditions(rtt_ms=500)  # every round now takes longer than the learnt deadline
+    # A 2 s ceiling: a loaded machine's delays stay far from it; without `fastest` the rounds after
+    # the first would wait the learnt 0.3 s and misfire.
+    _check_clean(_answer(core, n=24, round_deadline_ms=2000), reference, n=24)
+
+
+def test_a_black_holed_link_falls_back_at_the_learnt_deadline(drafter, channel, shaper, reference) -> None:
+    core = _core(drafter, channel, shaper, round_deadline_ms=CEILING_MS)
+    _learn(core, reference, CEILING_MS / 1000)
+    timeline = Timeline()
+    result = _answer(core, on_tokens=timeline.fault_after(12, lambda: shaper.set_conditions(mode="blackhole")))
+    [switch] = result.switches
+    assert switch.cause == SwitchCause.LATE_VERDICT and "learnt deadline" in switch.reason, switch.reason
+    learnt_s = int(re.search(r"no reply within (\d+) ms", switch.reason)[1]) / 1000
+    assert 0.3 <= learnt_s <= CEILING_MS / 1000 / 4, switch.reason
+    end = timeline.first_local()
+    bound = learnt_s + 3 * timeline.round_s() + SLACK_S
+    measured = (f"fault -> first local token {end - timeline.fault_at:.3f} s, learnt deadline {learnt_s} s, "
+                f"round {timeline.round_s():.3f} s, bound {bound:.3f} s")
+    log.info("stall: %s", measured)
+    assert end - timeline.fault_at <= bound, measured
+    m = result.verified_tokens
+    assert m >= 12 and tuple(result.tokens[:m]) == reference[:m]
+    assert timeline.tokens == result.tokens  # every token delivered once, in order
