@@ -161,6 +161,9 @@ class _Stream:
             raise LinkError("stream ended without a reply")
         return item
 
+    def waiting(self) -> int:
+        return self._responses.qsize()
+
     def close(self) -> None:
         self._requests.put(_END)
         self._call.cancel()
@@ -275,6 +278,10 @@ class CloudLink:
         if self.opened is None:
             return wanted
         return max(0, min(wanted, self.opened.max_draft_len, self.opened.max_context - position - 1))
+
+    def replies_waiting(self) -> int:
+        """Replies (or a stream error) received and not read yet."""
+        return self._stream.waiting() if self._stream is not None else 0
 
     def send_round(self, draft_tokens: Sequence[int], q: np.ndarray | None, assume: Assume | None = None) -> int:
         """Send one round (with `assume`, tagged with what it assumes); returns its round number."""
@@ -541,6 +548,12 @@ class RemoteVerifier:
                 return None
             self.committed.extend(verdict.tokens)
             return verdict
+
+    def ready(self) -> bool:
+        """Whether the oldest round's reply (the open's too, for the first) is in, or an error."""
+        if not self._out or not self.link.is_open:
+            return True
+        return self.link.replies_waiting() >= (1 if self.link.opened is not None else 2)
 
     def _resend(self) -> None:
         """Send every round in flight again, in order, on the stream just opened."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -291,9 +291,12 @@ class DrafterSession:
         self._pending_cached = 0
         return self._pending
 
-    def draft_ahead(self, k: int) -> tuple[int, Draft]:
+    def draft_ahead(self, k: int, stop: Callable[[], bool] | None = None) -> tuple[int, Draft]:
         """On the guess that the unsettled draft is accepted whole: the drafter's choice for the
-        target's next token, and up to k drafts after it (see the module doc)."""
+        target's next token, and up to k drafts after it (see the module doc). `stop`, asked
+        before each pass, ends the drafting early (the verdict is in): fewer drafts, or none."""
+        if stop is not None and stop():
+            return -1, Draft((), None)
         if self._ahead is not None:
             raise RuntimeError("draft_ahead() called twice without commit()")
         if self._pending_cached < len(self._pending) - 1:
@@ -311,7 +314,7 @@ class DrafterSession:
         qs: list[np.ndarray] = []
         self._append((guess,))
         self._pick_at(self._logits, base + 1, tokens, qs)
-        while len(tokens) < k:
+        while len(tokens) < k and not (stop is not None and stop()):
             self._append(tokens[-1:])
             self._pick_at(self._logits, base + 1 + len(tokens), tokens, qs)
         ahead = Draft(tuple(tokens), np.stack(qs) if qs else None)

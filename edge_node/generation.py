@@ -190,7 +190,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     try:
         for verdict in speculative_generate(drafts, verifier, draft_len=_within_cloud(draft_len, verifier),
                                             max_new_tokens=max_new_tokens, stats=result.stats,
-                                            pipeline=pipeline, first_sent=first_sent):
+                                            pipeline=pipeline, first_sent=first_sent,
+                                            early_verdicts=params.greedy):
             clock.mark_first()
             result.tokens.extend(verdict.tokens)
             result.verified_tokens += len(verdict.tokens)

@@ -81,9 +81,9 @@ class _MeteredDraft:
         with self.meter:
             return self.inner.adopt(tokens)  # type: ignore[no-any-return]
 
-    def draft_ahead(self, k: int) -> tuple[int, Draft]:
+    def draft_ahead(self, k: int, stop: Any = None) -> tuple[int, Draft]:
         with self.meter:
-            return self.inner.draft_ahead(k)  # type: ignore[no-any-return]
+            return self.inner.draft_ahead(k, stop)  # type: ignore[no-any-return]
 
 
 class _MeteredScore(_MeteredDraft):

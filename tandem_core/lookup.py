@@ -313,7 +313,7 @@ class LookupDrafter:
         self._sent_at = self.clock()
         return draft
 
-    def draft_ahead(self, k: int) -> tuple[int, Draft]:
+    def draft_ahead(self, k: int, stop: Callable[[], bool] | None = None) -> tuple[int, Draft]:
         """The next round, drafted by the model on the guess that this one is accepted whole
         (`tandem_core.loop`); only after a model round (a copied one is not in the model's cache),
         and never copied itself (the index has not seen this round's tokens yet)."""
@@ -328,7 +328,7 @@ class LookupDrafter:
             kind = "probe" if why.startswith("probe") else "cost_model"
         else:
             k, why, kind = min(self.model_len, k), "pinned", "pinned"
-        guess, draft = ahead_of(k) if k > 0 else (-1, Draft((), None))
+        guess, draft = ahead_of(k, stop) if k > 0 else (-1, Draft((), None))
         self._ahead = Choice("model", len(draft.tokens), f"ahead; {why}", kind)
         return guess, replace(draft, reason=kind)
 

@@ -96,11 +96,11 @@ class DraftSession(Protocol):
 class AheadDraftSession(DraftSession, Protocol):
     """A drafter that can draft the next round before the unsettled one is verified."""
 
-    def draft_ahead(self, k: int) -> tuple[int, Draft]:
+    def draft_ahead(self, k: int, stop: Callable[[], bool] | None = None) -> tuple[int, Draft]:
         """On the guess that every unsettled draft is accepted: the drafter's choice for the
-        target's token after them, and up to k drafts after that. `commit` with a verdict that
-        equals the guess (all drafts, then that token) keeps these as the unsettled draft;
-        any other verdict drops them."""
+        target's token after them, and up to k drafts after that (fewer, or none, once `stop()`
+        says the verdict is in). `commit` with a verdict that equals the guess (all drafts, then
+        that token) keeps these as the unsettled draft; any other verdict drops them."""
         ...
 
 
@@ -136,6 +136,10 @@ class PipelinedVerifier(Verifier, Protocol):
     def collect(self) -> Verdict | None:
         """The oldest round's verdict, committed; None if it was dropped (its assumption failed).
         Raises `VerifierUnavailable` when there is none."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether `collect` would answer now without waiting (a reply, or an error, is in)."""
         ...
 
 
@@ -255,6 +259,7 @@ def speculative_generate(
     stats: RequestStats | None = None,
     pipeline: bool = False,
     first_sent: bool = False,
+    early_verdicts: bool = False,
 ) -> Iterator[Verdict]:
     """Yield each round's verdict until EOS or `max_new_tokens` tokens are committed.
 
@@ -264,11 +269,16 @@ def speculative_generate(
     tokens yielded before it are committed. `pipeline` drafts and sends each next round while
     the verdict is in flight, when the drafter and the verifier support it (see the module
     doc); `first_sent`: round 1, with no drafts, was already submitted to `verifier`.
+    `early_verdicts` lets a verdict that arrives while the next round is drafted ahead cut
+    that drafting short (the verifier's `ready`), so the answer goes on at once; the rounds'
+    lengths then depend on timing, which never changes a greedy answer but would change which
+    tokens a seeded sampled answer draws: greedy only.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     stats = stats if stats is not None else RequestStats()
     ahead_ok = pipeline and _pipelines(drafter, verifier)
+    stop = getattr(verifier, "ready", None) if early_verdicts else None
     rounds: PipelinedVerifier | _Sequential = (
         verifier if callable(getattr(verifier, "submit", None)) else _Sequential(verifier))  # type: ignore[assignment]
     if first_sent and not callable(getattr(verifier, "submit", None)):
@@ -295,7 +305,7 @@ def speculative_generate(
             # and commits at most k2 + 1 of them.
             k2 = min(length(_if_whole(stats, draft)), max_new_tokens - produced - len(draft.tokens) - 2)
             if k2 > 0:
-                guess, ahead = drafter.draft_ahead(k2)  # type: ignore[attr-defined]
+                guess, ahead = drafter.draft_ahead(k2, stop)  # type: ignore[attr-defined]
                 if ahead.tokens:
                     position = rounds.position + len(draft.tokens) + 1  # type: ignore[union-attr]
                     rounds.submit(ahead, Assume(position, guess))

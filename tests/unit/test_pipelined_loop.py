@@ -12,7 +12,7 @@ token, and the pipeline statistics count what happened. The verifier is the real
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -66,11 +66,15 @@ class FakeAheadDrafter(FakeDraftSession):
                 qs.append(q)
         return Draft(tuple(tokens), np.stack(qs) if qs else None)
 
-    def draft_ahead(self, k: int) -> tuple[int, Draft]:
+    def draft_ahead(self, k: int, stop: Callable[[], bool] | None = None) -> tuple[int, Draft]:
         assert self.ahead is None
+        if stop is not None and stop():
+            return -1, Draft((), None)
         context = [*self.context, *self.pending]
         guess = -5 if self.wrong_guess else self.choose(context)[0]
         ahead = self._draft_after([*context, guess], k)
+        while stop is not None and len(ahead.tokens) > 1 and stop():  # cut short, as the real drafter may be
+            ahead = Draft(ahead.tokens[:-1], None if ahead.q is None else ahead.q[:-1])
         self.ahead = (guess, ahead)
         return guess, ahead
 
@@ -104,17 +108,30 @@ class CommitSpy(TargetVerifier):
         return verdict
 
 
-def run(case: Case, seed: int, *, pipeline: bool, first_sent: bool = False, wrong_guess: bool = False
-        ) -> tuple[tuple[int, ...], RequestStats, CommitSpy]:
+class SometimesReady(CommitSpy):
+    """The real verifier, whose `ready` says yes at random: verdicts that come early, or late."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.rng = np.random.default_rng(7)
+
+    def ready(self) -> bool:
+        return bool(self.rng.random() < 0.4)
+
+
+def run(case: Case, seed: int, *, pipeline: bool, first_sent: bool = False, wrong_guess: bool = False,
+        early: bool = False) -> tuple[tuple[int, ...], RequestStats, CommitSpy]:
     drafter = FakeAheadDrafter(drafter_logits(case.drafter), list(PROMPT), case.params, seed, case.q_support,
                                wrong_guess=wrong_guess)
-    verifier = CommitSpy(FakeScoreSession(PROMPT), case.params, seed=seed, start=len(PROMPT),
-                         max_new_tokens=case.n, eos_ids=case.eos_ids)
+    verifier = (SometimesReady if early else CommitSpy)(FakeScoreSession(PROMPT), case.params, seed=seed,
+                                                         start=len(PROMPT), max_new_tokens=case.n,
+                                                         eos_ids=case.eos_ids)
     if first_sent:
         verifier.submit(Draft((), None))
     stats = RequestStats()
     out = [t for v in speculative_generate(drafter, verifier, draft_len=case.draft_len, max_new_tokens=case.n,
-                                           stats=stats, pipeline=pipeline, first_sent=first_sent)
+                                           stats=stats, pipeline=pipeline, first_sent=first_sent,
+                                           early_verdicts=early)
            for t in v.tokens]
     return tuple(out), stats, verifier
 
@@ -162,9 +179,9 @@ def test_rounds_ahead_stay_within_the_budget_with_fake_models() -> None:
     asked: list[int] = []
     original = drafter.draft_ahead
 
-    def spy(k: int) -> tuple[int, Draft]:
+    def spy(k: int, stop: Callable[[], bool] | None = None) -> tuple[int, Draft]:
         asked.append(k)
-        return original(k)
+        return original(k, stop)
 
     drafter.draft_ahead = spy  # type: ignore[method-assign]
     verifier = TargetVerifier(FakeScoreSession(PROMPT), GREEDY, seed=0, start=len(PROMPT), max_new_tokens=case.n,
@@ -184,3 +201,17 @@ def test_the_target_verifier_drops_a_round_whose_assumption_fails_with_fake_mode
     verifier.submit(Draft((1,), None), Assume(verifier.position, first.tokens[-1]))
     verdict = verifier.collect()
     assert verdict is not None and verifier.position == len(PROMPT) + 1 + len(verdict.tokens)
+
+
+@pytest.mark.parametrize("drafter_kind", ["close", "shifted"])
+def test_greedy_answers_hold_when_verdicts_cut_the_drafting_ahead_short_with_fake_models(drafter_kind: str) -> None:
+    """A verdict in early stops the drafting ahead (fewer drafts, or no round ahead): round
+    lengths then follow timing, and a greedy answer is still the target's, token for token."""
+    case = Case(drafter_kind, GREEDY, 4, 16, 0, 0)
+    cut = 0
+    for seed in range(20):
+        sequential, _, _ = run(case, seed, pipeline=False)
+        pipelined, stats, spy = run(case, seed, pipeline=True, first_sent=True, early=True)
+        assert pipelined == sequential and tuple(spy.committed) == pipelined
+        cut += sum(n for k, n in enumerate(stats.rounds_by_drafted) if 0 < k < 4)
+    assert cut > 0  # some rounds went out shorter than asked
