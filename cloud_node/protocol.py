@@ -124,6 +124,15 @@ class VerifyStream:
         self._closed = False
         self._lock = threading.Lock()
 
+    def responses(self, data: Any) -> list[cloud_pb2.VerifyResponse]:
+        """What one request gets: its response, and for an open with `first_round`, the verdict
+        of round 1 (no drafts) after SessionOpened."""
+        request = parse(data, cloud_pb2.VerifyRequest)
+        first = self.handle(request)
+        if request.WhichOneof("kind") == "open" and request.open.first_round and not self.finished:
+            return [first, self.handle(cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(round=1)))]
+        return [first]
+
     def handle(self, data: Any) -> cloud_pb2.VerifyResponse:
         """The response to one request (bytes or a parsed VerifyRequest)."""
         request = parse(data, cloud_pb2.VerifyRequest)

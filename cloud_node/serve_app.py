@@ -204,7 +204,8 @@ class CloudVerifierDeployment:
             while (data := await _next_request(requests, self.admission)) is not None:
                 if self.admission.draining.is_set():
                     raise Draining(DRAINING)
-                yield await asyncio.wrap_future(self._pool.submit(stream.handle, data))
+                for response in await asyncio.wrap_future(self._pool.submit(stream.responses, data)):
+                    yield response
                 if stream.finished:
                     return
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, here

@@ -108,7 +108,7 @@ class CloudVerifierServicer:
             while (data := inbox.get()) is not _END:
                 if data is _DRAIN or self.admission.draining.is_set():
                     raise Draining(DRAINING)
-                yield stream.handle(data)
+                yield from stream.responses(data)
                 if stream.finished:
                     return
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, here

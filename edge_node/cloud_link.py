@@ -239,17 +239,20 @@ class CloudLink:
         if kind == "verdict":
             self.batch_sessions.append(timing.batch_sessions)
 
-    def open(self, generated: Sequence[int] = (), *, wait: bool = False) -> None:
+    def open(self, generated: Sequence[int] = (), *, wait: bool = False, first_round: bool = False) -> int | None:
         """Open a stream for the session, carrying `generated` committed tokens on resume.
 
         The SessionOpened reply is read together with the first verdict unless `wait` is set,
-        so opening costs no extra round trip.
+        so opening costs no extra round trip. With `first_round`, the cloud answers a round with
+        no drafts right after SessionOpened (SessionSpec.first_round): its number is returned,
+        for `recv_verdict`, and the rounds sent later are numbered after it.
         """
         self.close()
         r = self._request
         spec = cloud_pb2.SessionSpec(session_id=r.session_id, model=r.model, prompt_tokens=list(r.prompt_ids),
                                      sampling=sampling_to_proto(r.params, r.seed),
-                                     max_new_tokens=r.max_new_tokens, generated_tokens=list(generated))
+                                     max_new_tokens=r.max_new_tokens, generated_tokens=list(generated),
+                                     first_round=first_round)
         try:
             self._stream = _Stream(self._stub, self._total_timeout_s)
         except grpc.RpcError as exc:  # the channel can fail fast when the peer is down
@@ -257,8 +260,13 @@ class CloudLink:
         self.opened = None
         self._sent, self._fastest_s = {}, None
         self._send(cloud_pb2.VerifyRequest(open=spec))
+        first = None
+        if first_round:  # the protocol numbers it 1; later rounds follow it
+            first, self._round = 1, max(self._round, 1)
+            self._sent[first] = (time.monotonic(), 1, True)
         if wait:
             self._await_opened(self.open_timeout_s)
+        return first
 
     def _await_opened(self, timeout_s: float) -> None:
         if self.opened is None:
@@ -476,15 +484,16 @@ class RemoteVerifier:
         prefill then yields the first token, as on the cloud-only route). Returns whether round 1
         was sent. A failure to open is left to the first round, which opens again with its
         resumes and causes."""
-        if not self.link.is_open:
-            try:
-                self.link.open(self.committed)
-            except LinkError as exc:
-                log.info("opening the cloud session early failed (%s); the first round retries", exc)
-                return False
-        if first_round:
-            self.submit(Draft((), None))
-        return first_round
+        if self.link.is_open:
+            return False
+        try:
+            first = self.link.open(self.committed, first_round=first_round)
+        except LinkError as exc:
+            log.info("opening the cloud session early failed (%s); the first round retries", exc)
+            return False
+        if first is not None:  # answered with the open: the cloud's prefill yields the first token
+            self._out.append(_Sent(Draft((), None), None, keep=0, round_no=first))
+        return first is not None
 
     def verify(self, draft: Draft) -> Verdict:
         self.submit(draft)

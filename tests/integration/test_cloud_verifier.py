@@ -139,6 +139,35 @@ def test_cloud_only_generate(pair: LocalPair, client: CloudVerifierClient) -> No
     assert sampled[0] == sampled[1] and len(sampled[0]) >= 1
 
 
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_open_with_first_round_answers_the_first_token_before_any_round(pair: LocalPair, address: str,
+                                                                          params: SamplingParams) -> None:
+    """SessionSpec.first_round: SessionOpened, then round 1's verdict (no drafts): the cloud-only
+    route's first token; a round ahead tagged on it is verified or dropped as its guess says."""
+    prompt, first_of = PROMPTS[2], None
+    with grpc.insecure_channel(address) as channel:
+        stub = cloud_pb2_grpc.CloudVerifierStub(channel)
+        for _ in range(2):
+            spec = spec_for(prompt, params, 10)
+            spec.first_round = True
+            expected = [t for r in CloudVerifierClient(address, channel=channel).generate(spec_for(prompt, params, 10))
+                        for t in r.tokens][0]
+            first_of = expected if first_of is None else first_of
+            wrong = expected + 1
+            requests = [cloud_pb2.VerifyRequest(open=spec),
+                        cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(
+                            round=2, assume_position=len(prompt) + 1, assume_token=wrong)),
+                        cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(
+                            round=3, assume_position=len(prompt) + 1, assume_token=expected))]
+            replies = list(stub.Verify(iter(requests), timeout=60))
+            assert [r.WhichOneof("kind") for r in replies] == ["opened", "verdict", "verdict", "verdict"]
+            first, dropped, kept = (r.verdict for r in replies[1:])
+            assert (first.round, first.accepted, list(first.tokens)) == (1, 0, [expected])
+            assert (dropped.round, dropped.dropped, list(dropped.tokens)) == (2, True, [])
+            assert kept.round == 3 and not kept.dropped and len(kept.tokens) == 1
+    assert first_of == expected  # the same first token every time (seeded when sampled)
+
+
 def test_cancelled_streams_free_their_sessions(address: str, core: VerifierCore) -> None:
     wait_for_no_sessions(core)
     with grpc.insecure_channel(address) as channel:

@@ -161,11 +161,14 @@ class FakeVerifyCall:
         self.channel, self.requests, self.serialize, self.deserialize = channel, requests, serialize, deserialize
         self.stream = VerifyStream(channel.core, Admission())
         self.rounds = 0
+        self.replies: list[Any] = []  # an open with first_round gets two
 
     def __iter__(self) -> FakeVerifyCall:
         return self
 
     def __next__(self) -> Any:
+        if self.replies:
+            return self.replies.pop(0)
         try:
             request = next(self.requests)
         except StopIteration:
@@ -179,11 +182,12 @@ class FakeVerifyCall:
                 self.stream.close()
                 raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "fake link cut")
         try:
-            reply = self.stream.handle(data)
+            replies = self.stream.responses(data)
         except Exception as exc:  # noqa: BLE001 - the servicer maps every error to a status
             self.stream.close()
             raise FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}") from None
-        return self.deserialize(reply.SerializeToString())
+        self.replies = [self.deserialize(reply.SerializeToString()) for reply in replies]
+        return self.replies.pop(0)
 
     def cancel(self) -> None:
         self.stream.close()

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SessionSpec(_message.Message):
-    __slots__ = ("session_id", "model", "prompt_tokens", "messages", "sampling", "max_new_tokens", "generated_tokens")
+    __slots__ = ("session_id", "model", "prompt_tokens", "messages", "sampling", "max_new_tokens", "generated_tokens", "first_round")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class SessionSpec(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -23,7 +24,8 @@ class SessionSpec(_message.Message):
     sampling: _common_pb2.SamplingParams
     max_new_tokens: int
     generated_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    first_round: bool
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ..., first_round: _Optional[bool] = ...) -> None: ...
 
 class DraftRound(_message.Message):
     __slots__ = ("round", "draft_tokens", "q_rows", "assume_position", "assume_token")
