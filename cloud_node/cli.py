@@ -30,7 +30,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 
 from cloud_node.config import ENV_PREFIX, CloudConfig, GatewayConfig
 from tandem.config import ConfigError, add_flags, load
+from tandem.ports import free_ports
 from tandem.security import SecurityError
 
 log = logging.getLogger(__name__)
@@ -110,12 +110,6 @@ def run_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; raises ConfigError or SecurityError for a bad setting."""
     from cloud_node import gateway
@@ -149,9 +143,13 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
     front = front or GatewayConfig()
     front_door = front_door or gateway.build(front, None, gateway.gateway_secret(front))
     local = config.address is None
-    port = config.serve_port or _free_port()
+    # Serve's gRPC and HTTP proxies and the metrics exporter: distinct ports, chosen together
+    # (one at a time, the kernel can give the same free port twice).
+    chosen = iter(free_ports(3))
+    port = config.serve_port or next(chosen)
+    http_port = next(p for p in chosen if p != port)
     cpus = None if not local else max(available_cpus(), int(config.replicas * config.replica_cpus + 0.999))
-    exporter = None if config.metrics_port is None or not local else (config.metrics_port or _free_port())
+    exporter = None if config.metrics_port is None or not local else (config.metrics_port or next(chosen))
     ray.init(address="local" if local else config.address, num_cpus=cpus, include_dashboard=False,
              configure_logging=False, _metrics_export_port=exporter)
     after_init()
@@ -159,7 +157,7 @@ def serve_until(config: CloudConfig, stop: threading.Event, after_init: Callable
     try:
         log.info("ray %s at %s", "local instance" if local else "cluster", ray.get_runtime_context().gcs_address)
         switch = serve_drain.create_switch()  # before the replicas start: each one waits on it
-        serve_app.start(config.model_dir, grpc_port=port, http_port=_free_port(), dtype=config.dtype,
+        serve_app.start(config.model_dir, grpc_port=port, http_port=http_port, dtype=config.dtype,
                         limits=config.limits(), replicas=config.replicas, num_cpus=config.replica_cpus,
                         threads=config.threads, gateway_digest=front_door.secret_digest)
         serve_app.wait_healthy(f"127.0.0.1:{port}", timeout_s=120)

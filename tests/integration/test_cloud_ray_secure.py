@@ -11,7 +11,6 @@ to its session limit; health answers without a token; no token reaches the cloud
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import pytest
 from cloud_node.tokens import TokenStore
 from tandem.ops import devpki
 from tandem.pair import LocalPair
+from tandem.ports import free_ports
 from tandem.security import ClientTls, secure_channel
 from tandem_core.sampling import SamplingParams
 from tests.integration.test_cloud_ray import Cloud, spec_for, speculative, start_cloud
@@ -41,19 +41,13 @@ class Secure:
     token: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def secure(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     work = tmp_path_factory.mktemp("secure-cloud")
     pki = devpki.ensure(work / "pki")
     store = TokenStore(work / "tokens.json")
     _, token = store.issue("edge-1", max_sessions=2)
-    log, serve_port = work / "cloud.log", _free_port()
+    log, serve_port = work / "cloud.log", free_ports(1)[0]
     cloud = start_cloud(["--port", "0", "--serve-port", str(serve_port), "--model-dir", str(tiny_models.target_hf),
                          "--dtype", "fp32", "--replicas", "1", "--replica-cpus", "0.5", "--max-new-tokens", "64",
                          "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),

@@ -115,7 +115,7 @@ def test_free_ports_sit_below_the_ephemeral_range_and_are_free_on_v4_and_v6() ->
     the ports Ray hands its workers."""
     import socket
 
-    from tandem.ops.ray_cluster import RAY_WORKER_PORTS_END, _ephemeral_low, free_ports
+    from tandem.ports import RAY_WORKER_PORTS_END, _ephemeral_low, free_ports
 
     ports = free_ports(6)
     assert len(set(ports)) == 6 and all(RAY_WORKER_PORTS_END < p < _ephemeral_low() for p in ports)
