@@ -146,9 +146,7 @@ class Checker:
         if k > most:
             raise BadRequest(f"draft_tokens: {k} drafts exceed the protocol's max_draft_len={most}")
         tokens = self.ids("draft_tokens", draft.draft_tokens)
-        if draft.assume_position:
-            if draft.assume_position > self.max_context:
-                raise BadRequest(f"assume_position: {draft.assume_position} exceeds max_context={self.max_context}")
+        if draft.assume_position:  # one past the context can never hold: the round is dropped, not refused
             self.ids("assume_token", (draft.assume_token,))
         q = self.q_rows(draft.q_rows, tokens, params)
         keep = max(0, min(k, self.max_draft_len, self.max_context - position - 1))

@@ -203,6 +203,7 @@ class CloudLink:
         self.deadline = deadline if deadline is not None else LinkDeadline()
         # Per round of the current stream: (sent at, rows, sent before its SessionOpened came).
         self._sent: dict[int, tuple[float, int, bool]] = {}
+        self._last_verdict_at = 0.0
         self._fastest_s: float | None = None  # the quickest verdict on the current stream
         self.open_timeout_s = open_timeout_s
         self._total_timeout_s = total_timeout_s
@@ -259,6 +260,7 @@ class CloudLink:
             raise LinkError(f"cannot open a stream: {exc}") from None
         self.opened = None
         self._sent, self._fastest_s = {}, None
+        self._last_verdict_at = 0.0  # when the last verdict was read (a round sent ahead starts there)
         self._send(cloud_pb2.VerifyRequest(open=spec))
         first = None
         if first_round:  # the protocol numbers it 1; later rounds follow it
@@ -332,6 +334,8 @@ class CloudLink:
     # (`fastest_s`: the link as it is now).
     def _await_verdict(self, round_no: int) -> cloud_pb2.VerifyResponse:
         sent_at, rows, first = self._sent.get(round_no, (0.0, 1, True))
+        # A round sent ahead waits behind the one before it: its clock starts at that one's verdict.
+        sent_at = max(sent_at, self._last_verdict_at)
         ceiling_s = self.round_timeout_s
         deadline_s = ceiling_s if first else self.deadline.deadline_s(rows, ceiling_s, self._fastest_s)
         log.debug("round %d (%d rows): deadline %.0f ms, ceiling %.0f ms", round_no, rows, 1000 * deadline_s,
@@ -350,9 +354,13 @@ class CloudLink:
     def _learn(self, round_no: int, dropped: bool) -> None:
         """Feed a verdict's latency to the deadline; a dropped round skipped the verification pass."""
         sent_at, rows, first = self._sent.pop(round_no, (0.0, 1, True))
+        # Learnt from the send (a round sent ahead also waited behind the one before it: an
+        # over-estimate, which only lengthens the deadline); its wait started at the later of the two.
+        now = time.monotonic()
+        self._last_verdict_at = now
         if dropped or not sent_at:
             return
-        latency_s = time.monotonic() - sent_at
+        latency_s = now - sent_at
         self._fastest_s = latency_s if self._fastest_s is None else min(self._fastest_s, latency_s)
         if not first:
             self.deadline.observe(rows, latency_s)
@@ -445,6 +453,7 @@ class _Sent:
     assume: Assume | None
     keep: int = 0
     round_no: int = -1  # -1: not sent on the current stream
+    doomed: bool = False  # its guess failed: the cloud drops it, and `collect` reads past its reply
 
 
 class RemoteVerifier:
@@ -521,9 +530,14 @@ class RemoteVerifier:
         entry.round_no = self.link.send_round(entry.draft.tokens[:entry.keep], None if q is None else q[:entry.keep],
                                               entry.assume)
 
+    def expect_dropped(self) -> None:
+        """The oldest round in flight not yet so marked will be dropped (its guess failed)."""
+        next(e for e in self._out if e.assume is not None and not e.doomed).doomed = True
+
     def collect(self) -> Verdict | None:
         """The oldest round's verdict (committed here), or None if the cloud dropped it as it should
-        (its assumption failed); a break resumes and sends every round in flight again."""
+        (its assumption failed); replies of rounds marked by `expect_dropped` are read past. A
+        break resumes and sends every round in flight again."""
         while True:
             entry = self._out[0]
             try:
@@ -553,19 +567,29 @@ class RemoteVerifier:
                 self._resend()
                 continue
             self._out.popleft()
+            if dropped and entry.doomed:
+                continue
+            if entry.doomed:  # `holds` above was true: the caller's view and ours disagree
+                raise AssertionError("a round expected to be dropped held its assumption")
             if dropped:
                 return None
             self.committed.extend(verdict.tokens)
             return verdict
 
     def ready(self) -> bool:
-        """Whether the oldest round's reply (the open's too, for the first) is in, or an error."""
+        """Whether the next verdict `collect` returns is in (with the open's reply, for the first,
+        and those of the dropped rounds before it), or an error."""
         if not self._out or not self.link.is_open:
             return True
-        return self.link.replies_waiting() >= (1 if self.link.opened is not None else 2)
+        doomed = next((i for i, e in enumerate(self._out) if not e.doomed), len(self._out))
+        return self.link.replies_waiting() >= doomed + (1 if self.link.opened is not None else 2)
 
     def _resend(self) -> None:
-        """Send every round in flight again, in order, on the stream just opened."""
+        """Send every round in flight again, in order, on the stream just opened (not those
+        known to be dropped)."""
+        kept = [entry for entry in self._out if not entry.doomed]
+        self._out.clear()
+        self._out.extend(kept)
         for entry in self._out:
             entry.round_no = -1
         for entry in self._out:

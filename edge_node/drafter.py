@@ -307,9 +307,12 @@ class DrafterSession:
             return -1, Draft((), None)
         if self._pending:
             self._append(self._pending[-1:])
-        guess_tokens: list[int] = []
-        self._pick_at(self._logits, base, guess_tokens, [])
-        guess = guess_tokens[0]
+            if stop is not None and stop():  # the verdict came during that pass: its last draft is in the cache,
+                self._pending_cached = len(self._pending)  # which commit handles like a rejected one
+                return -1, Draft((), None)
+        # The guess is the drafter's most likely token, in sampling mode too: it is only compared
+        # with the target's (a hit is likelier than with a sample), never sent.
+        guess = int(np.argmax(self._logits))
         tokens: list[int] = []
         qs: list[np.ndarray] = []
         self._append((guess,))

@@ -10,7 +10,8 @@ Subpackages, one concern each:
 - `tandem.pair`: the drafter and the target in one process (bench, demo, tests).
 
 Leaf modules the runtimes may import: `tandem.paths`, `tandem.limits`, `tandem.config`,
-`tandem.security`, `tandem.models.registry`, `tandem.metric_defs`, `tandem.ports`. Everything else here may import every package (`tandem_core`,
+`tandem.security`, `tandem.models.registry`, `tandem.metric_defs`, `tandem.ports`. Everything else
+here may import every package (`tandem_core`,
 `tandem_sdk`, `protos`, `edge_node`, `cloud_node`, `orchestrator`, `netshape`); nothing outside
 `tandem/` imports it (the import contracts in pyproject.toml enforce this).
 """

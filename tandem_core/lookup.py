@@ -177,19 +177,23 @@ class LookupPolicy:
             total += reach
         return total
 
-    def adaptive_len(self, k_max: int) -> tuple[int, str]:
-        """The adaptive draft length and why (the reason's class is `reason_kind(why)`)."""
+    def adaptive_len(self, k_max: int, *, peek: bool = False) -> tuple[int, str]:
+        """The adaptive draft length and why. `peek`: without counting a round for the probe
+        cadence (a round drafted ahead, which may never be sent)."""
         best, best_rate = 0, 1.0 / self.round_time(0)
         for k in range(1, max(0, min(k_max, MAX_K)) + 1):
             rate = (1 + self.model_expected(k)) / (self.round_time(k) + k * self.draft_s)
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0 and k_max > 0:
+            if peek:
+                return 0, "acceptance too low to draft ahead"
             self._zero_rounds += 1
             if self._zero_rounds % PROBE_EVERY == 0:
                 return 1, "probe: acceptance too low to draft, one draft keeps it measured"
             return 0, f"acceptance too low to draft (a0={self.positions[0].a:.2f}): plain target decoding"
-        self._zero_rounds = 0
+        if not peek:
+            self._zero_rounds = 0
         return best, f"k={best}: {best_rate:.1f} tok/s expected (a0={self.positions[0].a:.2f})"
 
     def choose(self, proposal: Proposal | None, *, k_max: int, model_len: int | None) -> Choice:
@@ -324,8 +328,8 @@ class LookupDrafter:
         if not after_model or ahead_of is None:
             return -1, Draft((), None)
         if self.model_len is None:
-            k, why = self.policy.adaptive_len(k)
-            kind = "probe" if why.startswith("probe") else "cost_model"
+            k, why = self.policy.adaptive_len(k, peek=True)
+            kind = "cost_model"
         else:
             k, why, kind = min(self.model_len, k), "pinned", "pinned"
         guess, draft = ahead_of(k, stop) if k > 0 else (-1, Draft((), None))

@@ -142,6 +142,11 @@ class PipelinedVerifier(Verifier, Protocol):
         """Whether `collect` would answer now without waiting (a reply, or an error, is in)."""
         ...
 
+    def expect_dropped(self) -> None:
+        """The oldest round in flight not yet so marked was drafted on a guess that failed: it
+        will be dropped, and `collect` consumes its reply silently before the next verdict."""
+        ...
+
 
 class ScoreSession(Protocol):
     """A target bound to one request. Its cache holds the committed tokens but the last one."""
@@ -198,6 +203,8 @@ class TargetVerifier:
         self.position, self.end = start, start + max_new_tokens
         self.last: int | None = None  # the last committed token, once a round committed one
         self._rounds: deque[tuple[Draft, Assume | None]] = deque()
+        self._expected = 0  # rounds at the head known to be dropped (`expect_dropped`)
+        self.dropped = 0  # rounds dropped: their assumption failed
 
     def verify(self, draft: Draft) -> Verdict:
         verdict = target_round(self.scorer, draft, self.params, seed=self.seed, position=self.position,
@@ -211,11 +218,21 @@ class TargetVerifier:
         """Queue a round; `collect` verifies it (in process, nothing runs meanwhile)."""
         self._rounds.append((draft, assume))
 
+    def expect_dropped(self) -> None:
+        self._expected += 1
+
     def collect(self) -> Verdict | None:
-        draft, assume = self._rounds.popleft()
-        if assume is not None and (self.position != assume.position or self.last != assume.token):
-            return None
-        return self.verify(draft)
+        while True:
+            draft, assume = self._rounds.popleft()
+            if assume is not None and (self.position != assume.position or self.last != assume.token):
+                self.dropped += 1
+                if self._expected:  # consumed silently: the caller knows
+                    self._expected -= 1
+                    continue
+                return None
+            if self._expected:
+                raise AssertionError("a round expected to be dropped held its assumption")
+            return self.verify(draft)
 
 
 DraftLen = int | Callable[[RequestStats], int]  # fixed, or chosen per round from the request so far
@@ -326,6 +343,6 @@ def speculative_generate(
         drafter.commit(verdict.accepted, verdict.tokens)  # keeps `ahead` as the unsettled draft on a hit
         if ahead is not None:
             stats.add_pipeline(hit)
-            if not hit and rounds.collect() is not None:  # the verifier drops a failed guess unverified
-                raise AssertionError("a round whose assumption failed was verified")
+            if not hit:  # the verifier drops it unverified; its reply is read with the next verdict's
+                rounds.expect_dropped()  # type: ignore[union-attr]
         draft = ahead if hit else None

@@ -158,10 +158,14 @@ def test_open_with_first_round_answers_the_first_token_before_any_round(pair: Lo
                         cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(
                             round=2, assume_position=len(prompt) + 1, assume_token=wrong)),
                         cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(
-                            round=3, assume_position=len(prompt) + 1, assume_token=expected))]
+                            round=3, assume_position=len(prompt) + 1, assume_token=expected)),
+                        # an assumption past the context can never hold: dropped, not refused
+                        cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(
+                            round=4, assume_position=LIMITS.max_context + 3, assume_token=1))]
             replies = list(stub.Verify(iter(requests), timeout=60))
-            assert [r.WhichOneof("kind") for r in replies] == ["opened", "verdict", "verdict", "verdict"]
-            first, dropped, kept = (r.verdict for r in replies[1:])
+            assert [r.WhichOneof("kind") for r in replies] == ["opened"] + ["verdict"] * 4
+            first, dropped, kept, past = (r.verdict for r in replies[1:])
+            assert (past.round, past.dropped, list(past.tokens)) == (4, True, [])
             assert (first.round, first.accepted, list(first.tokens)) == (1, 0, [expected])
             assert (dropped.round, dropped.dropped, list(dropped.tokens)) == (2, True, [])
             assert kept.round == 3 and not kept.dropped and len(kept.tokens) == 1

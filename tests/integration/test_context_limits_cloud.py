@@ -75,14 +75,20 @@ class SpyLink(CloudLink):
         return super().send_round(draft_tokens, q, assume)
 
 
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_speculative_route_ends_with_length_at_the_cloud_context(address, drafter, reference, params) -> None:
+def test_speculative_route_ends_with_length_at_the_cloud_context(address, drafter, reference, params,
+                                                                 pipeline) -> None:
+    """Up to the context's last token, with rounds ahead too: one that would assume a position
+    past the context is dropped by the cloud, never refused."""
     with grpc.insecure_channel(address) as channel:
         link = SpyLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), params, 1, 200))
         link.sent = []
-        # Sequential rounds: the first round then carries drafts, sent before SessionOpened.
+        # The first round sent carries drafts before SessionOpened came (sequential: round 1;
+        # pipelined: round 2, drafted ahead while round 1 is answered with the open).
         result = generate_speculative(drafter, link, PROMPT, params, 1, draft_len=12, max_new_tokens=200,
-                                      max_resumes=0, pipeline=False)
+                                      max_resumes=0, pipeline=pipeline)
+    assert result.resumes == 0 and not result.switches
     assert result.finish_reason == FinishReason.LENGTH
     assert len(result.tokens) == ROOM
     if params.greedy:

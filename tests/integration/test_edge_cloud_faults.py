@@ -376,7 +376,9 @@ def test_verdicts_tampered_again_and_again_fall_back_to_the_device(drafter, clou
         result = generate_speculative(drafter, link, PROMPT, GREEDY, 0, draft_len=4, max_new_tokens=N,
                                       fallback_local=True)
     m = result.verified_tokens
-    assert tamper.changed == 3 and result.resumes == 2  # two bad verdicts resumed, the third gives up
+    # Two bad verdicts resumed, the third gives up. (The proxy may change more: a verdict of a round
+    # sent ahead can still be on its way when the edge drops the stream.)
+    assert tamper.changed >= 3 and result.resumes == 2
     assert [(s.cause, s.at_token) for s in result.switches] == [(SwitchCause.BAD_VERDICT, m)]
     assert m > 0 and tuple(result.tokens[:m]) == reference[:m]
     # The drafter's cache held exactly the committed tokens: it goes on as a fresh session would.

@@ -71,7 +71,7 @@ class FakeAheadDrafter(FakeDraftSession):
         if stop is not None and stop():
             return -1, Draft((), None)
         context = [*self.context, *self.pending]
-        guess = -5 if self.wrong_guess else self.choose(context)[0]
+        guess = -5 if self.wrong_guess else int(np.argmax(self.logits(context)))  # as the real drafter guesses
         ahead = self._draft_after([*context, guess], k)
         while stop is not None and len(ahead.tokens) > 1 and stop():  # cut short, as the real drafter may be
             ahead = Draft(ahead.tokens[:-1], None if ahead.q is None else ahead.q[:-1])
@@ -90,21 +90,15 @@ class FakeAheadDrafter(FakeDraftSession):
 
 
 class CommitSpy(TargetVerifier):
-    """The real verifier, recording every verdict it commits and every round it drops."""
+    """The real verifier, recording every verdict it commits (it counts the rounds it drops)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.committed: list[int] = []
-        self.dropped = 0
 
     def verify(self, draft: Draft) -> Verdict:
         verdict = super().verify(draft)
         self.committed.extend(verdict.tokens)
-        return verdict
-
-    def collect(self) -> Verdict | None:
-        verdict = super().collect()
-        self.dropped += verdict is None
         return verdict
 
 
@@ -197,10 +191,17 @@ def test_the_target_verifier_drops_a_round_whose_assumption_fails_with_fake_mode
                               eos_ids=frozenset())
     first = verifier.verify(Draft((), None))
     verifier.submit(Draft((1,), None), Assume(verifier.position, first.tokens[-1] + 1))
-    assert verifier.collect() is None and verifier.position == len(PROMPT) + 1
-    verifier.submit(Draft((1,), None), Assume(verifier.position, first.tokens[-1]))
+    assert verifier.collect() is None and verifier.position == len(PROMPT) + 1 and verifier.dropped == 1
+    # Marked as expected to fail, a dropped round's reply is read past, with the next verdict.
+    verifier.submit(Draft((1,), None), Assume(verifier.position, first.tokens[-1] + 1))
+    verifier.expect_dropped()
+    verifier.submit(Draft((), None))
+    after = verifier.collect()
+    assert after is not None and verifier.dropped == 2 and verifier.position == len(PROMPT) + 2
+    assert verifier.last == after.tokens[-1]
+    verifier.submit(Draft((1,), None), Assume(verifier.position, after.tokens[-1]))
     verdict = verifier.collect()
-    assert verdict is not None and verifier.position == len(PROMPT) + 1 + len(verdict.tokens)
+    assert verdict is not None and verifier.position == len(PROMPT) + 2 + len(verdict.tokens)
 
 
 @pytest.mark.parametrize("drafter_kind", ["close", "shifted"])
