@@ -86,7 +86,7 @@ def timing_to_proto(t: Timing) -> cloud_pb2.ServerTiming:
 def opened_to_proto(o: Opened) -> cloud_pb2.VerifyResponse:
     return cloud_pb2.VerifyResponse(opened=cloud_pb2.SessionOpened(
         model=o.model, prompt_len=o.prompt_len, max_draft_len=o.max_draft_len, max_context=o.max_context,
-        replica=o.replica, timing=timing_to_proto(o.timing)))
+        replica=o.replica, timing=timing_to_proto(o.timing), pipelining=True))
 
 
 def verdict_to_proto(v: RoundVerdict) -> cloud_pb2.VerifyResponse:

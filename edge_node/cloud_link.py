@@ -29,6 +29,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -204,6 +205,7 @@ class CloudLink:
         # Per round of the current stream: (sent at, rows, sent before its SessionOpened came).
         self._sent: dict[int, tuple[float, int, bool]] = {}
         self._last_verdict_at = 0.0
+        self._first_reserved = False  # opened with first_round, SessionOpened not read yet
         self._fastest_s: float | None = None  # the quickest verdict on the current stream
         self.open_timeout_s = open_timeout_s
         self._total_timeout_s = total_timeout_s
@@ -263,6 +265,7 @@ class CloudLink:
         self._last_verdict_at = 0.0  # when the last verdict was read (a round sent ahead starts there)
         self._send(cloud_pb2.VerifyRequest(open=spec))
         first = None
+        self._first_reserved = first_round
         if first_round:  # the protocol numbers it 1; later rounds follow it
             first, self._round = 1, max(self._round, 1)
             self._sent[first] = (time.monotonic(), 1, True)
@@ -276,6 +279,14 @@ class CloudLink:
             if response.WhichOneof("kind") != "opened":
                 raise ProtocolError("the cloud did not acknowledge the session")
             self.opened = response.opened
+            if self._first_reserved and not self.opened.pipelining:  # an older cloud: ask for round 1 now
+                self._send(cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(round=1)))
+            self._first_reserved = False
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether the cloud takes rounds ahead (known once its SessionOpened came)."""
+        return self.opened is not None and self.opened.pipelining
 
     def resume(self, generated: Sequence[int]) -> None:
         self.resumes += 1
@@ -445,6 +456,9 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
             log.info("cloud Generate stream broke (%s); resuming after %d tokens", exc, len(generated))
 
 
+_HELD = -2  # a round not sent yet: it waits for the cloud's SessionOpened (`RemoteVerifier._send`)
+
+
 @dataclass
 class _Sent:
     """A round in flight: the draft, what it assumes, the drafts sent and its round number."""
@@ -522,6 +536,13 @@ class RemoteVerifier:
             pass  # the stream is gone: `collect` resumes and sends it again
 
     def _send(self, entry: _Sent) -> None:
+        # A round ahead waits until the cloud is known to take them (its SessionOpened), and
+        # rounds after a waiting one wait too (replies come in the order sent).
+        before = list(itertools.takewhile(lambda e: e is not entry, self._out))
+        waiting = any(e.round_no == _HELD for e in before)
+        if waiting or (entry.assume is not None and not self.link.pipelining):
+            entry.round_no = _HELD
+            return
         # Drafts past the cloud's limits are dropped here (the verdict accepts at most those
         # sent); the drafter's commit keeps only the accepted ones anyway.
         position = self.position if entry.assume is None else entry.assume.position
@@ -541,6 +562,11 @@ class RemoteVerifier:
         while True:
             entry = self._out[0]
             try:
+                if entry.round_no == _HELD and not self._release(entry):
+                    self._out.popleft()  # its assumption failed: an older cloud never sees it
+                    if entry.doomed:
+                        continue
+                    return None
                 if entry.round_no < 0:
                     raise LinkError("the round was never sent")
                 verdict, dropped = self.link.recv_verdict(entry.round_no)
@@ -567,6 +593,7 @@ class RemoteVerifier:
                 self._resend()
                 continue
             self._out.popleft()
+            self._flush()
             if dropped and entry.doomed:
                 continue
             if entry.doomed:  # `holds` above was true: the caller's view and ours disagree
@@ -583,6 +610,25 @@ class RemoteVerifier:
             return True
         doomed = next((i for i, e in enumerate(self._out) if not e.doomed), len(self._out))
         return self.link.replies_waiting() >= doomed + (1 if self.link.opened is not None else 2)
+
+    def _release(self, entry: _Sent) -> bool:
+        """Send a waiting round now that it is the oldest; False when it need not go: a cloud
+        without rounds ahead (its assumption is checked here) and a failed assumption."""
+        if not self.link.pipelining and entry.assume is not None:
+            if not (self.position == entry.assume.position and self.committed[-1:] == [entry.assume.token]):
+                return False
+            entry.assume = None  # it holds: an ordinary round now
+        entry.round_no = -1
+        self._send(entry)
+        return True
+
+    def _flush(self) -> None:
+        """Send the waiting rounds, in order, once the cloud is known to take rounds ahead."""
+        if self.link.pipelining and self.link.is_open:
+            for entry in self._out:
+                if entry.round_no == _HELD:
+                    entry.round_no = -1
+                    self._send(entry)
 
     def _resend(self) -> None:
         """Send every round in flight again, in order, on the stream just opened (not those

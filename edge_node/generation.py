@@ -36,7 +36,7 @@ from edge_node.cloud_link import CloudLink, LinkError, RemoteVerifier, cloud_gen
 from edge_node.drafter import DrafterModel, DrafterSession
 from protos.enums import finish_from_proto
 from tandem.limits import MAX_DRAFT_LEN
-from tandem_core.lookup import LookupDrafter
+from tandem_core.lookup import MIN_MATCH, LookupDrafter, LookupPolicy
 from tandem_core.loop import DraftLen, DraftSession, SwitchCause, VerifierUnavailable, speculative_generate
 from tandem_core.sampling import SamplingParams
 from tandem_core.stats import RequestStats
@@ -174,7 +174,12 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     per_round = (lookup or adaptive) and isinstance(draft_len, int)
     verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s,
                               prompt_len=len(prompt_ids), vocab=drafter.vocab_size)
-    first_sent = verifier.start(first_round=pipeline)  # the cloud's prefill overlaps the drafter's
+    # Retrieval over the prompt; where it already matches the prompt's tail, round 1 carries the
+    # copy (its verdict brings many tokens at once), else the cloud answers round 1 with the open.
+    index = SuffixIndex.over(prompt_ids) if lookup and per_round else None
+    opening = index.propose(MAX_DRAFT_LEN) if index is not None else None
+    copy_first = opening is not None and opening.match_len >= MIN_MATCH
+    first_sent = verifier.start(first_round=pipeline and not copy_first)  # the cloud's prefill overlaps the drafter's
     try:
         session = _prefill(drafter, result, prompt_ids, params, seed,
                            _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)))
@@ -184,8 +189,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     drafts: DraftSession = session
     if per_round:
         assert isinstance(draft_len, int)
-        drafts = LookupDrafter.over(session, prompt_ids, model_len=None if adaptive else draft_len,
-                                    vocab=None if params.greedy else drafter.vocab_size, retrieval=lookup)
+        drafts = LookupDrafter(session, index, LookupPolicy(), model_len=None if adaptive else draft_len,
+                               vocab=None if params.greedy else drafter.vocab_size)
         draft_len = MAX_DRAFT_LEN  # the loop's bound; the lookup drafter chooses each round's length
     try:
         for verdict in speculative_generate(drafts, verifier, draft_len=_within_cloud(draft_len, verifier),

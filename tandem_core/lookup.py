@@ -279,6 +279,7 @@ class LookupDrafter:
         self.clock = clock
         self._choice: Choice | None = None
         self._ahead: Choice | None = None  # the round drafted ahead, if any (`draft_ahead`)
+        self._proposed = 0  # match length of the last round's retrieval proposal
         self._match = 0
         self._sent_at = 0.0
         self.rounds_copied = 0   # rounds that sent the index's continuation as it is
@@ -295,6 +296,7 @@ class LookupDrafter:
 
     def draft(self, k: int) -> Draft:
         proposal = self.index.propose(k) if k > 0 and self.index is not None else None
+        self._proposed = proposal.match_len if proposal is not None else 0
         choice = self.policy.choose(proposal, k_max=k, model_len=self.model_len)
         t0 = self.clock()
         if choice.source == "retrieval" and proposal is not None:
@@ -325,7 +327,11 @@ class LookupDrafter:
         # After a model round, or after none (an empty first round: the cloud's prefill answers it).
         after_model = (self._choice.source == "model" if self._choice is not None
                        else not tuple(getattr(self.model, "pending", ())))
-        if not after_model or ahead_of is None:
+        # Where retrieval matches (this round's proposal, or one now), the next round is likely a
+        # copy, which a model round drafted ahead would take the place of: none ahead.
+        copying = self.index is not None and (
+            self._proposed >= MIN_MATCH or (now := self.index.propose(k)) is not None and now.match_len >= MIN_MATCH)
+        if not after_model or ahead_of is None or copying:
             return -1, Draft((), None)
         if self.model_len is None:
             k, why = self.policy.adaptive_len(k, peek=True)
@@ -346,7 +352,7 @@ class LookupDrafter:
         if self.index is not None:
             self.index.extend(tokens)
         if ahead is not None and tuple(getattr(self.model, "pending", ())):  # the guess held: the round ahead is next
-            self._choice, self._match, self._sent_at = ahead, 0, self.clock()
+            self._choice, self._match, self._sent_at, self._proposed = ahead, 0, self.clock(), 0
 
     def rollback(self) -> None:
         self._choice = self._ahead = None

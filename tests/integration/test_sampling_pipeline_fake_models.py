@@ -55,6 +55,7 @@ PROMPT = (1, 2)
 ALPHA = 1e-8
 TRANSFORMED = SamplingParams(temperature=0.8, top_k=4, top_p=0.95)
 PLAIN = SamplingParams(temperature=1.0)
+GREEDY = SamplingParams()
 Q_SUPPORT = 3  # of V = 5 tokens: the cap bites, as 64 of 151k does in production
 
 
@@ -181,8 +182,19 @@ class FakeVerifyCall:
                 self.channel.break_at_round = None  # once
                 self.stream.close()
                 raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "fake link cut")
+        if self.channel.old:  # a cloud from before pipelining: no first_round, no assume_*
+            message = cloud_pb2.VerifyRequest.FromString(data)
+            if message.HasField("open"):
+                message.open.ClearField("first_round")
+            else:
+                message.round.ClearField("assume_position")
+                message.round.ClearField("assume_token")
+            data = message.SerializeToString()
         try:
             replies = self.stream.responses(data)
+            for reply in replies:
+                if self.channel.old and reply.HasField("opened"):
+                    reply.opened.pipelining = False
         except Exception as exc:  # noqa: BLE001 - the servicer maps every error to a status
             self.stream.close()
             raise FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}") from None
@@ -196,8 +208,8 @@ class FakeVerifyCall:
 class InProcessChannel:
     """A stand-in for a gRPC channel to the cloud: Verify streams served by `core` in this process."""
 
-    def __init__(self, core: VerifierCore, break_at_round: int | None = None) -> None:
-        self.core, self.break_at_round = core, break_at_round
+    def __init__(self, core: VerifierCore, break_at_round: int | None = None, old: bool = False) -> None:
+        self.core, self.break_at_round, self.old = core, break_at_round, old
 
     def stream_stream(self, method: str, request_serializer: Any, response_deserializer: Any, **_: Any) -> Any:
         def call(requests: Iterator[Any], timeout: float | None = None) -> FakeVerifyCall:
@@ -217,9 +229,11 @@ def core() -> VerifierCore:
 # --- the two paths --------------------------------------------------------------------------
 
 def deployed(core: VerifierCore, drafter: FakeOnnxDrafterModel, params: SamplingParams, seed: int, *, draft_len: int,
-             n: int, break_at_round: int | None = None, lookup: bool = False, pipeline: bool = True) -> EdgeResult:
-    """An answer on the speculative route: edge drafter, wire, cloud verifier."""
-    link = CloudLink(InProcessChannel(core, break_at_round),  # type: ignore[arg-type]
+             n: int, break_at_round: int | None = None, lookup: bool = False, pipeline: bool = True,
+             old_cloud: bool = False) -> EdgeResult:
+    """An answer on the speculative route: edge drafter, wire, cloud verifier (`old_cloud`: one
+    from before pipelining, which ignores first_round and assume_*)."""
+    link = CloudLink(InProcessChannel(core, break_at_round, old_cloud),  # type: ignore[arg-type]
                      SessionRequest(f"seed-{seed}", PROMPT, params, seed, n), round_timeout_s=10.0)
     return generate_speculative(drafter, link, PROMPT, params, seed, draft_len=draft_len, max_new_tokens=n,
                                 max_resumes=1, backoff_s=0.0, lookup=lookup, pipeline=pipeline)
@@ -286,6 +300,19 @@ def test_the_deployed_path_gives_the_in_process_tokens_with_fake_models(
         assert 0 < hits < tries, (hits, tries)
     else:
         assert tries == 0
+
+
+@pytest.mark.parametrize("params", [TRANSFORMED, GREEDY], ids=["sampled", "greedy"])
+def test_an_older_cloud_gets_the_same_rounds_without_rounds_ahead_with_fake_models(
+        core: VerifierCore, params: SamplingParams) -> None:
+    """Against a cloud that predates pipelining (SessionOpened without `pipelining`), the edge
+    asks for round 1 itself and checks each guess locally, sending only rounds whose guess held:
+    the same tokens as the pipelined in-process rounds, no resume, no bad verdict."""
+    drafter = FakeOnnxDrafterModel(drafter_logits("close"), Q_SUPPORT)
+    for seed in range(40):
+        result = deployed(core, drafter, params, seed, draft_len=3, n=8, old_cloud=True)
+        assert result.resumes == 0 and not result.switches
+        assert tuple(result.tokens) == in_process(drafter, params, seed, draft_len=3, n=8, pipeline=True), seed
 
 
 @pytest.mark.parametrize("break_at_round", [1, 2, 3])

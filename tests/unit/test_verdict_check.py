@@ -109,7 +109,8 @@ class _FakeLink:
     def __init__(self, verdicts: list[Verdict]) -> None:
         self.verdicts, self.sent, self.opens = verdicts, [], []
         self.resumes, self.is_open = 0, False
-        self.opened = SimpleNamespace(max_context=1000, max_draft_len=16)
+        self.opened = SimpleNamespace(max_context=1000, max_draft_len=16, pipelining=True)
+        self.pipelining = True
         self.request = SimpleNamespace(max_new_tokens=20)
 
     def open(self, generated: list[int]) -> None:

@@ -66,20 +66,22 @@ class ServerTiming(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., prefill_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., batch_sessions: _Optional[int] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("model", "prompt_len", "max_draft_len", "max_context", "replica", "timing")
+    __slots__ = ("model", "prompt_len", "max_draft_len", "max_context", "replica", "timing", "pipelining")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    PIPELINING_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt_len: int
     max_draft_len: int
     max_context: int
     replica: str
     timing: ServerTiming
-    def __init__(self, model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., replica: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
+    pipelining: bool
+    def __init__(self, model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., replica: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., pipelining: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("round", "accepted", "tokens", "finished", "finish_reason", "timing", "dropped")
