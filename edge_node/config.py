@@ -40,8 +40,9 @@ class EdgeConfig:
                 "local route"})
     pipeline: bool = field(default=True, metadata={
         "help": "round 1 goes out with the open and no drafts (the first token comes from the cloud's "
-                "prefill), and each next round is drafted and sent while the verdict is in flight, on the "
-                "guess that every draft is accepted (tandem_core.loop); off: one round after the other"})
+                "prefill; unless retrieval can copy from the prompt's end), and each next round is drafted "
+                "and sent while the verdict is in flight, on the guess that every draft is accepted "
+                "(tandem_core.loop); off: one round after the other"})
     round_deadline_ms: int = field(default=ROUND_DEADLINE_MS, metadata={
         "help": "a verdict later than this resumes the stream (or continues on the device); with "
                 "--adaptive-deadline the ceiling of the learnt deadline"})
