@@ -332,11 +332,6 @@ class CloudLink:
         return Verdict(accepted=v.accepted, tokens=tuple(v.tokens), finished=v.finished,
                        finish_reason=finish_from_proto(v.finish_reason)), v.dropped
 
-    def verify(self, draft_tokens: Sequence[int], q: np.ndarray | None) -> Verdict:
-        """Send one round and wait for its verdict (the first round also waits for the open ack)."""
-        verdict, _ = self.recv_verdict(self.send_round(draft_tokens, q))
-        return verdict
-
     # Issue 15.3, deadlines that follow the round: a round's verdict is late once `deadline` (learnt
     # from this link's rounds, below `round_timeout_s`) has passed since the round was sent. At the
     # ceiling (not learnt yet, or not adaptive) it waits `round_timeout_s` from now, as before.

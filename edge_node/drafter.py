@@ -262,10 +262,7 @@ class DrafterSession:
         return Draft(tuple(tokens), np.stack(qs) if qs else None)
 
     def _pick(self, logits: np.ndarray, tokens: list[int], qs: list[np.ndarray]) -> None:
-        token, q = self._choose(logits, self.committed_len + len(tokens))
-        tokens.append(token)
-        if q is not None:
-            qs.append(q)
+        self._pick_at(logits, self.committed_len + len(tokens), tokens, qs)
 
     def _append_rows(self, ids: Sequence[int]) -> np.ndarray:
         """Append `ids` in one pass; the logits after each of them, (len(ids), V)."""
