@@ -27,12 +27,18 @@ Guarantees:
   prefill, which never changes a greedy answer (the target decides every token) but could
   change which tokens a seeded sampled answer draws. Retained sessions reserve room for their
   next turns (`REUSE_ROOM` tokens of KV beyond what the request needs).
+- A lazy session (`new_session(..., lazy=True)`) builds its cache only when asked:
+  `prefill(stop)` appends the prompt in passes of `PREFILL_CHUNK` tokens and returns early when
+  `stop()` says so between passes (the cloud's first token is in: it reaches the user without
+  waiting for the drafter); every other call finishes the prefill first. The same fixed passes
+  run whatever the timing, so a seeded answer does not depend on it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -53,6 +59,10 @@ MIN_REUSE = 16  # shorter common prefixes are prefilled anew
 LOCAL_HINT = 32  # longest continuation on-device generation checks at a time
 HINT_CHUNK = 4  # hint tokens checked in a draft's first batched pass (then 8, 16, ...)
 REUSE_ROOM = 1024  # extra KV room a greedy session reserves for its conversation's next turns
+# A lazy session's prompt goes in passes of this many tokens (fixed, so its numerics never depend
+# on timing); onnxruntime-genai holds the GIL through a pass, so this bounds how long a verdict
+# that came in waits to be seen (about 10 ms a token on one Xeon core: ~0.2 s).
+PREFILL_CHUNK = 16
 
 
 class DrafterModel:
@@ -84,12 +94,13 @@ class DrafterModel:
         *,
         max_length: int | None = None,
         q_support: int = DEFAULT_Q_SUPPORT,
+        lazy: bool = False,
     ) -> DrafterSession:
         reuse = self._take_prefix(prompt_ids, max_length) if params.greedy else None
         if params.greedy and reuse is None:
             max_length = None if max_length is None else min(max_length + REUSE_ROOM, self.context_length)
         return DrafterSession(self, prompt_ids, params, seed, max_length=max_length, q_support=q_support,
-                              reuse=reuse)
+                              reuse=reuse, lazy=lazy)
 
     def retain(self, session: DrafterSession) -> None:
         """Keep an ended greedy session's KV for a later request's prefix (see the module doc)."""
@@ -160,6 +171,7 @@ class DrafterSession:
         max_length: int | None = None,
         q_support: int = DEFAULT_Q_SUPPORT,
         reuse: tuple[DrafterSession, int] | None = None,
+        lazy: bool = False,
     ) -> None:
         if len(prompt_ids) < 1:
             raise ValueError("prompt must hold at least one token")
@@ -181,6 +193,8 @@ class DrafterSession:
         self._ahead: tuple[int, Draft] | None = None
         self._last = int(prompt_ids[-1])  # the last committed token
         self.reused = 0  # prompt tokens whose KV came from a retained session
+        self.prefill_s = 0.0  # spent appending the prompt
+        t0 = time.perf_counter()
         if reuse is not None:
             source, common = reuse
             keep = min(common, source.cached) - 1  # re-append at least one token: fresh logits
@@ -188,13 +202,31 @@ class DrafterSession:
             self._gen.rewind_to(keep)
             self.cached = keep
             self.reused = keep
-            self._append(prompt_ids[keep:])
         else:
             gen_params = og.GeneratorParams(drafter.model)
             gen_params.set_search_options(max_length=limit)
             self._gen = og.Generator(drafter.model, gen_params)
             self.cached = 0  # tokens in the generator's cache
-            self._append(prompt_ids)
+            keep = 0
+        self.prefill_s = time.perf_counter() - t0
+        self._todo: list[int] = [int(t) for t in prompt_ids[keep:]]  # prompt tokens not yet in the cache
+        self._lazy = lazy
+        if not lazy:
+            self._append(self._todo)
+            self._todo = []
+            self.prefill_s = time.perf_counter() - t0
+
+    def prefill(self, stop: Callable[[], bool] | None = None) -> bool:
+        """Build the cache over the prompt (a lazy session's); True once it is whole. With `stop`,
+        asked between passes of `PREFILL_CHUNK` tokens, it returns False early when that says so."""
+        while self._todo:
+            if stop is not None and stop():
+                return False
+            t0 = time.perf_counter()
+            self._append(self._todo[:PREFILL_CHUNK] if self._lazy else self._todo)
+            self._todo = self._todo[PREFILL_CHUNK:] if self._lazy else []
+            self.prefill_s += time.perf_counter() - t0
+        return True
 
     @property
     def reusable(self) -> bool:
@@ -224,6 +256,7 @@ class DrafterSession:
         or samples from q with the per-position keys), so the q rows sent are the ones it drew
         from; only a batched pass's rounding may differ from one pass per token.
         """
+        self.prefill()
         if self._pending:
             raise RuntimeError("draft() called twice without commit()")
         # Never draft past the cache's capacity: commit may append the k-th draft plus one token.
@@ -281,6 +314,7 @@ class DrafterSession:
 
         Nothing is computed now: `commit` appends the committed tokens in one batched pass.
         """
+        self.prefill()
         if self._pending:
             raise RuntimeError("adopt() called with a draft unsettled")
         k = max(0, min(len(tokens), self.max_length - self.committed_len - 1))
@@ -292,6 +326,7 @@ class DrafterSession:
         """On the guess that the unsettled draft is accepted whole: the drafter's choice for the
         target's next token, and up to k drafts after it (see the module doc). `stop`, asked
         before each pass, ends the drafting early (the verdict is in): fewer drafts, or none."""
+        self.prefill()
         if stop is not None and stop():
             return -1, Draft((), None)
         if self._ahead is not None:
@@ -336,6 +371,7 @@ class DrafterSession:
         """Settle the last draft: keep `accepted` drafts, then append the target's token(s).
 
         A round drafted ahead whose guess the verdict confirms becomes the unsettled draft."""
+        self.prefill()
         k = len(self._pending)
         if not 0 <= accepted <= k:
             raise ValueError(f"accepted={accepted} outside [0, {k}]")
@@ -372,6 +408,7 @@ class DrafterSession:
         Rewinding keeps stale logits, so rewind one further and re-append the last committed
         token, which recomputes them exactly.
         """
+        self.prefill()
         self._pending, self._pending_cached, self._ahead = (), 0, None
         if self.cached > self.committed_len:
             self._gen.rewind_to(self.committed_len - 1)
@@ -387,6 +424,7 @@ class DrafterSession:
         choose are kept (self-speculation: the same tokens, fewer passes, up to a batched
         pass's rounding). The index is extended with every token.
         """
+        self.prefill()
         budget = min(max_new_tokens, self.max_length - self.committed_len)
         produced = 0
         while produced < budget:

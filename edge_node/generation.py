@@ -129,13 +129,13 @@ def _fall_back(result: EdgeResult, clock: _Clock, exc: VerifierUnavailable) -> N
 
 
 def _prefill(drafter: DrafterModel, result: EdgeResult, ids: Sequence[int], params: SamplingParams, seed: int,
-             max_length: int) -> DrafterSession:
+             max_length: int, lazy: bool = False) -> DrafterSession:
     """A drafter session over `ids`, its prefill counted in `result` (only the tokens it computed:
     a greedy request may reuse an earlier request's KV for a shared prefix, see
-    `edge_node.drafter`)."""
-    t0 = time.perf_counter()
-    session = drafter.new_session(ids, params, seed, max_length=max_length)
-    result.drafter_prefill_s += time.perf_counter() - t0
+    `edge_node.drafter`). A `lazy` session's prefill runs later: its caller adds its seconds."""
+    session = drafter.new_session(ids, params, seed, max_length=max_length, lazy=lazy)
+    if not lazy:
+        result.drafter_prefill_s += session.prefill_s
     result.stats.add_drafter_prefill(len(ids) - session.reused)
     return session
 
@@ -180,9 +180,10 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     opening = index.propose(MAX_DRAFT_LEN) if index is not None else None
     copy_first = opening is not None and opening.match_len >= MIN_MATCH
     first_sent = verifier.start(first_round=pipeline and not copy_first)  # the cloud's prefill overlaps the drafter's
-    try:
+    try:  # with round 1 sent, the drafter's prefill lets its verdict (the first token) through (lazy)
         session = _prefill(drafter, result, prompt_ids, params, seed,
-                           _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)))
+                           _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)),
+                           lazy=first_sent)
     except BaseException:
         link.close()
         raise
@@ -216,6 +217,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
                         drafts.index if isinstance(drafts, LookupDrafter) else None)
     finally:
         link.close()
+        if first_sent:
+            result.drafter_prefill_s += session.prefill_s
         drafter.retain(session)  # a settled greedy session's KV serves the conversation's next turn
         result.bytes_up, result.bytes_down, result.resumes = link.bytes_up, link.bytes_down, link.resumes
         result.stats.add_cloud_prefill(link.prefill_tokens, link.reused_tokens)

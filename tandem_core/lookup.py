@@ -319,6 +319,12 @@ class LookupDrafter:
         self._sent_at = self.clock()
         return draft
 
+    def prefill(self, stop: Callable[[], bool] | None = None) -> bool:
+        """The model's cache over the prompt, where the model builds it lazily; True once whole
+        (see `speculative_generate`'s first round)."""
+        build = getattr(self.model, "prefill", None)
+        return True if build is None else bool(build(stop))
+
     def draft_ahead(self, k: int, stop: Callable[[], bool] | None = None) -> tuple[int, Draft]:
         """The next round, drafted by the model on the guess that this one is accepted whole
         (`tandem_core.loop`); only after a model round (a copied one is not in the model's cache),

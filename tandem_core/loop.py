@@ -28,7 +28,12 @@ sampling mode, on per-position random keys), so greedy output is the target's to
 and a seeded sampled run equals the sequential one, up to the rounding of the drafter's passes
 (a rewound pass shape). A tagged round never commits a token unless its assumption held.
 `first_sent` says the caller already submitted round 1 with no drafts (the cloud's prefill
-then yields the first token; the drafter drafts round 2 on a guess of it meanwhile).
+then yields the first token; the drafter drafts round 2 on a guess of it meanwhile). A drafter
+that builds its cache lazily (`prefill(stop)`) lets that first verdict through as soon as it is
+in, before its cache is whole: round 2 is then drafted after the verdict instead of ahead of it,
+with the same length (round 1 has no drafts, so its verdict is what the guess assumed in every
+way that sets the length) and the same choices, so the answer does not depend on which came
+first.
 
 The loop is pure: no I/O. Runtimes (ONNX Runtime, PyTorch, a gRPC peer) sit behind the
 `DraftSession`, `ScoreSession` and `Verifier` protocols.
@@ -307,6 +312,9 @@ def speculative_generate(
             raise ValueError(f"draft_len must be >= 0, got {wanted}")
         return wanted
 
+    # The first token comes before a lazy drafter's cache is whole (see the module doc).
+    prefill: Callable[[Callable[[], bool] | None], bool] | None = (
+        getattr(drafter, "prefill", None) if first_sent else None)
     produced = 0
     draft: Draft | None = Draft((), None) if first_sent else None  # the round in flight
     while produced < max_new_tokens:
@@ -317,7 +325,9 @@ def speculative_generate(
             rounds.submit(draft)
         ahead: Draft | None = None
         guess = -1
-        if ahead_ok:
+        warm = prefill is None or prefill(getattr(rounds, "ready", None))
+        prefill = None
+        if ahead_ok and warm:
             # After a round that keeps every draft, tokens left for the next one: it drafts k2
             # and commits at most k2 + 1 of them.
             k2 = min(length(_if_whole(stats, draft)), max_new_tokens - produced - len(draft.tokens) - 2)

@@ -10,10 +10,12 @@ here). The replicas need the custom resource, so there is one on each node.
 Which node serves the session: killing the head would kill the cluster (GCS), so the session
 must run on the worker's replica. The test keeps Serve's default routing here (the proxy tries
 the replica on its own node first, and only when that replica is full tries the others), then
-opens `max_ongoing_requests` idle Verify streams, which all land on the head's replica and fill
+opens `max_ongoing_requests` idle Verify streams, which land on the head's replica and fill
 it; a probe session (opened and closed) shows when they have arrived, as it then lands on the
-worker. The measured session therefore goes to the worker. The test does not trust this: the
-generation must report a resume, which only happens if its replica went away. Right after
+worker (on a loaded machine Serve may send an idle stream to the worker when the head's replica
+is slow to report its queue; while probes still land on the head, more idle streams open). The
+measured session therefore goes to the worker. The test does not trust this: the generation must
+report a resume, which only happens if its replica went away. Right after
 killing the worker (SIGKILL to every process of its session, as a machine failure would), the
 idle streams are cancelled so that the head's replica can take the resumed session. Replicas are
 placed on nodes by Ray's state API (each node's Ray node id, found by its `tandem-node` label);
@@ -116,8 +118,10 @@ class IdleStreams:
 
         self.channel = grpc.insecure_channel(address)
         self.stub = cloud_pb2_grpc.CloudVerifierStub(self.channel)
-        end = object()
-        self.calls = [self.stub.Verify(iter(queue.Queue().get, end), timeout=300) for _ in range(count)]
+        self.calls = [self._idle_call() for _ in range(count)]
+
+    def _idle_call(self) -> grpc.Call:
+        return self.stub.Verify(iter(queue.Queue().get, object()), timeout=300)
 
     def probe_node(self, cluster: LocalRayCluster) -> str:
         """Open a session and close it: the name of the node whose replica took it."""
@@ -133,12 +137,22 @@ class IdleStreams:
         node = cluster.node_of_replica(app, deployment, tag)
         return node.name if node is not None else "?"
 
-    def wait_until_full(self, cluster: LocalRayCluster, full: str, timeout_s: float = 60) -> None:
-        """Block until a new session goes past node `full`'s replica (the idle streams reached it)."""
+    def wait_until_full(self, cluster: LocalRayCluster, full: str, timeout_s: float = 90) -> None:
+        """Block until a new session goes past node `full`'s replica (the idle streams reached it).
+
+        Serve tries the proxy's own node once per request, with a 0.1 s deadline for the replica's
+        queue length; on a loaded machine that probe can time out and the stream goes to the other
+        replica instead. So while probes still land on `full`, one more idle stream opens every few
+        seconds (bounded: at most as many extra streams as the first batch)."""
+        first = len(self.calls)
         deadline = time.monotonic() + timeout_s
+        added_at = time.monotonic()
         while self.probe_node(cluster) == full:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{len(self.calls)} idle streams did not fill the {full} replica")
+            if time.monotonic() - added_at > 5 and len(self.calls) < 2 * first:
+                self.calls.append(self._idle_call())
+                added_at = time.monotonic()
             time.sleep(0.5)
 
     def release(self) -> None:

@@ -105,8 +105,9 @@ class FakeOnnxDrafterModel(DrafterModel):
         self.q_support = q_support
 
     def new_session(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int, *,
-                    max_length: int | None = None, q_support: int = 0) -> DrafterSession:
-        return super().new_session(prompt_ids, params, seed, max_length=max_length, q_support=self.q_support)
+                    max_length: int | None = None, q_support: int = 0, lazy: bool = False) -> DrafterSession:
+        return super().new_session(prompt_ids, params, seed, max_length=max_length, q_support=self.q_support,
+                                   lazy=lazy)
 
 
 @dataclass

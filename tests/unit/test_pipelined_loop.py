@@ -216,3 +216,65 @@ def test_greedy_answers_hold_when_verdicts_cut_the_drafting_ahead_short_with_fak
         assert pipelined == sequential and tuple(spy.committed) == pipelined
         cut += sum(n for k, n in enumerate(stats.rounds_by_drafted) if 0 < k < 4)
     assert cut > 0  # some rounds went out shorter than asked
+
+
+class LazyAheadDrafter(FakeAheadDrafter):
+    """The fake drafter building its cache in `steps` passes when asked, as a lazy
+    `edge_node.drafter` session does; every other call finishes it first."""
+
+    def __init__(self, *args: object, steps: int = 3, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.todo = steps
+
+    def prefill(self, stop: Callable[[], bool] | None = None) -> bool:
+        while self.todo:
+            if stop is not None and stop():
+                return False
+            self.todo -= 1
+        return True
+
+    def draft(self, k: int) -> Draft:
+        self.prefill()
+        return super().draft(k)
+
+    def draft_ahead(self, k: int, stop: Callable[[], bool] | None = None) -> tuple[int, Draft]:
+        self.prefill()
+        return super().draft_ahead(k, stop)
+
+    def commit(self, accepted: int, tokens: Sequence[int]) -> None:
+        self.prefill()
+        super().commit(accepted, tokens)
+
+
+class FixedReady(CommitSpy):
+    """The real verifier whose `ready` always gives one answer: the verdict is in at once, or never early."""
+
+    answer = False
+
+    def ready(self) -> bool:
+        return self.answer
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0)], ids=["greedy", "sampled"])
+def test_the_first_token_does_not_wait_for_a_lazy_drafters_prefill_with_fake_models(params: SamplingParams) -> None:
+    """Round 1 sent with the open: when its verdict is in before the drafter's cache is built, it
+    is yielded at once (the drafter still has passes to run), and the answer is the same either
+    way, seeded sampling included."""
+    case = Case("close", params, 3, 12, 0, 0)
+    for seed in range(20):
+        sequential, _, _ = run(case, seed, pipeline=False, first_sent=True)
+        for verdict_first in (True, False):
+            drafter = LazyAheadDrafter(drafter_logits(case.drafter), list(PROMPT), case.params, seed,
+                                       case.q_support)
+            verifier = type("Ready", (FixedReady,), {"answer": verdict_first})(
+                FakeScoreSession(PROMPT), case.params, seed=seed, start=len(PROMPT), max_new_tokens=case.n,
+                eos_ids=case.eos_ids)
+            verifier.submit(Draft((), None))
+            out: list[int] = []
+            for i, verdict in enumerate(speculative_generate(drafter, verifier, draft_len=case.draft_len,
+                                                             max_new_tokens=case.n, pipeline=True,
+                                                             first_sent=True)):
+                if i == 0:
+                    assert (drafter.todo > 0) == verdict_first, f"seed {seed}"
+                out.extend(verdict.tokens)
+            assert tuple(out) == sequential and tuple(verifier.committed) == sequential, f"seed {seed}"
