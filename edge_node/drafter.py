@@ -29,9 +29,10 @@ Guarantees:
   next turns (`REUSE_ROOM` tokens of KV beyond what the request needs).
 - A lazy session (`new_session(..., lazy=True)`) builds its cache only when asked:
   `prefill(stop)` appends the prompt in passes of `PREFILL_CHUNK` tokens and returns early when
-  `stop()` says so between passes (the cloud's first token is in: it reaches the user without
-  waiting for the drafter); every other call finishes the prefill first. The same fixed passes
-  run whatever the timing, so a seeded answer does not depend on it.
+  `stop()` says so between passes (the first verdict is in: it reaches the user without waiting
+  for the drafter); every other call but `adopt` (a copied first round needs no cache) finishes
+  the prefill first. The same fixed passes run whatever the timing, so a seeded answer does not
+  depend on it.
 """
 
 from __future__ import annotations
@@ -312,9 +313,9 @@ class DrafterSession:
         """Take drafts made elsewhere (retrieval, `tandem_core.lookup`) as the unsettled draft;
         returns those kept (as many as the cache has room for, like `draft`).
 
-        Nothing is computed now: `commit` appends the committed tokens in one batched pass.
+        Nothing is computed now (a lazy session's prefill too can wait): `commit` appends the
+        committed tokens in one batched pass.
         """
-        self.prefill()
         if self._pending:
             raise RuntimeError("adopt() called with a draft unsettled")
         k = max(0, min(len(tokens), self.max_length - self.committed_len - 1))

@@ -180,10 +180,13 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     opening = index.propose(MAX_DRAFT_LEN) if index is not None else None
     copy_first = opening is not None and opening.match_len >= MIN_MATCH
     first_sent = verifier.start(first_round=pipeline and not copy_first)  # the cloud's prefill overlaps the drafter's
-    try:  # with round 1 sent, the drafter's prefill lets its verdict (the first token) through (lazy)
+    # Pipelined, the drafter's prefill waits for round 1 to go out (with the open, or copied by
+    # retrieval) and lets its verdict (the first token) through (a lazy session, `tandem_core.loop`).
+    lazy = pipeline and (first_sent or copy_first)
+    try:
         session = _prefill(drafter, result, prompt_ids, params, seed,
                            _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)),
-                           lazy=first_sent)
+                           lazy=lazy)
     except BaseException:
         link.close()
         raise
@@ -217,7 +220,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
                         drafts.index if isinstance(drafts, LookupDrafter) else None)
     finally:
         link.close()
-        if first_sent:
+        if lazy:
             result.drafter_prefill_s += session.prefill_s
         drafter.retain(session)  # a settled greedy session's KV serves the conversation's next turn
         result.bytes_up, result.bytes_down, result.resumes = link.bytes_up, link.bytes_down, link.resumes

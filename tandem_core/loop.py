@@ -29,11 +29,12 @@ and a seeded sampled run equals the sequential one, up to the rounding of the dr
 (a rewound pass shape). A tagged round never commits a token unless its assumption held.
 `first_sent` says the caller already submitted round 1 with no drafts (the cloud's prefill
 then yields the first token; the drafter drafts round 2 on a guess of it meanwhile). A drafter
-that builds its cache lazily (`prefill(stop)`) lets that first verdict through as soon as it is
-in, before its cache is whole: round 2 is then drafted after the verdict instead of ahead of it,
-with the same length (round 1 has no drafts, so its verdict is what the guess assumed in every
-way that sets the length) and the same choices, so the answer does not depend on which came
-first.
+that builds its cache lazily (`prefill(stop)`) builds it while round 1 is in flight and lets
+round 1's verdict through as soon as it is in, before its cache is whole (round 1 either has no
+drafts or was copied by retrieval, which needs no cache): round 2 is then drafted after the
+verdict instead of ahead of it, with the same length (an empty round 1's verdict is what the
+guess assumed in every way that sets the length; after a copied round nothing is drafted ahead)
+and the same choices, so the answer does not depend on which came first.
 
 The loop is pure: no I/O. Runtimes (ONNX Runtime, PyTorch, a gRPC peer) sit behind the
 `DraftSession`, `ScoreSession` and `Verifier` protocols.
@@ -312,9 +313,8 @@ def speculative_generate(
             raise ValueError(f"draft_len must be >= 0, got {wanted}")
         return wanted
 
-    # The first token comes before a lazy drafter's cache is whole (see the module doc).
-    prefill: Callable[[Callable[[], bool] | None], bool] | None = (
-        getattr(drafter, "prefill", None) if first_sent else None)
+    # The first verdict comes before a lazy drafter's cache is whole (see the module doc).
+    prefill: Callable[[Callable[[], bool] | None], bool] | None = getattr(drafter, "prefill", None)
     produced = 0
     draft: Draft | None = Draft((), None) if first_sent else None  # the round in flight
     while produced < max_new_tokens:
