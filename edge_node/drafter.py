@@ -64,6 +64,9 @@ REUSE_ROOM = 1024  # extra KV room a greedy session reserves for its conversatio
 # on timing); onnxruntime-genai holds the GIL through a pass, so this bounds how long a verdict
 # that came in waits to be seen (about 10 ms a token on one Xeon core: ~0.2 s).
 PREFILL_CHUNK = 16
+# What rebuilding the round ahead costs (one batched pass of its tokens) in drafting passes: a
+# round is prepared for another verdict only when P(that verdict) * k exceeds this * P(the guess).
+REBUILD_PASSES = 1.5
 
 
 class DrafterModel:
@@ -192,6 +195,13 @@ class DrafterSession:
         self._pending_cached = 0  # of which in the cache (draft: k-1; adopt: none)
         # A round drafted ahead (draft_ahead): the guessed target token, its drafts and q rows.
         self._ahead: tuple[int, Draft] | None = None
+        # Greedy, a verdict other than the guess prepared for (`draft_alternative`): the drafts
+        # it accepts, the target's token it assumes, and the round that follows it.
+        self._alt: tuple[int, int, Draft] | None = None
+        self._prepared: Draft | None = None  # that round, once its verdict came (`draft` sends it)
+        self._top2: dict[int, tuple[float, int, float]] = {}  # greedy: position -> (p1, second, p2)
+        self.alt_tries = 0  # alternatives drafted
+        self.alt_hits = 0  # of which the verdict was the one prepared for
         self._last = int(prompt_ids[-1])  # the last committed token
         self.reused = 0  # prompt tokens whose KV came from a retained session
         self.prefill_s = 0.0  # spent appending the prompt
@@ -262,6 +272,16 @@ class DrafterSession:
             raise RuntimeError("draft() called twice without commit()")
         # Never draft past the cache's capacity: commit may append the k-th draft plus one token.
         k = max(0, min(k, self.max_length - self.committed_len - 1))
+        prepared = self._prepared
+        if prepared is not None and not hint and k > 0:  # drafted while the verdict was in flight
+            self._prepared = None
+            n = min(k, len(prepared.tokens))  # its cache holds all but its last draft
+            if n < len(prepared.tokens):
+                self._gen.rewind_to(self.committed_len + n - 1)
+                self.cached = self.committed_len + n - 1
+            self._pending, self._pending_cached = prepared.tokens[:n], n - 1
+            return Draft(prepared.tokens[:n], None)
+        self._drop_prepared()
         stop = k if min_len is None else min(k, min_len)
         tokens: list[int] = []
         qs: list[np.ndarray] = []
@@ -318,6 +338,7 @@ class DrafterSession:
         """
         if self._pending:
             raise RuntimeError("adopt() called with a draft unsettled")
+        self._drop_prepared()
         k = max(0, min(len(tokens), self.max_length - self.committed_len - 1))
         self._pending = tuple(int(t) for t in tokens[:k])
         self._pending_cached = 0
@@ -346,6 +367,8 @@ class DrafterSession:
         # The guess is the drafter's most likely token, in sampling mode too: it is only compared
         # with the target's (a hit is likelier than with a sample), never sent.
         guess = int(np.argmax(self._logits))
+        if self._params.greedy:
+            self._note_top2(self._logits, base)
         tokens: list[int] = []
         qs: list[np.ndarray] = []
         self._append((guess,))
@@ -358,10 +381,76 @@ class DrafterSession:
         return guess, ahead
 
     def _pick_at(self, logits: np.ndarray, position: int, tokens: list[int], qs: list[np.ndarray]) -> None:
+        if self._params.greedy:
+            self._note_top2(logits, position)
         token, q = self._choose(logits, position)
         tokens.append(token)
         if q is not None:
             qs.append(q)
+
+    def _note_top2(self, logits: np.ndarray, position: int) -> None:
+        """The drafter's two likeliest tokens at `position` and their probabilities."""
+        top = np.argpartition(logits, -2)[-2:]
+        first, second = (int(top[1]), int(top[0])) if logits[top[1]] >= logits[top[0]] else (int(top[0]), int(top[1]))
+        z = np.exp(logits - logits[first], dtype=np.float64)
+        total = float(z.sum())
+        self._top2[position] = (1.0 / total, second, float(z[second]) / total)
+
+    def draft_alternative(self, k: int, stop: Callable[[], bool] | None = None) -> bool:
+        """Greedy, with a round drafted ahead and the verdict still in flight: prepare the round
+        that follows the likeliest verdict other than the guess, and return whether one was.
+
+        That verdict is taken as j drafts accepted and the drafter's second choice t at the next
+        position (for j = every draft: the target's own token other than the guess), j chosen by
+        the drafter's probabilities: prod_{i<j} p1_i * p2_j; none when that times k is below
+        `REBUILD_PASSES` times the guess's own odds (prod p1_i over the round and the guess). The cache is rewound to keep the
+        first j drafts, and t with up to k drafts after it are computed (`stop`, asked between
+        passes, ends it early: fewer drafts). `commit` with that verdict keeps them as the next
+        round, which `draft` then hands out without a pass; with the guessed verdict it rebuilds
+        the round ahead in one batched pass; with another it rewinds as usual."""
+        self.prefill()
+        if not self._params.greedy or self._ahead is None or self._alt is not None or not self._pending:
+            return False
+        base, n = self.committed_len, len(self._pending)
+        if self._pending_cached < n - 1 or self.cached < base + n:  # the whole draft is in the cache
+            return False
+        best: tuple[int, int] | None = None
+        best_p, reach = 0.0, 1.0
+        for j in range(n + 1):  # j drafts accepted, then the target's token at base + j
+            top = self._top2.get(base + j)
+            if top is None:
+                break
+            p1, second, p2 = top
+            if second != (self._pending[j] if j < n else self._ahead[0]) and reach * p2 > best_p:
+                best, best_p = (j, second), reach * p2
+            reach *= p1
+        k = min(k, self.max_length - (base + (best[0] if best else 0) + 1) - 2)
+        # Worth it when the passes it may save beat the batched pass the guessed verdict would then
+        # cost (rebuilding the round ahead), both weighed by the drafter's odds: after a confident
+        # round the guess is likely and nothing is prepared.
+        if best is None or k <= 0 or best_p * k <= REBUILD_PASSES * reach or (stop is not None and stop()):
+            return False
+        j, t = best
+        self._gen.rewind_to(base + j)  # the first j drafts stay; the guess's branch goes
+        self.cached = base + j
+        self._append((t,))
+        tokens: list[int] = []
+        qs: list[np.ndarray] = []
+        self._pick_at(self._logits, base + j + 1, tokens, qs)
+        while len(tokens) < k and not (stop is not None and stop()):
+            self._append(tokens[-1:])
+            self._pick_at(self._logits, base + j + 1 + len(tokens), tokens, qs)
+        self._alt = (j, t, Draft(tuple(tokens), None))
+        self.alt_tries += 1
+        return True
+
+    def _drop_prepared(self) -> None:
+        """Forget a prepared round: the cache returns to the committed tokens, logits refreshed."""
+        if self._prepared is not None:
+            self._prepared = None
+            self._gen.rewind_to(self.committed_len - 1)
+            self.cached = self.committed_len - 1
+            self._append((self._last,))
 
     @property
     def pending(self) -> tuple[int, ...]:
@@ -377,6 +466,25 @@ class DrafterSession:
         if not 0 <= accepted <= k:
             raise ValueError(f"accepted={accepted} outside [0, {k}]")
         ahead, self._ahead = self._ahead, None
+        alt, self._alt = self._alt, None
+        self._top2 = {p: v for p, v in self._top2.items() if p >= self.committed_len + len(tokens)}
+        if alt is not None:
+            j, t, prepared = alt
+            said = tuple(int(x) for x in tokens)
+            if accepted == j and said == (*self._pending[:j], t):  # the verdict prepared for
+                self.committed_len += len(said)
+                self.tokens.extend(said)
+                self._last = t
+                self._pending, self._pending_cached, self._prepared = (), 0, prepared
+                self.alt_hits += 1
+                return
+            if ahead is not None and accepted == k and said == (*self._pending, ahead[0]):
+                # The guess held after all: rebuild the round ahead in one batched pass.
+                self._gen.rewind_to(self.committed_len + j)
+                self.cached = self.committed_len + j
+                self._append([*self._pending[j:], ahead[0], *ahead[1].tokens[:-1]])
+            else:  # only the first j drafts are still in the cache
+                self._pending_cached = min(self._pending_cached, j)
         if ahead is not None:
             guess, drafts = ahead
             if accepted == k and tuple(int(t) for t in tokens) == (*self._pending, guess):
@@ -411,6 +519,7 @@ class DrafterSession:
         """
         self.prefill()
         self._pending, self._pending_cached, self._ahead = (), 0, None
+        self._alt = self._prepared = None
         if self.cached > self.committed_len:
             self._gen.rewind_to(self.committed_len - 1)
             self.cached = self.committed_len - 1
@@ -426,6 +535,7 @@ class DrafterSession:
         pass's rounding). The index is extended with every token.
         """
         self.prefill()
+        self._drop_prepared()
         budget = min(max_new_tokens, self.max_length - self.committed_len)
         produced = 0
         while produced < budget:

@@ -156,7 +156,7 @@ def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: Sam
 def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Sequence[int], params: SamplingParams,
                          seed: int, *, draft_len: DraftLen, max_new_tokens: int, on_tokens: OnTokens | None = None,
                          max_resumes: int = 3, backoff_s: float = 0.2, fallback_local: bool = False,
-                         lookup: bool = True, pipeline: bool = True) -> EdgeResult:
+                         lookup: bool = True, pipeline: bool = True, alternatives: bool = False) -> EdgeResult:
     """Speculative decoding: `tandem_core.loop` with the cloud verifying over `link`.
 
     With `lookup` (and a fixed `draft_len`), each round drafts from the prompt and the answer so
@@ -165,7 +165,9 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     with `draft_len` 0, the length the policy expects to pay best (adaptive, 0 to 16).
     With `pipeline`, round 1 goes out with the open and no drafts (the cloud's prefill yields the
     first token), and each next round is drafted and sent while the verdict is in flight
-    (`tandem_core.loop`); without it, rounds run one after the other.
+    (`tandem_core.loop`); without it, rounds run one after the other. With `alternatives` (greedy;
+    off by default: its gain was not shown, see BENCHMARKS.md), the drafter also prepares the
+    round after the likeliest other verdict meanwhile.
     Fallback wraps the loop: when the verifier gives up (`VerifierUnavailable`), the unsettled
     draft is rolled back and the drafter goes on alone from the last committed token.
     """
@@ -200,7 +202,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
         for verdict in speculative_generate(drafts, verifier, draft_len=_within_cloud(draft_len, verifier),
                                             max_new_tokens=max_new_tokens, stats=result.stats,
                                             pipeline=pipeline, first_sent=first_sent,
-                                            early_verdicts=params.greedy):
+                                            early_verdicts=params.greedy, alternatives=alternatives):
             clock.mark_first()
             result.tokens.extend(verdict.tokens)
             result.verified_tokens += len(verdict.tokens)
@@ -222,6 +224,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
         link.close()
         if lazy:
             result.drafter_prefill_s += session.prefill_s
+        result.stats.alt_tries += session.alt_tries
+        result.stats.alt_hits += session.alt_hits
         drafter.retain(session)  # a settled greedy session's KV serves the conversation's next turn
         result.bytes_up, result.bytes_down, result.resumes = link.bytes_up, link.bytes_down, link.resumes
         result.stats.add_cloud_prefill(link.prefill_tokens, link.reused_tokens)

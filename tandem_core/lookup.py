@@ -348,6 +348,15 @@ class LookupDrafter:
         self._ahead = Choice("model", len(draft.tokens), f"ahead; {why}", kind)
         return guess, replace(draft, reason=kind)
 
+    def draft_alternative(self, k: int, stop: Callable[[], bool] | None = None) -> bool:
+        """After a model round drafted ahead: the model prepares the round after the likeliest
+        other verdict (`edge_node.drafter`), as long as the round ahead, which the next round's
+        `draft` then takes if the policy picks the model."""
+        prepare = getattr(self.model, "draft_alternative", None)
+        if self._ahead is None or prepare is None or self._ahead.k <= 0:
+            return False
+        return bool(prepare(min(k, self._ahead.k), stop))
+
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
         choice, self._choice = self._choice, None
         ahead, self._ahead = self._ahead, None

@@ -26,7 +26,10 @@ round: None from `collect`). The rounds drafted are the ones sequential decoding
 after the same verdicts (the drafter's choices depend only on the committed tokens and, in
 sampling mode, on per-position random keys), so greedy output is the target's token for token
 and a seeded sampled run equals the sequential one, up to the rounding of the drafter's passes
-(a rewound pass shape). A tagged round never commits a token unless its assumption held.
+(a rewound pass shape). A tagged round never commits a token unless its assumption held. With `alternatives` and
+`early_verdicts` (greedy), a drafter that can (`draft_alternative`) also prepares, in the time left before the verdict, the
+round that follows the likeliest verdict other than the guess; when that verdict comes, the
+next round goes out without drafting (Saguaro-style pre-drafting for more than one verdict).
 `first_sent` says the caller already submitted round 1 with no drafts (the cloud's prefill
 then yields the first token; the drafter drafts round 2 on a guess of it meanwhile). A drafter
 that builds its cache lazily (`prefill(stop)`) builds it while round 1 is in flight and lets
@@ -283,6 +286,7 @@ def speculative_generate(
     pipeline: bool = False,
     first_sent: bool = False,
     early_verdicts: bool = False,
+    alternatives: bool = False,
 ) -> Iterator[Verdict]:
     """Yield each round's verdict until EOS or `max_new_tokens` tokens are committed.
 
@@ -295,7 +299,8 @@ def speculative_generate(
     `early_verdicts` lets a verdict that arrives while the next round is drafted ahead cut
     that drafting short (the verifier's `ready`), so the answer goes on at once; the rounds'
     lengths then depend on timing, which never changes a greedy answer but would change which
-    tokens a seeded sampled answer draws: greedy only.
+    tokens a seeded sampled answer draws: greedy only. `alternatives` (with `early_verdicts`) lets
+    the drafter prepare a round for the likeliest verdict other than the guess (module doc).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -336,6 +341,11 @@ def speculative_generate(
                 if ahead.tokens:
                     position = rounds.position + len(draft.tokens) + 1  # type: ignore[union-attr]
                     rounds.submit(ahead, Assume(position, guess))
+                    # Greedy (timing decides how far it gets): while the verdict is still out, the
+                    # drafter may prepare the round after the likeliest other verdict.
+                    alternative = getattr(drafter, "draft_alternative", None)
+                    if alternatives and stop is not None and alternative is not None:
+                        alternative(k2, stop)
                 else:
                     ahead = None
         verdict = rounds.collect()

@@ -27,7 +27,9 @@ Definitions (p = target, q = drafter, as in `tandem_core.verify`):
 - Pipelining (`tandem_core.loop`): pipeline_tries counts rounds whose successor was drafted
   while the round's verdict was in flight (on the guess that every draft is accepted and the
   target's own token is the drafter's), pipeline_hits those whose verdict confirmed the guess,
-  so the next round went out without drafting; pipeline_hit_rate = hits / tries.
+  so the next round went out without drafting; pipeline_hit_rate = hits / tries. alt_tries
+  counts rounds also prepared for the likeliest other verdict (greedy), alt_hits those whose
+  verdict was that one; alt_hit_rate = hits / tries (edge only, not on the wire).
 - Draft length: mean_draft_len = drafted / rounds; draft_reasons counts each round's reason
   class for its length ("pinned", "cost_model", "low_acceptance", "probe", "retrieval",
   "checked"), so a mean k can be explained.
@@ -102,6 +104,8 @@ class RequestStats:
     rounds_by_emitted: list[int] = field(default_factory=list)  # [n]: rounds that committed n tokens
     pipeline_tries: int = 0  # rounds whose successor was drafted while their verdict was in flight
     pipeline_hits: int = 0  # of which the verdict confirmed the guess (the successor went out as drafted)
+    alt_tries: int = 0  # rounds prepared for the likeliest other verdict (greedy, the edge's drafter)
+    alt_hits: int = 0  # of which that verdict came (the next round went out without drafting)
     draft_reasons: dict[str, int] = field(default_factory=dict)  # reason class -> rounds
 
     def add_round(self, r: RoundStats) -> None:
@@ -167,6 +171,10 @@ class RequestStats:
         return self.pipeline_hits / self.pipeline_tries if self.pipeline_tries else None
 
     @property
+    def alt_hit_rate(self) -> float | None:
+        return self.alt_hits / self.alt_tries if self.alt_tries else None
+
+    @property
     def target_forwards_per_token(self) -> float | None:
         return self.target_forwards / self.generated_tokens if self.generated_tokens else None
 
@@ -191,5 +199,7 @@ class RequestStats:
             "pipeline_tries": self.pipeline_tries,
             "pipeline_hits": self.pipeline_hits,
             "pipeline_hit_rate": self.pipeline_hit_rate,
+            "alt_tries": self.alt_tries,
+            "alt_hits": self.alt_hits,
             "draft_reasons": dict(self.draft_reasons),
         }

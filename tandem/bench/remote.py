@@ -121,7 +121,8 @@ class RemoteStack:
         r = generate_speculative(self.drafter, link, ids, params, seed, draft_len=draft_len,
                                  max_new_tokens=max_new_tokens,
                                  lookup=method not in ("tandem_grpc_model", "tandem_grpc_seq"),
-                                 pipeline=method != "tandem_grpc_seq")  # the old protocol: one round at a time
+                                 pipeline=method != "tandem_grpc_seq",  # the old protocol: one round at a time
+                                 alternatives=method == "tandem_grpc_alt")
         cloud_cpu = _tree_cpu_s(self.cloud.proc.pid) - cloud0
         return GenerationResult(method, tuple(r.tokens), r.ttft_s, r.wall_s, r.edge_cpu_s, cloud_cpu, r.stats,
                                 r.stats.target_forwards, bytes_up=r.bytes_up, bytes_down=r.bytes_down)

@@ -5,7 +5,8 @@ benchmark JSON schema; a field that does not apply to a method is None (null in 
 ratios of totals (total tokens / total seconds), not means of per-prompt ratios.
 
 Speculative rows also say how long the drafts were and why (`tandem_core.stats`):
-`mean_draft_len` = drafted / rounds; `pipeline_hit_rate` = pipeline hits / tries, None when no
+`mean_draft_len` = drafted / rounds; `alt_hit_rate` = rounds prepared for the likeliest other verdict
+whose verdict came / those prepared (greedy); `pipeline_hit_rate` = pipeline hits / tries, None when no
 round was drafted ahead of its predecessor's verdict; `draft_reasons` the rounds per reason
 class, summed over the prompts.
 """
@@ -25,7 +26,7 @@ from tandem.pair import GenerationResult
 FIELDS = ("method", "category", "n_prompts", "tokens_per_s", "ttft_ms", "acceptance_rate",
           "mean_accepted_len", "target_forwards_per_token", "edge_cpu_s_per_token",
           "cloud_cpu_s_per_token", "speedup_vs_target", "identical_to_target", "identical_to_cloud_only",
-          "mean_draft_len", "pipeline_hit_rate", "draft_reasons")
+          "mean_draft_len", "pipeline_hit_rate", "alt_hit_rate", "draft_reasons")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
         "mean_draft_len": _ratio(drafted, rounds) if has_stats else None,
         "pipeline_hit_rate": _ratio(sum(s.pipeline_hits for s in stats if s is not None),
                                     sum(s.pipeline_tries for s in stats if s is not None)) if has_stats else None,
+        "alt_hit_rate": _ratio(sum(getattr(s, "alt_hits", 0) for s in stats if s is not None),
+                               sum(getattr(s, "alt_tries", 0) for s in stats if s is not None)) if has_stats else None,
         "draft_reasons": _sum_counts(s.draft_reasons for s in stats if s is not None) if has_stats else None,
         # Extras beyond the required schema. decode_tokens_per_s leaves out the time to the first
         # token (prefill), so a faster prefill cannot pass for faster decoding.
@@ -157,12 +160,12 @@ def fmt(value: Any, spec: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ("method", "category", "n", "tok/s", "decode tok/s", "TTFT ms", "accept", "tau", "k", "pipe hit",
-              "fwd/tok", "edge cpu/tok", "cloud cpu/tok", "retrieved", "speedup", "decode speedup", "identical",
+              "alt hit", "fwd/tok", "edge cpu/tok", "cloud cpu/tok", "retrieved", "speedup", "decode speedup", "identical",
               "= cloud-only")
-    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".2f", ".2f", ".3f", ".3f", ".3f", ".2f", ".2f", ".2f",
+    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".2f", ".2f", ".2f", ".3f", ".3f", ".3f", ".2f", ".2f", ".2f",
              "", "")
     keys = ("method", "category", "n_prompts", "tokens_per_s", "decode_tokens_per_s", "ttft_ms", "acceptance_rate",
-            "mean_accepted_len", "mean_draft_len", "pipeline_hit_rate", "target_forwards_per_token",
+            "mean_accepted_len", "mean_draft_len", "pipeline_hit_rate", "alt_hit_rate", "target_forwards_per_token",
             "edge_cpu_s_per_token", "cloud_cpu_s_per_token", "retrieval_draft_share", "speedup_vs_target",
             "decode_speedup_vs_target", "identical_to_target", "identical_to_cloud_only")
     lines = [[fmt(row[k], s) for k, s in zip(keys, specs, strict=True)] for row in rows]
