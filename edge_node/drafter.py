@@ -199,7 +199,7 @@ class DrafterSession:
         # it accepts, the target's token it assumes, and the round that follows it.
         self._alt: tuple[int, int, Draft] | None = None
         self._prepared: Draft | None = None  # that round, once its verdict came (`draft` sends it)
-        self._top2: dict[int, tuple[float, int, float]] = {}  # greedy: position -> (p1, second, p2)
+        self._rows: dict[int, np.ndarray] = {}  # greedy: position -> the logits a draft was chosen from
         self.alt_tries = 0  # alternatives drafted
         self.alt_hits = 0  # of which the verdict was the one prepared for
         self._last = int(prompt_ids[-1])  # the last committed token
@@ -368,7 +368,7 @@ class DrafterSession:
         # with the target's (a hit is likelier than with a sample), never sent.
         guess = int(np.argmax(self._logits))
         if self._params.greedy:
-            self._note_top2(self._logits, base)
+            self._rows[base] = self._logits
         tokens: list[int] = []
         qs: list[np.ndarray] = []
         self._append((guess,))
@@ -382,19 +382,20 @@ class DrafterSession:
 
     def _pick_at(self, logits: np.ndarray, position: int, tokens: list[int], qs: list[np.ndarray]) -> None:
         if self._params.greedy:
-            self._note_top2(logits, position)
+            self._rows[position] = logits  # a reference: each pass returns a new array
         token, q = self._choose(logits, position)
         tokens.append(token)
         if q is not None:
             qs.append(q)
 
-    def _note_top2(self, logits: np.ndarray, position: int) -> None:
-        """The drafter's two likeliest tokens at `position` and their probabilities."""
+    @staticmethod
+    def _top2(logits: np.ndarray) -> tuple[float, int, float]:
+        """(p of the likeliest token, the second likeliest, its p) under the drafter's softmax."""
         top = np.argpartition(logits, -2)[-2:]
         first, second = (int(top[1]), int(top[0])) if logits[top[1]] >= logits[top[0]] else (int(top[0]), int(top[1]))
         z = np.exp(logits - logits[first], dtype=np.float64)
         total = float(z.sum())
-        self._top2[position] = (1.0 / total, second, float(z[second]) / total)
+        return 1.0 / total, second, float(z[second]) / total
 
     def draft_alternative(self, k: int, stop: Callable[[], bool] | None = None) -> bool:
         """Greedy, with a round drafted ahead and the verdict still in flight: prepare the round
@@ -403,9 +404,9 @@ class DrafterSession:
         That verdict is taken as j drafts accepted and the drafter's second choice t at the next
         position (for j = every draft: the target's own token other than the guess), j chosen by
         the drafter's probabilities: prod_{i<j} p1_i * p2_j; none when that times k is below
-        `REBUILD_PASSES` times the guess's own odds (prod p1_i over the round and the guess). The cache is rewound to keep the
-        first j drafts, and t with up to k drafts after it are computed (`stop`, asked between
-        passes, ends it early: fewer drafts). `commit` with that verdict keeps them as the next
+        `REBUILD_PASSES` times the guess's own odds (prod p1_i over the round and the guess).
+        The cache is rewound to keep the first j drafts, and t with up to k drafts after it are
+        computed (`stop`, asked between passes, ends it early: fewer drafts). `commit` with that verdict keeps them as the next
         round, which `draft` then hands out without a pass; with the guessed verdict it rebuilds
         the round ahead in one batched pass; with another it rewinds as usual."""
         self.prefill()
@@ -417,10 +418,10 @@ class DrafterSession:
         best: tuple[int, int] | None = None
         best_p, reach = 0.0, 1.0
         for j in range(n + 1):  # j drafts accepted, then the target's token at base + j
-            top = self._top2.get(base + j)
-            if top is None:
+            row = self._rows.get(base + j)
+            if row is None:
                 break
-            p1, second, p2 = top
+            p1, second, p2 = self._top2(row)
             if second != (self._pending[j] if j < n else self._ahead[0]) and reach * p2 > best_p:
                 best, best_p = (j, second), reach * p2
             reach *= p1
@@ -467,7 +468,7 @@ class DrafterSession:
             raise ValueError(f"accepted={accepted} outside [0, {k}]")
         ahead, self._ahead = self._ahead, None
         alt, self._alt = self._alt, None
-        self._top2 = {p: v for p, v in self._top2.items() if p >= self.committed_len + len(tokens)}
+        self._rows = {p: v for p, v in self._rows.items() if p >= self.committed_len + len(tokens)}
         if alt is not None:
             j, t, prepared = alt
             said = tuple(int(x) for x in tokens)
