@@ -26,10 +26,11 @@ round: None from `collect`). The rounds drafted are the ones sequential decoding
 after the same verdicts (the drafter's choices depend only on the committed tokens and, in
 sampling mode, on per-position random keys), so greedy output is the target's token for token
 and a seeded sampled run equals the sequential one, up to the rounding of the drafter's passes
-(a rewound pass shape). A tagged round never commits a token unless its assumption held. With `alternatives` and
-`early_verdicts` (greedy), a drafter that can (`draft_alternative`) also prepares, in the time left before the verdict, the
-round that follows the likeliest verdict other than the guess; when that verdict comes, the
-next round goes out without drafting (Saguaro-style pre-drafting for more than one verdict).
+(a rewound pass shape). A tagged round never commits a token unless its assumption held.
+With `alternatives` and `early_verdicts` (greedy), a drafter that can (`draft_alternative`) also
+prepares, in the time left before the verdict, the round that follows the likeliest verdict
+other than the guess; when that verdict comes, the next round goes out without drafting
+(Saguaro-style pre-drafting for more than one verdict).
 `first_sent` says the caller already submitted round 1 with no drafts (the cloud's prefill
 then yields the first token; the drafter drafts round 2 on a guess of it meanwhile). A drafter
 that builds its cache lazily (`prefill(stop)`) builds it while round 1 is in flight and lets
