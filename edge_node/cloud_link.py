@@ -5,10 +5,20 @@ Guarantees:
   the round deadline, a broken stream or an error status raises `LinkError`; the caller decides
   whether to `resume` (new stream, committed tokens resent) or fall back to the device.
 - The round deadline follows the round (`LinkDeadline`, `tandem_core.deadline`): learnt from the
-  latencies (send -> verdict) of the verdicts that came normally on this link, counted from the
-  round's send, never above `round_timeout_s` (the ceiling, waited from the start of the wait
-  as before until enough rounds are measured, and always without an adaptive `LinkDeadline`).
-  A round sent before its stream's SessionOpened came waits the ceiling and is not learnt from.
+  verdicts that came normally on this link, each split into the cloud's own time for the round
+  (its ServerTiming) and the rest (the link), counted from the round's send (for a round sent
+  ahead, from the verdict before it), never above `round_timeout_s` (the ceiling, waited from
+  the start of the wait as before until enough rounds are measured, and always without an
+  adaptive `LinkDeadline`). A round sent before its stream's SessionOpened came waits the
+  ceiling and is not learnt from. Once learnt, a round still unanswered after 100 ms checks the
+  link, and again each check time (the quickest quarter of rounds) while it waits: a
+  check unanswered within its learnt timeout gives the round up at once (a black-holed link); an
+  answered one lets it wait on (a slow cloud). A check is a call to a method no server implements
+  (`_CHECK_METHOD`) on the stream's channel: the first gRPC server on the path (the cloud's
+  gateway, or the cloud node) answers it UNIMPLEMENTED at once, without a replica, so it times
+  the link alone. Each stream also checks once as it opens, to time the link as it is now (a
+  bound on the check timeout, not learnt from); until a check or a round not sent ahead has
+  timed it, no check gives a round up.
 - `resume(generated)` opens a fresh stream whose SessionSpec carries every committed token, so
   the cloud (any replica) re-prefills and continues exactly; gRPC never retries a stream after
   its first response, so this is the protocol's own retry.
@@ -55,6 +65,9 @@ from tandem_core.verify import Verdict
 log = logging.getLogger(__name__)
 
 _END = object()
+_CHECK_METHOD = "/tandem.v1.LinkCheck/Ping"  # implemented nowhere: any status but these two is an answer
+_CHECK_DEAD = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+_CHECK_POLL_S = 0.005  # while a link check runs, how often the stream is looked at
 _GRPC_PREFIX = 5  # gRPC length-prefixed message framing
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL,
@@ -173,19 +186,38 @@ class _Stream:
 class LinkDeadline:
     """A `tandem_core.deadline.RoundDeadline` shared by the sessions over one link (they all
     measure it), behind a lock: what one answer learnt serves the next. The default never adapts:
-    every round waits the ceiling."""
+    every round waits the ceiling, unchecked."""
 
     def __init__(self, deadline: RoundDeadline | None = None) -> None:
         self._lock = threading.Lock()
         self._deadline = deadline if deadline is not None else RoundDeadline(DeadlinePolicy(adaptive=False))
 
+    @property
+    def adaptive(self) -> bool:
+        return self._deadline.policy.adaptive
+
     def deadline_s(self, rows: int, ceiling_s: float, fastest_s: float | None = None) -> float:
         with self._lock:
             return self._deadline.deadline_s(rows, ceiling_s, fastest_s)
 
-    def observe(self, rows: int, latency_s: float) -> None:
+    def plan(self, rows: int, ceiling_s: float, fastest_s: float | None) -> tuple[float, float, float]:
+        """(deadline, first check, then each) for a round of `rows` rows."""
         with self._lock:
-            self._deadline.observe(rows, latency_s)
+            d = self._deadline
+            deadline_s = d.deadline_s(rows, ceiling_s, fastest_s)
+            return deadline_s, d.first_check_s(deadline_s), d.check_after_s(rows, deadline_s)
+
+    def check_timeout_s(self, fastest_s: float | None) -> float | None:
+        with self._lock:
+            return self._deadline.check_timeout_s(fastest_s)
+
+    def observe(self, rows: int, latency_s: float, server_s: float = 0.0, *, ahead: bool = False) -> None:
+        with self._lock:
+            self._deadline.observe(rows, latency_s, server_s, ahead=ahead)
+
+    def observe_check(self, latency_s: float) -> None:
+        with self._lock:
+            self._deadline.observe_check(latency_s)
 
     def missed(self) -> None:
         with self._lock:
@@ -199,6 +231,7 @@ class CloudLink:
                  open_timeout_s: float = 30.0, total_timeout_s: float = 3600.0,
                  deadline: LinkDeadline | None = None) -> None:
         self._stub = cloud_pb2_grpc.CloudVerifierStub(channel)
+        self._channel = channel  # also for the link checks (adaptive deadlines only)
         self._request = request
         self.round_timeout_s = round_timeout_s  # the ceiling of every round's deadline
         self.deadline = deadline if deadline is not None else LinkDeadline()
@@ -206,7 +239,10 @@ class CloudLink:
         self._sent: dict[int, tuple[float, int, bool]] = {}
         self._last_verdict_at = 0.0
         self._first_reserved = False  # opened with first_round, SessionOpened not read yet
-        self._fastest_s: float | None = None  # the quickest verdict on the current stream
+        self._fastest_s: float | None = None  # the smallest link part on the current stream (deadline_s)
+        self._trip_s: float | None = None  # its smallest link round trip since the open (checks, rounds)
+        self._opening_trip_s: float | None = None  # the opening check's (set by its callback)
+        self._opened_server_s = 0.0  # the cloud's time for the current stream's open (queue + prefill)
         self.open_timeout_s = open_timeout_s
         self._total_timeout_s = total_timeout_s
         self._stream: _Stream | None = None
@@ -261,9 +297,12 @@ class CloudLink:
         except grpc.RpcError as exc:  # the channel can fail fast when the peer is down
             raise LinkError(f"cannot open a stream: {exc}") from None
         self.opened = None
-        self._sent, self._fastest_s = {}, None
+        self._sent, self._fastest_s, self._opened_server_s = {}, None, 0.0
+        self._trip_s = self._opening_trip_s = None
         self._last_verdict_at = 0.0  # when the last verdict was read (a round sent ahead starts there)
         self._send(cloud_pb2.VerifyRequest(open=spec))
+        if self.deadline.adaptive:
+            self._check_at_open()
         first = None
         self._first_reserved = first_round
         if first_round:  # the protocol numbers it 1; later rounds follow it
@@ -279,6 +318,7 @@ class CloudLink:
             if response.WhichOneof("kind") != "opened":
                 raise ProtocolError("the cloud did not acknowledge the session")
             self.opened = response.opened
+            self._opened_server_s = _server_s(response.opened.timing)
             if self._first_reserved and not self.opened.pipelining:  # an older cloud: ask for round 1 now
                 self._send(cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(round=1)))
             self._first_reserved = False
@@ -327,49 +367,118 @@ class CloudLink:
         if response.WhichOneof("kind") != "verdict" or response.verdict.round != round_no:
             raise ProtocolError(f"out-of-order reply from the cloud (round {round_no} awaited)")
         v = response.verdict
-        self._learn(round_no, v.dropped)
+        self._learn(round_no, v.dropped, _server_s(v.timing))
         self.server_verify_ms += v.timing.verify_ms
         return Verdict(accepted=v.accepted, tokens=tuple(v.tokens), finished=v.finished,
                        finish_reason=finish_from_proto(v.finish_reason)), v.dropped
 
     # Issue 15.3, deadlines that follow the round: a round's verdict is late once `deadline` (learnt
-    # from this link's rounds, below `round_timeout_s`) has passed since the round was sent. At the
-    # ceiling (not learnt yet, or not adaptive) it waits `round_timeout_s` from now, as before.
-    # A round sent before the SessionOpened came (the cloud's prefill is in it) waits the ceiling
-    # and is not learnt from; its latency only bounds the stream's later deadlines from below
-    # (`fastest_s`: the link as it is now).
+    # from this link's rounds, below `round_timeout_s`) has passed since its wait started (its
+    # send; for a round sent ahead, the verdict before it), or at once when the link answers no
+    # check; checks are made after `first_check`, then each `check_after`, while it waits. At the ceiling it waits
+    # `round_timeout_s` from now, as before; not learnt yet (or not adaptive), unchecked. A round
+    # sent before the SessionOpened came (the cloud's prefill is in it) waits so too and is not
+    # learnt from; its link part, those of the rounds not sent ahead and the answered checks on
+    # this stream bound its later deadlines and checks from below (`fastest_s`: the link now).
     def _await_verdict(self, round_no: int) -> cloud_pb2.VerifyResponse:
         sent_at, rows, first = self._sent.get(round_no, (0.0, 1, True))
-        # A round sent ahead waits behind the one before it: its clock starts at that one's verdict.
-        sent_at = max(sent_at, self._last_verdict_at)
+        start, called = max(sent_at, self._last_verdict_at), time.monotonic()
         ceiling_s = self.round_timeout_s
-        deadline_s = ceiling_s if first else self.deadline.deadline_s(rows, ceiling_s, self._fastest_s)
-        log.debug("round %d (%d rows): deadline %.0f ms, ceiling %.0f ms", round_no, rows, 1000 * deadline_s,
-                  1000 * ceiling_s)
-        if deadline_s >= ceiling_s:
+        deadline_s, first_check_s, check_s = (ceiling_s,) * 3 if first else \
+            self.deadline.plan(rows, ceiling_s, self._fastest_s)
+        log.debug("round %d (%d rows): deadline %.0f ms, check after %.0f ms, ceiling %.0f ms", round_no, rows,
+                  1000 * deadline_s, 1000 * check_s, 1000 * ceiling_s)
+        if check_s >= ceiling_s:
             return self._recv(ceiling_s)
+        end = start + deadline_s if deadline_s < ceiling_s else called + ceiling_s  # the ceiling: as before
+        check_at = start + first_check_s
+        while check_at < end:
+            try:
+                return self._recv_late(check_at)
+            except _Late:
+                pass
+            self._check_link(round_no, start, end, deadline_s)
+            check_at = max(check_at + check_s, time.monotonic())
         try:
-            return self._recv(max(0.0, sent_at + deadline_s - time.monotonic()))
+            return self._recv_late(end)
+        except _Late:
+            if deadline_s >= ceiling_s:
+                raise LinkError(f"no reply within {1000 * ceiling_s:.0f} ms", SwitchCause.LATE_VERDICT) from None
+            self.deadline.missed()
+            raise LinkError(f"no reply within {1000 * deadline_s:.0f} ms of sending round {round_no} (the learnt "
+                            f"deadline; ceiling {1000 * ceiling_s:.0f} ms)", SwitchCause.LATE_VERDICT) from None
+
+    def _recv_late(self, until: float) -> cloud_pb2.VerifyResponse:
+        """The next reply, or `_Late` when none came by `until` (monotonic)."""
+        try:
+            return self._recv(max(0.0, until - time.monotonic()))
         except LinkError as exc:
             if exc.cause != SwitchCause.LATE_VERDICT:
                 raise
-            self.deadline.missed()
-            raise LinkError(f"no reply within {1000 * deadline_s:.0f} ms of sending round {round_no} (the learnt "
-                            f"deadline; ceiling {1000 * ceiling_s:.0f} ms)", exc.cause) from None
+            raise _Late from None
 
-    def _learn(self, round_no: int, dropped: bool) -> None:
-        """Feed a verdict's latency to the deadline; a dropped round skipped the verification pass."""
+    def _check_link(self, round_no: int, start: float, end: float, deadline_s: float) -> None:
+        """Check the link until `end` at most; raise LinkError when it answers within no learnt
+        timeout, else learn how long it took. A reply or a break on the stream ends the check at
+        once; unlearnt (or the link not timed since the open), it ends nothing."""
+        trip_s = self._link_trip_s()
+        timeout_s = None if trip_s is None else self.deadline.check_timeout_s(trip_s)
+        wait = end - time.monotonic() if timeout_s is None else min(timeout_s, end - time.monotonic())
+        if wait <= 0:
+            return
+        done, t0 = threading.Event(), time.monotonic()
+        check = self._check_call(wait)
+        check.add_done_callback(lambda _: done.set())
+        while not done.wait(_CHECK_POLL_S):
+            if self.replies_waiting():
+                check.cancel()
+                return
+        if _answered(check):
+            took = time.monotonic() - t0
+            self.deadline.observe_check(took)
+            self._trip_s = took if self._trip_s is None else min(self._trip_s, took)
+            self._fastest_s = took if self._fastest_s is None else min(self._fastest_s, took)
+        elif timeout_s is not None and wait >= timeout_s and not self.replies_waiting():
+            self.deadline.missed()
+            raise LinkError(f"no reply within {1000 * (time.monotonic() - start):.0f} ms of sending round {round_no}, "
+                            f"and no answer to a link check within {1000 * timeout_s:.0f} ms (the learnt check; "
+                            f"deadline {1000 * deadline_s:.0f} ms)", SwitchCause.LATE_VERDICT)
+
+    def _check_at_open(self) -> None:
+        """Time the link as the stream opens, in the background (for this stream only)."""
+        t0, stream = time.monotonic(), self._stream
+
+        def answered(check: grpc.Future) -> None:  # not learnt from: it races both prefills for the CPU
+            if _answered(check) and stream is self._stream:
+                self._opening_trip_s = time.monotonic() - t0  # one assignment: read by the waiting thread
+        self._check_call(self.open_timeout_s).add_done_callback(answered)
+
+    def _check_call(self, timeout_s: float) -> grpc.Future:
+        return self._channel.unary_unary(_CHECK_METHOD).future(b"", timeout=timeout_s)
+
+    def _link_trip_s(self) -> float | None:
+        """The smallest link round trip timed on this stream (None: not yet)."""
+        known = [t for t in (self._trip_s, self._opening_trip_s) if t is not None]
+        return min(known) if known else None
+
+    def _learn(self, round_no: int, dropped: bool, server_s: float) -> None:
+        """Feed a verdict's latency and the cloud's time for it to the deadline; a dropped round
+        skipped the verification pass."""
         sent_at, rows, first = self._sent.pop(round_no, (0.0, 1, True))
-        # Learnt from the send (a round sent ahead also waited behind the one before it: an
-        # over-estimate, which only lengthens the deadline); its wait started at the later of the two.
-        now = time.monotonic()
+        # Learnt from where its wait started: the send, or for a round sent ahead the verdict
+        # before it (it waited behind that one's pass, which its own server time leaves out).
+        now, previous = time.monotonic(), self._last_verdict_at
         self._last_verdict_at = now
         if dropped or not sent_at:
             return
-        latency_s = now - sent_at
-        self._fastest_s = latency_s if self._fastest_s is None else min(self._fastest_s, latency_s)
+        ahead, latency_s = sent_at < previous, now - max(sent_at, previous)
+        if not ahead:  # its link part is a whole round trip (and the stream's open, for a first one)
+            link_s = max(0.0, latency_s - server_s - (self._opened_server_s if first else 0.0))
+            self._fastest_s = link_s if self._fastest_s is None else min(self._fastest_s, link_s)
+            if not first:
+                self._trip_s = link_s if self._trip_s is None else min(self._trip_s, link_s)
         if not first:
-            self.deadline.observe(rows, latency_s)
+            self.deadline.observe(rows, latency_s, server_s, ahead=ahead)
 
     @property
     def request(self) -> SessionRequest:
@@ -383,6 +492,21 @@ class CloudLink:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+
+def _answered(check: grpc.Future) -> bool:
+    """Whether a link check came back over the link (UNIMPLEMENTED, or any status but no answer)."""
+    error = check.exception()
+    return not (isinstance(error, grpc.RpcError) and error.code() in _CHECK_DEAD)
+
+
+class _Late(Exception):
+    """No reply by the time asked (internal to `CloudLink._await_verdict`)."""
+
+
+def _server_s(timing: cloud_pb2.ServerTiming) -> float:
+    """The cloud's own time in a reply (0 from a cloud that does not report it)."""
+    return max(0.0, timing.queue_ms + timing.prefill_ms + timing.verify_ms) / 1000
 
 
 def _with_deadlines(call: Iterator[cloud_pb2.GenerateResponse], first_timeout_s: float | None,

@@ -47,9 +47,11 @@ class EdgeConfig:
         "help": "a verdict later than this resumes the stream (or continues on the device); with "
                 "--adaptive-deadline the ceiling of the learnt deadline"})
     adaptive_deadline: bool = field(default=True, metadata={
-        "help": "each round's deadline follows the rounds measured on the link: a high quantile of their "
-                "latency times a factor plus a margin (tandem_core.deadline), between --round-deadline-floor-ms "
-                "and --round-deadline-ms; off: every round waits --round-deadline-ms"})
+        "help": "each round's deadline follows the rounds measured on the link: the slowest recent "
+                "verification pass and link part, each times a factor, plus a margin (tandem_core.deadline), "
+                "between --round-deadline-floor-ms and --round-deadline-ms; while a round waits (after 100 ms, then "
+                "each time the quickest quarter of rounds took), the edge checks the link (a call the cloud's gateway answers at "
+                "once): unanswered, the round is given up at once; off: every round waits --round-deadline-ms"})
     round_deadline_floor_ms: int = field(default=FLOOR_MS, metadata={
         "help": "the learnt round deadline is never shorter than this (unless --round-deadline-ms is)"})
     open_deadline_ms: int = field(default=OPEN_DEADLINE_MS, metadata={

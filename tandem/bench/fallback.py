@@ -9,9 +9,12 @@ the configured 1000 ms its ceiling. Then:
   connections stay open), `--repeats` times: `WARM_ANSWERS` unmeasured answers (the edge learns
   its deadline, which a black hole's missed verdict resets), then a speculative answer through the
   SDK, the fault applied through the shaper's control endpoint once a few tokens have arrived.
-  It records the stall (the fault to the next token), the longest gap between tokens, the
-  tokens from each path, the switch, and for a black hole the learnt deadline that expired (from
-  the switch's reason). Goals: a cut stalls <= 250 ms, a black hole <= 600 ms.
+  It records the stall (the longest wait for a token from the fault on: the tokens of a verdict
+  already on its way arrive after the fault, so the wait to the next token alone would read 0 ms),
+  the longest gap between tokens over the whole answer, the tokens from each path, the switch,
+  and from the switch's reason how long the round waited and what ended it: the learnt deadline,
+  an unanswered link check (with the learnt deadline it came before), or the ceiling. Goals: a
+  cut stalls <= 250 ms, a black hole <= 600 ms.
 - A slow, jittery link: RTT 200 ms +- 50 ms jitter each way, `JITTER_ANSWERS` speculative answers,
   counting the spurious fallbacks (answers that left the cloud; goal 0) and resumes; then one
   black hole on that link, whose learnt deadline and stall it reports too.
@@ -41,7 +44,8 @@ JITTER = {"rtt_ms": 200.0, "jitter_ms": 50.0}
 JITTER_ANSWERS = 10
 FAULT_AFTER_TOKENS = 8
 PROMPT = "Write a Python function that merges two sorted lists into one sorted list."
-_LEARNT = re.compile(r"no reply within (\d+) ms of sending round \d+ \(the learnt deadline")
+_WAITED = re.compile(r"no reply within (\d+) ms")
+_LEARNT = re.compile(r"no reply within (\d+) ms of sending round \d+ \(the learnt deadline|deadline (\d+) ms\)")
 
 
 def _one(client: Any, control: Any, fault: str | None, n: int, after_tokens: int = FAULT_AFTER_TOKENS
@@ -59,14 +63,18 @@ def _one(client: Any, control: Any, fault: str | None, n: int, after_tokens: int
             fault_at = time.monotonic()
     if fault is not None:
         control.set(mode="up")
-    after = [t for t in arrivals if fault_at is not None and t >= fault_at]
+    after = [fault_at, *(t for t in arrivals if t >= fault_at)] if fault_at is not None else []
     s = answer.stats
     switches = [dataclasses.asdict(w) for w in s.switches]
-    learnt = _LEARNT.search(switches[0]["reason"]) if switches else None
+    reason = switches[0]["reason"] if switches else ""
+    waited, learnt = _WAITED.search(reason), _LEARNT.search(reason)
     return {"fault": fault or "none", "tokens": s.generated_tokens, "verified_tokens": s.verified_tokens,
             "local_tokens": s.local_tokens, "resumes": s.resumes, "switches": switches,
-            "learnt_deadline_ms": int(learnt[1]) if learnt else None,
-            "stall_after_fault_ms": 1000 * (after[0] - fault_at) if after and fault_at else None,
+            "learnt_deadline_ms": int(learnt[1] or learnt[2]) if learnt else None,
+            "deadline_waited_ms": int(waited[1]) if waited else None,
+            "ended_by": None if not waited else "link check" if "link check" in reason else
+            "learnt deadline" if learnt else "ceiling",
+            "stall_after_fault_ms": 1000 * max(b - a for a, b in zip(after, after[1:])) if len(after) > 1 else None,
             "max_gap_ms": 1000 * max((b - a for a, b in zip(arrivals, arrivals[1:])), default=0.0),
             "tokens_per_s": s.tokens_per_s, "ttft_ms": s.ttft_ms}
 
@@ -80,7 +88,7 @@ def _faults(client: Any, control: Any, args: argparse.Namespace, link: str) -> l
                 _one(client, control, None, args.max_new_tokens)
             row = dict(_one(client, control, fault, args.max_new_tokens), link=link)
             rows.append(row)
-            learnt = f" (learnt deadline {row['learnt_deadline_ms']} ms)" if row["learnt_deadline_ms"] else ""
+            learnt = f" (deadline {_deadline(row)})" if row["deadline_waited_ms"] else ""
             _progress(f"{fault} at {link} {r + 1}/{args.repeats}: stall {row['stall_after_fault_ms'] or 0:.0f} ms"
                       f"{learnt}, verified {row['verified_tokens']} + local {row['local_tokens']} tokens")
     return rows
@@ -138,11 +146,10 @@ def run_suite(args: argparse.Namespace) -> int:
 def _report(rows: list[dict[str, Any]], jitter: dict[str, Any], routing: dict[str, Any], ceiling_ms: int) -> None:
     print(f"round deadline: learnt from the rounds, ceiling {ceiling_ms} ms; goals: cut stall <= "
           f"{GOAL_STALL_MS['cut']} ms, black hole at RTT 0 <= {GOAL_STALL_MS['blackhole']} ms")
-    print("fault      link     stall after fault (ms)   learnt deadline (ms)   max gap (ms)   verified+local   switch")
+    print("fault      link     stall after fault (ms)           round waited   max gap (ms)   verified+local   switch")
     for row in [*rows, jitter["blackhole"]]:
         sw = row["switches"][0]["reason"][:60] if row["switches"] else "none"
-        learnt = row["learnt_deadline_ms"] if row["learnt_deadline_ms"] is not None else "-"
-        print(f"{row['fault']:<10} {row['link']:<8} {row['stall_after_fault_ms'] or 0:>22.0f}   {learnt:>20}   "
+        print(f"{row['fault']:<10} {row['link']:<8} {row['stall_after_fault_ms'] or 0:>22.0f}   {_deadline(row):>23}   "
               f"{row['max_gap_ms']:>12.0f}   {row['verified_tokens']:>6} + {row['local_tokens']:<7}   {sw}")
     c = jitter["conditions"]
     print(f"RTT {c['rtt_ms']:g} ms +- {c['jitter_ms']:g} ms jitter, {len(jitter['answers'])} answers: "
@@ -151,6 +158,15 @@ def _report(rows: list[dict[str, Any]], jitter: dict[str, Any], routing: dict[st
     print(f"link down -> seen down after {routing['detect_ms']:.0f} ms (health interval 1000 ms); auto then routed "
           f"{routing['down_route']!r}; link up again -> auto routed {routing['up_route']!r} for a "
           f"{routing['max_new_tokens']}-token code answer")
+
+
+def _deadline(row: dict[str, Any]) -> str:
+    """How long the round waited and what ended it ("-" when no wait did)."""
+    if row["deadline_waited_ms"] is None:
+        return "-"
+    if row["ended_by"] == "link check":
+        return f"{row['deadline_waited_ms']} ms, check (of {row['learnt_deadline_ms']})"
+    return f"{row['deadline_waited_ms']} ms, {row['ended_by'].split()[0]}"
 
 
 def _started(client: Any, prompt: str, n: int) -> Any:
