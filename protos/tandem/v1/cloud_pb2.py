@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/cloud.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xe5\x01\n\x0bSessionSpec\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x03(\x05\x12(\n\x08messages\x18\x04 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x18\n\x10generated_tokens\x18\x07 \x03(\x05\x12\x13\n\x0b\x66irst_round\x18\x08 \x01(\x08\"\x87\x01\n\nDraftRound\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x03(\x05\x12%\n\x06q_rows\x18\x03 \x03(\x0b\x32\x15.tandem.v1.SparseDist\x12\x17\n\x0f\x61ssume_position\x18\x04 \x01(\r\x12\x14\n\x0c\x61ssume_token\x18\x05 \x01(\x05\"g\n\rVerifyRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.tandem.v1.SessionSpecH\x00\x12&\n\x05round\x18\x02 \x01(\x0b\x32\x15.tandem.v1.DraftRoundH\x00\x42\x06\n\x04kind\"\x8e\x01\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\nprefill_ms\x18\x02 \x01(\x02\x12\x11\n\tverify_ms\x18\x03 \x01(\x02\x12\x16\n\x0eprefill_tokens\x18\x04 \x01(\r\x12\x15\n\rreused_tokens\x18\x05 \x01(\r\x12\x16\n\x0e\x62\x61tch_sessions\x18\x06 \x01(\r\"\xac\x01\n\rSessionOpened\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nprompt_len\x18\x02 \x01(\r\x12\x15\n\rmax_draft_len\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x0f\n\x07replica\x18\x05 \x01(\t\x12\'\n\x06timing\x18\x06 \x01(\x0b\x32\x17.tandem.v1.ServerTiming\x12\x12\n\npipelining\x18\x07 \x01(\x08\"\xb6\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\'\n\x06timing\x18\x06 \x01(\x0b\x32\x17.tandem.v1.ServerTiming\x12\x0f\n\x07\x64ropped\x18\x07 \x01(\x08\"k\n\x0eVerifyResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.tandem.v1.SessionOpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.tandem.v1.VerdictH\x00\x42\x06\n\x04kind\":\n\x0fGenerateRequest\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.tandem.v1.SessionSpec\"\x8d\x01\n\x10GenerateResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\'\n\x06timing\x18\x04 \x01(\x0b\x32\x17.tandem.v1.ServerTiming2\x99\x01\n\rCloudVerifier\x12\x41\n\x06Verify\x12\x18.tandem.v1.VerifyRequest\x1a\x19.tandem.v1.VerifyResponse(\x01\x30\x01\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/cloud.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xe5\x01\n\x0bSessionSpec\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x03(\x05\x12(\n\x08messages\x18\x04 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x18\n\x10generated_tokens\x18\x07 \x03(\x05\x12\x13\n\x0b\x66irst_round\x18\x08 \x01(\x08\"\x9e\x01\n\nDraftRound\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x03(\x05\x12%\n\x06q_rows\x18\x03 \x03(\x0b\x32\x15.tandem.v1.SparseDist\x12\x17\n\x0f\x61ssume_position\x18\x04 \x01(\r\x12\x14\n\x0c\x61ssume_token\x18\x05 \x01(\x05\x12\x15\n\rdraft_parents\x18\x06 \x03(\r\"g\n\rVerifyRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.tandem.v1.SessionSpecH\x00\x12&\n\x05round\x18\x02 \x01(\x0b\x32\x15.tandem.v1.DraftRoundH\x00\x42\x06\n\x04kind\"\x8e\x01\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\nprefill_ms\x18\x02 \x01(\x02\x12\x11\n\tverify_ms\x18\x03 \x01(\x02\x12\x16\n\x0eprefill_tokens\x18\x04 \x01(\r\x12\x15\n\rreused_tokens\x18\x05 \x01(\r\x12\x16\n\x0e\x62\x61tch_sessions\x18\x06 \x01(\r\"\xc4\x01\n\rSessionOpened\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nprompt_len\x18\x02 \x01(\r\x12\x15\n\rmax_draft_len\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x0f\n\x07replica\x18\x05 \x01(\t\x12\'\n\x06timing\x18\x06 \x01(\x0b\x32\x17.tandem.v1.ServerTiming\x12\x12\n\npipelining\x18\x07 \x01(\x08\x12\x16\n\x0emax_tree_nodes\x18\x08 \x01(\r\"\xb6\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\'\n\x06timing\x18\x06 \x01(\x0b\x32\x17.tandem.v1.ServerTiming\x12\x0f\n\x07\x64ropped\x18\x07 \x01(\x08\"k\n\x0eVerifyResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.tandem.v1.SessionOpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.tandem.v1.VerdictH\x00\x42\x06\n\x04kind\":\n\x0fGenerateRequest\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.tandem.v1.SessionSpec\"\x8d\x01\n\x10GenerateResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\'\n\x06timing\x18\x04 \x01(\x0b\x32\x17.tandem.v1.ServerTiming2\x99\x01\n\rCloudVerifier\x12\x41\n\x06Verify\x12\x18.tandem.v1.VerifyRequest\x1a\x19.tandem.v1.VerifyResponse(\x01\x30\x01\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONSPEC']._serialized_start=61
   _globals['_SESSIONSPEC']._serialized_end=290
   _globals['_DRAFTROUND']._serialized_start=293
-  _globals['_DRAFTROUND']._serialized_end=428
-  _globals['_VERIFYREQUEST']._serialized_start=430
-  _globals['_VERIFYREQUEST']._serialized_end=533
-  _globals['_SERVERTIMING']._serialized_start=536
-  _globals['_SERVERTIMING']._serialized_end=678
-  _globals['_SESSIONOPENED']._serialized_start=681
-  _globals['_SESSIONOPENED']._serialized_end=853
-  _globals['_VERDICT']._serialized_start=856
-  _globals['_VERDICT']._serialized_end=1038
-  _globals['_VERIFYRESPONSE']._serialized_start=1040
-  _globals['_VERIFYRESPONSE']._serialized_end=1147
-  _globals['_GENERATEREQUEST']._serialized_start=1149
-  _globals['_GENERATEREQUEST']._serialized_end=1207
-  _globals['_GENERATERESPONSE']._serialized_start=1210
-  _globals['_GENERATERESPONSE']._serialized_end=1351
-  _globals['_CLOUDVERIFIER']._serialized_start=1354
-  _globals['_CLOUDVERIFIER']._serialized_end=1507
+  _globals['_DRAFTROUND']._serialized_end=451
+  _globals['_VERIFYREQUEST']._serialized_start=453
+  _globals['_VERIFYREQUEST']._serialized_end=556
+  _globals['_SERVERTIMING']._serialized_start=559
+  _globals['_SERVERTIMING']._serialized_end=701
+  _globals['_SESSIONOPENED']._serialized_start=704
+  _globals['_SESSIONOPENED']._serialized_end=900
+  _globals['_VERDICT']._serialized_start=903
+  _globals['_VERDICT']._serialized_end=1085
+  _globals['_VERIFYRESPONSE']._serialized_start=1087
+  _globals['_VERIFYRESPONSE']._serialized_end=1194
+  _globals['_GENERATEREQUEST']._serialized_start=1196
+  _globals['_GENERATEREQUEST']._serialized_end=1254
+  _globals['_GENERATERESPONSE']._serialized_start=1257
+  _globals['_GENERATERESPONSE']._serialized_end=1398
+  _globals['_CLOUDVERIFIER']._serialized_start=1401
+  _globals['_CLOUDVERIFIER']._serialized_end=1554
 # @@protoc_insertion_point(module_scope)

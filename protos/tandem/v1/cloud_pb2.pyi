@@ -28,18 +28,20 @@ class SessionSpec(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ..., first_round: _Optional[bool] = ...) -> None: ...
 
 class DraftRound(_message.Message):
-    __slots__ = ("round", "draft_tokens", "q_rows", "assume_position", "assume_token")
+    __slots__ = ("round", "draft_tokens", "q_rows", "assume_position", "assume_token", "draft_parents")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_ROWS_FIELD_NUMBER: _ClassVar[int]
     ASSUME_POSITION_FIELD_NUMBER: _ClassVar[int]
     ASSUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PARENTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     draft_tokens: _containers.RepeatedScalarFieldContainer[int]
     q_rows: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDist]
     assume_position: int
     assume_token: int
-    def __init__(self, round: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[_common_pb2.SparseDist, _Mapping]]] = ..., assume_position: _Optional[int] = ..., assume_token: _Optional[int] = ...) -> None: ...
+    draft_parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[_common_pb2.SparseDist, _Mapping]]] = ..., assume_position: _Optional[int] = ..., assume_token: _Optional[int] = ..., draft_parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("open", "round")
@@ -66,7 +68,7 @@ class ServerTiming(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., prefill_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., batch_sessions: _Optional[int] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("model", "prompt_len", "max_draft_len", "max_context", "replica", "timing", "pipelining")
+    __slots__ = ("model", "prompt_len", "max_draft_len", "max_context", "replica", "timing", "pipelining", "max_tree_nodes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +76,7 @@ class SessionOpened(_message.Message):
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     PIPELINING_FIELD_NUMBER: _ClassVar[int]
+    MAX_TREE_NODES_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt_len: int
     max_draft_len: int
@@ -81,7 +84,8 @@ class SessionOpened(_message.Message):
     replica: str
     timing: ServerTiming
     pipelining: bool
-    def __init__(self, model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., replica: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., pipelining: _Optional[bool] = ...) -> None: ...
+    max_tree_nodes: int
+    def __init__(self, model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., replica: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., pipelining: _Optional[bool] = ..., max_tree_nodes: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("round", "accepted", "tokens", "finished", "finish_reason", "timing", "dropped")
