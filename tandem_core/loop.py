@@ -57,17 +57,53 @@ import numpy as np
 
 from tandem_core.sampling import VERIFIER_STREAM, SamplingParams, logits_to_probs, round_rng
 from tandem_core.stats import RequestStats, RoundStats
+from tandem_core.tree import DraftTree, verify_tree
 from tandem_core.verify import Verdict, verify_greedy, verify_stochastic
 
 
 @dataclass(frozen=True)
 class Draft:
-    """What one drafting step hands to verification."""
+    """What one drafting step hands to verification: a chain of drafts, or a tree of them.
 
-    tokens: tuple[int, ...]  # (k,) drafted token ids, in order
-    q: np.ndarray | None  # (k, V) float64 drafter probabilities; None in greedy mode
+    A tree (`parents` set, `tandem_core.tree`'s convention) lists its nodes in topological
+    order, and `q` then holds one row per sibling group. Its *chain* is the path of first
+    children from the root: what the drafter's cache holds, and what a round drafted ahead
+    assumes is accepted whole."""
+
+    tokens: tuple[int, ...]  # (k,) drafted token ids, in order (a tree: its nodes)
+    q: np.ndarray | None  # (k, V) float64 drafter probabilities (a tree: (groups, V)); None in greedy mode
     retrieved: int = 0  # 0, or k when retrieval copied the drafts (`tandem_core.lookup`)
     reason: str = ""  # why this length, a class for the stats (`tandem_core.stats.draft_reasons`)
+    parents: tuple[int, ...] | None = None  # a tree: each node's parent, -1 the root; None: a chain
+
+    @property
+    def chain(self) -> tuple[int, ...]:
+        """The drafts on the path of first children (all of them for a chain)."""
+        if self.parents is None:
+            return self.tokens
+        out, node = [], -1
+        while (child := next((i for i, a in enumerate(self.parents) if a == node), None)) is not None:
+            out.append(self.tokens[child])
+            node = child
+        return tuple(out)
+
+    @property
+    def depth(self) -> int:
+        """The longest root-to-node path: the most drafts a verdict can accept."""
+        return len(self.tokens) if self.parents is None else (max(self.tree().depths, default=-1) + 1)
+
+    def tree(self) -> DraftTree:
+        """As a `DraftTree` (a chain as the chain tree); raises ValueError if malformed."""
+        if self.parents is None:
+            return DraftTree.chain(self.tokens, self.q)
+        return DraftTree(self.tokens, self.parents, self.q)
+
+    def kept(self, verdict: Verdict) -> int:
+        """How many of the chain's drafts `verdict` commits, in place: what the drafter keeps."""
+        chain, n = self.chain, 0
+        while n < min(verdict.accepted, len(chain)) and verdict.tokens[n] == chain[n]:
+            n += 1
+        return n
 
 
 class SwitchCause(StrEnum):
@@ -170,6 +206,20 @@ class ScoreSession(Protocol):
         ...
 
 
+class TreeScoreSession(ScoreSession, Protocol):
+    """A target that also verifies draft trees (`Draft.parents`) in one pass."""
+
+    def score_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+        """Logits (n+1, V) laid out as `tandem_core.tree.verify_tree` takes them: row 0 after the
+        last committed token, row 1 + i after node i."""
+        ...
+
+    def commit_path(self, path: Sequence[int], tokens: Sequence[int]) -> None:
+        """Keep the cache of the accepted `path` (node indices, root to leaf), drop the rest of
+        the tree, and record `tokens` (the path's tokens and the target's next) as committed."""
+        ...
+
+
 def verify_round(
     draft: Draft,
     target_logits: np.ndarray,
@@ -195,10 +245,18 @@ def target_round(scorer: ScoreSession, draft: Draft, params: SamplingParams, *, 
                  remaining: int, eos_ids: frozenset[int]) -> Verdict:
     """Score `draft` at `position` (tokens committed so far), verify it, commit the verdict.
 
-    The one round every verifier runs, in process or in the cloud.
+    The one round every verifier runs, in process or in the cloud. A tree needs a
+    `TreeScoreSession`: one pass over every node, then recursive rejection sampling (or the
+    greedy path) down the tree, and the cache keeps the accepted path.
     """
-    logits = scorer.score(draft.tokens)
     rng = round_rng(seed, VERIFIER_STREAM, position)
+    if draft.parents is not None:
+        tree = draft.tree()
+        tree_logits = scorer.score_tree(tree.tokens, tree.parents)  # type: ignore[attr-defined]
+        tv = verify_tree(tree, tree_logits, params, rng, eos_ids=eos_ids, remaining=remaining)
+        scorer.commit_path(tv.path, tv.verdict.tokens)  # type: ignore[attr-defined]
+        return tv.verdict
+    logits = scorer.score(draft.tokens)
     verdict = verify_round(draft, logits, params, rng, eos_ids=eos_ids, remaining=remaining)
     scorer.commit(verdict.accepted, verdict.tokens)
     return verdict
@@ -268,8 +326,9 @@ def _if_whole(stats: RequestStats, draft: Draft) -> RequestStats:
     """The statistics as they will be if `draft` is accepted whole: what a round drafted ahead
     chooses its length from, as the round after that verdict would."""
     seen = copy.deepcopy(stats)
-    n = len(draft.tokens)
-    seen.add_round(RoundStats(drafted=n, accepted=n, emitted=n + 1, retrieved=draft.retrieved, reason=draft.reason))
+    n = len(draft.chain)
+    seen.add_round(RoundStats(drafted=n, accepted=n, emitted=n + 1, retrieved=min(draft.retrieved, n),
+                              reason=draft.reason))
     return seen
 
 
@@ -336,11 +395,11 @@ def speculative_generate(
         if ahead_ok and warm:
             # After a round that keeps every draft, tokens left for the next one: it drafts k2
             # and commits at most k2 + 1 of them.
-            k2 = min(length(_if_whole(stats, draft)), max_new_tokens - produced - len(draft.tokens) - 2)
+            k2 = min(length(_if_whole(stats, draft)), max_new_tokens - produced - len(draft.chain) - 2)
             if k2 > 0:
                 guess, ahead = drafter.draft_ahead(k2, stop)  # type: ignore[attr-defined]
                 if ahead.tokens:
-                    position = rounds.position + len(draft.tokens) + 1  # type: ignore[union-attr]
+                    position = rounds.position + len(draft.chain) + 1  # type: ignore[union-attr]
                     rounds.submit(ahead, Assume(position, guess))
                     # Greedy (timing decides how far it gets): while the verdict is still out, the
                     # drafter may prepare the round after the likeliest other verdict.
@@ -352,16 +411,18 @@ def speculative_generate(
         verdict = rounds.collect()
         if verdict is None:
             raise AssertionError("a round sent without an assumption was dropped")
-        stats.add_round(RoundStats(drafted=len(draft.tokens), accepted=verdict.accepted,
-                                   emitted=len(verdict.tokens), retrieved=draft.retrieved,
-                                   reason=draft.reason))
+        stats.add_round(RoundStats(drafted=draft.depth, accepted=verdict.accepted,
+                                   emitted=len(verdict.tokens), retrieved=min(draft.retrieved, draft.depth),
+                                   reason=draft.reason, nodes=len(draft.tokens) if draft.parents is not None else 0))
         produced += len(verdict.tokens)
         yield verdict
         if verdict.finished:
             return
-        hit = (ahead is not None and verdict.accepted == len(draft.tokens)
-               and tuple(verdict.tokens) == (*draft.tokens, guess))
-        drafter.commit(verdict.accepted, verdict.tokens)  # keeps `ahead` as the unsettled draft on a hit
+        chain = draft.chain
+        hit = (ahead is not None and verdict.accepted == len(chain) and tuple(verdict.tokens) == (*chain, guess))
+        # The drafter holds the chain: it keeps the drafts committed in place (a verdict down a
+        # tree's side branch keeps fewer than it accepts). On a hit it keeps `ahead` as unsettled.
+        drafter.commit(draft.kept(verdict), verdict.tokens)
         if ahead is not None:
             stats.add_pipeline(hit)
             if not hit:  # the verifier drops it unverified; its reply is read with the next verdict's

@@ -30,6 +30,10 @@ Definitions (p = target, q = drafter, as in `tandem_core.verify`):
   so the next round went out without drafting; pipeline_hit_rate = hits / tries. alt_tries
   counts rounds also prepared for the likeliest other verdict (greedy), alt_hits those whose
   verdict was that one; alt_hit_rate = hits / tries (edge only, not on the wire).
+- Trees (`tandem_core.tree`): a tree round counts its depth (longest path) as `drafted`, so
+  acceptance_rate stays per draft position; tree_rounds counts the rounds that sent a tree, and
+  tree_nodes_per_round = drafts verified / rounds, a tree's nodes counted (mean_draft_len when no
+  round sent a tree).
 - Draft length: mean_draft_len = drafted / rounds; draft_reasons counts each round's reason
   class for its length ("pinned", "cost_model", "low_acceptance", "probe", "retrieval",
   "checked"), so a mean k can be explained.
@@ -65,9 +69,10 @@ class RoundStats:
     emitted: int  # tokens committed this round (len(Verdict.tokens))
     retrieved: int = 0  # of the drafts, those copied by retrieval (`tandem_core.lookup`): 0 or drafted
     reason: str = ""  # why this draft length (a class, see the module doc); "" when not said
+    nodes: int = 0  # a tree round: its nodes (drafted is then its depth); 0 for a chain
 
     def __post_init__(self) -> None:
-        for name in ("drafted", "accepted", "emitted", "retrieved"):
+        for name in ("drafted", "accepted", "emitted", "retrieved", "nodes"):
             _check_count(name, getattr(self, name))
         if self.accepted > self.drafted:
             raise ValueError(f"accepted ({self.accepted}) must not exceed drafted ({self.drafted})")
@@ -107,12 +112,16 @@ class RequestStats:
     alt_tries: int = 0  # rounds prepared for the likeliest other verdict (greedy, the edge's drafter)
     alt_hits: int = 0  # of which that verdict came (the next round went out without drafting)
     draft_reasons: dict[str, int] = field(default_factory=dict)  # reason class -> rounds
+    tree_rounds: int = 0  # rounds that sent a draft tree
+    nodes: int = 0  # drafts verified over all rounds: a chain's k, a tree's nodes
 
     def add_round(self, r: RoundStats) -> None:
         _bump(self.accepted_by_position, range(int(r.accepted)))
         _bump(self.rounds_by_drafted, (int(r.drafted),))
         _bump(self.rounds_by_emitted, (int(r.emitted),))
         self.rounds += 1
+        self.tree_rounds += int(r.nodes > 0)
+        self.nodes += int(r.nodes) if r.nodes else int(r.drafted)
         self.drafted += int(r.drafted)
         self.accepted += int(r.accepted)
         self.generated_tokens += int(r.emitted)
@@ -167,6 +176,11 @@ class RequestStats:
         return self.drafted / self.rounds if self.rounds else None
 
     @property
+    def tree_nodes_per_round(self) -> float | None:
+        """Drafts verified per round, a tree's nodes counted (equals mean_draft_len without trees)."""
+        return self.nodes / self.rounds if self.rounds else None
+
+    @property
     def pipeline_hit_rate(self) -> float | None:
         return self.pipeline_hits / self.pipeline_tries if self.pipeline_tries else None
 
@@ -196,6 +210,8 @@ class RequestStats:
             "retrieval_accepted": self.retrieval_accepted,
             "retrieval_draft_share": self.retrieval_draft_share,
             "mean_draft_len": self.mean_draft_len,
+            "tree_rounds": self.tree_rounds,
+            "tree_nodes_per_round": self.tree_nodes_per_round,
             "pipeline_tries": self.pipeline_tries,
             "pipeline_hits": self.pipeline_hits,
             "pipeline_hit_rate": self.pipeline_hit_rate,
