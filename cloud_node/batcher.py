@@ -9,6 +9,13 @@ Guarantees:
   thus adds at most `max_rows` rows to the running sessions' passes (chunked prefill, as vLLM
   and SARATHI do). A round is never split; a prompt is cut into chunks, its `keep` rows in the
   last one.
+- Draft trees: `run(..., parents=...)` makes a round a tree (`cloud_node.engine.Rows`; `ids` is
+  the root and the n nodes, so it counts n + 1 rows). A tree is a round like any other: it goes
+  whole into one pass, counted as its n + 1 rows against `ROUND_ROWS_CAP`, and waits for the next
+  pass when it does not fit beside the rounds queued before it. A round bigger than the cap
+  alone (none is: a tree has at most 1 + `tandem_core.tree.MAX_TREE_NODES` = 65 rows) still
+  runs whole, as the only round of its pass. `max_rows` bounds prefill only, so a tree of more
+  rows than `max_rows` runs whole too, with the prefill share beside it.
 - Batching window: the worker learns, per session, how long it takes to come back with its next
   round after a verdict (the gap: verification, the network, the client). Before a pass, it
   waits for the sessions of the last passes that are not queued yet and whose gap says they
@@ -68,6 +75,7 @@ class _Job:
     ids: list[int]
     keep: int
     prefill: bool
+    parents: tuple[int, ...] | None = None  # a round over a tree (`Rows.parents`)
     submitted: float = field(default_factory=time.perf_counter)
     offset: int = 0
     started: float | None = None
@@ -121,9 +129,16 @@ class Batcher:
 
     # --- callers --------------------------------------------------------------------------
 
-    def run(self, cache: KVCache, ids: Sequence[int], keep: int, *, prefill: bool = False) -> tuple[np.ndarray, Pass]:
-        """Append `ids` to `cache` in the next pass(es); the last `keep` logits rows and the pass info."""
-        job = _Job(cache, [int(t) for t in ids], keep, prefill)
+    def run(self, cache: KVCache, ids: Sequence[int], keep: int, *, prefill: bool = False,
+            parents: Sequence[int] | None = None) -> tuple[np.ndarray, Pass]:
+        """Append `ids` to `cache` in the next pass(es); the last `keep` logits rows and the pass info.
+        `parents` (a round only): the rows are a tree, in one pass (see `cloud_node.engine.Rows`)."""
+        tree = None if parents is None else tuple(int(a) for a in parents)
+        if tree is not None and (prefill or len(tree) != len(ids) or any(not -1 <= a < i for i, a in enumerate(tree))):
+            raise ValueError("parents: a tree is a round (not a prefill), one parent per id, each -1 or an earlier row")
+        if getattr(cache, "tree", None) is not None:  # checked here: in the pass it would fail every caller
+            raise ValueError("the cache holds a tree not yet accepted or cropped; it takes no pass")
+        job = _Job(cache, [int(t) for t in ids], keep, prefill, tree)
         if not job.ids:
             return np.zeros((0, self.engine.vocab_size), np.float32), Pass()
         with self._cv:
@@ -237,7 +252,7 @@ class Batcher:
                     job.started = now
                     job.info.queue_s = now - job.submitted
                 last = end == len(job.ids)
-                rows.append(Rows(job.cache, job.ids[start:end], job.keep if last else 0))
+                rows.append(Rows(job.cache, job.ids[start:end], job.keep if last else 0, job.parents))
             try:
                 outs: list[Any] = self.engine.forward(rows)
                 error: BaseException | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS, ROUND_DEADLINE_MS
+from tandem_core.tree import MAX_TREE_NODES
 
 ENV_PREFIX = "TANDEM_CLOUD_"
 DTYPES = ("bf16", "fp32")
@@ -38,6 +39,8 @@ class CloudConfig:
     max_sessions: int = _f(32, "hard cap on concurrent sessions per replica (admission is by kv_budget_mb)")
     max_context: int = _f(MAX_CONTEXT, "prompt + generated tokens")
     max_draft_len: int = _f(MAX_DRAFT_LEN, "drafts per round")
+    max_tree_nodes: int = _f(MAX_TREE_NODES, f"drafts a tree round may hold (at most {MAX_TREE_NODES}); 0: this "
+                                             "replica verifies chains only")
     max_new_tokens: int = _f(MAX_NEW_TOKENS, "per request")
     kv_budget_mb: int = _f(2048, "KV cache budget per replica (open sessions and the prefix cache)")
     max_batch_rows: int = _f(64, "rows a pass fills with prefill chunks after its rounds (rounds are never "
@@ -68,6 +71,9 @@ class CloudConfig:
         for name, most in (("max_draft_len", MAX_DRAFT_LEN), ("max_new_tokens", MAX_NEW_TOKENS)):
             if getattr(self, name) > most:
                 raise ValueError(f"{name}: must be <= {most} (the protocol's limit), got {getattr(self, name)}")
+        if not 0 <= self.max_tree_nodes <= MAX_TREE_NODES:
+            raise ValueError(f"max_tree_nodes: must be in [0, {MAX_TREE_NODES}] (the protocol's limit), "
+                             f"got {self.max_tree_nodes}")
         check_batching(self.max_batch_rows, self.batch_window_ms, self.max_draft_len)
 
     def limits(self) -> Any:  # -> cloud_node.verifier.Limits
@@ -76,7 +82,7 @@ class CloudConfig:
         return Limits(max_sessions=self.max_sessions, max_context=self.max_context,
                       max_draft_len=self.max_draft_len, max_new_tokens=self.max_new_tokens,
                       kv_budget_bytes=self.kv_budget_mb << 20, max_batch_rows=self.max_batch_rows,
-                      batch_window_ms=self.batch_window_ms)
+                      batch_window_ms=self.batch_window_ms, max_tree_nodes=self.max_tree_nodes)
 
 
 def check_batching(max_batch_rows: int, batch_window_ms: float, max_draft_len: int) -> None:

@@ -74,7 +74,7 @@ def spec_from_proto(msg: cloud_pb2.SessionSpec) -> SessionSpec:
 
 def round_from_proto(msg: cloud_pb2.DraftRound) -> DraftRound:
     return DraftRound(msg.round, tuple(msg.draft_tokens), tuple((r.ids, r.probs) for r in msg.q_rows),
-                      msg.assume_position, msg.assume_token)
+                      msg.assume_position, msg.assume_token, tuple(msg.draft_parents))
 
 
 def timing_to_proto(t: Timing) -> cloud_pb2.ServerTiming:
@@ -86,7 +86,7 @@ def timing_to_proto(t: Timing) -> cloud_pb2.ServerTiming:
 def opened_to_proto(o: Opened) -> cloud_pb2.VerifyResponse:
     return cloud_pb2.VerifyResponse(opened=cloud_pb2.SessionOpened(
         model=o.model, prompt_len=o.prompt_len, max_draft_len=o.max_draft_len, max_context=o.max_context,
-        replica=o.replica, timing=timing_to_proto(o.timing), pipelining=True))
+        replica=o.replica, timing=timing_to_proto(o.timing), pipelining=True, max_tree_nodes=o.max_tree_nodes))
 
 
 def verdict_to_proto(v: RoundVerdict) -> cloud_pb2.VerifyResponse:

@@ -5,6 +5,14 @@ Guarantees:
   runs [last committed token, *drafts] through the target and returns (k+1, V) float32 logits;
   `commit` crops the rejected drafts from the cache, so the next round starts exactly where a
   plain decoder would be.
+- Draft trees (`tandem_core.loop.TreeScoreSession`): `score_tree(tokens, parents)` runs the last
+  committed token and the n nodes through the target in ONE pass with tree attention and returns
+  (n+1, V) float32 logits laid out as `tandem_core.tree.verify_tree` takes them; each row is
+  bit-equal to the one a chain round over that node's path would give (`cloud_node.engine`).
+  `commit_path(path, tokens)` keeps the cache of the accepted path only, so the cache is then
+  exactly what a chain round over the path would have left. A tree left pending by a failed
+  round (scored, never committed) is dropped by the next `score`, `score_tree` or `commit`, and
+  a bad path drops it too: the cache never holds more than the committed tokens but the last.
 - Every forward pass goes through `cloud_node.batcher`: the rows of all sessions scoring or
   prefilling at the same time share one pass of `cloud_node.engine`, whose results do not depend
   on the batch (see there). So a session's logits are the same alone, batched, chunked or resumed.
@@ -29,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cloud_node.batcher import Pass
-from cloud_node.engine import TilePlan
+from cloud_node.engine import Rows, TilePlan
 from tandem_core.sampling import SamplingParams, logits_to_probs, sample
 
 log = logging.getLogger(__name__)
@@ -184,17 +192,58 @@ class ScorerSession:
         """Logits (k+1, V) for [last committed, *drafts]."""
         drafts = [int(t) for t in draft_tokens]
         self._check_ids(drafts)
+        self._drop_tree()
         logits, info = self._target.batcher.run(self.cache, [self.committed[-1], *drafts], len(drafts) + 1)
         self.forwards += info.passes
         self.last_pass = info
         return logits
 
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
+        """After `score`: keep the accepted drafts' cache and record `tokens` as committed."""
+        if self.cache.tree is not None:
+            self._drop_tree()
+            raise ValueError("commit after score_tree: a tree's verdict is committed with commit_path")
         # Cache now covers committed + drafts; keep committed + the accepted drafts.
         surplus = self.cached_len - (len(self.committed) + accepted)
         if surplus > 0:
             self.cache.crop(self.cached_len - surplus)
         self.committed.extend(int(t) for t in tokens)
+
+    def score_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+        """Logits (n+1, V) for a draft tree (`tandem_core.tree`'s convention: parents[i] < i, -1 a
+        child of the last committed token) in one pass: row 0 after the last committed token,
+        row 1 + i after node i. The cache holds the tree until `commit_path`."""
+        drafts = [int(t) for t in tokens]
+        self._check_ids(drafts)
+        self._drop_tree()
+        rows = Rows.for_tree(self.cache, self.committed[-1], drafts, parents)  # ValueError if malformed
+        logits, info = self._target.batcher.run(self.cache, rows.ids, rows.keep, parents=rows.parents)
+        self.forwards += info.passes
+        self.last_pass = info
+        return logits
+
+    def commit_path(self, path: Sequence[int], tokens: Sequence[int]) -> None:
+        """After `score_tree`: keep the cache of `path` (node indices, root to leaf, as in
+        `TreeVerdict.path`), drop the rest of the tree and record `tokens` (the path's tokens and
+        the target's next, possibly cut short by the verdict) as committed. On a bad path the
+        tree is dropped and ValueError raised; nothing is committed."""
+        nodes = [int(i) for i in path]
+        try:
+            if self.cache.tree is None:
+                raise ValueError("commit_path needs a score_tree before it")
+            if not len(nodes) <= len(tokens) <= len(nodes) + 1:
+                raise ValueError(f"a path of {len(nodes)} nodes commits {len(nodes)} or {len(nodes) + 1} tokens, "
+                                 f"got {len(tokens)}")
+            self.cache.accept([0, *(1 + i for i in nodes)])
+        except ValueError:
+            self._drop_tree()
+            raise
+        self.committed.extend(int(t) for t in tokens)
+
+    def _drop_tree(self) -> None:
+        """Crop a tree scored but never committed (a failed round): back to the committed tokens."""
+        if self.cache.tree is not None:
+            self.cache.crop(self.cache.tree[0])
 
     def generate(
         self,

@@ -89,6 +89,7 @@ class SessionRecord:
     cache: Cache | None = None
     evictions: int = 0  # how many times this session's cache was dropped
     finished: bool = False
+    off_chain: bool = False  # the last round was a tree whose verdict left its chain of first children
 
     @property
     def generated(self) -> int:

@@ -17,9 +17,18 @@ Guarantees (each bound is also written next to its field in `protos/tandem/v1/cl
   Of those, drafts past the replica's `max_draft_len` or past the context are dropped, not
   refused: at most min(max_draft_len, max_context - position - 1) are verified (the round still
   emits a token), and the verdict says how many were accepted. An edge that drafts before it
-  has read SessionOpened cannot know these limits, so dropping keeps its answer going. In sampling mode exactly one q row per
-  draft, each 1..vocab distinct ids with finite, non-negative probabilities summing to 1
-  (within `Q_SUM_TOLERANCE`), the draft having mass in its own row; in greedy mode none.
+  has read SessionOpened cannot know these limits, so dropping keeps its answer going. In
+  sampling mode exactly one q row per draft, each 1..vocab distinct ids with finite,
+  non-negative probabilities summing to 1 (within `Q_SUM_TOLERANCE`), the draft having mass in
+  its own row; in greedy mode none.
+- A tree round (`draft_parents` set, `tandem_core.tree`'s convention shifted by one): one
+  parent + 1 per draft, each 0 or at most its own index; at most the replica's
+  `max_tree_nodes` drafts (which replaces the 16-draft bound; 0: the replica refuses trees);
+  each root-to-draft path at most `tandem_core.tree.MAX_TREE_DEPTH` drafts; siblings distinct.
+  In sampling mode one q row per sibling group (the root, then each draft with children,
+  ascending), each checked as a chain's, every child with mass in its group's row. Drafts
+  deeper than max_draft_len or past the context are dropped with their subtrees (and the q
+  rows of groups left without children); what remains may be a chain, verified as one.
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ import numpy as np
 
 from cloud_node.errors import BadRequest, echo
 from tandem.limits import MAX_DRAFT_LEN
+from tandem_core.loop import Draft
 from tandem_core.sampling import SamplingParams
+from tandem_core.tree import MAX_TREE_DEPTH, MAX_TREE_NODES
 
 MAX_ID_CHARS = 128  # session_id, model, a message's role
 MAX_MESSAGES = 256
@@ -63,9 +74,10 @@ class DraftRound:
 
     round: int
     draft_tokens: tuple[int, ...]  # (k,)
-    q_rows: tuple[tuple[Sequence[int], Sequence[float]], ...] = ()  # k rows in sampling mode
+    q_rows: tuple[tuple[Sequence[int], Sequence[float]], ...] = ()  # k rows in sampling mode (a tree: groups)
     assume_position: int = 0  # pipelining: verify only if the session then holds this many tokens...
     assume_token: int = 0  # ...the last of them this one (see protos/tandem/v1/cloud.proto)
+    draft_parents: tuple[int, ...] = ()  # (k,) a tree: parent index + 1 per draft (0: the root); () a chain
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,7 @@ class Checker:
     eos_ids: frozenset[int]
     model_name: str
     tokenizer: Any = None  # for `messages`; None refuses them
+    max_tree_nodes: int = MAX_TREE_NODES  # drafts a tree round may hold; 0: trees are refused
 
     def spec(self, spec: SessionSpec) -> CheckedSpec:
         check_session_id(spec.session_id)
@@ -140,6 +153,54 @@ class Checker:
             raise BadRequest(f"{field}: token ids outside the vocabulary [0, {self.vocab}): {bad[:5]}")
         return out
 
+    def draft(self, draft: DraftRound, params: SamplingParams, position: int) -> Draft:
+        """The round as the `Draft` to verify: a chain (`round`), or a tree (`tree_round`)."""
+        if not draft.draft_parents:
+            tokens, q = self.round(draft, params, position)
+            return Draft(tuple(tokens), q)
+        return self.tree_round(draft, params, position)
+
+    def tree_round(self, draft: DraftRound, params: SamplingParams, position: int) -> Draft:
+        """A tree round checked (module docstring), cut to max_draft_len and the context; a chain
+        `Draft` when what remains is one."""
+        k = len(draft.draft_tokens)
+        if len(draft.draft_parents) != k:
+            raise BadRequest(f"draft_parents: {len(draft.draft_parents)} entries for {k} draft_tokens "
+                             "(one per draft for a tree, none for a chain)")
+        if not self.max_tree_nodes:
+            raise BadRequest("draft_parents: this replica verifies no trees (max_tree_nodes=0); send a chain")
+        if k > self.max_tree_nodes:
+            raise BadRequest(f"draft_parents: a tree of {k} drafts exceeds max_tree_nodes={self.max_tree_nodes}")
+        tokens = self.ids("draft_tokens", draft.draft_tokens)
+        if draft.assume_position:
+            self.ids("assume_token", (draft.assume_token,))
+        parents = tree_parents(draft.draft_parents, tokens)
+        groups = sorted(set(parents))
+        q = self.tree_q(draft.q_rows, tokens, parents, groups, params)
+        keep = max(0, min(self.max_draft_len, self.max_context - position - 1))
+        return cut_tree(tokens, parents, groups, q, keep)
+
+    def tree_q(self, rows: Sequence[tuple[Sequence[int], Sequence[float]]], tokens: list[int], parents: list[int],
+               groups: list[int], params: SamplingParams) -> np.ndarray | None:
+        """Dense (groups, V) float64 q of a tree from the sparse rows, each checked and renormalized."""
+        if params.greedy:
+            if rows:
+                raise BadRequest("q_rows: must be empty in greedy mode (temperature 0)")
+            return None
+        if len(rows) != len(groups):
+            raise BadRequest(f"q_rows: got {len(rows)} rows for a tree of {len(groups)} sibling groups (sampling "
+                             "mode needs one per group: the root, then each draft with children, ascending)")
+        q = np.zeros((len(groups), self.vocab), dtype=np.float64)
+        for g, (ids, probs) in enumerate(rows):
+            ids_a, probs_a = self._q_row(f"q_rows[{g}]", ids, probs)
+            q[g, ids_a] = probs_a / float(probs_a.sum())
+        row = {a: g for g, a in enumerate(groups)}
+        for i, (a, x) in enumerate(zip(parents, tokens, strict=True)):
+            if q[row[a], x] <= 0:
+                raise BadRequest(f"q_rows[{row[a]}]: draft {i} (token {x}) has probability 0 in its sibling "
+                                 "group's q row")
+        return q
+
     def round(self, draft: DraftRound, params: SamplingParams, position: int) -> tuple[list[int], np.ndarray | None]:
         """The drafts to verify and their dense q, both cut to max_draft_len and the context."""
         k, most = len(draft.draft_tokens), max(MAX_DRAFT_LEN, self.max_draft_len)
@@ -186,6 +247,48 @@ class Checker:
         if not math.isclose(total, 1.0, abs_tol=Q_SUM_TOLERANCE):
             raise BadRequest(f"{where}: probabilities must sum to 1, got {total:.6f}")
         return ids_a, probs_a
+
+
+def tree_parents(draft_parents: Sequence[int], tokens: Sequence[int]) -> list[int]:
+    """The wire's parent + 1 per draft as `tandem_core.tree` parents (-1: the root), checked:
+    topological order, paths of at most MAX_TREE_DEPTH drafts, distinct siblings."""
+    parents: list[int] = []
+    depth: list[int] = []
+    seen: dict[tuple[int, int], int] = {}  # (parent, token) -> the draft that holds it
+    for i, p in enumerate(draft_parents):
+        if not 0 <= p <= i:
+            raise BadRequest(f"draft_parents[{i}]: must be 0 (a child of the last committed token) or an earlier "
+                             f"draft's index + 1 (at most {i}), got {p}")
+        a = int(p) - 1
+        depth.append(0 if a < 0 else depth[a] + 1)
+        if depth[i] >= MAX_TREE_DEPTH:
+            raise BadRequest(f"draft_parents[{i}]: a path of {depth[i] + 1} drafts exceeds the protocol's "
+                             f"{MAX_TREE_DEPTH}")
+        twin = seen.setdefault((a, int(tokens[i])), i)
+        if twin != i:
+            raise BadRequest(f"draft_parents[{i}]: draft {i} repeats token {tokens[i]} of its sibling, draft {twin} "
+                             "(siblings hold distinct tokens)")
+        parents.append(a)
+    return parents
+
+
+def cut_tree(tokens: list[int], parents: list[int], groups: list[int], q: np.ndarray | None, keep: int) -> Draft:
+    """The drafts at depth < keep (each with its ancestors: a child lies one deeper), renumbered,
+    with the q rows of the groups that keep children; a chain `Draft` when that is one."""
+    depth: list[int] = []
+    new: dict[int, int] = {-1: -1}  # old index -> new, for the drafts kept
+    for i, a in enumerate(parents):
+        depth.append(0 if a < 0 else depth[a] + 1)
+        if depth[i] < keep:
+            new[i] = len(new) - 1
+    kept = [i for i in range(len(tokens)) if i in new]
+    cut_parents = tuple(new[parents[i]] for i in kept)
+    cut_tokens = tuple(tokens[i] for i in kept)
+    live = {parents[i] for i in kept}
+    rows = None if q is None else q[[g for g, a in enumerate(groups) if a in live]]
+    if cut_parents == tuple(range(-1, len(kept) - 1)):  # a chain: its groups are the linear q's rows
+        return Draft(cut_tokens, rows)
+    return Draft(cut_tokens, rows, parents=cut_parents)
 
 
 def check_session_id(session_id: str) -> None:

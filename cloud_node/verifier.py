@@ -2,12 +2,19 @@
 
 Notation as in `tandem_core.verify`: **p** is the target's distribution (computed here), **q** the
 drafter's (sent by the edge, sparse). Verification is Leviathan et al. 2023 (arXiv 2211.17192):
-greedy prefix matching at temperature 0, lossless rejection sampling otherwise.
+greedy prefix matching at temperature 0, lossless rejection sampling otherwise; a draft tree
+(`DraftRound.draft_parents`) is verified in one pass by greedy path matching or recursive
+rejection sampling (RSD, arXiv 2402.14160; `tandem_core.tree`), and the session's cache keeps
+the accepted path only, as if that path had been sent as a chain.
 
 Guarantees:
 - A round's random stream is `round_rng(seed, VERIFIER_STREAM, position)`, position = tokens
   committed before the round (prompt + generated), exactly as `tandem_core.loop`; so a session
-  resumed on another replica with its generated tokens reproduces the undisturbed run.
+  resumed on another replica with its generated tokens reproduces the undisturbed run. Every
+  round, chain or tree, goes through `tandem_core.loop.target_round`.
+- `Limits.max_tree_nodes` (SessionOpened.max_tree_nodes) bounds a tree round's drafts; 0 makes
+  the replica refuse trees with `BadRequest`. Pipelining (`assume_*`) works for tree rounds as
+  for chains.
 - Every input error raises `BadRequest` (see `cloud_node.validation` for every bound) whose
   message names the field; it never changes any session's state, and a bad round never
   reaches the batch (validation runs first). Beyond `max_sessions` open sessions, or when the
@@ -17,6 +24,8 @@ Guarantees:
   model are unaffected.
 - A round tagged with an assumption (pipelining: `assume_position`, `assume_token`) that does
   not hold when its turn comes gets a verdict with `dropped` set: no pass, nothing committed.
+  After a tree round whose verdict left the tree's chain of first children (the chain a round
+  ahead assumes), no assumption holds: the same position and last token came by another path.
 - The context is a limit, not an error: drafts past it are dropped, and a session whose
   committed tokens reach `max_context` ends with finish reason "length", on Verify and Generate.
 - Sessions run concurrently: each round or prefill goes to the target's batcher, which packs
@@ -55,6 +64,7 @@ from cloud_node.validation import Checker, DraftRound, SessionSpec
 from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS
 from tandem_core.loop import Draft, target_round
 from tandem_core.sampling import SamplingParams, resolve_seed
+from tandem_core.tree import MAX_TREE_NODES
 from tandem_core.verify import Verdict
 
 __all__ = ["BadRequest", "DraftRound", "GenerateChunk", "GenerateStream", "Limits", "Opened", "ResourceExhausted",
@@ -74,10 +84,13 @@ class Limits:
     kv_budget_bytes: int = 2 << 30
     max_batch_rows: int = 64  # a pass fills up to this many rows with prefill after its rounds
     batch_window_ms: float = 20.0  # longest wait of a pass for sessions expected back within it
+    max_tree_nodes: int = MAX_TREE_NODES  # drafts a tree round may hold; 0: chains only
 
     def __post_init__(self) -> None:
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if not 0 <= self.max_tree_nodes <= MAX_TREE_NODES:
+            raise ValueError(f"max_tree_nodes must be in [0, {MAX_TREE_NODES}], got {self.max_tree_nodes}")
         for name in ("max_sessions", "max_context", "max_draft_len", "max_new_tokens", "max_batch_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -104,6 +117,7 @@ class Opened:
     max_context: int
     replica: str  # opaque: names the replica in its logs, reveals no pid, address or actor id
     timing: Timing
+    max_tree_nodes: int = 0  # drafts a tree round may hold; 0: chains only
 
 
 @dataclass(frozen=True)
@@ -150,7 +164,7 @@ class VerifierCore:
         self.model_name = model_name
         self.replica = replica
         self.check = Checker(int(target.vocab_size), self.max_context, limits.max_draft_len, limits.max_new_tokens,
-                             eos_ids, model_name, tokenizer)
+                             eos_ids, model_name, tokenizer, limits.max_tree_nodes)
         self.store = SessionStore(limits.max_sessions, limits.kv_budget_bytes, bytes_per_token,
                                   round_tokens=limits.max_draft_len + 1)
         self._lifetime_s = 0.0  # EWMA of session lifetimes, for the retry hint
@@ -194,7 +208,7 @@ class VerifierCore:
         log.info("opened %s: %d prompt + %d generated tokens, %s", record.key, len(checked.prompt),
                  len(checked.generated), "greedy" if state.params.greedy else f"T={state.params.temperature}")
         return Opened(record.key, self.model_name, len(record.committed), self.limits.max_draft_len,
-                      self.max_context, self.replica, timing)
+                      self.max_context, self.replica, timing, self.limits.max_tree_nodes)
 
     def close(self, session: str) -> None:
         """Forget a session; its cache stays as a prefix source (see `cloud_node.session_store`).
@@ -228,14 +242,15 @@ class VerifierCore:
         return int(min(30_000, max(100, 1000 * lifetime / max(1, len(self.store)))))
 
     def verify(self, session: str, draft: DraftRound) -> RoundVerdict:
-        """Score the drafts in one forward pass and verify them (drafts past the context are dropped)."""
+        """Score the drafts (a chain or a tree) in one forward pass and verify them (drafts past
+        the context are dropped)."""
         record = self._record(session)
         state: _SessionState = record.state
-        tokens, q = self.check.round(draft, state.params, len(record.committed))
-        if draft.assume_position and (len(record.committed) != draft.assume_position
+        checked = self.check.draft(draft, state.params, len(record.committed))
+        if draft.assume_position and (record.off_chain or len(record.committed) != draft.assume_position
                                       or record.committed[-1] != draft.assume_token):
             return RoundVerdict(draft.round, 0, (), False, None, Timing(), dropped=True)
-        verdict, timing = self._run_round(record, Draft(tuple(tokens), q))
+        verdict, timing = self._run_round(record, checked)
         return RoundVerdict(draft.round, verdict.accepted, verdict.tokens, verdict.finished,
                             verdict.finish_reason, timing)
 
@@ -271,6 +286,7 @@ class VerifierCore:
             record.cache = None  # never reuse a cache a failed pass may have left half-updated
             raise
         record.committed.extend(verdict.tokens)
+        record.off_chain = draft.kept(verdict) < verdict.accepted
         took = time.perf_counter() - t0
         if verdict.finished:
             record.finished = True

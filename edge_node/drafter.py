@@ -33,6 +33,10 @@ Guarantees:
   for the drafter); every other call but `adopt` (a copied first round needs no cache) finishes
   the prefill first. The same fixed passes run whatever the timing, so a seeded answer does not
   depend on it.
+- Draft trees (`tandem_core.branching`): `alternatives(draft)` names, for each draft of the round
+  (unsettled or drafted ahead), the tokens a tree may add as its siblings; the cache holds only
+  the chain, and the loop commits the chain's drafts kept in place (`Draft.kept`), so a verdict
+  down a sibling costs the same rewind as a rejection.
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem_core.branching import MAX_WIDTH, Alternatives, greedy_alternatives, sampled_alternatives
 from tandem_core.lookup import MIN_MATCH
 from tandem_core.loop import Draft
 from tandem_core.sampling import DRAFTER_STREAM, SamplingParams, cap_support, logits_to_probs, round_rng, sample
 from tandem_core.suffix_index import SuffixIndex
+from tandem_core.tree import sample_without_replacement
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +393,31 @@ class DrafterSession:
         tokens.append(token)
         if q is not None:
             qs.append(q)
+
+    def alternatives(self, draft: Draft, *, ahead: bool = False, width: int = MAX_WIDTH) -> list[Alternatives] | None:
+        """The drafter's alternatives at each draft's position (`tandem_core.branching`) for the
+        unsettled `draft` (with `ahead`: the round drafted ahead of it). Greedy: its next
+        likeliest tokens under the logits the draft was chosen from; sampling: further draws
+        without replacement from the q row sent, on the position's stream, whose first draw is
+        the draft itself. None where that cannot be had (a copied draft has no logits)."""
+        start = self.committed_len + (len(self._pending) + 1 if ahead else 0)
+        out: list[Alternatives] = []
+        for i, token in enumerate(draft.tokens):
+            position = start + i
+            if self._params.greedy:
+                row = self._rows.get(position)
+                if row is None:
+                    return None
+                z = np.exp(row - row.max(), dtype=np.float64)
+                out.append(greedy_alternatives(z / z.sum(), int(token), width))
+                continue
+            if draft.q is None:
+                return None
+            draws = sample_without_replacement(draft.q[i], width + 1, round_rng(self._seed, DRAFTER_STREAM, position))
+            if not draws or draws[0] != int(token):
+                return None
+            out.append(sampled_alternatives(draft.q[i], draws))
+        return out
 
     @staticmethod
     def _top2(logits: np.ndarray) -> tuple[float, int, float]:

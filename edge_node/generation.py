@@ -36,6 +36,7 @@ from edge_node.cloud_link import CloudLink, LinkError, RemoteVerifier, cloud_gen
 from edge_node.drafter import DrafterModel, DrafterSession
 from protos.enums import finish_from_proto
 from tandem.limits import MAX_DRAFT_LEN
+from tandem_core.branching import DEFAULT_TREE_NODES
 from tandem_core.lookup import MIN_MATCH, LookupDrafter, LookupPolicy
 from tandem_core.loop import DraftLen, DraftSession, SwitchCause, VerifierUnavailable, speculative_generate
 from tandem_core.sampling import SamplingParams
@@ -156,7 +157,8 @@ def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: Sam
 def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Sequence[int], params: SamplingParams,
                          seed: int, *, draft_len: DraftLen, max_new_tokens: int, on_tokens: OnTokens | None = None,
                          max_resumes: int = 3, backoff_s: float = 0.2, fallback_local: bool = False,
-                         lookup: bool = True, pipeline: bool = True, alternatives: bool = False) -> EdgeResult:
+                         lookup: bool = True, pipeline: bool = True, alternatives: bool = False,
+                         tree_nodes: int = DEFAULT_TREE_NODES) -> EdgeResult:
     """Speculative decoding: `tandem_core.loop` with the cloud verifying over `link`.
 
     With `lookup` (and a fixed `draft_len`), each round drafts from the prompt and the answer so
@@ -167,7 +169,10 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     first token), and each next round is drafted and sent while the verdict is in flight
     (`tandem_core.loop`); without it, rounds run one after the other. With `alternatives` (greedy;
     off by default: its gain was not shown, see BENCHMARKS.md), the drafter also prepares the
-    round after the likeliest other verdict meanwhile.
+    round after the likeliest other verdict meanwhile. With `tree_nodes` > 0, the model's rounds
+    carry siblings where the drafter hesitates and they pay for their rows, up to that many
+    nodes and what the cloud takes (`tandem_core.branching`; planned before SessionOpened as if
+    the cloud took them: a replica that verifies chains only gets each tree's chain).
     Fallback wraps the loop: when the verifier gives up (`VerifierUnavailable`), the unsettled
     draft is rolled back and the drafter goes on alone from the last committed token.
     """
@@ -196,7 +201,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     if per_round:
         assert isinstance(draft_len, int)
         drafts = LookupDrafter(session, index, LookupPolicy(), model_len=None if adaptive else draft_len,
-                               vocab=None if params.greedy else drafter.vocab_size)
+                               vocab=None if params.greedy else drafter.vocab_size,
+                               trees=_tree_room(verifier, tree_nodes) if tree_nodes > 0 else None)
         draft_len = MAX_DRAFT_LEN  # the loop's bound; the lookup drafter chooses each round's length
     try:
         for verdict in speculative_generate(drafts, verifier, draft_len=_within_cloud(draft_len, verifier),
@@ -233,6 +239,11 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     # One target pass per round, plus the prefill of each (re)opened stream.
     result.stats.add_target_forwards(1 + result.resumes)
     return clock.finish(result)
+
+
+def _tree_room(verifier: RemoteVerifier, tree_nodes: int) -> Callable[[], int]:
+    """Tree nodes a round may hold: `tree_nodes`, within the cloud's bound once it is known."""
+    return lambda: min(tree_nodes, verifier.max_tree_nodes) if verifier.link.opened is not None else tree_nodes
 
 
 def _within_cloud(draft_len: DraftLen, verifier: RemoteVerifier) -> DraftLen:

@@ -21,6 +21,7 @@ from typing import Any
 
 from cloud_node.scorer import read_eos_ids
 from tandem.limits import MAX_DRAFT_LEN
+from tandem_core.branching import DEFAULT_TREE_NODES
 from tandem_core.lookup import LookupDrafter
 from tandem_core.loop import Draft, TargetVerifier, speculative_generate
 from tandem_core.sampling import SamplingParams, resolve_seed
@@ -61,32 +62,53 @@ class Meter:
         self.wall_s += time.perf_counter() - self._wall0
 
 
-class _MeteredDraft:
+class _Metered:
+    """Calls to `inner`, metered; its optional methods (`OPTIONAL`, looked up with getattr by
+    `tandem_core.loop`) are exposed exactly when `inner` has them, so wrapping changes no choice
+    the loop makes."""
+
+    OPTIONAL: frozenset[str] = frozenset()
+
     def __init__(self, inner: Any, meter: Meter) -> None:
         self.inner, self.meter = inner, meter
 
-    def draft(self, k: int) -> Draft:
-        with self.meter:
-            return self.inner.draft(k)
+    def __getattr__(self, name: str) -> Any:
+        if name not in type(self).OPTIONAL:
+            raise AttributeError(name)
+        method = getattr(self.inner, name)  # AttributeError when the inner lacks it
+
+        def metered(*args: Any, **kwargs: Any) -> Any:
+            with self.meter:
+                return method(*args, **kwargs)
+
+        return metered
 
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
         with self.meter:
             self.inner.commit(accepted, tokens)
 
+
+class _MeteredDraft(_Metered):
+    """A `DraftSession`, metered: `draft_ahead`, `prefill`, `draft_alternative` and `adopt`
+    pass through when the drafter has them."""
+
+    OPTIONAL = frozenset({"draft_ahead", "prefill", "draft_alternative", "adopt"})
+
+    def draft(self, k: int) -> Draft:
+        with self.meter:
+            return self.inner.draft(k)
+
     def rollback(self) -> None:
         with self.meter:
             self.inner.rollback()
 
-    def adopt(self, tokens: Sequence[int]) -> tuple[int, ...]:
-        with self.meter:
-            return self.inner.adopt(tokens)  # type: ignore[no-any-return]
 
-    def draft_ahead(self, k: int, stop: Any = None) -> tuple[int, Draft]:
-        with self.meter:
-            return self.inner.draft_ahead(k, stop)  # type: ignore[no-any-return]
+class _MeteredScore(_Metered):
+    """A `ScoreSession`, metered: `score_tree` and `commit_path` (a `TreeScoreSession`) pass
+    through when the scorer has them."""
 
+    OPTIONAL = frozenset({"score_tree", "commit_path"})
 
-class _MeteredScore(_MeteredDraft):
     def score(self, draft_tokens: Sequence[int]) -> Any:
         with self.meter:
             return self.inner.score(draft_tokens)
@@ -221,7 +243,8 @@ class LocalPair:
 
     def speculative_generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, draft_len: int,
                              max_new_tokens: int, on_tokens: OnTokens | None = None,
-                             lookup: bool = True, pipeline: bool = False) -> GenerationResult:
+                             lookup: bool = True, pipeline: bool = False,
+                             tree_nodes: int = DEFAULT_TREE_NODES) -> GenerationResult:
         """Tandem speculative decoding, drafter and target in this process (with `lookup`,
         retrieval drafts as on the edge: `edge_node.generation.generate_speculative`).
 
@@ -229,7 +252,7 @@ class LocalPair:
         drafted on a guess before the verdict; `tandem_core.loop`): the same rounds, so the same
         tokens as the edge with pipelining for a seed. In one process nothing runs while a round
         is verified, so it only reorders work (and drafts in vain where a guess fails): off by
-        default here."""
+        default here. `tree_nodes`: draft trees as on the edge (0: chains only)."""
         assert self.drafter is not None
         seed = resolve_seed(params.seed)
         edge, cloud, stats = Meter(), Meter(), RequestStats()
@@ -247,7 +270,8 @@ class LocalPair:
         inner: Any = d
         if per_round:
             inner = LookupDrafter.over(d, prompt_ids, model_len=draft_len or None,
-                                       vocab=None if params.greedy else self.drafter.vocab_size, retrieval=lookup)
+                                       vocab=None if params.greedy else self.drafter.vocab_size, retrieval=lookup,
+                                       trees=(lambda: tree_nodes) if tree_nodes > 0 else None)
         drafts = _MeteredDraft(inner, edge)
         if pipeline:
             verifier.submit(Draft((), None))

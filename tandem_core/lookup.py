@@ -54,6 +54,7 @@ from typing import Protocol
 
 import numpy as np
 
+from tandem_core.branching import Branching
 from tandem_core.loop import Draft
 from tandem_core.suffix_index import Proposal, SuffixIndex
 
@@ -166,6 +167,15 @@ class LookupPolicy:
     def round_time(self, k: int) -> float:
         return self._fit.at(k)
 
+    @property
+    def row_s(self) -> float:
+        """The learnt cost of one more row in a round (the slope of T)."""
+        return self._fit.at(1) - self._fit.at(0)
+
+    def token_s(self, k: int) -> float:
+        """Seconds per committed token of a model round of k drafts, as the policy expects it."""
+        return (self.round_time(k) + k * self.draft_s) / (1 + self.model_expected(k))
+
     def model_expected(self, k: int) -> float:
         """E[accepted] for k model drafts, from the per-position acceptance (a position never
         drafted yet takes the acceptance of the deepest one that was)."""
@@ -268,12 +278,30 @@ class _LineFit:
         return max(t0 + c * x, 1e-4)
 
 
+class PriorCosts:
+    """A policy's costs at their priors (no clock), with its learnt acceptance (`Branching`'s
+    costs where the answer must not depend on timing)."""
+
+    row_s = DEFAULT_ROW_S
+
+    def __init__(self, policy: LookupPolicy) -> None:
+        self.policy = policy
+
+    def token_s(self, k: int) -> float:
+        return (DEFAULT_ROUND_S + k * (DEFAULT_ROW_S + DEFAULT_DRAFT_S)) / (1 + self.policy.model_expected(k))
+
+
 class LookupDrafter:
     """A DraftSession: each round copied, checked or drafted by the model (see the module doc)."""
 
     def __init__(self, model: AdoptingDraftSession, index: SuffixIndex | None, policy: LookupPolicy, *,
-                 model_len: int | None, vocab: int | None, clock: Callable[[], float] = time.perf_counter) -> None:
+                 model_len: int | None, vocab: int | None, clock: Callable[[], float] = time.perf_counter,
+                 trees: Callable[[], int] | None = None) -> None:
         self.model, self.index, self.policy = model, index, policy
+        # Draft trees where they pay, within `trees()` nodes (0: none). A seeded sampled answer
+        # with a pinned length must not depend on timing: its trees weigh the prior costs.
+        costs = PriorCosts(policy) if vocab is not None and model_len is not None else policy
+        self.branching = Branching(model, costs, trees) if trees is not None else None
         self.model_len = model_len
         self.vocab = vocab  # sampling mode: retrieval drafts carry one-hot q rows of this width
         self.clock = clock
@@ -282,17 +310,18 @@ class LookupDrafter:
         self._proposed = 0  # match length of the last round's retrieval proposal
         self._match = 0
         self._sent_at = 0.0
+        self._rows = self._ahead_rows = 0  # rows the round in flight (the round ahead) sends
         self.rounds_copied = 0   # rounds that sent the index's continuation as it is
         self.rounds_checked = 0  # rounds whose drafter checked a continuation in batched passes
 
     @classmethod
     def over(cls, model: AdoptingDraftSession, prompt_ids: Sequence[int], *, model_len: int | None,
-             vocab: int | None, retrieval: bool = True) -> LookupDrafter:
+             vocab: int | None, retrieval: bool = True, trees: Callable[[], int] | None = None) -> LookupDrafter:
         """Retrieval from the prompt (which holds the conversation and any injected documents)
         and the answer as it is committed, with a fresh policy; without `retrieval`, only the
         adaptive draft length (`model_len` None)."""
         index = SuffixIndex.over(prompt_ids) if retrieval else None
-        return cls(model, index, LookupPolicy(), model_len=model_len, vocab=vocab)
+        return cls(model, index, LookupPolicy(), model_len=model_len, vocab=vocab, trees=trees)
 
     def draft(self, k: int) -> Draft:
         proposal = self.index.propose(k) if k > 0 and self.index is not None else None
@@ -315,7 +344,10 @@ class LookupDrafter:
             elif draft.tokens:  # one pass per token: the cost the policy weighs for the model
                 self.policy.observe_draft((self.clock() - t0) / len(draft.tokens))
             self._match = 0
-        self._choice = Choice(choice.source, len(draft.tokens), choice.why, choice.kind)
+            if self.branching is not None:
+                draft = self.branching.branch(draft)
+        self._choice = Choice(choice.source, len(draft.chain), choice.why, choice.kind)
+        self._rows = len(draft.tokens)
         self._sent_at = self.clock()
         return draft
 
@@ -345,7 +377,10 @@ class LookupDrafter:
         else:
             k, why, kind = min(self.model_len, k), "pinned", "pinned"
         guess, draft = ahead_of(k, stop) if k > 0 else (-1, Draft((), None))
-        self._ahead = Choice("model", len(draft.tokens), f"ahead; {why}", kind)
+        if self.branching is not None:
+            draft = self.branching.branch(draft, ahead=True)
+        self._ahead = Choice("model", len(draft.chain), f"ahead; {why}", kind)
+        self._ahead_rows = len(draft.tokens)
         return guess, replace(draft, reason=kind)
 
     def draft_alternative(self, k: int, stop: Callable[[], bool] | None = None) -> bool:
@@ -361,16 +396,25 @@ class LookupDrafter:
         choice, self._choice = self._choice, None
         ahead, self._ahead = self._ahead, None
         if choice is not None:  # a round this drafter made (not one sent without drafts by its caller)
-            self.policy.observe_round(self.clock() - self._sent_at, choice.k)
+            self.policy.observe_round(self.clock() - self._sent_at, self._rows)
             self.policy.learn(choice, self._match, choice.k, accepted)
+        if self.branching is not None:
+            self.branching.learn(accepted, tokens)
         self.model.commit(accepted, tokens)
         if self.index is not None:
             self.index.extend(tokens)
         if ahead is not None and tuple(getattr(self.model, "pending", ())):  # the guess held: the round ahead is next
             self._choice, self._match, self._sent_at, self._proposed = ahead, 0, self.clock(), 0
+            self._rows = self._ahead_rows
+            if self.branching is not None:
+                self.branching.promote()
+        elif self.branching is not None:
+            self.branching.forget_ahead()
 
     def rollback(self) -> None:
         self._choice = self._ahead = None
+        if self.branching is not None:
+            self.branching.forget()
         self.model.rollback()
 
 
@@ -385,3 +429,4 @@ def _one_hot(tokens: Sequence[int], vocab: int) -> np.ndarray:
     q = np.zeros((len(tokens), vocab))
     q[np.arange(len(tokens)), np.asarray(tokens, dtype=np.int64)] = 1.0
     return q
+

@@ -176,7 +176,8 @@ class PipelinedVerifier(Verifier, Protocol):
         ...
 
     def submit(self, draft: Draft, assume: Assume | None = None) -> None:
-        """Send a round; with `assume`, it is verified only if the assumption holds then."""
+        """Send a round; with `assume`, it is verified only if the assumption holds then (and
+        the round before it, if a tree, accepted its chain: `Draft.chain`)."""
         ...
 
     def collect(self) -> Verdict | None:
@@ -270,6 +271,7 @@ class TargetVerifier:
         self.scorer, self.params, self.seed, self.eos_ids = scorer, params, seed, eos_ids
         self.position, self.end = start, start + max_new_tokens
         self.last: int | None = None  # the last committed token, once a round committed one
+        self.off_chain = False  # the last verdict took a tree's side branch (no round ahead of it holds)
         self._rounds: deque[tuple[Draft, Assume | None]] = deque()
         self._expected = 0  # rounds at the head known to be dropped (`expect_dropped`)
         self.dropped = 0  # rounds dropped: their assumption failed
@@ -280,6 +282,7 @@ class TargetVerifier:
         self.position += len(verdict.tokens)
         if verdict.tokens:
             self.last = verdict.tokens[-1]
+        self.off_chain = draft.kept(verdict) < verdict.accepted
         return verdict
 
     def submit(self, draft: Draft, assume: Assume | None = None) -> None:
@@ -292,7 +295,7 @@ class TargetVerifier:
     def collect(self) -> Verdict | None:
         while True:
             draft, assume = self._rounds.popleft()
-            if assume is not None and (self.position != assume.position or self.last != assume.token):
+            if assume is not None and (self.off_chain or self.position != assume.position or self.last != assume.token):
                 self.dropped += 1
                 if self._expected:  # consumed silently: the caller knows
                     self._expected -= 1

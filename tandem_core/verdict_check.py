@@ -3,7 +3,10 @@
 The rules are those `tandem_core.verify.finalize` guarantees for an honest verifier, so every
 verdict it can produce passes and a verdict that breaks one cannot have come from it:
 - accepted: 0 <= accepted <= k, the number of drafts sent this round;
-- prefix: the committed tokens start with exactly the first `accepted` drafts;
+- prefix: the committed tokens start with exactly the first `accepted` drafts; for a tree
+  (`parents`, `tandem_core.tree`'s convention), with the tokens of a root-to-node path of
+  `accepted` drafts (followed child by child by token: siblings hold distinct tokens), so at
+  most the tree's depth;
 - count: len(tokens) == accepted + 1 while the request goes on; a finished round commits
   accepted or accepted + 1 tokens (cut after an EOS), at least one;
 - finish: `finished` holds exactly when there is a finish reason;
@@ -34,21 +37,26 @@ class BadVerdict(ValueError):
 
 
 def check_verdict(draft_tokens: Sequence[int], verdict: Verdict, *, remaining: int | None = None,
-                  vocab: int | None = None, eos_ids: frozenset[int] | None = None) -> None:
+                  vocab: int | None = None, eos_ids: frozenset[int] | None = None,
+                  parents: Sequence[int] | None = None) -> None:
     """Raise `BadVerdict` unless `verdict` is one a verifier could give for `draft_tokens`.
 
     `remaining` is the request's budget before this round (tokens it may still commit, context
-    included); `vocab` and `eos_ids` are checked only when given.
+    included); `vocab` and `eos_ids` are checked only when given. With `parents` (one per draft:
+    -1 or an earlier draft's index; ValueError otherwise) the drafts are a tree.
     """
     if remaining is not None and remaining < 1:
         raise ValueError(f"remaining must be >= 1, got {remaining}")
     k, a, tokens = len(draft_tokens), verdict.accepted, verdict.tokens
     if not 0 <= a <= k:
         raise BadVerdict("accepted", f"{a} accepted of {k} drafts sent")
-    differ = next((i for i in range(min(a, len(tokens))) if tokens[i] != draft_tokens[i]), None)
-    if differ is not None or len(tokens) < a:
-        where = f"token {differ}" if differ is not None else f"only {len(tokens)} tokens"
-        raise BadVerdict("prefix", f"{where}: the tokens do not start with the {a} accepted drafts")
+    if parents is None:
+        differ = next((i for i in range(min(a, len(tokens))) if tokens[i] != draft_tokens[i]), None)
+        if differ is not None or len(tokens) < a:
+            where = f"token {differ}" if differ is not None else f"only {len(tokens)} tokens"
+            raise BadVerdict("prefix", f"{where}: the tokens do not start with the {a} accepted drafts")
+    else:
+        _check_path(draft_tokens, parents, a, tokens)
     _check_count(a, tokens, verdict)
     if remaining is not None:
         _check_budget(tokens, verdict, remaining)
@@ -58,6 +66,28 @@ def check_verdict(draft_tokens: Sequence[int], verdict: Verdict, *, remaining: i
         raise BadVerdict("vocab", f"token {outside}: id outside [0, {bound})")
     if eos_ids is not None:
         _check_eos(tokens, verdict, eos_ids)
+
+
+def _check_path(draft_tokens: Sequence[int], parents: Sequence[int], accepted: int, tokens: Sequence[int]) -> None:
+    """The first `accepted` tokens follow the tree from the root, child by child."""
+    if len(parents) != len(draft_tokens) or any(not -1 <= p < i for i, p in enumerate(parents)):
+        raise ValueError("parents must hold one entry per draft, each -1 or an earlier draft's index")
+    children: dict[int, dict[int, int]] = {}
+    depth: list[int] = []
+    for i, p in enumerate(parents):
+        if children.setdefault(p, {}).setdefault(draft_tokens[i], i) != i:
+            raise ValueError(f"draft {i}: siblings must hold distinct tokens")
+        depth.append(0 if p < 0 else depth[p] + 1)
+    deepest = max(depth, default=-1) + 1
+    if accepted > deepest:
+        raise BadVerdict("prefix", f"{accepted} accepted beyond the tree's depth {deepest}")
+    if len(tokens) < accepted:
+        raise BadVerdict("prefix", f"only {len(tokens)} tokens: the tokens do not hold the {accepted} accepted drafts")
+    node = -1
+    for i in range(accepted):
+        node = children.get(node, {}).get(tokens[i], -2)
+        if node == -2:
+            raise BadVerdict("prefix", f"token {i}: the {accepted} accepted tokens leave the tree there")
 
 
 def _check_count(accepted: int, tokens: Sequence[int], verdict: Verdict) -> None:

@@ -43,14 +43,15 @@ NO_LOOKUP_METHODS = ("drafter_model", "tandem_model")
 # and a device token (a second gateway in front of the same Serve proxy); `tandem_grpc_model`
 # drafts with the model alone (--draft-len as given); `tandem_grpc_seq` is the old sequential
 # protocol: the model alone, k = SEQ_DRAFT_LEN every round, one round after the other (no pipelining);
-# `tandem_grpc_alt` is `tandem_grpc` that also prepares a round for the likeliest other verdict (greedy)
-NETWORK_METHODS = ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_seq", "tandem_grpc_alt", "tandem_grpc_tls",
-                   "cloud_stream")
+# `tandem_grpc_alt` is `tandem_grpc` that also prepares a round for the likeliest other verdict (greedy);
+# `tandem_grpc_chain` is `tandem_grpc` with draft trees turned off (chains only)
+SPECULATIVE_NETWORK_METHODS = ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_seq", "tandem_grpc_alt",
+                               "tandem_grpc_chain", "tandem_grpc_tls")
+NETWORK_METHODS = (*SPECULATIVE_NETWORK_METHODS, "cloud_stream")
 SEQ_DRAFT_LEN = 4
 ALL_METHODS = METHODS + NO_LOOKUP_METHODS + NETWORK_METHODS
 # methods whose greedy output must equal the target's
-CLAIMS_TARGET_OUTPUT = {"assisted", "cloud_only", "tandem", "tandem_model", "tandem_grpc", "tandem_grpc_model",
-                        "tandem_grpc_seq", "tandem_grpc_alt", "tandem_grpc_tls", "cloud_stream"}
+CLAIMS_TARGET_OUTPUT = {"assisted", "cloud_only", "tandem", "tandem_model", *NETWORK_METHODS}
 # methods that run Tandem's engine, whose greedy output must equal its cloud-only path bit for bit
 CLAIMS_CLOUD_ONLY_OUTPUT = CLAIMS_TARGET_OUTPUT - {"assisted"}
 SUITES = ("methods", "orchestrator", "fallback", "cloud-scale", "chat-turns")
@@ -207,7 +208,7 @@ def _select(prompts: list[BenchPrompt], categories: str | None, limit: int | Non
 
 def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argparse.Namespace, n: int,
               remote: Any = None) -> Any:
-    if method in ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_seq", "tandem_grpc_alt", "tandem_grpc_tls"):
+    if method in SPECULATIVE_NETWORK_METHODS:
         k = SEQ_DRAFT_LEN if method == "tandem_grpc_seq" else args.draft_len
         return remote.speculative(ids, params, draft_len=k, max_new_tokens=n, method=method)
     if method == "cloud_stream":

@@ -1,4 +1,4 @@
-"""The networked methods of `tandem bench`: `tandem_grpc`, `tandem_grpc_tls` and `cloud_stream`.
+"""The networked methods of `tandem bench`: `tandem_grpc` (and its variants), `tandem_grpc_tls`, `cloud_stream`.
 
 Guarantees:
 - The cloud node runs as its own process (`tandem serve cloud`, Ray Serve behind its gRPC proxy
@@ -111,6 +111,7 @@ class RemoteStack:
                     max_new_tokens: int, method: str = "tandem_grpc") -> GenerationResult:
         from edge_node.cloud_link import CloudLink, SessionRequest
         from edge_node.generation import generate_speculative
+        from tandem_core.branching import DEFAULT_TREE_NODES
 
         seed = resolve_seed(params.seed)
         # tandem_grpc_model and tandem_grpc_seq: tandem_grpc's channel
@@ -122,7 +123,8 @@ class RemoteStack:
                                  max_new_tokens=max_new_tokens,
                                  lookup=method not in ("tandem_grpc_model", "tandem_grpc_seq"),
                                  pipeline=method != "tandem_grpc_seq",  # the old protocol: one round at a time
-                                 alternatives=method == "tandem_grpc_alt")
+                                 alternatives=method == "tandem_grpc_alt",
+                                 tree_nodes=0 if method == "tandem_grpc_chain" else DEFAULT_TREE_NODES)  # chains: the baseline
         cloud_cpu = _tree_cpu_s(self.cloud.proc.pid) - cloud0
         return GenerationResult(method, tuple(r.tokens), r.ttft_s, r.wall_s, r.edge_cpu_s, cloud_cpu, r.stats,
                                 r.stats.target_forwards, bytes_up=r.bytes_up, bytes_down=r.bytes_down)

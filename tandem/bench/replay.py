@@ -3,7 +3,7 @@
 Guarantees:
 - A recording holds, per prompt, one solo greedy speculative session of the real drafter against
   the deployment (`tandem.bench.scale_edge` with `"record": true`): every round as sent (the
-  drafts, rejected positions included) and as answered (the verdict's tokens and finished flag),
+  drafts, rejected positions included, and a tree's parents) and as answered (the verdict's tokens and finished flag),
   and the whole answer. `load_recording` returns only the prompts recorded under the same
   settings (`recording_key`) and token ids; `save_recording` writes the JSON file (keeping its
   other prompts recorded under the same settings).
@@ -141,7 +141,8 @@ def _drive(call: Iterator[cloud_pb2.VerifyResponse], requests: queue.Queue, roun
     """Send each recorded round after the previous verdict; stop at the first that differs."""
     t0 = time.perf_counter()  # the first round trip includes the open, as the edge's does
     for n, recorded in enumerate(rounds, 1):
-        requests.put(cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(round=n, draft_tokens=recorded["drafts"])))
+        requests.put(cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(
+            round=n, draft_tokens=recorded["drafts"], draft_parents=[a + 1 for a in recorded.get("parents") or ()])))
         if n == 1:
             opened = _reply(call, "opened")
             out["replica"] = opened.replica

@@ -8,7 +8,9 @@ Speculative rows also say how long the drafts were and why (`tandem_core.stats`)
 `mean_draft_len` = drafted / rounds; `alt_hit_rate` = rounds prepared for the likeliest other verdict
 whose verdict came / those prepared (greedy); `pipeline_hit_rate` = pipeline hits / tries, None when no
 round was drafted ahead of its predecessor's verdict; `draft_reasons` the rounds per reason
-class, summed over the prompts.
+class, summed over the prompts. Draft trees: `tree_nodes_per_round` = drafts verified / rounds, a
+tree's nodes counted (mean_draft_len when no round sent a tree: a tree's `drafted` is its
+depth), and `tree_rounds` the rounds that sent a tree, summed over the prompts.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def _row(method: str, category: str, runs: Sequence[Run]) -> dict[str, Any]:
         "identical_to_target": None if any(i is None for i in identical) else all(identical),
         "identical_to_cloud_only": None if any(i is None for i in own) else all(own),
         "mean_draft_len": _ratio(drafted, rounds) if has_stats else None,
+        "tree_nodes_per_round": _ratio(sum(s.nodes for s in stats if s is not None), rounds) if has_stats else None,
+        "tree_rounds": sum(s.tree_rounds for s in stats if s is not None) if has_stats else None,
         "pipeline_hit_rate": _ratio(sum(s.pipeline_hits for s in stats if s is not None),
                                     sum(s.pipeline_tries for s in stats if s is not None)) if has_stats else None,
         "alt_hit_rate": _ratio(sum(getattr(s, "alt_hits", 0) for s in stats if s is not None),
@@ -159,15 +163,15 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ("method", "category", "n", "tok/s", "decode tok/s", "TTFT ms", "accept", "tau", "k", "pipe hit",
-              "alt hit", "fwd/tok", "edge cpu/tok", "cloud cpu/tok", "retrieved", "speedup", "decode speedup", "identical",
-              "= cloud-only")
-    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".2f", ".2f", ".2f", ".3f", ".3f", ".3f", ".2f", ".2f", ".2f",
-             "", "")
+    header = ("method", "category", "n", "tok/s", "decode tok/s", "TTFT ms", "accept", "tau", "k", "nodes/rnd",
+              "pipe hit", "alt hit", "fwd/tok", "edge cpu/tok", "cloud cpu/tok", "retrieved", "speedup",
+              "decode speedup", "identical", "= cloud-only")
+    specs = ("", "", "d", ".2f", ".2f", ".0f", ".3f", ".2f", ".2f", ".2f", ".2f", ".2f", ".3f", ".3f", ".3f", ".2f",
+             ".2f", ".2f", "", "")
     keys = ("method", "category", "n_prompts", "tokens_per_s", "decode_tokens_per_s", "ttft_ms", "acceptance_rate",
-            "mean_accepted_len", "mean_draft_len", "pipeline_hit_rate", "alt_hit_rate", "target_forwards_per_token",
-            "edge_cpu_s_per_token", "cloud_cpu_s_per_token", "retrieval_draft_share", "speedup_vs_target",
-            "decode_speedup_vs_target", "identical_to_target", "identical_to_cloud_only")
+            "mean_accepted_len", "mean_draft_len", "tree_nodes_per_round", "pipeline_hit_rate", "alt_hit_rate",
+            "target_forwards_per_token", "edge_cpu_s_per_token", "cloud_cpu_s_per_token", "retrieval_draft_share",
+            "speedup_vs_target", "decode_speedup_vs_target", "identical_to_target", "identical_to_cloud_only")
     lines = [[fmt(row[k], s) for k, s in zip(keys, specs, strict=True)] for row in rows]
     for line, row in zip(lines, rows):
         if row.get("rtt_ms") is not None:

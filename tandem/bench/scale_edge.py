@@ -39,14 +39,17 @@ class TimedLink(CloudLink):
         self.round_ms: list[float] = []
         self.rounds: list[dict[str, Any]] = []
 
-    def send_round(self, draft_tokens: Sequence[int], q: Any, assume: Any = None) -> int:
+    def send_round(self, draft_tokens: Sequence[int], q: Any, assume: Any = None,
+                   parents: Sequence[int] | None = None) -> int:
         self._sent_at, self._drafts = time.perf_counter(), [int(t) for t in draft_tokens]
-        return super().send_round(draft_tokens, q, assume)
+        self._parents = None if parents is None else [int(a) for a in parents]
+        return super().send_round(draft_tokens, q, assume, parents)
 
     def recv_verdict(self, round_no: int) -> Any:
         verdict, dropped = super().recv_verdict(round_no)
         self.round_ms.append(1000 * (time.perf_counter() - self._sent_at))
-        self.rounds.append({"drafts": self._drafts, "tokens": list(verdict.tokens), "finished": verdict.finished})
+        self.rounds.append({"drafts": self._drafts, "tokens": list(verdict.tokens), "finished": verdict.finished}
+                           | ({"parents": self._parents} if self._parents is not None else {}))
         return verdict, dropped
 
 

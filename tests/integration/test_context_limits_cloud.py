@@ -22,6 +22,7 @@ from edge_node.drafter import DrafterModel
 from edge_node.generation import generate_cloud, generate_speculative
 from protos.tandem.v1 import cloud_pb2, common_pb2
 from tandem.pair import LocalPair
+from tandem_core.loop import Draft
 from tandem_core.sampling import SamplingParams
 from tandem_core.verify import FinishReason
 from tests.support.cloud_client import CloudVerifierClient, draft_round
@@ -66,13 +67,13 @@ def _spec(params: SamplingParams, prompt: list[int], max_new: int) -> cloud_pb2.
 
 
 class SpyLink(CloudLink):
-    """A CloudLink that records how many drafts each round sent."""
+    """A CloudLink that records how deep each round's drafts go (a chain's length, a tree's depth)."""
 
     sent: list[int]
 
-    def send_round(self, draft_tokens, q, assume=None):  # type: ignore[no-untyped-def]
-        self.sent.append(len(draft_tokens))
-        return super().send_round(draft_tokens, q, assume)
+    def send_round(self, draft_tokens, q, assume=None, parents=None):  # type: ignore[no-untyped-def]
+        self.sent.append(Draft(tuple(draft_tokens), None, parents=None if parents is None else tuple(parents)).depth)
+        return super().send_round(draft_tokens, q, assume, parents)
 
 
 @pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])

@@ -38,10 +38,12 @@ from edge_node.drafter import DrafterModel, DrafterSession
 from edge_node.generation import EdgeResult, generate_speculative
 from protos.tandem.v1 import cloud_pb2
 from tandem.limits import MAX_DRAFT_LEN
+from tandem_core.branching import DEFAULT_TREE_NODES
 from tandem_core.lookup import LookupDrafter
 from tandem_core.loop import Draft, TargetVerifier, speculative_generate
 from tandem_core.sampling import DRAFTER_STREAM, SamplingParams, cap_support, logits_to_probs, round_rng, sample
 from tandem_core.stats import RequestStats
+from tandem_core.tree import DraftTree
 from tests.support.sampling_models import (
     Logits,
     V,
@@ -132,6 +134,16 @@ class FakeTargetSession:
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
         self.committed.extend(int(t) for t in tokens)
         self.cached_len = len(self.committed) - 1
+
+    def score_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+        """A draft tree: row 1 + i scores node i after its own path (`tandem_core.tree`)."""
+        tree = DraftTree(tuple(tokens), tuple(parents))
+        self.cached_len = len(self.committed) + len(tokens)
+        return np.stack([target_logits(self.committed),
+                         *(target_logits([*self.committed, *tree.path_tokens(i)]) for i in range(len(tokens)))])
+
+    def commit_path(self, path: Sequence[int], tokens: Sequence[int]) -> None:
+        self.commit(len(path), tokens)
 
 
 class FakeTarget:
@@ -249,7 +261,8 @@ def in_process(drafter: FakeOnnxDrafterModel, params: SamplingParams, seed: int,
                               eos_ids=frozenset())
     session: Any = drafter.new_session(PROMPT, params, seed, max_length=len(PROMPT) + n + MAX_DRAFT_LEN + 2)
     if lookup:
-        session = LookupDrafter.over(session, PROMPT, model_len=draft_len, vocab=V)
+        session = LookupDrafter.over(session, PROMPT, model_len=draft_len, vocab=V,
+                                     trees=lambda: DEFAULT_TREE_NODES)  # as the edge's default
     if pipeline:
         verifier.submit(Draft((), None))
     return tuple(t for v in speculative_generate(session, verifier, draft_len=MAX_DRAFT_LEN if lookup else draft_len,

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tandem.bench.cores import THREADS, observe, pin, plan_cores, role_of
-from tandem.bench.report import FIELDS, Run, aggregate
+from tandem.bench.report import FIELDS, Run, aggregate, format_table
 from tandem.cli.main import main
 from tandem.pair import GenerationResult
 from tandem_core.stats import RequestStats, RoundStats
@@ -91,12 +91,30 @@ def test_rows_sum_draft_lengths_pipeline_hits_and_reasons_over_prompts() -> None
             Run("p1", "code", _result("target", None), None), Run("p2", "code", _result("target", None), None)]
     rows = {(r["method"], r["category"]): r for r in aggregate(runs)}
     spec = rows[("tandem_grpc", "all")]
-    assert set(FIELDS) <= spec.keys() and "tree_nodes_per_round" not in spec
+    assert set(FIELDS) <= spec.keys()
     assert spec["mean_draft_len"] == pytest.approx(16 / 4)
+    assert spec["tree_nodes_per_round"] == pytest.approx(16 / 4) and spec["tree_rounds"] == 0  # no tree: k
     assert spec["pipeline_hit_rate"] == pytest.approx(2 / 3)
     assert spec["draft_reasons"] == {"cost_model": 1, "low_acceptance": 1, "pinned": 2}
     base = rows[("target", "all")]
     assert (base["mean_draft_len"], base["pipeline_hit_rate"], base["draft_reasons"]) == (None, None, None)
+
+
+def test_tree_rounds_count_their_nodes_weighted_by_rounds() -> None:
+    a, b = RequestStats(), RequestStats()
+    a.add_round(RoundStats(3, 2, 3, nodes=9))  # a tree: depth 3, 9 nodes
+    a.add_round(RoundStats(4, 1, 2))  # a chain of 4
+    b.add_round(RoundStats(2, 2, 3, nodes=5))
+    runs = [Run("p1", "code", _result("tandem_grpc", a), True, 0.0), Run("p2", "code", _result("tandem_grpc", b), True, 0.0),
+            Run("p1", "code", _result("target", None), None)]
+    rows = {(r["method"], r["category"]): r for r in aggregate(runs)}
+    spec, base = rows[("tandem_grpc", "all")], rows[("target", "all")]
+    assert spec["tree_nodes_per_round"] == pytest.approx((9 + 4 + 5) / 3) and spec["tree_rounds"] == 2
+    assert spec["mean_draft_len"] == pytest.approx((3 + 4 + 2) / 3)
+    assert (base["tree_nodes_per_round"], base["tree_rounds"]) == (None, None)
+    table = format_table(list(rows.values())).splitlines()
+    column = table[0].index("nodes/rnd")
+    assert "6.00" in next(line for line in table if line.startswith("tandem_grpc@0ms"))[column:column + 9]
 
 
 def test_no_pipelined_round_gives_no_hit_rate() -> None:

@@ -278,3 +278,38 @@ def test_the_first_token_does_not_wait_for_a_lazy_drafters_prefill_with_fake_mod
                     assert (drafter.todo > 0) == verdict_first, f"seed {seed}"
                 out.extend(verdict.tokens)
             assert tuple(out) == sequential and tuple(verifier.committed) == sequential, f"seed {seed}"
+
+
+def test_a_round_ahead_of_a_verdict_down_a_side_branch_is_dropped_with_a_fake_scorer() -> None:
+    """The tree's chain is [1, 2] and 3 is 2's sibling; the target takes 1, 3, then 7. A round
+    sent ahead on the chain [1, 2] then 7 assumes the same position and last token, reached by
+    another path: `TargetVerifier` drops it, and an untagged round is verified."""
+    from tandem_core.loop import Assume, Draft, TargetVerifier
+    from tandem_core.sampling import SamplingParams
+
+    class FakeTreeScorer:
+        def score_tree(self, tokens, parents):  # type: ignore[no-untyped-def]
+            rows = np.zeros((len(tokens) + 1, 10))
+            rows[0, 1] = rows[1, 3] = rows[3, 7] = 1.0  # after the root: 1; after 1: 3; after 3: 7
+            return rows
+
+        def score(self, draft_tokens):  # type: ignore[no-untyped-def]
+            rows = np.zeros((len(draft_tokens) + 1, 10))
+            rows[:, 5] = 1.0
+            return rows
+
+        def commit_path(self, path, tokens):  # type: ignore[no-untyped-def]
+            pass
+
+        def commit(self, accepted, tokens):  # type: ignore[no-untyped-def]
+            pass
+
+    v = TargetVerifier(FakeTreeScorer(), SamplingParams(), seed=0, start=4, max_new_tokens=20, eos_ids=frozenset())
+    tree = Draft((1, 2, 3), None, parents=(-1, 0, 0))
+    v.submit(tree)
+    v.submit(Draft((5,), None), Assume(4 + 3, 7))
+    v.submit(Draft((5,), None))
+    verdict = v.collect()
+    assert verdict is not None and verdict.tokens == (1, 3, 7) and tree.kept(verdict) == 1
+    assert v.collect() is None  # dropped: the chain [1, 2] was not what was accepted
+    assert v.collect() is not None

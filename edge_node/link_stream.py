@@ -1,0 +1,250 @@
+"""The plumbing under the edge's cloud link: its errors, one Verify stream, the shared round
+deadline, and cloud-only Generate.
+
+Guarantees:
+- Every wait can time out: a reader thread moves a call's replies (then its error, if any, then
+  an end marker) into a queue, so a caller waits on the queue with a deadline, never on gRPC.
+- A status maps to exactly one error: the retryable codes (UNAVAILABLE, DEADLINE_EXCEEDED,
+  CANCELLED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN) raise `LinkError`, resumable, with
+  cause CLOUD_REFUSED for RESOURCE_EXHAUSTED and UNAVAILABLE "draining" (a replica shutting
+  down) and BROKEN_STREAM otherwise; INVALID_ARGUMENT and the other client errors raise
+  `CloudRejected`, never retried. A reply later than its deadline is LATE_VERDICT.
+- Bytes are counted per direction as gRPC message bytes (serialized size plus the 5-byte length
+  prefix, `GRPC_PREFIX`), so figures are comparable across runs.
+- `LinkDeadline` is one `tandem_core.deadline.RoundDeadline` behind a lock, shared by the
+  sessions over one link, so what one verdict teaches serves the next.
+- `cloud_generate` (the cloud-only route) re-asks on a break with the tokens received, so each
+  token is yielded once; gRPC never retries a stream after its first response.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
+from tandem_core.deadline import DeadlinePolicy, RoundDeadline
+from tandem_core.link_health import backoff_delay
+from tandem_core.loop import SwitchCause, VerifierUnavailable
+from tandem_core.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_END = object()
+GRPC_PREFIX = 5  # gRPC length-prefixed message framing
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL,
+              grpc.StatusCode.UNKNOWN}
+
+
+class LinkError(VerifierUnavailable):
+    """The stream broke, or a reply missed its deadline: resumable. `cause` says which."""
+
+    def __init__(self, message: str, cause: SwitchCause = SwitchCause.BROKEN_STREAM) -> None:
+        super().__init__(cause, message)
+
+
+class ProtocolError(LinkError):
+    """The cloud's reply broke the protocol (out of order, or a verdict that contradicts the
+    round): nothing from it is committed; resumable like a broken stream."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, SwitchCause.BAD_VERDICT)
+
+
+class CloudRejected(Exception):
+    """The cloud refused the request (bad input): not resumable."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"cloud rejected the request ({code.name}): {message}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """What opening (or resuming) a cloud session needs."""
+
+    session_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    max_new_tokens: int
+    model: str = ""
+
+
+def sampling_to_proto(params: SamplingParams, seed: int) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed)
+
+
+def _start_reader(call: Iterator[Any], into: queue.Queue) -> threading.Thread:
+    """A thread that moves a call's replies into `into`, then its error (if any), then _END, so
+    the caller can wait on the queue with a timeout."""
+    def read() -> None:
+        try:
+            for item in call:
+                into.put(item)
+        except grpc.RpcError as exc:
+            into.put(exc)
+        finally:
+            into.put(_END)
+
+    thread = threading.Thread(target=read, daemon=True, name="cloud-link-reader")
+    thread.start()
+    return thread
+
+
+def link_error(err: grpc.RpcError) -> Exception:
+    """A broken stream is resumable (LinkError); a refusal is not (CloudRejected)."""
+    code, details = err.code(), err.details() or ""
+    if code in _RETRYABLE:
+        refused = code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
+            code == grpc.StatusCode.UNAVAILABLE and details.startswith("draining"))
+        return LinkError(f"stream broke: {code.name} {details}",
+                         SwitchCause.CLOUD_REFUSED if refused else SwitchCause.BROKEN_STREAM)
+    return CloudRejected(code, details)
+
+
+class VerifyStream:
+    """One Verify call: requests fed from a queue, responses read by a thread into a queue."""
+
+    def __init__(self, stub: cloud_pb2_grpc.CloudVerifierStub, total_timeout_s: float) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._responses: queue.Queue = queue.Queue()
+        self._call = stub.Verify(iter(self._requests.get, _END), timeout=total_timeout_s)
+        self._reader = _start_reader(self._call, self._responses)
+
+    def send(self, request: cloud_pb2.VerifyRequest) -> None:
+        self._requests.put(request)
+
+    def recv(self, timeout_s: float) -> cloud_pb2.VerifyResponse:
+        try:
+            item = self._responses.get(timeout=timeout_s)
+        except queue.Empty:
+            raise LinkError(f"no reply within {timeout_s * 1000:.0f} ms", SwitchCause.LATE_VERDICT) from None
+        if isinstance(item, grpc.RpcError):
+            raise link_error(item)
+        if item is _END:
+            raise LinkError("stream ended without a reply")
+        return item
+
+    def waiting(self) -> int:
+        return self._responses.qsize()
+
+    def close(self) -> None:
+        self._requests.put(_END)
+        self._call.cancel()
+
+
+class LinkDeadline:
+    """A `tandem_core.deadline.RoundDeadline` shared by the sessions over one link (they all
+    measure it), behind a lock: what one answer learnt serves the next. The default never adapts:
+    every round waits the ceiling, unchecked."""
+
+    def __init__(self, deadline: RoundDeadline | None = None) -> None:
+        self._lock = threading.Lock()
+        self._deadline = deadline if deadline is not None else RoundDeadline(DeadlinePolicy(adaptive=False))
+
+    @property
+    def adaptive(self) -> bool:
+        return self._deadline.policy.adaptive
+
+    def deadline_s(self, rows: int, ceiling_s: float, fastest_s: float | None = None) -> float:
+        with self._lock:
+            return self._deadline.deadline_s(rows, ceiling_s, fastest_s)
+
+    def plan(self, rows: int, ceiling_s: float, fastest_s: float | None) -> tuple[float, float, float]:
+        """(deadline, first check, then each) for a round of `rows` rows."""
+        with self._lock:
+            d = self._deadline
+            deadline_s = d.deadline_s(rows, ceiling_s, fastest_s)
+            return deadline_s, d.first_check_s(deadline_s), d.check_after_s(rows, deadline_s)
+
+    def check_timeout_s(self, fastest_s: float | None) -> float | None:
+        with self._lock:
+            return self._deadline.check_timeout_s(fastest_s)
+
+    def observe(self, rows: int, latency_s: float, server_s: float = 0.0, *, ahead: bool = False) -> None:
+        with self._lock:
+            self._deadline.observe(rows, latency_s, server_s, ahead=ahead)
+
+    def observe_check(self, latency_s: float) -> None:
+        with self._lock:
+            self._deadline.observe_check(latency_s)
+
+    def missed(self) -> None:
+        with self._lock:
+            self._deadline.missed()
+
+
+def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: SamplingParams, seed: int,
+                   max_new_tokens: int, *, timeout_s: float = 3600.0, first_timeout_s: float | None = None,
+                   gap_timeout_s: float | None = None, max_resumes: int = 3, backoff_s: float = 0.2,
+                   counter: dict[str, int] | None = None) -> Iterator[cloud_pb2.GenerateResponse]:
+    """Cloud-only generation over a server stream; on a break it re-asks with the tokens received.
+
+    Each response is yielded once; `counter` (if given) accumulates "up"/"down" message bytes
+    and counts "resumes".
+    The first reply (prefill included) must come within `first_timeout_s` and each later one
+    within `gap_timeout_s` of the previous (None = no limit), else the stream counts as broken.
+    A break past `max_resumes` raises `LinkError`; a refusal raises `CloudRejected`.
+    """
+    stub = cloud_pb2_grpc.CloudVerifierStub(channel)
+    generated: list[int] = []
+    counter = counter if counter is not None else {}
+    resumes = 0
+    while True:
+        request = cloud_pb2.GenerateRequest(session=cloud_pb2.SessionSpec(
+            session_id=uuid.uuid4().hex, prompt_tokens=list(prompt_ids), sampling=sampling_to_proto(params, seed),
+            max_new_tokens=max_new_tokens, generated_tokens=generated))
+        counter["up"] = counter.get("up", 0) + request.ByteSize() + GRPC_PREFIX
+        try:
+            call = stub.Generate(request, timeout=timeout_s)
+            for response in _with_deadlines(call, first_timeout_s, gap_timeout_s):
+                counter["down"] = counter.get("down", 0) + response.ByteSize() + GRPC_PREFIX
+                generated.extend(response.tokens)
+                yield response
+                if response.finished:
+                    return
+            raise LinkError("the stream ended before the answer finished")
+        except LinkError as exc:
+            if resumes >= max_resumes:
+                raise LinkError(f"cloud unreachable after {resumes} resumes: {exc}", exc.cause) from None
+            time.sleep(backoff_delay(resumes, backoff_s))
+            resumes += 1
+            counter["resumes"] = resumes
+            log.info("cloud Generate stream broke (%s); resuming after %d tokens", exc, len(generated))
+
+
+def _with_deadlines(call: Iterator[cloud_pb2.GenerateResponse], first_timeout_s: float | None,
+                    gap_timeout_s: float | None) -> Iterator[cloud_pb2.GenerateResponse]:
+    """Yield a server stream's replies, raising LinkError when one is later than its deadline.
+
+    A reader thread feeds a queue so the wait can time out; the call is cancelled on any exit.
+    """
+    replies: queue.Queue = queue.Queue()
+    _start_reader(call, replies)
+    timeout, first = first_timeout_s, True
+    try:
+        while True:
+            try:
+                item = replies.get(timeout=timeout)
+            except queue.Empty:
+                raise LinkError(f"no reply within {timeout * 1000:.0f} ms",  # type: ignore[operator]
+                                SwitchCause.LATE_VERDICT) from None
+            if item is _END:
+                return
+            if isinstance(item, grpc.RpcError):
+                raise link_error(item)
+            if first:
+                first, timeout = False, gap_timeout_s
+            yield item
+    finally:
+        call.cancel()  # type: ignore[attr-defined]
