@@ -27,6 +27,7 @@ APP_ARGS: dict[str, Any] = {
     "max_sessions": 32,
     "max_context": 4096,
     "max_draft_len": 16,
+    "max_tree_nodes": 64,
     "max_new_tokens": 4096,
     "kv_budget_mb": 2048,
     "max_batch_rows": 64,

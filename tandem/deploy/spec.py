@@ -40,6 +40,7 @@ class DeploySpec:
     max_sessions: int = 32  # per replica, a hard cap: admission is by kv_budget_mb; RESOURCE_EXHAUSTED beyond
     max_context: int = 4096
     max_draft_len: int = 16
+    max_tree_nodes: int = 64  # drafts a tree round may hold (0: chains only)
     max_new_tokens: int = 4096
     kv_budget_mb: int = 2048  # per replica: open sessions' KV and the prefix cache
     max_batch_rows: int = 64  # a pass fills up to this many rows with prefill after its rounds
