@@ -20,7 +20,9 @@ from tandem.limits import (
     OPEN_DEADLINE_MS,
     ROUND_DEADLINE_MS,
 )
+from tandem_core.branching import DEFAULT_TREE_NODES
 from tandem_core.deadline import FLOOR_MS
+from tandem_core.tree import MAX_TREE_NODES
 
 ENV_PREFIX = "TANDEM_EDGE_"
 
@@ -43,6 +45,10 @@ class EdgeConfig:
                 "prefill; unless retrieval can copy from the prompt's end), and each next round is drafted "
                 "and sent while the verdict is in flight, on the guess that every draft is accepted "
                 "(tandem_core.loop); off: one round after the other"})
+    tree_nodes: int = field(default=DEFAULT_TREE_NODES, metadata={
+        "help": f"draft trees: the most drafts a round may hold when the drafter's next choices are added "
+                f"as siblings where they pay (tandem_core.branching), within the cloud's own bound "
+                f"(at most {MAX_TREE_NODES}); 0: chains only"})
     round_deadline_ms: int = field(default=ROUND_DEADLINE_MS, metadata={
         "help": "a verdict later than this resumes the stream (or continues on the device); with "
                 "--adaptive-deadline the ceiling of the learnt deadline"})
@@ -91,6 +97,8 @@ class EdgeConfig:
             raise ValueError(f"cloud_address: must be HOST:PORT, got {self.cloud_address!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if not 0 <= self.tree_nodes <= MAX_TREE_NODES:
+            raise ValueError(f"tree_nodes: must be in [0, {MAX_TREE_NODES}] (0: chains only), got {self.tree_nodes}")
         if not 0 <= self.draft_len <= MAX_DRAFT_LEN:
             raise ValueError(f"draft_len: must be in [0, {MAX_DRAFT_LEN}] (0: adaptive), got {self.draft_len}")
         for name in ("round_deadline_ms", "open_deadline_ms", "round_deadline_floor_ms"):

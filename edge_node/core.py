@@ -236,7 +236,7 @@ class EdgeCore:
         return generate_speculative(self.drafter, link, ids, job.params, seed, draft_len=job.draft_len,
                                     max_new_tokens=n, on_tokens=on_tokens, max_resumes=self.config.max_resumes,
                                     fallback_local=job.fallback_local, lookup=lookup,
-                                    pipeline=self.config.pipeline)
+                                    pipeline=self.config.pipeline, tree_nodes=self.config.tree_nodes)
 
 
 class _Cancelled(Exception):

@@ -163,7 +163,7 @@ def stats_to_proto(r: EdgeResult) -> common_pb2.GenerationStats:
         cloud_reused_tokens=s.cloud_reused_tokens, drafter_prefill_tokens=s.drafter_prefill_tokens,
         drafter_prefill_ms=1000 * r.drafter_prefill_s, retrieval_drafted=s.retrieval_drafted,
         retrieval_accepted=s.retrieval_accepted, pipeline_tries=s.pipeline_tries, pipeline_hits=s.pipeline_hits,
-        draft_reasons=s.draft_reasons,
+        draft_reasons=s.draft_reasons, tree_rounds=s.tree_rounds, nodes=s.nodes,
         switches=[common_pb2.RouteSwitch(at_token=w.at_token, from_route=w.from_route, to_route=w.to_route,
                                          reason=w.reason, at_ms=w.at_ms, cause=cause_to_proto(w.cause))
                   for w in r.switches])

@@ -268,6 +268,8 @@ def stats(s: orchestrator_pb2.OrchestratorStats) -> Stats:
         pipeline_tries=g.pipeline_tries,
         pipeline_hits=g.pipeline_hits,
         draft_reasons=dict(g.draft_reasons),
+        tree_rounds=g.tree_rounds,
+        nodes=g.nodes,
     )
 
 

@@ -121,11 +121,18 @@ class Stats:
     pipeline_tries: int = 0  # rounds drafted while their predecessor's verdict was in flight
     pipeline_hits: int = 0  # of which the verdict confirmed the guess
     draft_reasons: dict[str, int] = field(default_factory=dict)  # why each draft length: reason class -> rounds
+    tree_rounds: int = 0  # rounds that sent a draft tree
+    nodes: int = 0  # drafts verified over all rounds, a tree's nodes counted
 
     @property
     def mean_draft_len(self) -> float | None:
         """Drafts per round; None without rounds."""
         return self.drafted / self.rounds if self.rounds else None
+
+    @property
+    def tree_nodes_per_round(self) -> float | None:
+        """Drafts verified per round, a tree's nodes counted; None without rounds."""
+        return self.nodes / self.rounds if self.rounds else None
 
     @property
     def pipeline_hit_rate(self) -> float | None:

@@ -1,4 +1,4 @@
-"""The SDK's Stats carry the edge's pipelining and draft-length figures (GenerationStats 25-27)."""
+"""The SDK's Stats carry the edge's pipelining, draft-length and tree figures (GenerationStats 25-29)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,9 @@ def test_no_pipelined_round_and_no_rounds_give_none() -> None:
     assert (stats.pipeline_tries, stats.pipeline_hit_rate, stats.draft_reasons) == (0, None, {})
     empty = _convert.stats(orchestrator_pb2.OrchestratorStats(route="local"))
     assert empty.mean_draft_len is None
+
+
+def test_tree_counts_convert() -> None:
+    stats = _convert.stats(_proto(tree_rounds=3, nodes=22))
+    assert (stats.tree_rounds, stats.nodes, stats.tree_nodes_per_round) == (3, 22, 22 / 4)
+    assert _convert.stats(orchestrator_pb2.OrchestratorStats(route="local")).tree_nodes_per_round is None

@@ -58,7 +58,7 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("route", "generated_tokens", "ttft_ms", "tokens_per_s", "rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_len", "target_forwards", "bytes_up", "bytes_down", "edge_cpu_s", "resumes", "finish_reason", "local_tokens", "verified_tokens", "switches", "cloud_prefill_tokens", "cloud_reused_tokens", "drafter_prefill_tokens", "drafter_prefill_ms", "retrieval_drafted", "retrieval_accepted", "pipeline_tries", "pipeline_hits", "draft_reasons")
+    __slots__ = ("route", "generated_tokens", "ttft_ms", "tokens_per_s", "rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_len", "target_forwards", "bytes_up", "bytes_down", "edge_cpu_s", "resumes", "finish_reason", "local_tokens", "verified_tokens", "switches", "cloud_prefill_tokens", "cloud_reused_tokens", "drafter_prefill_tokens", "drafter_prefill_ms", "retrieval_drafted", "retrieval_accepted", "pipeline_tries", "pipeline_hits", "draft_reasons", "tree_rounds", "nodes")
     class DraftReasonsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,8 @@ class GenerationStats(_message.Message):
     PIPELINE_TRIES_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_HITS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_REASONS_FIELD_NUMBER: _ClassVar[int]
+    TREE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     route: str
     generated_tokens: int
     ttft_ms: float
@@ -120,7 +122,9 @@ class GenerationStats(_message.Message):
     pipeline_tries: int
     pipeline_hits: int
     draft_reasons: _containers.ScalarMap[str, int]
-    def __init__(self, route: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., target_forwards: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_cpu_s: _Optional[float] = ..., resumes: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., local_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., switches: _Optional[_Iterable[_Union[RouteSwitch, _Mapping]]] = ..., cloud_prefill_tokens: _Optional[int] = ..., cloud_reused_tokens: _Optional[int] = ..., drafter_prefill_tokens: _Optional[int] = ..., drafter_prefill_ms: _Optional[float] = ..., retrieval_drafted: _Optional[int] = ..., retrieval_accepted: _Optional[int] = ..., pipeline_tries: _Optional[int] = ..., pipeline_hits: _Optional[int] = ..., draft_reasons: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    tree_rounds: int
+    nodes: int
+    def __init__(self, route: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., target_forwards: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_cpu_s: _Optional[float] = ..., resumes: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., local_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., switches: _Optional[_Iterable[_Union[RouteSwitch, _Mapping]]] = ..., cloud_prefill_tokens: _Optional[int] = ..., cloud_reused_tokens: _Optional[int] = ..., drafter_prefill_tokens: _Optional[int] = ..., drafter_prefill_ms: _Optional[float] = ..., retrieval_drafted: _Optional[int] = ..., retrieval_accepted: _Optional[int] = ..., pipeline_tries: _Optional[int] = ..., pipeline_hits: _Optional[int] = ..., draft_reasons: _Optional[_Mapping[str, int]] = ..., tree_rounds: _Optional[int] = ..., nodes: _Optional[int] = ...) -> None: ...
 
 class RouteSwitch(_message.Message):
     __slots__ = ("at_token", "from_route", "to_route", "reason", "at_ms", "cause")
