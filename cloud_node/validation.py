@@ -197,8 +197,7 @@ class Checker:
         row = {a: g for g, a in enumerate(groups)}
         for i, (a, x) in enumerate(zip(parents, tokens, strict=True)):
             if q[row[a], x] <= 0:
-                raise BadRequest(f"q_rows[{row[a]}]: draft {i} (token {x}) has probability 0 in its sibling "
-                                 "group's q row")
+                raise BadRequest(f"q_rows[{row[a]}]: draft {i} has probability 0 in its sibling group's q row")
         return q
 
     def round(self, draft: DraftRound, params: SamplingParams, position: int) -> tuple[list[int], np.ndarray | None]:
@@ -266,7 +265,7 @@ def tree_parents(draft_parents: Sequence[int], tokens: Sequence[int]) -> list[in
                              f"{MAX_TREE_DEPTH}")
         twin = seen.setdefault((a, int(tokens[i])), i)
         if twin != i:
-            raise BadRequest(f"draft_parents[{i}]: draft {i} repeats token {tokens[i]} of its sibling, draft {twin} "
+            raise BadRequest(f"draft_parents[{i}]: draft {i} repeats the token of its sibling, draft {twin} "
                              "(siblings hold distinct tokens)")
         parents.append(a)
     return parents

@@ -258,7 +258,7 @@ BAD_TREES = {
     "q_rows_in_greedy": (GREEDY_OPEN, _tree_msg([5], [0], [FULL]), "q_rows"),
     "q_rows_per_draft": (SAMPLED_OPEN, _tree_msg([5, 6, 7], [0, 0, 1], [FULL] * 3), "2 sibling groups"),
     "child_with_q_zero": (SAMPLED_OPEN, _tree_msg([5, 6], [0, 0], [([5, 7], [0.5, 0.5])]),
-                          "draft 1 (token 6) has probability 0"),
+                          "draft 1 has probability 0"),
 }
 
 
