@@ -135,3 +135,23 @@ def test_branching_sends_trees_only_within_the_verifiers_room_with_a_fake_model(
     b.learn(0, (100, 7))  # rejected at depth 0, where the first alternative (100) was taken
     assert b.rate.hits > b.rate.predicted - 1  # a hit counted
     DraftTree(tree.tokens, tree.parents)  # valid
+
+
+def test_the_edge_sends_trees_by_default_and_tree_nodes_bounds_or_turns_them_off() -> None:
+    import argparse
+
+    from edge_node.config import ENV_PREFIX, EdgeConfig
+    from tandem.config import ConfigError, add_flags, load
+    from tandem_core.branching import DEFAULT_TREE_NODES
+
+    def config(argv: list[str], environ: dict[str, str]) -> EdgeConfig:
+        parser = argparse.ArgumentParser()
+        add_flags(parser, EdgeConfig, env_prefix=ENV_PREFIX)
+        return load(EdgeConfig, parser.parse_args(argv), environ, env_prefix=ENV_PREFIX)
+
+    assert config([], {}).tree_nodes == DEFAULT_TREE_NODES
+    assert config(["--tree-nodes", "0"], {}).tree_nodes == 0
+    assert config([], {"TANDEM_EDGE_TREE_NODES": "40"}).tree_nodes == 40
+    for bad in ("65", "-1"):
+        with pytest.raises(ConfigError, match="tree_nodes"):
+            config(["--tree-nodes", bad], {})
