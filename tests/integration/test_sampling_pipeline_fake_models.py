@@ -365,6 +365,24 @@ def test_answers_follow_the_exact_target_distribution_through_edge_and_cloud_wit
     assert pvalue > ALPHA, f"chi2 {stat:.1f} with {df} degrees of freedom, p-value {pvalue:.2e}"
 
 
+def test_tree_answers_follow_the_exact_target_distribution_through_edge_and_cloud_with_fake_models(
+        core: VerifierCore) -> None:
+    """Draft trees on the deployed path (the edge's default with a pinned length: siblings drawn
+    without replacement on the position's stream, weighed at the policy's prior costs), through
+    the wire (draft_parents, q rows per sibling group), the cloud's tree checks and recursive
+    rejection sampling: the answers follow the target's exact distribution."""
+    drafter = FakeOnnxDrafterModel(drafter_logits("shifted"), Q_SUPPORT)
+    n, answers, tree_rounds = 4, 2500, 0
+    counts: Counter[tuple[int, ...]] = Counter()
+    for seed in range(60_000, 60_000 + answers):
+        result = deployed(core, drafter, TRANSFORMED, seed, draft_len=3, n=n, lookup=True)
+        counts[tuple(result.tokens)] += 1
+        tree_rounds += result.stats.tree_rounds
+    assert tree_rounds > answers // 2
+    stat, df, pvalue = chi_square(counts, exact_distribution(PROMPT, n, TRANSFORMED))
+    assert pvalue > ALPHA, f"chi2 {stat:.1f} with {df} degrees of freedom, p-value {pvalue:.2e}"
+
+
 @pytest.mark.parametrize(("how", "draft_s"), [("copied", 1e3), ("checked", 0.0)])
 def test_answers_follow_the_exact_target_distribution_with_retrieval_drafts_with_fake_models(
         how: str, draft_s: float) -> None:
