@@ -386,11 +386,6 @@ class DrafterSession:
         self._ahead = (guess, ahead)
         return guess, ahead
 
-    def drop_ahead(self) -> None:
-        """Forget the round drafted ahead (never sent): `commit` then rewinds its tokens away as
-        after any verdict that does not confirm it."""
-        self._ahead = None
-
     def _pick_at(self, logits: np.ndarray, position: int, tokens: list[int], qs: list[np.ndarray]) -> None:
         if self._params.greedy:
             self._rows[position] = logits  # a reference: each pass returns a new array

@@ -411,15 +411,6 @@ class LookupDrafter:
         elif self.branching is not None:
             self.branching.forget_ahead()
 
-    def drop_ahead(self) -> None:
-        """Forget the round drafted ahead (never sent): the verdict is awaited as without it."""
-        self._ahead = None
-        if self.branching is not None:
-            self.branching.forget_ahead()
-        drop = getattr(self.model, "drop_ahead", None)
-        if drop is not None:
-            drop()
-
     def rollback(self) -> None:
         self._choice = self._ahead = None
         if self.branching is not None:

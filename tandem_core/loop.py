@@ -27,10 +27,6 @@ after the same verdicts (the drafter's choices depend only on the committed toke
 sampling mode, on per-position random keys), so greedy output is the target's token for token
 and a seeded sampled run equals the sequential one, up to the rounding of the drafter's passes
 (a rewound pass shape). A tagged round never commits a token unless its assumption held.
-Without early verdicts (sampling), a verdict that comes while the round ahead is still being
-drafted makes the loop abandon that round whole (`drop_ahead`), never send it shortened: the
-drafter's passes stop at once, and the round after the verdict is the one sequential decoding
-drafts, whenever the verdict came.
 With `alternatives` and `early_verdicts` (greedy), a drafter that can (`draft_alternative`) also
 prepares, in the time left before the verdict, the round that follows the likeliest verdict
 other than the guess; when that verdict comes, the next round goes out without drafting
@@ -339,17 +335,6 @@ def _if_whole(stats: RequestStats, draft: Draft) -> RequestStats:
     return seen
 
 
-class _Watch:
-    """A `stop` for drafting ahead that remembers whether the verdict came meanwhile."""
-
-    def __init__(self, ready: Callable[[], bool]) -> None:
-        self.ready, self.came = ready, False
-
-    def __call__(self) -> bool:
-        self.came = self.came or bool(self.ready())
-        return self.came
-
-
 def _pipelines(drafter: DraftSession, verifier: Verifier) -> bool:
     return callable(getattr(drafter, "draft_ahead", None)) and callable(getattr(verifier, "submit", None))
 
@@ -385,10 +370,6 @@ def speculative_generate(
     stats = stats if stats is not None else RequestStats()
     ahead_ok = pipeline and _pipelines(drafter, verifier)
     stop = getattr(verifier, "ready", None) if early_verdicts else None
-    # Without early verdicts (sampling), a round ahead whose verdict comes while it is drafted is
-    # abandoned whole, never sent shortened: every round sent is then one sequential decoding sends.
-    drop = getattr(drafter, "drop_ahead", None)
-    watch = getattr(verifier, "ready", None) if stop is None and callable(drop) else None
     rounds: PipelinedVerifier | _Sequential = (
         verifier if callable(getattr(verifier, "submit", None)) else _Sequential(verifier))  # type: ignore[assignment]
     if first_sent and not callable(getattr(verifier, "submit", None)):
@@ -419,11 +400,7 @@ def speculative_generate(
             # and commits at most k2 + 1 of them.
             k2 = min(length(_if_whole(stats, draft)), max_new_tokens - produced - len(draft.chain) - 2)
             if k2 > 0:
-                halt = _Watch(watch) if watch is not None else None
-                guess, ahead = drafter.draft_ahead(k2, halt or stop)  # type: ignore[attr-defined]
-                if halt is not None and halt.came:
-                    drop()  # type: ignore[misc]
-                    ahead = Draft((), None)
+                guess, ahead = drafter.draft_ahead(k2, stop)  # type: ignore[attr-defined]
                 if ahead.tokens:
                     position = rounds.position + len(draft.chain) + 1  # type: ignore[union-attr]
                     rounds.submit(ahead, Assume(position, guess))

@@ -313,33 +313,3 @@ def test_a_round_ahead_of_a_verdict_down_a_side_branch_is_dropped_with_a_fake_sc
     assert verdict is not None and verdict.tokens == (1, 3, 7) and tree.kept(verdict) == 1
     assert v.collect() is None  # dropped: the chain [1, 2] was not what was accepted
     assert v.collect() is not None
-
-
-class AbandoningDrafter(FakeAheadDrafter):
-    """The fake drafter with `drop_ahead`, as the edge's: a round ahead can be forgotten unsent."""
-
-    drops = 0
-
-    def drop_ahead(self) -> None:
-        self.ahead = None
-        AbandoningDrafter.drops += 1
-
-
-@pytest.mark.parametrize("drafter_kind", ["close", "shifted"])
-def test_sampled_answers_hold_when_verdicts_come_while_drafting_ahead_with_fake_models(drafter_kind: str) -> None:
-    """Sampling (no early verdicts): a verdict that comes while the round ahead is drafted makes
-    the loop abandon that round whole; the round after the verdict is drafted as sequential
-    decoding drafts it, so a seeded answer does not depend on when verdicts come."""
-    case = Case(drafter_kind, SamplingParams(temperature=1.0), 3, 12, 0, 0)
-    AbandoningDrafter.drops = 0
-    for seed in range(30):
-        sequential, _, _ = run(case, seed, pipeline=False)
-        drafter = AbandoningDrafter(drafter_logits(case.drafter), list(PROMPT), case.params, seed, case.q_support)
-        verifier = SometimesReady(FakeScoreSession(PROMPT), case.params, seed=seed, start=len(PROMPT),
-                                  max_new_tokens=case.n, eos_ids=case.eos_ids)
-        stats = RequestStats()
-        pipelined = tuple(t for v in speculative_generate(drafter, verifier, draft_len=3, max_new_tokens=case.n,
-                                                          stats=stats, pipeline=True) for t in v.tokens)
-        assert pipelined == sequential, f"seed {seed}"
-        assert tuple(verifier.committed) == pipelined
-    assert AbandoningDrafter.drops > 0  # some rounds ahead were abandoned
