@@ -190,14 +190,19 @@ class Checker:
         if len(rows) != len(groups):
             raise BadRequest(f"q_rows: got {len(rows)} rows for a tree of {len(groups)} sibling groups (sampling "
                              "mode needs one per group: the root, then each draft with children, ascending)")
-        q = np.zeros((len(groups), self.vocab), dtype=np.float64)
-        for g, (ids, probs) in enumerate(rows):
-            ids_a, probs_a = self._q_row(f"q_rows[{g}]", ids, probs)
-            q[g, ids_a] = probs_a / float(probs_a.sum())
+        q = self._dense(rows)
         row = {a: g for g, a in enumerate(groups)}
         for i, (a, x) in enumerate(zip(parents, tokens, strict=True)):
             if q[row[a], x] <= 0:
                 raise BadRequest(f"q_rows[{row[a]}]: draft {i} has probability 0 in its sibling group's q row")
+        return q
+
+    def _dense(self, rows: Sequence[tuple[Sequence[int], Sequence[float]]]) -> np.ndarray:
+        """(len(rows), V) float64: each sparse row checked (`_q_row`) and renormalized."""
+        q = np.zeros((len(rows), self.vocab), dtype=np.float64)
+        for i, (ids, probs) in enumerate(rows):
+            ids_a, probs_a = self._q_row(f"q_rows[{i}]", ids, probs)
+            q[i, ids_a] = probs_a / float(probs_a.sum())
         return q
 
     def round(self, draft: DraftRound, params: SamplingParams, position: int) -> tuple[list[int], np.ndarray | None]:
@@ -222,10 +227,8 @@ class Checker:
         if len(rows) != len(tokens):
             raise BadRequest(f"q_rows: got {len(rows)} rows for {len(tokens)} drafts (sampling mode "
                              "needs one per draft)")
-        q = np.zeros((len(tokens), self.vocab), dtype=np.float64)
-        for i, ((ids, probs), x) in enumerate(zip(rows, tokens, strict=True)):
-            ids_a, probs_a = self._q_row(f"q_rows[{i}]", ids, probs)
-            q[i, ids_a] = probs_a / float(probs_a.sum())
+        q = self._dense(rows)
+        for i, x in enumerate(tokens):
             if q[i, x] <= 0:
                 raise BadRequest(f"q_rows[{i}]: draft token {x} has probability 0 in its own q row")
         return q

@@ -90,7 +90,12 @@ class Draft:
     @property
     def depth(self) -> int:
         """The longest root-to-node path: the most drafts a verdict can accept."""
-        return len(self.tokens) if self.parents is None else (max(self.tree().depths, default=-1) + 1)
+        if self.parents is None:
+            return len(self.tokens)
+        depths: list[int] = []  # parents come before their children
+        for a in self.parents:
+            depths.append(0 if a < 0 else depths[a] + 1)
+        return max(depths, default=-1) + 1
 
     def tree(self) -> DraftTree:
         """As a `DraftTree` (a chain as the chain tree); raises ValueError if malformed."""
