@@ -20,13 +20,15 @@ Guarantees:
   per-position keys a round drafted after that verdict would use. `commit` with a verdict equal
   to the guess keeps them as the next unsettled draft; any other verdict rewinds them away.
 - Prefix reuse across requests (a chat's next turn): `DrafterModel.retain(session)` keeps an
-  ended greedy session's generator (at most `RETAIN` of them, least recently used dropped);
-  `new_session` for a greedy request whose prompt shares at least `MIN_REUSE` tokens with one
-  rewinds that generator to the common prefix and appends only the rest, instead of
-  prefilling the whole history. Greedy only: the drafts may differ in rounding from a fresh
-  prefill, which never changes a greedy answer (the target decides every token) but could
-  change which tokens a seeded sampled answer draws. Retained sessions reserve room for their
-  next turns (`REUSE_ROOM` tokens of KV beyond what the request needs).
+  ended session's generator (at most `RETAIN` of them, least recently used dropped);
+  `new_session` for a request whose prompt shares at least `MIN_REUSE` tokens with one rewinds
+  that generator to the common prefix and appends only the rest, instead of prefilling the
+  whole history. Only for requests whose answer cannot depend on it (`reuses_kv`): the drafts
+  may differ in rounding from a fresh prefill, which never changes a greedy answer (the target
+  decides every token) and never changes a sampled answer's distribution (rejection sampling
+  keeps the target's for any q), but would change which tokens a *seeded* sampled answer draws,
+  so a seeded sampled request always prefills afresh. Sessions that may be reused reserve room
+  for their next turns (`REUSE_ROOM` tokens of KV beyond what the request needs).
 - A lazy session (`new_session(..., lazy=True)`) builds its cache only when asked:
   `prefill(stop)` appends the prompt in passes of `PREFILL_CHUNK` tokens and returns early when
   `stop()` says so between passes (the first verdict is in: it reaches the user without waiting
@@ -65,7 +67,7 @@ RETAIN = 2  # ended sessions whose KV a later request may reuse
 MIN_REUSE = 16  # shorter common prefixes are prefilled anew
 LOCAL_HINT = 32  # longest continuation on-device generation checks at a time
 HINT_CHUNK = 4  # hint tokens checked in a draft's first batched pass (then 8, 16, ...)
-REUSE_ROOM = 1024  # extra KV room a greedy session reserves for its conversation's next turns
+REUSE_ROOM = 1024  # extra KV room a session that may be reused reserves for its conversation's next turns
 # A lazy session's prompt goes in passes of this many tokens (fixed, so its numerics never depend
 # on timing); onnxruntime-genai holds the GIL through a pass, so this bounds how long a verdict
 # that came in waits to be seen (about 10 ms a token on one Xeon core: ~0.2 s).
@@ -106,14 +108,14 @@ class DrafterModel:
         q_support: int = DEFAULT_Q_SUPPORT,
         lazy: bool = False,
     ) -> DrafterSession:
-        reuse = self._take_prefix(prompt_ids, max_length) if params.greedy else None
-        if params.greedy and reuse is None:
+        reuse = self._take_prefix(prompt_ids, max_length) if reuses_kv(params) else None
+        if reuses_kv(params) and reuse is None:
             max_length = None if max_length is None else min(max_length + REUSE_ROOM, self.context_length)
         return DrafterSession(self, prompt_ids, params, seed, max_length=max_length, q_support=q_support,
                               reuse=reuse, lazy=lazy)
 
     def retain(self, session: DrafterSession) -> None:
-        """Keep an ended greedy session's KV for a later request's prefix (see the module doc)."""
+        """Keep an ended session's KV for a later request's prefix (see the module doc)."""
         if not session.reusable:
             return
         with self._lock:
@@ -149,6 +151,12 @@ class DrafterModel:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(np.asarray([t for t in ids if t not in self.eos_ids], dtype=np.int32))
+
+
+def reuses_kv(params: SamplingParams) -> bool:
+    """Whether a request may take a retained session's KV (see the module doc): greedy, or sampled
+    without a seed (nothing to reproduce; the distribution does not depend on the drafts)."""
+    return params.greedy or params.seed is None
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -247,10 +255,11 @@ class DrafterSession:
 
     @property
     def reusable(self) -> bool:
-        """Greedy with a cache. Its first `len(tokens)` positions always hold its committed
+        """It has a cache (in any mode: whether a later request may take it is that request's
+        question, `reuses_kv`). Its first `len(tokens)` positions always hold its committed
         tokens (an unsettled draft, as the last round leaves it, only sits after them), and a
         reuse never keeps more than the common prefix with those."""
-        return self._params.greedy and self.cached > 0
+        return self.cached > 0
 
     def _append(self, ids: Sequence[int]) -> None:
         self._gen.append_tokens(np.asarray(ids, dtype=np.int32))

@@ -232,7 +232,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
             result.drafter_prefill_s += session.prefill_s
         result.stats.alt_tries += session.alt_tries
         result.stats.alt_hits += session.alt_hits
-        drafter.retain(session)  # a settled greedy session's KV serves the conversation's next turn
+        drafter.retain(session)  # its KV serves the conversation's next turn (`edge_node.drafter`)
         result.bytes_up, result.bytes_down, result.resumes = link.bytes_up, link.bytes_down, link.resumes
         result.stats.add_cloud_prefill(link.prefill_tokens, link.reused_tokens)
     result.stats.add_tokens(result.local_tokens)

@@ -4,14 +4,15 @@ It starts the local stack as processes (`tandem.ops.local_stack`: the cloud node
 the link shaper at 0 ms, the edge node, the orchestrator without personal documents), warms it
 up with one short unrelated answer, then holds one 6-turn conversation through the SDK, as a
 chat client does: each turn sends the whole history (the user messages and the previous
-answers) on the speculative route, greedy, `--max-new-tokens` per answer. So each turn adds one
+answers) on the speculative route, greedy (or, with `--temperature T`, sampled without a seed, as a
+chat client does), `--max-new-tokens` per answer. So each turn adds one
 user message (about 40-60 tokens) and the previous answer. Per turn it reports:
 - the prompt tokens (the orchestrator's count) and how many the turn added;
 - TTFT as the client sees it (request sent -> first token), and the edge node's own;
 - the tokens the cloud prefilled and those it reused from its prefix cache, as its
   ServerTiming reports them and the answer's statistics carry them ("-" when it reports neither);
-- the tokens the drafter prefilled and how long that took: the edge keeps no drafter KV cache
-  across requests, so today every turn re-prefills the whole history;
+- the tokens the drafter prefilled and how long that took (the edge reuses an earlier turn's
+  drafter KV for greedy and unseeded sampled requests, `edge_node.drafter`);
 - the answer's tokens, its route (with any switch mid-answer) and the acceptance rate.
 It ends with TTFT at the last turn over the first (the goal is <= 1.3) and whether, from turn 2
 on, the cloud prefilled no more than each turn added. Progress lines go to stderr, the
@@ -76,7 +77,7 @@ def run_suite(args: argparse.Namespace) -> int:
         with Client(children["orchestrator"].fields["grpc"], generate_timeout_s=1800,
                     **local_stack.sdk_options(secrets)) as client:
             client.complete(prompt="Say hi.", route="speculative", max_new_tokens=4)  # warm-up
-            rows = _conversation(client, turns, args.max_new_tokens)
+            rows = _conversation(client, turns, args.max_new_tokens, _temperature(args))
     info = machine_info()
     summary = summarize(rows)
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB")
@@ -86,6 +87,7 @@ def run_suite(args: argparse.Namespace) -> int:
     if args.json:
         config = {"models": kind, "target": str(target), "drafter": str(drafter), "dtype": dtype,
                   "max_new_tokens": args.max_new_tokens, "draft_len": args.draft_len, "route": "speculative",
+                  "temperature": _temperature(args), "seed": None,
                   "round_deadline_ms": ROUND_DEADLINE_MS, "user_turns": turns}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"suite": "chat-turns", "machine": info, "config": config,
@@ -94,12 +96,21 @@ def run_suite(args: argparse.Namespace) -> int:
     return 0
 
 
-def _conversation(client: Any, turns: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+def _temperature(args: argparse.Namespace) -> float:
+    t = float(getattr(args, "temperature", 0.0) or 0.0)
+    if not 0.0 <= t <= 2.0:
+        from tandem.cli.main import CliError
+
+        raise CliError(f"--temperature: must be in [0, 2], got {t}")
+    return t
+
+
+def _conversation(client: Any, turns: list[str], max_new_tokens: int, temperature: float = 0.0) -> list[dict[str, Any]]:
     messages: list[dict[str, str]] = []
     rows: list[dict[str, Any]] = []
     for n, user in enumerate(turns, 1):
         messages.append({"role": "user", "content": user})
-        row = _turn(client, messages, max_new_tokens)
+        row = _turn(client, messages, max_new_tokens, temperature)
         row["turn"] = n
         row["added_tokens"] = row["prompt_tokens"] - (rows[-1]["prompt_tokens"] if rows else 0)
         rows.append(row)
@@ -111,11 +122,12 @@ def _conversation(client: Any, turns: list[str], max_new_tokens: int) -> list[di
     return rows
 
 
-def _turn(client: Any, messages: list[dict[str, str]], max_new_tokens: int) -> dict[str, Any]:
-    """One answer to the history so far, timed on the client."""
+def _turn(client: Any, messages: list[dict[str, str]], max_new_tokens: int, temperature: float) -> dict[str, Any]:
+    """One answer to the history so far, timed on the client (sampled without a seed if
+    `temperature` > 0)."""
     t0, first, text = time.perf_counter(), None, []
     answer = client.generate(messages=list(messages), route="speculative", max_new_tokens=max_new_tokens,
-                             temperature=0)
+                             temperature=temperature)
     for delta in answer:
         if first is None and delta.tokens:
             first = time.perf_counter()

@@ -139,7 +139,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rtt-ms", default=DEFAULT_RTTS_MS,
                    help=f"link RTTs for the networked methods, comma-separated (default: {DEFAULT_RTTS_MS})")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="methods suite: 0 = greedy (default); > 0 samples every method (with --seed)")
+                   help="methods suite: 0 = greedy (default); > 0 samples every method (with --seed); "
+                        "chat-turns: > 0 samples every turn without a seed, as a chat client does")
     p.add_argument("--seed", type=int, default=0, help="methods suite, with --temperature: the seed of every answer")
     p.add_argument("--split-cores", action="store_true",
                    help="methods suite: the edge (drafter) on one CPU, the cloud (the replica's target) and the "

@@ -54,12 +54,17 @@ def test_cloud_scale_replays_recorded_drafts(tmp_path: Path, monkeypatch, capsys
 
 
 @pytest.mark.timeout(420)
-def test_chat_turns_reports_six_turns(tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("temperature", ["0", "0.9"])
+def test_chat_turns_reports_six_turns(temperature: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Greedy, and sampled without a seed (a chat client's request): either way each turn reuses
+    the earlier turns' KV on both sides."""
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
     out = tmp_path / "chat.json"
-    rc = main(["bench", "--suite", "chat-turns", "--models", "tiny", "--max-new-tokens", "8", "--json", str(out)])
+    rc = main(["bench", "--suite", "chat-turns", "--models", "tiny", "--max-new-tokens", "8", "--json", str(out),
+               "--temperature", temperature])
     assert rc == 0
     doc = json.loads(out.read_text())
+    assert doc["config"]["temperature"] == float(temperature) and doc["config"]["seed"] is None
     turns = doc["turns"]
     assert [t["turn"] for t in turns] == [1, 2, 3, 4, 5, 6]
     for before, turn in zip([None, *turns], turns):
