@@ -13,7 +13,8 @@ user message (about 40-60 tokens) and the previous answer. Per turn it reports:
   ServerTiming reports them and the answer's statistics carry them ("-" when it reports neither);
 - the tokens the drafter prefilled and how long that took (the edge reuses an earlier turn's
   drafter KV for greedy and unseeded sampled requests, `edge_node.drafter`);
-- the answer's tokens, its route (with any switch mid-answer) and the acceptance rate.
+- the answer's tokens and its time (request sent -> last token), its route (with any switch
+  mid-answer) and the acceptance rate.
 It ends with TTFT at the last turn over the first (the goal is <= 1.3) and whether, from turn 2
 on, the cloud prefilled no more than each turn added. Progress lines go to stderr, the
 machine's CPU and the table to stdout, `--json PATH` writes everything. `--models tiny` uses tiny
@@ -132,10 +133,11 @@ def _turn(client: Any, messages: list[dict[str, str]], max_new_tokens: int, temp
         if first is None and delta.tokens:
             first = time.perf_counter()
         text.append(delta.text)
+    done = time.perf_counter()
     s = answer.stats
     reported = s.cloud_prefill_tokens or s.cloud_reused_tokens  # both 0: the cloud does not report them
     return {"prompt_tokens": answer.started.prompt_tokens, "ttft_ms": 1000 * ((first or time.perf_counter()) - t0),
-            "edge_ttft_ms": s.edge_ttft_ms,
+            "edge_ttft_ms": s.edge_ttft_ms, "answer_ms": 1000 * (done - t0),
             "cloud_prefill_tokens": s.cloud_prefill_tokens if reported else None,
             "cloud_reused_tokens": s.cloud_reused_tokens if reported else None,
             "drafter_prefill_tokens": s.drafter_prefill_tokens, "drafter_prefill_ms": s.drafter_prefill_ms,
@@ -159,13 +161,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'turn':>4} {'prompt tok':>10} {'added':>5} {'TTFT ms':>8} {'edge TTFT ms':>12} {'cloud prefill':>13} "
-            f"{'cloud reused':>12} {'drafter prefill':>15} {'drafter ms':>10} {'answer':>6} {'accept':>6}  route")
+            f"{'cloud reused':>12} {'drafter prefill':>15} {'drafter ms':>10} {'answer':>6} {'answer ms':>9} {'accept':>6}  route")
     lines = [head]
     for r in rows:
         lines.append(f"{r['turn']:>4} {r['prompt_tokens']:>10} {r['added_tokens']:>5} {r['ttft_ms']:>8.0f} "
                      f"{r['edge_ttft_ms']:>12.0f} {fmt(r['cloud_prefill_tokens'], 'd'):>13} "
                      f"{fmt(r['cloud_reused_tokens'], 'd'):>12} {r['drafter_prefill_tokens']:>15} "
-                     f"{r['drafter_prefill_ms']:>10.0f} {r['answer_tokens']:>6} {r['acceptance_rate']:>6.2f}  "
+                     f"{r['drafter_prefill_ms']:>10.0f} {r['answer_tokens']:>6} {r['answer_ms']:>9.0f} {r['acceptance_rate']:>6.2f}  "
                      f"{r['route']}")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 ROW_FIELDS = {"load", "replicas", "sessions", "agg_tok_s", "verify_p50_ms", "verify_p95_ms", "open_p50_ms",
               "rejected", "failed", "diverged", "identical", "batch_sessions_mean", "retry_hint_ms",
               "sessions_per_replica"}
-TURN_FIELDS = {"turn", "prompt_tokens", "added_tokens", "ttft_ms", "cloud_prefill_tokens", "cloud_reused_tokens",
+TURN_FIELDS = {"turn", "prompt_tokens", "added_tokens", "ttft_ms", "answer_ms", "cloud_prefill_tokens", "cloud_reused_tokens",
                "drafter_prefill_tokens", "drafter_prefill_ms", "answer_tokens", "route"}
 
 
