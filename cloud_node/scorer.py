@@ -4,7 +4,11 @@ Guarantees:
 - A `ScorerSession`'s cache holds every committed token except the last one. `score(drafts)`
   runs [last committed token, *drafts] through the target and returns (k+1, V) float32 logits;
   `commit` crops the rejected drafts from the cache, so the next round starts exactly where a
-  plain decoder would be.
+  plain decoder would be. One exception, right after the prefill: the prefill runs the whole
+  prompt and keeps its last row's logits, so the first round's row 0 costs no pass (round 1 with
+  no drafts, the first token of every answer, is then answered from the prefill alone); by the
+  engine's batch invariance that row is bit-equal to the one a round would compute. A tree as
+  the first round drops the prompt's last token from the cache and scores it as usual.
 - Draft trees (`tandem_core.loop.TreeScoreSession`): `score_tree(tokens, parents)` runs the last
   committed token and the n nodes through the target in ONE pass with tree attention and returns
   (n+1, V) float32 logits laid out as `tandem_core.tree.verify_tree` takes them; each row is
@@ -12,7 +16,8 @@ Guarantees:
   `commit_path(path, tokens)` keeps the cache of the accepted path only, so the cache is then
   exactly what a chain round over the path would have left. A tree left pending by a failed
   round (scored, never committed) is dropped by the next `score`, `score_tree` or `commit`, and
-  a bad path drops it too: the cache never holds more than the committed tokens but the last.
+  a bad path drops it too: the cache never holds more than the committed tokens but the last
+  (after a tree's first round; before it, all of them, as above).
 - Every forward pass goes through `cloud_node.batcher`: the rows of all sessions scoring or
   prefilling at the same time share one pass of `cloud_node.engine`, whose results do not depend
   on the batch (see there). So a session's logits are the same alone, batched, chunked or resumed.
@@ -156,6 +161,9 @@ class ScorerSession:
         self.prefilled = 0  # tokens it ran through the target to build its cache
         self.reused = 0  # tokens whose KV it copied from a prefix
         self.last_pass = Pass()
+        # The prefill's last row: logits after the last committed token, whose KV is then cached
+        # (see the module doc); the first `score` uses it, anything else drops it.
+        self._next: np.ndarray | None = None
         if prefix is not None:
             source, length = prefix
             if isinstance(source, ScorerSession):
@@ -164,14 +172,18 @@ class ScorerSession:
             if length > 0:
                 self.cache.copy_prefix_from(source, length)
                 self.reused = length
-        self._prefill(self.committed[self.reused:-1])
+        ids = self.committed[self.reused:]  # at least the last token: its row is the first round's row 0
+        logits, info = self._target.batcher.run(self.cache, ids, 1, prefill=True)
+        self.forwards += info.passes
+        self.prefilled += len(ids) - 1  # the last token is the first round's row, counted there before
+        self.last_pass = info
+        self._next = logits[-1].copy()
 
-    def _prefill(self, ids: Sequence[int]) -> None:
-        if ids:
-            _, info = self._target.batcher.run(self.cache, ids, 0, prefill=True)
-            self.forwards += info.passes
-            self.prefilled += len(ids)
-            self.last_pass = info
+    def _drop_next(self) -> None:
+        """Back to the usual state: the cache without the last committed token."""
+        if self._next is not None:
+            self._next = None
+            self.cache.crop(len(self.committed) - 1)
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         bad = [t for t in ids if not 0 <= t < self._target.vocab_size]
@@ -193,6 +205,15 @@ class ScorerSession:
         drafts = [int(t) for t in draft_tokens]
         self._check_ids(drafts)
         self._drop_tree()
+        if self._next is not None:  # row 0 came with the prefill: only the drafts need a pass
+            first, self._next = self._next[None], None
+            if not drafts:
+                self.last_pass = Pass()
+                return first
+            logits, info = self._target.batcher.run(self.cache, drafts, len(drafts))
+            self.forwards += info.passes
+            self.last_pass = info
+            return np.concatenate([first, logits])
         logits, info = self._target.batcher.run(self.cache, [self.committed[-1], *drafts], len(drafts) + 1)
         self.forwards += info.passes
         self.last_pass = info
@@ -200,6 +221,7 @@ class ScorerSession:
 
     def commit(self, accepted: int, tokens: Sequence[int]) -> None:
         """After `score`: keep the accepted drafts' cache and record `tokens` as committed."""
+        self._drop_next()
         if self.cache.tree is not None:
             self._drop_tree()
             raise ValueError("commit after score_tree: a tree's verdict is committed with commit_path")
@@ -216,6 +238,7 @@ class ScorerSession:
         drafts = [int(t) for t in tokens]
         self._check_ids(drafts)
         self._drop_tree()
+        self._drop_next()
         rows = Rows.for_tree(self.cache, self.committed[-1], drafts, parents)  # ValueError if malformed
         logits, info = self._target.batcher.run(self.cache, rows.ids, rows.keep, parents=rows.parents)
         self.forwards += info.passes

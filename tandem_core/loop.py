@@ -201,7 +201,8 @@ class PipelinedVerifier(Verifier, Protocol):
 
 
 class ScoreSession(Protocol):
-    """A target bound to one request. Its cache holds the committed tokens but the last one."""
+    """A target bound to one request. Between rounds its cache holds the committed tokens but
+    the last one (a scorer may also hold that one with its logits, as a prefill leaves it)."""
 
     def score(self, draft_tokens: Sequence[int]) -> np.ndarray:
         """Logits (k+1, V): row i scores draft i, row k is the bonus position."""
