@@ -341,20 +341,6 @@ def _if_whole(stats: RequestStats, draft: Draft) -> RequestStats:
     return seen
 
 
-def sends_ahead(stats: RequestStats) -> bool:
-    """Whether a round drafted ahead goes out before its predecessor's verdict, tagged with its
-    assumption: only while this request's guesses have held at least as often as not (a prior
-    of one hit and one miss, so the first round ahead goes out). A hit sent early saves the
-    next round a whole link round trip and verify wait; a miss sent early costs the link and the
-    cloud a round that is dropped (and, through a proxy that hands a stream's requests over one
-    at a time, the real next round waits behind it), which is never more than a hit saves. So
-    sending pays when P(hit) >= 1/2 or less; below it the round waits, still drafted, and goes
-    out the moment the verdict confirms the guess. Guesses are counted whether sent or not, so
-    the estimate keeps learning. What is sent never changes the tokens: a round kept back and
-    sent after a hit is the same round at the same position."""
-    return 2 * (stats.pipeline_hits + 1) >= stats.pipeline_tries + 2
-
-
 def _pipelines(drafter: DraftSession, verifier: Verifier) -> bool:
     return callable(getattr(drafter, "draft_ahead", None)) and callable(getattr(verifier, "submit", None))
 
@@ -412,7 +398,7 @@ def speculative_generate(
             draft = drafter.draft(k) if k > 0 else Draft((), None)
             rounds.submit(draft)
         ahead: Draft | None = None
-        guess, sent = -1, False
+        guess = -1
         warm = prefill is None or prefill(getattr(rounds, "ready", None))
         prefill = None
         if ahead_ok and warm:
@@ -422,12 +408,8 @@ def speculative_generate(
             if k2 > 0:
                 guess, ahead = drafter.draft_ahead(k2, stop)  # type: ignore[attr-defined]
                 if ahead.tokens:
-                    # Sent now, tagged, only while the guess is likelier to hold than not (see
-                    # `sends_ahead`); else it waits for the verdict and goes out on a hit.
-                    sent = sends_ahead(stats)
-                    if sent:
-                        position = rounds.position + len(draft.chain) + 1  # type: ignore[union-attr]
-                        rounds.submit(ahead, Assume(position, guess))
+                    position = rounds.position + len(draft.chain) + 1  # type: ignore[union-attr]
+                    rounds.submit(ahead, Assume(position, guess))
                     # Greedy (timing decides how far it gets): while the verdict is still out, the
                     # drafter may prepare the round after the likeliest other verdict.
                     alternative = getattr(drafter, "draft_alternative", None)
@@ -451,9 +433,7 @@ def speculative_generate(
         # tree's side branch keeps fewer than it accepts). On a hit it keeps `ahead` as unsettled.
         drafter.commit(draft.kept(verdict), verdict.tokens)
         if ahead is not None:
-            stats.add_pipeline(hit, sent)
-            if not hit and sent:  # the verifier drops it unverified; its reply is read with the next verdict's
+            stats.add_pipeline(hit)
+            if not hit:  # the verifier drops it unverified; its reply is read with the next verdict's
                 rounds.expect_dropped()  # type: ignore[union-attr]
         draft = ahead if hit else None
-        if draft is not None and not sent:  # kept back: it goes out now, as the round after this verdict
-            rounds.submit(draft)

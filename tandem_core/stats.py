@@ -27,8 +27,7 @@ Definitions (p = target, q = drafter, as in `tandem_core.verify`):
 - Pipelining (`tandem_core.loop`): pipeline_tries counts rounds whose successor was drafted
   while the round's verdict was in flight (on the guess that every draft is accepted and the
   target's own token is the drafter's), pipeline_hits those whose verdict confirmed the guess,
-  so the next round went out without drafting; pipeline_hit_rate = hits / tries;
-  pipeline_sent those sent before the verdict (the rest waited for it: `loop.sends_ahead`). alt_tries
+  so the next round went out without drafting; pipeline_hit_rate = hits / tries. alt_tries
   counts rounds also prepared for the likeliest other verdict (greedy), alt_hits those whose
   verdict was that one; alt_hit_rate = hits / tries (edge only, not on the wire).
 - Trees (`tandem_core.tree`): a tree round counts its depth (longest path) as `drafted`, so
@@ -110,7 +109,6 @@ class RequestStats:
     rounds_by_emitted: list[int] = field(default_factory=list)  # [n]: rounds that committed n tokens
     pipeline_tries: int = 0  # rounds whose successor was drafted while their verdict was in flight
     pipeline_hits: int = 0  # of which the verdict confirmed the guess (the successor went out as drafted)
-    pipeline_sent: int = 0  # of the tries, those sent before the verdict, tagged (`tandem_core.loop.sends_ahead`)
     alt_tries: int = 0  # rounds prepared for the likeliest other verdict (greedy, the edge's drafter)
     alt_hits: int = 0  # of which that verdict came (the next round went out without drafting)
     draft_reasons: dict[str, int] = field(default_factory=dict)  # reason class -> rounds
@@ -134,12 +132,10 @@ class RequestStats:
         if r.reason:
             self.draft_reasons[r.reason] = self.draft_reasons.get(r.reason, 0) + 1
 
-    def add_pipeline(self, hit: bool, sent: bool = True) -> None:
-        """Count a round drafted ahead of its predecessor's verdict, whether it was used, and
-        whether it went out before that verdict."""
+    def add_pipeline(self, hit: bool) -> None:
+        """Count a round drafted ahead of its predecessor's verdict, and whether it was used."""
         self.pipeline_tries += 1
         self.pipeline_hits += int(bool(hit))
-        self.pipeline_sent += int(bool(sent))
 
     def add_target_forwards(self, n: int) -> None:
         """Count target passes outside speculative rounds (prefill, plain decoding steps)."""
@@ -218,7 +214,6 @@ class RequestStats:
             "tree_nodes_per_round": self.tree_nodes_per_round,
             "pipeline_tries": self.pipeline_tries,
             "pipeline_hits": self.pipeline_hits,
-            "pipeline_sent": self.pipeline_sent,
             "pipeline_hit_rate": self.pipeline_hit_rate,
             "alt_tries": self.alt_tries,
             "alt_hits": self.alt_hits,
