@@ -158,7 +158,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
                          seed: int, *, draft_len: DraftLen, max_new_tokens: int, on_tokens: OnTokens | None = None,
                          max_resumes: int = 3, backoff_s: float = 0.2, fallback_local: bool = False,
                          lookup: bool = True, pipeline: bool = True, alternatives: bool = False,
-                         tree_nodes: int = DEFAULT_TREE_NODES) -> EdgeResult:
+                         tree_nodes: int = DEFAULT_TREE_NODES, sampled_ahead: bool = False) -> EdgeResult:
     """Speculative decoding: `tandem_core.loop` with the cloud verifying over `link`.
 
     With `lookup` (and a fixed `draft_len`), each round drafts from the prompt and the answer so
@@ -173,6 +173,11 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     carry siblings where the drafter hesitates and they pay for their rows, up to that many
     nodes and what the cloud takes (`tandem_core.branching`; planned before SessionOpened as if
     the cloud took them: a replica that verifies chains only gets each tree's chain).
+    In sampling mode no round is drafted ahead unless `sampled_ahead` (round 1 still goes out with
+    the open): the guess (the drafter's draw equals the target's, after every draft accepted)
+    held in 8-15% of rounds on prose and chat, and a round drafted ahead cannot be cut short by
+    its verdict there (its length would then depend on timing), so drafting ahead cost more
+    than it saved (BENCHMARKS.md).
     Fallback wraps the loop: when the verifier gives up (`VerifierUnavailable`), the unsettled
     draft is rolled back and the drafter goes on alone from the last committed token.
     """
@@ -207,7 +212,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     try:
         for verdict in speculative_generate(drafts, verifier, draft_len=_within_cloud(draft_len, verifier),
                                             max_new_tokens=max_new_tokens, stats=result.stats,
-                                            pipeline=pipeline, first_sent=first_sent,
+                                            pipeline=pipeline and (params.greedy or sampled_ahead),
+                                            first_sent=first_sent,
                                             early_verdicts=params.greedy, alternatives=alternatives):
             clock.mark_first()
             result.tokens.extend(verdict.tokens)

@@ -44,9 +44,11 @@ NO_LOOKUP_METHODS = ("drafter_model", "tandem_model")
 # drafts with the model alone (--draft-len as given); `tandem_grpc_seq` is the old sequential
 # protocol: the model alone, k = SEQ_DRAFT_LEN every round, one round after the other (no pipelining);
 # `tandem_grpc_alt` is `tandem_grpc` that also prepares a round for the likeliest other verdict (greedy);
-# `tandem_grpc_chain` is `tandem_grpc` with draft trees turned off (chains only)
+# `tandem_grpc_chain` is `tandem_grpc` with draft trees turned off (chains only); `tandem_grpc_nopipe`
+# is `tandem_grpc` without pipelining (round 1 drafted, each next round drafted after the verdict);
+# `tandem_grpc_ahead` drafts rounds ahead in sampling mode too (the edge does not by default)
 SPECULATIVE_NETWORK_METHODS = ("tandem_grpc", "tandem_grpc_model", "tandem_grpc_seq", "tandem_grpc_alt",
-                               "tandem_grpc_chain", "tandem_grpc_tls")
+                               "tandem_grpc_chain", "tandem_grpc_nopipe", "tandem_grpc_ahead", "tandem_grpc_tls")
 NETWORK_METHODS = (*SPECULATIVE_NETWORK_METHODS, "cloud_stream")
 SEQ_DRAFT_LEN = 4
 ALL_METHODS = METHODS + NO_LOOKUP_METHODS + NETWORK_METHODS

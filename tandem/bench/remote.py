@@ -122,9 +122,11 @@ class RemoteStack:
         r = generate_speculative(self.drafter, link, ids, params, seed, draft_len=draft_len,
                                  max_new_tokens=max_new_tokens,
                                  lookup=method not in ("tandem_grpc_model", "tandem_grpc_seq"),
-                                 pipeline=method != "tandem_grpc_seq",  # the old protocol: one round at a time
+                                 # the old protocol and tandem_grpc_nopipe: one round at a time
+                                 pipeline=method not in ("tandem_grpc_seq", "tandem_grpc_nopipe"),
                                  alternatives=method == "tandem_grpc_alt",
-                                 tree_nodes=0 if method == "tandem_grpc_chain" else DEFAULT_TREE_NODES)  # chains: the baseline
+                                 tree_nodes=0 if method == "tandem_grpc_chain" else DEFAULT_TREE_NODES,  # chains: the baseline
+                                 sampled_ahead=method == "tandem_grpc_ahead")
         cloud_cpu = _tree_cpu_s(self.cloud.proc.pid) - cloud0
         return GenerationResult(method, tuple(r.tokens), r.ttft_s, r.wall_s, r.edge_cpu_s, cloud_cpu, r.stats,
                                 r.stats.target_forwards, bytes_up=r.bytes_up, bytes_down=r.bytes_down)
