@@ -243,13 +243,16 @@ def core() -> VerifierCore:
 
 def deployed(core: VerifierCore, drafter: FakeOnnxDrafterModel, params: SamplingParams, seed: int, *, draft_len: int,
              n: int, break_at_round: int | None = None, lookup: bool = False, pipeline: bool = True,
-             old_cloud: bool = False) -> EdgeResult:
+             old_cloud: bool = False, sampled_ahead: bool = True) -> EdgeResult:
     """An answer on the speculative route: edge drafter, wire, cloud verifier (`old_cloud`: one
-    from before pipelining, which ignores first_round and assume_*)."""
+    from before pipelining, which ignores first_round and assume_*). `sampled_ahead`: rounds
+    drafted ahead in sampling mode too (not the edge's default), so that these tests cover them
+    on the wire."""
     link = CloudLink(InProcessChannel(core, break_at_round, old_cloud),  # type: ignore[arg-type]
                      SessionRequest(f"seed-{seed}", PROMPT, params, seed, n), round_timeout_s=10.0)
     return generate_speculative(drafter, link, PROMPT, params, seed, draft_len=draft_len, max_new_tokens=n,
-                                max_resumes=1, backoff_s=0.0, lookup=lookup, pipeline=pipeline)
+                                max_resumes=1, backoff_s=0.0, lookup=lookup, pipeline=pipeline,
+                                sampled_ahead=sampled_ahead)
 
 
 def in_process(drafter: FakeOnnxDrafterModel, params: SamplingParams, seed: int, *, draft_len: int,
@@ -314,6 +317,21 @@ def test_the_deployed_path_gives_the_in_process_tokens_with_fake_models(
         assert 0 < hits < tries, (hits, tries)
     else:
         assert tries == 0
+
+
+@pytest.mark.parametrize("params", [TRANSFORMED, GREEDY], ids=["sampled", "greedy"])
+def test_by_default_only_greedy_answers_draft_rounds_ahead_with_fake_models(core: VerifierCore,
+                                                                           params: SamplingParams) -> None:
+    """The edge's default: round 1 with the open either way; rounds drafted ahead in greedy mode
+    only (in sampling mode one cannot be cut short by its verdict, and the guess seldom holds).
+    The tokens are the in-process pipelined loop's (the same round 1, the same rounds)."""
+    drafter = FakeOnnxDrafterModel(drafter_logits("close"), Q_SUPPORT)
+    tries = 0
+    for seed in range(30):
+        result = deployed(core, drafter, params, seed, draft_len=3, n=8, sampled_ahead=False)
+        assert tuple(result.tokens) == in_process(drafter, params, seed, draft_len=3, n=8, pipeline=True), seed
+        tries += result.stats.pipeline_tries
+    assert (tries == 0) if not params.greedy else (tries > 0)
 
 
 @pytest.mark.parametrize("params", [TRANSFORMED, GREEDY], ids=["sampled", "greedy"])
