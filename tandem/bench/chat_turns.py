@@ -161,13 +161,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'turn':>4} {'prompt tok':>10} {'added':>5} {'TTFT ms':>8} {'edge TTFT ms':>12} {'cloud prefill':>13} "
-            f"{'cloud reused':>12} {'drafter prefill':>15} {'drafter ms':>10} {'answer':>6} {'answer ms':>9} {'accept':>6}  route")
+            f"{'cloud reused':>12} {'drafter prefill':>15} {'drafter ms':>10} {'answer':>6} {'answer ms':>9} "
+            f"{'accept':>6}  route")
     lines = [head]
     for r in rows:
         lines.append(f"{r['turn']:>4} {r['prompt_tokens']:>10} {r['added_tokens']:>5} {r['ttft_ms']:>8.0f} "
                      f"{r['edge_ttft_ms']:>12.0f} {fmt(r['cloud_prefill_tokens'], 'd'):>13} "
                      f"{fmt(r['cloud_reused_tokens'], 'd'):>12} {r['drafter_prefill_tokens']:>15} "
-                     f"{r['drafter_prefill_ms']:>10.0f} {r['answer_tokens']:>6} {r['answer_ms']:>9.0f} {r['acceptance_rate']:>6.2f}  "
+                     f"{r['drafter_prefill_ms']:>10.0f} {r['answer_tokens']:>6} {r['answer_ms']:>9.0f} "
+                     f"{r['acceptance_rate']:>6.2f}  "
                      f"{r['route']}")
     return "\n".join(lines)
 
