@@ -175,7 +175,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     the cloud took them: a replica that verifies chains only gets each tree's chain).
     In sampling mode no round is drafted ahead unless `sampled_ahead` (round 1 still goes out with
     the open): the guess (the drafter's draw equals the target's, after every draft accepted)
-    held in 8-15% of rounds on prose and chat, and a round drafted ahead cannot be cut short by
+    held in 7-27% of rounds on prose and chat, and a round drafted ahead cannot be cut short by
     its verdict there (its length would then depend on timing), so drafting ahead cost more
     than it saved (BENCHMARKS.md).
     Fallback wraps the loop: when the verifier gives up (`VerifierUnavailable`), the unsettled
