@@ -108,8 +108,9 @@ class DrafterModel:
         q_support: int = DEFAULT_Q_SUPPORT,
         lazy: bool = False,
     ) -> DrafterSession:
-        reuse = self._take_prefix(prompt_ids, max_length) if reuses_kv(params) else None
-        if reuses_kv(params) and reuse is None:
+        reusing = reuses_kv(params)
+        reuse = self._take_prefix(prompt_ids, max_length) if reusing else None
+        if reusing and reuse is None:
             max_length = None if max_length is None else min(max_length + REUSE_ROOM, self.context_length)
         return DrafterSession(self, prompt_ids, params, seed, max_length=max_length, q_support=q_support,
                               reuse=reuse, lazy=lazy)

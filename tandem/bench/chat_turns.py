@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.bench.report import fmt, machine_info, progress
+from tandem.cli.main import CliError
 
 _progress = partial(progress, tag="chat-turns")
 
@@ -63,6 +64,7 @@ def run_suite(args: argparse.Namespace) -> int:
     from tandem.ops import local_stack, procs
     from tandem_sdk import Client
 
+    temperature = _temperature(args)  # checked before any process starts
     kind = getattr(args, "models", "real")
     turns = [t[:TINY_CHARS] if kind == "tiny" else t for t in USER_TURNS]
     log_dir = paths.tandem_home() / "logs" / f"bench-chat-turns-{datetime.now():%Y%m%d-%H%M%S}"
@@ -78,7 +80,7 @@ def run_suite(args: argparse.Namespace) -> int:
         with Client(children["orchestrator"].fields["grpc"], generate_timeout_s=1800,
                     **local_stack.sdk_options(secrets)) as client:
             client.complete(prompt="Say hi.", route="speculative", max_new_tokens=4)  # warm-up
-            rows = _conversation(client, turns, args.max_new_tokens, _temperature(args))
+            rows = _conversation(client, turns, args.max_new_tokens, temperature)
     info = machine_info()
     summary = summarize(rows)
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB")
@@ -88,7 +90,7 @@ def run_suite(args: argparse.Namespace) -> int:
     if args.json:
         config = {"models": kind, "target": str(target), "drafter": str(drafter), "dtype": dtype,
                   "max_new_tokens": args.max_new_tokens, "draft_len": args.draft_len, "route": "speculative",
-                  "temperature": _temperature(args), "seed": None,
+                  "temperature": temperature, "seed": None,
                   "round_deadline_ms": ROUND_DEADLINE_MS, "user_turns": turns}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"suite": "chat-turns", "machine": info, "config": config,
@@ -100,8 +102,6 @@ def run_suite(args: argparse.Namespace) -> int:
 def _temperature(args: argparse.Namespace) -> float:
     t = float(getattr(args, "temperature", 0.0) or 0.0)
     if not 0.0 <= t <= 2.0:
-        from tandem.cli.main import CliError
-
         raise CliError(f"--temperature: must be in [0, 2], got {t}")
     return t
 
