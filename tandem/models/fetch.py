@@ -9,11 +9,16 @@ Guarantees:
 - A second run re-hashes what is there and skips every step that verifies.
 - Failures the user can act on (no registry, hash mismatch, full disk) raise `ModelsError` with a
   one-line message.
+- Runs on one machine take turns: `fetch` holds an exclusive lock (`flock` on
+  `downloads/.fetch.lock`) for its whole run, so two setups started together (the demo and the
+  tests, two clones) never build into the same scratch folder; the second waits, says so, and
+  then finds the first one's folders verified. The kernel drops the lock when a run dies.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import re
@@ -71,6 +76,28 @@ def fetch(groups: Sequence[str] = DEFAULT_GROUPS, manifest: Manifest = MANIFEST,
     root = root or paths.models_dir()
     downloads = downloads or paths.downloads_dir()
     steps = plan(groups, manifest)
+    with _machine_lock(downloads):
+        return _fetch_steps(steps, root, downloads)
+
+
+@contextmanager
+def _machine_lock(downloads: Path) -> Iterator[None]:
+    """Hold `downloads/.fetch.lock` exclusively (another run on this machine waits for it)."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    with open(downloads / ".fetch.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"models: another setup on this machine is fetching into {downloads}; waiting for it",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fetch_steps(steps: list[Step], root: Path, downloads: Path) -> list[str]:
     need = _bytes_needed(steps, root, downloads)
     _check_free_space(root, downloads, need)
     done: list[str] = []

@@ -215,3 +215,35 @@ def test_list_models_reports_absent_and_present(home: Path) -> None:
     by_name = {s.name: s for s in models.list_models(manifest=manifest)}
     assert by_name["fake-model"].verified.ok and by_name["fake-model"].size > step.size
     assert not by_name["other"].present and not by_name["other"].verified.ok
+
+
+def test_a_second_fetch_on_the_machine_waits_for_the_first_then_finds_it_done(home: Path) -> None:
+    """Two setups started together (the demo's and the tests') must not build into the same
+    scratch folder: the second waits for the first's lock (held here by another process)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    step = chunked(home / "downloads", PARTS)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(home / 'downloads' / '.fetch.lock')!r}, 'a')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.readline()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        lines: list[str] = []
+        runner = threading.Thread(target=lambda: lines.extend(models_fetch.fetch(["g"], {"g": (step,)})))
+        runner.start()
+        time.sleep(0.5)
+        assert runner.is_alive() and not (home / "models" / "fake-model").exists()  # waiting, wrote nothing
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        runner.join(30)
+        assert not runner.is_alive() and "downloaded and verified" in lines[0]
+    finally:
+        holder.kill()
+        holder.wait()
