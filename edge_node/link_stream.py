@@ -112,17 +112,39 @@ def link_error(err: grpc.RpcError) -> Exception:
     return CloudRejected(code, details)
 
 
+SEND_WAIT_S = 0.02  # how long `send` waits, at most, for gRPC to have written the request
+
+
 class VerifyStream:
-    """One Verify call: requests fed from a queue, responses read by a thread into a queue."""
+    """One Verify call: requests fed from a queue, responses read by a thread into a queue.
+
+    `send` returns once gRPC's sending thread has written the request (or after `SEND_WAIT_S`).
+    That thread needs the GIL, and the drafter's passes (onnxruntime-genai) hold it for their
+    whole length: a request put in the queue just before a pass went out only after it. Measured
+    on the open, whose drafter prefill pass starts right after: +50 ms to the first token."""
 
     def __init__(self, stub: cloud_pb2_grpc.CloudVerifierStub, total_timeout_s: float) -> None:
         self._requests: queue.Queue = queue.Queue()
         self._responses: queue.Queue = queue.Queue()
-        self._call = stub.Verify(iter(self._requests.get, _END), timeout=total_timeout_s)
+        self._written = threading.Condition()
+        self._sent = self._put = 0  # requests written by gRPC; requests put in the queue
+        self._call = stub.Verify(self._feed(), timeout=total_timeout_s)
         self._reader = _start_reader(self._call, self._responses)
 
+    def _feed(self) -> Iterator[cloud_pb2.VerifyRequest]:
+        """The call's requests. gRPC asks for the next one only once it has written the last."""
+        while (item := self._requests.get()) is not _END:
+            yield item
+            with self._written:
+                self._sent += 1
+                self._written.notify_all()
+
     def send(self, request: cloud_pb2.VerifyRequest) -> None:
+        self._put += 1
+        mine = self._put
         self._requests.put(request)
+        with self._written:
+            self._written.wait_for(lambda: self._sent >= mine, SEND_WAIT_S)
 
     def recv(self, timeout_s: float) -> cloud_pb2.VerifyResponse:
         try:

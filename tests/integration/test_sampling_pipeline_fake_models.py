@@ -33,6 +33,7 @@ import pytest
 
 from cloud_node.protocol import Admission, VerifyStream, round_from_proto
 from cloud_node.verifier import Limits, VerifierCore
+from edge_node import link_stream
 from edge_node.cloud_link import CloudLink, SessionRequest, q_rows_to_proto
 from edge_node.drafter import DrafterModel, DrafterSession
 from edge_node.generation import EdgeResult, generate_speculative
@@ -231,6 +232,15 @@ class InProcessChannel:
 
     def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
         return None  # Generate: not used here
+
+
+@pytest.fixture(autouse=True)
+def _no_send_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process channel has no sending thread: a request is taken only when a reply is
+    read, and then verified at once. `VerifyStream.send`'s wait for gRPC to write the request
+    would here wait for its verification, which decides the race between the verdict and the
+    drafter's lazy prefill that these tests cover both ways (`SEND_WAIT_S`, `edge_node.link_stream`)."""
+    monkeypatch.setattr(link_stream, "SEND_WAIT_S", 0.0)
 
 
 @pytest.fixture(scope="module")
