@@ -118,7 +118,8 @@ SEND_WAIT_S = 0.02  # how long `send` waits, at most, for gRPC to have written t
 class VerifyStream:
     """One Verify call: requests fed from a queue, responses read by a thread into a queue.
 
-    `send` returns once gRPC's sending thread has written the request (or after `SEND_WAIT_S`).
+    `send` returns once gRPC's sending thread has written the request (or after `SEND_WAIT_S`;
+    at once when the call has ended).
     That thread needs the GIL, and the drafter's passes (onnxruntime-genai) hold it for their
     whole length: a request put in the queue just before a pass went out only after it. Measured
     on the open, whose drafter prefill pass starts right after: +50 ms to the first token."""
@@ -140,11 +141,12 @@ class VerifyStream:
                 self._written.notify_all()
 
     def send(self, request: cloud_pb2.VerifyRequest) -> None:
-        self._put += 1
-        mine = self._put
-        self._requests.put(request)
         with self._written:
-            self._written.wait_for(lambda: self._sent >= mine, SEND_WAIT_S)
+            self._put += 1
+            mine = self._put
+            self._requests.put(request)
+            if not self._call.done():  # an ended call writes nothing: no wait
+                self._written.wait_for(lambda: self._sent >= mine, SEND_WAIT_S)
 
     def recv(self, timeout_s: float) -> cloud_pb2.VerifyResponse:
         try:

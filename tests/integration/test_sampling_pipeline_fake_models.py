@@ -218,6 +218,9 @@ class FakeVerifyCall:
     def cancel(self) -> None:
         self.stream.close()
 
+    def done(self) -> bool:
+        return False
+
 
 class InProcessChannel:
     """A stand-in for a gRPC channel to the cloud: Verify streams served by `core` in this process."""
