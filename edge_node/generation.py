@@ -37,7 +37,7 @@ from edge_node.drafter import DrafterModel, DrafterSession
 from protos.enums import finish_from_proto
 from tandem.limits import MAX_DRAFT_LEN
 from tandem_core.branching import DEFAULT_TREE_NODES
-from tandem_core.lookup import LookupDrafter, LookupPolicy
+from tandem_core.lookup import MIN_MATCH, LookupDrafter, LookupPolicy
 from tandem_core.loop import DraftLen, DraftSession, SwitchCause, VerifierUnavailable, speculative_generate
 from tandem_core.sampling import SamplingParams
 from tandem_core.stats import RequestStats
@@ -186,16 +186,15 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     per_round = (lookup or adaptive) and isinstance(draft_len, int)
     verifier = RemoteVerifier(link, max_resumes=0 if fallback_local else max_resumes, backoff_s=backoff_s,
                               prompt_len=len(prompt_ids), vocab=drafter.vocab_size)
-    # Retrieval over the prompt and the answer (`tandem_core.lookup`). Pipelined, the cloud answers
-    # round 1 with the open, from its prefill: the first token costs no verification pass. Even
-    # where retrieval already matches the prompt's tail, the copy waits for round 2, sent once the
-    # first token is in (one more round trip for the copied tokens): sent as round 1, it made the
-    # first token wait for the pass over the whole copy (TTFT 1226 against 401 ms cloud-only).
+    # Retrieval over the prompt; where it already matches the prompt's tail, round 1 carries the
+    # copy (its verdict brings many tokens at once), else the cloud answers round 1 with the open.
     index = SuffixIndex.over(prompt_ids) if lookup and per_round else None
-    first_sent = verifier.start(first_round=pipeline)  # the cloud's prefill overlaps the drafter's
-    # Pipelined, the drafter's prefill waits for round 1 to go out with the open and lets its
-    # verdict (the first token) through (a lazy session, `tandem_core.loop`).
-    lazy = pipeline and first_sent
+    opening = index.propose(MAX_DRAFT_LEN) if index is not None else None
+    copy_first = opening is not None and opening.match_len >= MIN_MATCH
+    first_sent = verifier.start(first_round=pipeline and not copy_first)  # the cloud's prefill overlaps the drafter's
+    # Pipelined, the drafter's prefill waits for round 1 to go out (with the open, or copied by
+    # retrieval) and lets its verdict (the first token) through (a lazy session, `tandem_core.loop`).
+    lazy = pipeline and (first_sent or copy_first)
     try:
         session = _prefill(drafter, result, prompt_ids, params, seed,
                            _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)),

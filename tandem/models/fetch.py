@@ -9,10 +9,11 @@ Guarantees:
 - A second run re-hashes what is there and skips every step that verifies.
 - Failures the user can act on (no registry, hash mismatch, full disk) raise `ModelsError` with a
   one-line message.
-- Runs on one machine take turns: `fetch` holds an exclusive lock (`flock` on
-  `downloads/.fetch.lock`) for its whole run, so two setups started together (the demo and the
-  tests, two clones) never build into the same scratch folder; the second waits, says so, and
-  then finds the first one's folders verified. The kernel drops the lock when a run dies.
+- Runs on one machine take turns: `fetch` holds an exclusive lock (`flock` on `downloads.lock`,
+  beside the downloads folder, which a finished run leaves empty) for its whole run, so two
+  setups started together (the demo and the tests, two clones) never build into the same
+  scratch folder; the second waits, says so, and then finds the first one's folders verified.
+  The kernel drops the lock when a run dies.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def fetch(groups: Sequence[str] = DEFAULT_GROUPS, manifest: Manifest = MANIFEST,
 
 @contextmanager
 def _machine_lock(downloads: Path) -> Iterator[None]:
-    """Hold `downloads/.fetch.lock` exclusively (another run on this machine waits for it)."""
+    """Hold `downloads.lock` exclusively (another run on this machine waits for it)."""
     downloads.mkdir(parents=True, exist_ok=True)
-    with open(downloads / ".fetch.lock", "a") as f:
+    with open(downloads.with_name(downloads.name + ".lock"), "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

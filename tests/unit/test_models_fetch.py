@@ -228,7 +228,7 @@ def test_a_second_fetch_on_the_machine_waits_for_the_first_then_finds_it_done(ho
     step = chunked(home / "downloads", PARTS)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time\n"
-        f"f = open({str(home / 'downloads' / '.fetch.lock')!r}, 'a')\n"
+        f"f = open({str(home / 'downloads.lock')!r}, 'a')\n"
         "fcntl.flock(f, fcntl.LOCK_EX)\n"
         "print('held', flush=True)\n"
         "sys.stdin.readline()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
