@@ -17,7 +17,11 @@ Guarantees:
   secret (UNAUTHENTICATED, before opening a session), so Serve's own port is useless to anyone
   who bypasses the gateway.
 - Statuses, details and trailing metadata from upstream pass through unchanged; a client that
-  cancels cancels the upstream call. A fault in the gateway itself is INTERNAL with a request
+  cancels cancels the upstream call. That holds when upstream ends a call while a request is
+  still being forwarded: grpc.aio then replaces upstream's status with its own INTERNAL
+  "Internal error from Core" (a write that failed), so the gateway keeps the status upstream
+  sent first (`_FirstStatus`). A call that upstream broke off without any status is UNAVAILABLE
+  with a request id. A fault in the gateway itself is INTERNAL with a request
   id (the traceback in its log), never the exception's text.
 - No token, key or secret is logged or put in a status message.
 """
@@ -60,6 +64,9 @@ GATEWAY_HEADER = "tandem-gateway"
 DEVICE_HEADER = "tandem-device"
 _DROP = {AUTH_HEADER, GATEWAY_HEADER, DEVICE_HEADER, "user-agent"}
 _HEALTH = {"Check": (False, False), "Watch": (False, True)}
+# What grpc.aio's client puts in place of the peer's status when writing a request fails because the
+# peer has ended the call (grpc/aio/_call.py: `_write` -> `set_internal_error`).
+_WRITE_FAILED = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 
 def secret_digest(secret: str) -> str:
@@ -83,10 +90,36 @@ class _Denied(Exception):
         self.code, self.message = code, message
 
 
+def _settled(coroutine: Any) -> Any:
+    """The value of a grpc.aio accessor whose answer is already there (it returns without
+    suspending once the call has a status); None where it would have to wait."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    return None
+
+
+class _FirstStatus:
+    """The status an upstream call ended with, as first set: a later failed write replaces it."""
+
+    def __init__(self, call: Any) -> None:
+        self.status: tuple[grpc.StatusCode, str, Any] | None = None
+        call.add_done_callback(self._done)
+
+    def _done(self, call: Any) -> None:
+        if self.status is None:
+            code = _settled(call.code())
+            if code is not None:
+                self.status = (code, _settled(call.details()) or "", _settled(call.trailing_metadata()))
+
+
 @dataclass(eq=False)  # each lease is its own: hashed by identity
 class _Lease:
     device: str | None
     call: Any = None
+    first: _FirstStatus | None = None
     revoked: bool = False
     released: bool = field(default=False)
 
@@ -199,7 +232,7 @@ class Gateway:
         remaining = context.time_remaining()
         call = factory(request, metadata=self._upstream_metadata(context.invocation_metadata(), lease),
                        timeout=remaining if remaining is not None and remaining < 1e6 else None)
-        lease.call = call
+        lease.call, lease.first = call, _FirstStatus(call)
         return call
 
     async def _finish(self, context: grpc.aio.ServicerContext, call: Any, lease: _Lease,
@@ -209,10 +242,22 @@ class Gateway:
             metrics.record_gateway_refusal("PERMISSION_DENIED")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token {lease.device} was revoked")
         if error is not None:
-            trailing = error.trailing_metadata()
+            code, details, trailing = error.code(), error.details() or "", error.trailing_metadata()
+            if (code, details) == _WRITE_FAILED:
+                first = lease.first.status if lease.first is not None else None
+                if first is None or (first[0], first[1]) == _WRITE_FAILED:
+                    request_id = new_request_id()
+                    log.warning("request %s: the verifier ended a call while a request was being forwarded, "
+                                "without a status", request_id)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, with_id(
+                        "the verifier ended the call while a request was being forwarded; open a new stream",
+                        request_id))
+                code, details, trailing = first
             if trailing:
                 context.set_trailing_metadata(tuple(trailing))
-            await context.abort(error.code(), error.details() or "")
+            if code != grpc.StatusCode.OK:
+                await context.abort(code, details)
+            return
         trailing = await call.trailing_metadata()
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
@@ -266,6 +311,10 @@ class Gateway:
                     if not lease.revoked:
                         raise
                 await self._finish(context, call, lease, error)
+                if reply is None:  # upstream's OK came first, but its reply was lost with the failed write
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, with_id(
+                        "the verifier's reply was lost while a request was being forwarded; try again",
+                        new_request_id()))
                 return reply
             finally:
                 if call is not None and not call.done():

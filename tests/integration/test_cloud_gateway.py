@@ -8,8 +8,10 @@ call is checked at the verifier: no session was opened.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -232,3 +234,36 @@ def test_mutual_tls_admits_only_devices_with_a_certificate(pki, store, upstream,
             assert _speculative(drafter, channel) == reference
     finally:
         front.stop()
+
+
+def _ending(channel: grpc.Channel, messages: list[bytes]) -> tuple[grpc.StatusCode, str]:
+    """Send all of `messages` on one Verify stream without waiting for replies; the status it ends with."""
+    call = channel.stream_stream(f"/{gw.SERVICE_NAME}/Verify", request_serializer=None,
+                                 response_deserializer=None)(iter(messages), timeout=60)
+    try:
+        for _ in call:
+            pass
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as exc:
+        return exc.code(), re.sub(r" \(request id [0-9a-f]{16}\)$", "", exc.details() or "")
+
+
+def test_a_call_the_verifier_ends_while_requests_are_being_forwarded_keeps_its_status(upstream):
+    """The verifier refuses an oversized prompt while the gateway is still forwarding the
+    megabyte-sized rounds sent behind it. grpc.aio's client then replaces the verifier's status with
+    INTERNAL "Internal error from Core" (its failed write) in most such calls; the edge must still
+    read the verifier's own status. Seen in CI through Ray Serve's proxy, and reproduced here."""
+    big = [7] * 300_000  # ~1.5 MB on the wire, under the 4 MB message limit
+    messages = [cloud_pb2.VerifyRequest(open=cloud_pb2.SessionSpec(prompt_tokens=big, max_new_tokens=4))]
+    messages += [cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(round=i, draft_tokens=big)) for i in range(4)]
+    raw = [m.SerializeToString() for m in messages]
+    with grpc.insecure_channel(upstream) as direct:
+        expected = _ending(direct, raw)
+    assert expected[0] in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT), expected
+    front = gw.InThread(gw.build(GatewayConfig(), upstream, "gateway-secret"), "127.0.0.1:0")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            seen = Counter(_ending(channel, raw) for _ in range(30))
+    finally:
+        front.stop()
+    assert seen == Counter({expected: 30}), seen
