@@ -19,6 +19,9 @@ Guarantees:
   UNIMPLEMENTED at once, without a replica, so it times the link alone. Each stream also checks
   once as it opens, to time the link as it is now (a bound on the check timeout, not learnt
   from); until a check or a round not sent ahead has timed it, no check gives a round up.
+  The checks keep the wait's clock, not the caller's: `link_failed()` advances them without
+  blocking, and the speculative loop asks it between drafter passes (`RemoteVerifier.ready`), so
+  a round drafted ahead while a verdict is out delays neither the check nor the fallback.
 - `resume(generated)` opens a fresh stream whose SessionSpec carries every committed token, so
   the cloud (any replica) re-prefills and continues exactly; gRPC never retries a stream after
   its first response, so this is the protocol's own retry.
@@ -37,9 +40,9 @@ Guarantees:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -101,6 +104,7 @@ class CloudLink:
         self._trip_s: float | None = None  # its smallest link round trip since the open (checks, rounds)
         self._opening_trip_s: float | None = None  # the opening check's (set by its callback)
         self._opened_server_s = 0.0  # the cloud's time for the current stream's open (queue + prefill)
+        self._watch: _Watch | None = None  # the wait for the verdict that comes next
         self.open_timeout_s = open_timeout_s
         self._total_timeout_s = total_timeout_s
         self._stream: VerifyStream | None = None
@@ -157,6 +161,9 @@ class CloudLink:
         self.opened = None
         self._sent, self._fastest_s, self._opened_server_s = {}, None, 0.0
         self._trip_s = self._opening_trip_s = None
+        if self._watch is not None and self._watch.check is not None:
+            self._watch.check.cancel()
+        self._watch = None
         self._last_verdict_at = 0.0  # when the last verdict was read (a round sent ahead starts there)
         self._send(cloud_pb2.VerifyRequest(open=spec))
         if self.deadline.adaptive:
@@ -253,37 +260,111 @@ class CloudLink:
     # from this link's rounds, below `round_timeout_s`) has passed since its wait started (its
     # send; for a round sent ahead, the verdict before it), or at once when the link answers no
     # check; checks are made after `first_check`, then each `check_after`, while it waits. At the ceiling it waits
-    # `round_timeout_s` from now, as before; not learnt yet (or not adaptive), unchecked. A round
+    # `round_timeout_s` from the call, as before; not learnt yet (or not adaptive), unchecked. A round
     # sent before the SessionOpened came (the cloud's prefill is in it) waits so too and is not
     # learnt from; its link part, those of the rounds not sent ahead and the answered checks on
     # this stream bound its later deadlines and checks from below (`fastest_s`: the link now).
-    def _await_verdict(self, round_no: int) -> cloud_pb2.VerifyResponse:
+    # The checks run on the wait's own clock, not the caller's: `link_failed` advances them without
+    # blocking, so a caller that drafts ahead while a verdict is out (and asks between its passes)
+    # learns of a dead link ~100 ms after the round's wait began, not after its drafting.
+    def _watch_of(self, round_no: int) -> _Watch:
+        """The wait for `round_no`'s verdict (made, with its plan, on first use)."""
+        w = self._watch
+        if w is not None and w.round_no == round_no:
+            return w
+        if w is not None and w.check is not None:
+            w.check.cancel()
         sent_at, rows, first = self._sent.get(round_no, (0.0, 1, True))
-        start, called = max(sent_at, self._last_verdict_at), time.monotonic()
         ceiling_s = self.round_timeout_s
         deadline_s, first_check_s, check_s = (ceiling_s,) * 3 if first else \
             self.deadline.plan(rows, ceiling_s, self._fastest_s)
         log.debug("round %d (%d rows): deadline %.0f ms, check after %.0f ms, ceiling %.0f ms", round_no, rows,
                   1000 * deadline_s, 1000 * check_s, 1000 * ceiling_s)
-        if check_s >= ceiling_s:
+        start = max(sent_at, self._last_verdict_at)
+        self._watch = w = _Watch(round_no, start, deadline_s, check_s, start + first_check_s,
+                                 end=start + deadline_s if deadline_s < ceiling_s else None)
+        return w
+
+    def link_failed(self) -> bool:
+        """Advance the link checks of the round whose verdict comes next, without blocking;
+        whether they found the link dead (the next `recv_verdict` then raises LinkError at once)."""
+        if self._stream is None or not self._sent or not self.deadline.adaptive:
+            return False
+        w = self._watch_of(next(iter(self._sent)))
+        return w.check_s < self.round_timeout_s and self._poll(w, time.monotonic()) is not None
+
+    def _await_verdict(self, round_no: int) -> cloud_pb2.VerifyResponse:
+        w = self._watch_of(round_no)
+        ceiling_s = self.round_timeout_s
+        if w.check_s >= ceiling_s:
             return self._recv(ceiling_s)
-        end = start + deadline_s if deadline_s < ceiling_s else called + ceiling_s  # the ceiling: as before
-        check_at = start + first_check_s
-        while check_at < end:
+        if w.end is None:  # the ceiling: as before, from the call
+            w.end = time.monotonic() + ceiling_s
+        while True:
+            now = time.monotonic()
+            failure = self._poll(w, now)
+            if failure is not None:
+                raise failure
+            until = w.end if w.check is None and w.check_at >= w.end else \
+                min(w.end, w.check_at if w.check is None else now + _CHECK_POLL_S)
             try:
-                return self._recv_late(check_at)
+                return self._recv_late(until)
             except _Late:
                 pass
-            self._check_link(round_no, start, end, deadline_s)
-            check_at = max(check_at + check_s, time.monotonic())
-        try:
-            return self._recv_late(end)
-        except _Late:
-            if deadline_s >= ceiling_s:
-                raise LinkError(f"no reply within {1000 * ceiling_s:.0f} ms", SwitchCause.LATE_VERDICT) from None
-            self.deadline.missed()
-            raise LinkError(f"no reply within {1000 * deadline_s:.0f} ms of sending round {round_no} (the learnt "
-                            f"deadline; ceiling {1000 * ceiling_s:.0f} ms)", SwitchCause.LATE_VERDICT) from None
+
+    def _poll(self, w: _Watch, now: float) -> LinkError | None:
+        """Advance `w`'s checks and deadline to `now`: the LinkError that ends its wait, if any."""
+        if w.failure is not None:
+            return w.failure
+        if self.replies_waiting():  # a reply (or the stream's break) is in: it is read next
+            if w.check is not None:
+                w.check.cancel()
+                w.check = None
+            return None
+        if w.check is not None:
+            if not w.check.done():
+                return None
+            check, w.check = w.check, None
+            if _answered(check):
+                took = max(0.0, (w.answered_at or now) - w.check_t0)  # its callback may still be running
+                self.deadline.observe_check(took)
+                self._trip_s = took if self._trip_s is None else min(self._trip_s, took)
+                self._fastest_s = took if self._fastest_s is None else min(self._fastest_s, took)
+            elif w.check_timeout_s is not None and w.check_wait >= w.check_timeout_s:
+                self.deadline.missed()
+                w.failure = LinkError(
+                    f"no reply within {1000 * (now - w.start):.0f} ms of sending round {w.round_no}, and no answer "
+                    f"to a link check within {1000 * w.check_timeout_s:.0f} ms (the learnt check; deadline "
+                    f"{1000 * w.deadline_s:.0f} ms)", SwitchCause.LATE_VERDICT)
+                return w.failure
+            w.check_at = max(w.check_at + w.check_s, now)
+        if w.end is not None and now >= w.end:
+            w.failure = self._late(w)
+            return w.failure
+        if w.check is None and now >= w.check_at and (w.end is None or w.check_at < w.end):
+            self._start_check(w, now)
+        return None
+
+    def _late(self, w: _Watch) -> LinkError:
+        ceiling_s = self.round_timeout_s
+        if w.deadline_s >= ceiling_s:
+            return LinkError(f"no reply within {1000 * ceiling_s:.0f} ms", SwitchCause.LATE_VERDICT)
+        self.deadline.missed()
+        return LinkError(f"no reply within {1000 * w.deadline_s:.0f} ms of sending round {w.round_no} (the learnt "
+                         f"deadline; ceiling {1000 * ceiling_s:.0f} ms)", SwitchCause.LATE_VERDICT)
+
+    def _start_check(self, w: _Watch, now: float) -> None:
+        """A link check for `w`, answered within its learnt timeout or the wait's end. Unlearnt (or
+        the link not timed since the open), its silence ends nothing."""
+        trip_s = self._link_trip_s()
+        timeout_s = None if trip_s is None else self.deadline.check_timeout_s(trip_s)
+        end = w.end if w.end is not None else w.start + self.round_timeout_s
+        wait = end - now if timeout_s is None else min(timeout_s, end - now)
+        if wait <= 0:
+            w.check_at = end
+            return
+        w.check, w.check_t0, w.check_wait, w.check_timeout_s = self._check_call(wait), now, wait, timeout_s
+        w.check.add_done_callback(w.stamp)
 
     def _recv_late(self, until: float) -> cloud_pb2.VerifyResponse:
         """The next reply, or `_Late` when none came by `until` (monotonic)."""
@@ -293,33 +374,6 @@ class CloudLink:
             if exc.cause != SwitchCause.LATE_VERDICT:
                 raise
             raise _Late from None
-
-    def _check_link(self, round_no: int, start: float, end: float, deadline_s: float) -> None:
-        """Check the link until `end` at most; raise LinkError when it answers within no learnt
-        timeout, else learn how long it took. A reply or a break on the stream ends the check at
-        once; unlearnt (or the link not timed since the open), it ends nothing."""
-        trip_s = self._link_trip_s()
-        timeout_s = None if trip_s is None else self.deadline.check_timeout_s(trip_s)
-        wait = end - time.monotonic() if timeout_s is None else min(timeout_s, end - time.monotonic())
-        if wait <= 0:
-            return
-        done, t0 = threading.Event(), time.monotonic()
-        check = self._check_call(wait)
-        check.add_done_callback(lambda _: done.set())
-        while not done.wait(_CHECK_POLL_S):
-            if self.replies_waiting():
-                check.cancel()
-                return
-        if _answered(check):
-            took = time.monotonic() - t0
-            self.deadline.observe_check(took)
-            self._trip_s = took if self._trip_s is None else min(self._trip_s, took)
-            self._fastest_s = took if self._fastest_s is None else min(self._fastest_s, took)
-        elif timeout_s is not None and wait >= timeout_s and not self.replies_waiting():
-            self.deadline.missed()
-            raise LinkError(f"no reply within {1000 * (time.monotonic() - start):.0f} ms of sending round {round_no}, "
-                            f"and no answer to a link check within {1000 * timeout_s:.0f} ms (the learnt check; "
-                            f"deadline {1000 * deadline_s:.0f} ms)", SwitchCause.LATE_VERDICT)
 
     def _check_at_open(self) -> None:
         """Time the link as the stream opens, in the background (for this stream only)."""
@@ -375,6 +429,27 @@ def _answered(check: grpc.Future) -> bool:
     """Whether a link check came back over the link (UNIMPLEMENTED, or any status but no answer)."""
     error = check.exception()
     return not (isinstance(error, grpc.RpcError) and error.code() in _CHECK_DEAD)
+
+
+@dataclass(eq=False)
+class _Watch:
+    """The wait for one round's verdict: its plan, its link check in flight, how it ended."""
+
+    round_no: int
+    start: float  # when the wait began (monotonic)
+    deadline_s: float
+    check_s: float  # between two checks; >= the ceiling: none
+    check_at: float  # the next check
+    end: float | None  # when the deadline passes; None: the ceiling, counted from the first `recv_verdict`
+    check: grpc.Future | None = None
+    check_t0: float = 0.0
+    check_wait: float = 0.0
+    check_timeout_s: float | None = None
+    answered_at: float = 0.0
+    failure: LinkError | None = None
+
+    def stamp(self, _: grpc.Future) -> None:  # gRPC's thread: one assignment
+        self.answered_at = time.monotonic()
 
 
 class _Late(Exception):

@@ -214,6 +214,10 @@ class DrafterSession:
         # it accepts, the target's token it assumes, and the round that follows it.
         self._alt: tuple[int, int, Draft] | None = None
         self._prepared: Draft | None = None  # that round, once its verdict came (`draft` sends it)
+        # Asked before each pass of `draft`: True ends the draft short (the link is known dead, so
+        # the round will not be verified on this stream: greedy answers only, whose text does not
+        # depend on the rounds' lengths).
+        self.give_up: Callable[[], bool] | None = None
         self._rows: dict[int, np.ndarray] = {}  # greedy: position -> the logits a draft was chosen from
         self.alt_tries = 0  # alternatives drafted
         self.alt_hits = 0  # of which the verdict was the one prepared for
@@ -304,7 +308,7 @@ class DrafterSession:
         if k > 0:
             self._pick(self._logits, tokens, qs)
         chunk = HINT_CHUNK
-        while len(tokens) < k:
+        while len(tokens) < k and not (self.give_up is not None and self.give_up()):
             n = len(tokens)
             alive = n < len(hint) and [int(t) for t in hint[:n]] == tokens
             if n >= stop and not alive:

@@ -202,6 +202,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     except BaseException:
         link.close()
         raise
+    if params.greedy:  # a round drafted while the link is found dead is cut short (its drafts are never verified)
+        session.give_up = link.link_failed
     drafts: DraftSession = session
     if per_round:
         assert isinstance(draft_len, int)

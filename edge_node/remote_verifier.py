@@ -257,8 +257,9 @@ class RemoteVerifier:
 
     def ready(self) -> bool:
         """Whether the next verdict `collect` returns is in (with the open's reply, for the first,
-        and those of the dropped rounds before it), or an error."""
-        if not self._out or not self.link.is_open:
+        and those of the dropped rounds before it), or an error (the link checks, which this
+        advances, found the link dead)."""
+        if not self._out or not self.link.is_open or self.link.link_failed():
             return True
         doomed = next((i for i, e in enumerate(self._out) if not e.doomed), len(self._out))
         return self.link.replies_waiting() >= doomed + (1 if self.link.opened is not None else 2)

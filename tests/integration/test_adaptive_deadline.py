@@ -19,6 +19,9 @@ shared across them, as on the node.
 - On a cloud whose pass takes 250 ms (slept in the cloud's round, which reports it, as the real
   pair's), a black hole is caught by the link check: the round is given up once the check goes
   unanswered, well before the learnt deadline, which a slow pass alone never reaches.
+- While the drafter drafts the next 16 drafts ahead (each pass slowed to 50 ms, as the real
+  drafter's on a loaded core), the checks still start 100 ms into the wait: the first local token
+  comes within the check, its timeout and a few passes of the fault, not after the drafting.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from cloud_node import verifier
 from cloud_node.verifier import VerifierCore
 from edge_node.config import EdgeConfig
 from edge_node.core import EdgeCore
-from edge_node.drafter import DrafterModel
+from edge_node.drafter import DrafterModel, DrafterSession
 from edge_node.generation import EdgeResult
 from netshape.shaper import LinkShaper
 from tandem.pair import LocalPair
@@ -55,6 +58,7 @@ CEILING_MS = 5000  # the black-hole test's configured deadline: far above anythi
 SLACK_S = 0.5  # thread hand-offs and the first local token on a loaded 2-core machine
 _DEADLINE_LOG = re.compile(r"deadline (\d+) ms, check after \d+ ms, ceiling (\d+) ms")
 PASS_S = 0.25  # the slow cloud's pass
+DRAFT_PASS_S = 0.05  # the slow drafter's pass
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +185,44 @@ def test_a_black_hole_on_a_slow_cloud_is_caught_by_the_link_check(drafter, chann
     learnt_s = int(re.search(r"deadline (\d+) ms\)", switch.reason)[1]) / 1000
     assert waited_s < learnt_s, switch.reason
     _check_stall(timeline, result, reference, waited_s, f" (deadline {learnt_s} s)")
+
+
+def test_a_black_hole_is_caught_while_the_drafter_drafts_ahead(drafter, channel, shaper, reference,
+                                                              monkeypatch) -> None:
+    real_round, real_append, slow = verifier.target_round, DrafterSession._append, [False]
+
+    def slow_round(*args, **kwargs):
+        time.sleep(PASS_S)
+        return real_round(*args, **kwargs)
+
+    def slow_append(self, ids):
+        if slow[0]:
+            time.sleep(DRAFT_PASS_S)
+        return real_append(self, ids)
+
+    monkeypatch.setattr(verifier, "target_round", slow_round)
+    monkeypatch.setattr(DrafterSession, "_append", slow_append)
+    core = _core(drafter, channel, shaper, round_deadline_ms=CEILING_MS, draft_len=16)
+    for _ in range(5):  # until the deadline and the checks are learnt
+        _check_clean(_answer(core), reference)
+        if core.deadline.check_timeout_s(None) is not None and core.deadline.deadline_s(17, CEILING_MS / 1000) < 1:
+            break
+    else:
+        pytest.fail("5 answers and the checks are still not learnt")
+    slow[0] = True
+    timeline = Timeline()
+    result = _answer(core, on_tokens=timeline.fault_after(12, lambda: shaper.set_conditions(mode="blackhole")))
+    [switch] = result.switches
+    assert switch.cause == SwitchCause.LATE_VERDICT and "no answer to a link check" in switch.reason, switch.reason
+    timeout_s = int(re.search(r"link check within (\d+) ms", switch.reason)[1]) / 1000
+    stall = timeline.first_local() - timeline.fault_at
+    # The first check 100 ms into the wait, begun at the next drafter pass; its timeout; the pass
+    # that sees it; the first local token. Drafting 16 ahead alone takes 16 x 50 ms.
+    bound = 0.1 + timeout_s + 4 * DRAFT_PASS_S + 0.15
+    log.info("stall %.3f s, check timeout %.3f s, bound %.3f s: %s", stall, timeout_s, bound, switch.reason)
+    assert stall <= bound, (stall, bound, switch.reason)
+    m = result.verified_tokens
+    assert m >= 12 and tuple(result.tokens[:m]) == reference[:m] and timeline.tokens == result.tokens
 
 
 def _check_stall(timeline: Timeline, result: Any, reference: Sequence[int], waited_s: float, note: str) -> None:

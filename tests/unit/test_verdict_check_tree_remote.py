@@ -68,6 +68,9 @@ class TreeLink:
     def replies_waiting(self) -> int:
         return 0
 
+    def link_failed(self) -> bool:
+        return False
+
     def send_round(self, tokens: Sequence[int], q: Any, assume: Any = None, parents: Any = None) -> int:
         assert not parents or len(tokens) <= self.max_tree_nodes, "a tree the replica does not take"
         self.sent.append((tuple(tokens), q, None if parents is None else tuple(parents)))
