@@ -67,6 +67,7 @@ _HEALTH = {"Check": (False, False), "Watch": (False, True)}
 # What grpc.aio's client puts in place of the peer's status when writing a request fails because the
 # peer has ended the call (grpc/aio/_call.py: `_write` -> `set_internal_error`).
 _WRITE_FAILED = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+_PEER_STATUS_S = 0.5  # how long the gateway waits for upstream's own status after that one
 
 
 def secret_digest(secret: str) -> str:
@@ -102,17 +103,32 @@ def _settled(coroutine: Any) -> Any:
 
 
 class _FirstStatus:
-    """The status an upstream call ended with, as first set: a later failed write replaces it."""
+    """The status upstream ended a call with: a failed write's INTERNAL may come before it (and
+    is skipped) or after it (and replaces it in the call, not here)."""
 
     def __init__(self, call: Any) -> None:
         self.status: tuple[grpc.StatusCode, str, Any] | None = None
         call.add_done_callback(self._done)
 
-    def _done(self, call: Any) -> None:
+    def _done(self, call: Any) -> None:  # run at each status set (grpc 1.85), or at the first only
         if self.status is None:
             code = _settled(call.code())
-            if code is not None:
-                self.status = (code, _settled(call.details()) or "", _settled(call.trailing_metadata()))
+            details = _settled(call.details()) or ""
+            if code is not None and (code, details) != _WRITE_FAILED:  # the peer's may still come
+                self.status = (code, details, _settled(call.trailing_metadata()))
+
+    async def peer(self, call: Any, within_s: float = _PEER_STATUS_S) -> tuple[grpc.StatusCode, str, Any] | None:
+        """The status upstream sent, waiting up to `within_s` for it where the failed write's came
+        first; None if none came."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        while self.status is None:
+            code, details = await call.code(), await call.details()
+            if (code, details) != _WRITE_FAILED:  # set again since (where callbacks run once)
+                return code, details, await call.trailing_metadata()
+            if asyncio.get_running_loop().time() >= deadline:
+                return None
+            await asyncio.sleep(0.01)
+        return self.status
 
 
 @dataclass(eq=False)  # each lease is its own: hashed by identity
@@ -244,8 +260,8 @@ class Gateway:
         if error is not None:
             code, details, trailing = error.code(), error.details() or "", error.trailing_metadata()
             if (code, details) == _WRITE_FAILED:
-                first = lease.first.status if lease.first is not None else None
-                if first is None or (first[0], first[1]) == _WRITE_FAILED:
+                first = await lease.first.peer(call) if lease.first is not None else None
+                if first is None:
                     request_id = new_request_id()
                     log.warning("request %s: the verifier ended a call while a request was being forwarded, "
                                 "without a status", request_id)

@@ -161,9 +161,7 @@ class CloudLink:
         self.opened = None
         self._sent, self._fastest_s, self._opened_server_s = {}, None, 0.0
         self._trip_s = self._opening_trip_s = None
-        if self._watch is not None and self._watch.check is not None:
-            self._watch.check.cancel()
-        self._watch = None
+        self._end_watch()
         self._last_verdict_at = 0.0  # when the last verdict was read (a round sent ahead starts there)
         self._send(cloud_pb2.VerifyRequest(open=spec))
         if self.deadline.adaptive:
@@ -272,8 +270,7 @@ class CloudLink:
         w = self._watch
         if w is not None and w.round_no == round_no:
             return w
-        if w is not None and w.check is not None:
-            w.check.cancel()
+        self._end_watch()
         sent_at, rows, first = self._sent.get(round_no, (0.0, 1, True))
         ceiling_s = self.round_timeout_s
         deadline_s, first_check_s, check_s = (ceiling_s,) * 3 if first else \
@@ -285,9 +282,16 @@ class CloudLink:
                                  end=start + deadline_s if deadline_s < ceiling_s else None)
         return w
 
+    def _end_watch(self) -> None:
+        """Forget the current wait, cancelling its check in flight."""
+        if self._watch is not None and self._watch.check is not None:
+            self._watch.check.future.cancel()
+        self._watch = None
+
     def link_failed(self) -> bool:
         """Advance the link checks of the round whose verdict comes next, without blocking;
-        whether they found the link dead (the next `recv_verdict` then raises LinkError at once)."""
+        whether they found the link dead (the next `recv_verdict` then raises LinkError unless
+        the verdict turns out to be in after all)."""
         if self._stream is None or not self._sent or not self.deadline.adaptive:
             return False
         w = self._watch_of(next(iter(self._sent)))
@@ -295,13 +299,14 @@ class CloudLink:
             return False
         failed = self._poll(w, time.monotonic()) is not None
         if w.check is not None:  # the caller's next pass may hold the GIL past the check's answer
-            w.check_quiet = False
+            w.check.quiet = False
         return failed
 
     def _await_verdict(self, round_no: int) -> cloud_pb2.VerifyResponse:
         w = self._watch_of(round_no)
         ceiling_s = self.round_timeout_s
         if w.check_s >= ceiling_s:
+            self._end_watch()
             return self._recv(ceiling_s)
         if w.end is None:  # the ceiling: as before, from the call
             w.end = time.monotonic() + ceiling_s
@@ -309,55 +314,65 @@ class CloudLink:
             now = time.monotonic()
             failure = self._poll(w, now)
             if failure is not None:
-                raise failure
-            until = w.end if w.check is None and w.check_at >= w.end else \
-                min(w.end, w.check_at if w.check is None else now + _CHECK_POLL_S)
-            try:
-                return self._recv_late(until)
-            except _Late:
-                pass
+                # Judged between two drafter passes, the verdict may have come while a pass held
+                # the GIL, before the reading thread could queue it: give that thread a moment.
+                try:
+                    response = self._recv_late(time.monotonic() + _CHECK_POLL_S)
+                except _Late:
+                    if failure.learnt:
+                        self.deadline.missed()
+                    self._end_watch()
+                    raise failure from None
+            else:
+                until = w.end if w.check is None and w.check_at >= w.end else \
+                    min(w.end, w.check_at if w.check is None else now + _CHECK_POLL_S)
+                try:
+                    response = self._recv_late(until)
+                except _Late:
+                    continue
+            self._end_watch()
+            return response
 
-    def _poll(self, w: _Watch, now: float) -> LinkError | None:
-        """Advance `w`'s checks and deadline to `now`: the LinkError that ends its wait, if any."""
-        if w.failure is not None:
-            return w.failure
+    def _poll(self, w: _Watch, now: float) -> _Failure | None:
+        """Advance `w`'s checks and deadline to `now`: what ends its wait, if anything (nothing
+        while a reply is in; nothing learnt is forgotten until it is raised)."""
         if self.replies_waiting():  # a reply (or the stream's break) is in: it is read next
             if w.check is not None:
-                w.check.cancel()
+                w.check.future.cancel()
                 w.check = None
             return None
-        if w.check is not None:
-            if not w.check.done():
+        if w.dead is not None:
+            return w.dead
+        check = w.check
+        if check is not None:
+            if not check.future.done():
                 return None
-            check, w.check = w.check, None
-            if _answered(check):
-                if w.check_quiet:  # timed only while this thread waited (see `_Watch`)
-                    took = max(0.0, (w.answered_at or now) - w.check_t0)  # its callback may still be running
+            w.check = None
+            if _answered(check.future):
+                if check.quiet:  # timed only while this thread waited (see `_Check`)
+                    took = max(0.0, (check.answered_at or now) - check.t0)  # its callback may still be running
                     self.deadline.observe_check(took)
                     self._trip_s = took if self._trip_s is None else min(self._trip_s, took)
                     self._fastest_s = took if self._fastest_s is None else min(self._fastest_s, took)
-            elif w.check_timeout_s is not None and w.check_wait >= w.check_timeout_s:
-                self.deadline.missed()
-                w.failure = LinkError(
+            elif check.timeout_s is not None and check.wait_s >= check.timeout_s:
+                w.dead = _Failure(
                     f"no reply within {1000 * (now - w.start):.0f} ms of sending round {w.round_no}, and no answer "
-                    f"to a link check within {1000 * w.check_timeout_s:.0f} ms (the learnt check; deadline "
-                    f"{1000 * w.deadline_s:.0f} ms)", SwitchCause.LATE_VERDICT)
-                return w.failure
+                    f"to a link check within {1000 * check.timeout_s:.0f} ms (the learnt check; deadline "
+                    f"{1000 * w.deadline_s:.0f} ms)", SwitchCause.LATE_VERDICT, learnt=True)
+                return w.dead
             w.check_at = max(w.check_at + w.check_s, now)
         if w.end is not None and now >= w.end:
-            w.failure = self._late(w)
-            return w.failure
+            return self._late(w)
         if w.check is None and now >= w.check_at and (w.end is None or w.check_at < w.end):
             self._start_check(w, now)
         return None
 
-    def _late(self, w: _Watch) -> LinkError:
+    def _late(self, w: _Watch) -> _Failure:
         ceiling_s = self.round_timeout_s
         if w.deadline_s >= ceiling_s:
-            return LinkError(f"no reply within {1000 * ceiling_s:.0f} ms", SwitchCause.LATE_VERDICT)
-        self.deadline.missed()
-        return LinkError(f"no reply within {1000 * w.deadline_s:.0f} ms of sending round {w.round_no} (the learnt "
-                         f"deadline; ceiling {1000 * ceiling_s:.0f} ms)", SwitchCause.LATE_VERDICT)
+            return _Failure(f"no reply within {1000 * ceiling_s:.0f} ms", SwitchCause.LATE_VERDICT)
+        return _Failure(f"no reply within {1000 * w.deadline_s:.0f} ms of sending round {w.round_no} (the learnt "
+                        f"deadline; ceiling {1000 * ceiling_s:.0f} ms)", SwitchCause.LATE_VERDICT, learnt=True)
 
     def _start_check(self, w: _Watch, now: float) -> None:
         """A link check for `w`, answered within its learnt timeout or the wait's end. Unlearnt (or
@@ -369,9 +384,8 @@ class CloudLink:
         if wait <= 0:
             w.check_at = end
             return
-        w.check, w.check_t0, w.check_wait, w.check_timeout_s = self._check_call(wait), now, wait, timeout_s
-        w.check_quiet = True
-        w.check.add_done_callback(w.stamp)
+        w.check = check = _Check(self._check_call(wait), now, wait, timeout_s)
+        check.future.add_done_callback(check.stamp)
 
     def _recv_late(self, until: float) -> cloud_pb2.VerifyResponse:
         """The next reply, or `_Late` when none came by `until` (monotonic)."""
@@ -427,6 +441,7 @@ class CloudLink:
         return self._stream is not None
 
     def close(self) -> None:
+        self._end_watch()
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -439,8 +454,27 @@ def _answered(check: grpc.Future) -> bool:
 
 
 @dataclass(eq=False)
+class _Check:
+    """One link check in flight."""
+
+    future: grpc.Future
+    t0: float  # sent at (monotonic)
+    wait_s: float  # gRPC's deadline for it
+    timeout_s: float | None  # the learnt timeout (None: its silence ends nothing)
+    # No drafter pass ran while it was out, so its answer was stamped when it came. A pass of
+    # onnxruntime-genai holds the GIL, so gRPC's callback may stamp an answer only after it: such
+    # a check still counts as answered (gRPC's own deadline, kept in C, decides that), but its
+    # time is not learnt (it would grow the learnt check timeout by a pass, ~100-180 ms measured).
+    quiet: bool = True
+    answered_at: float = 0.0
+
+    def stamp(self, _: grpc.Future) -> None:  # gRPC's thread: one assignment
+        self.answered_at = time.monotonic()
+
+
+@dataclass(eq=False)
 class _Watch:
-    """The wait for one round's verdict: its plan, its link check in flight, how it ended."""
+    """The wait for one round's verdict: its plan, its link check in flight, a dead link found."""
 
     round_no: int
     start: float  # when the wait began (monotonic)
@@ -448,20 +482,17 @@ class _Watch:
     check_s: float  # between two checks; >= the ceiling: none
     check_at: float  # the next check
     end: float | None  # when the deadline passes; None: the ceiling, counted from the first `recv_verdict`
-    check: grpc.Future | None = None
-    check_t0: float = 0.0
-    check_wait: float = 0.0
-    check_timeout_s: float | None = None
-    answered_at: float = 0.0
-    # No drafter pass ran while the check was out: its answer was stamped when it came. A pass of
-    # onnxruntime-genai holds the GIL, so gRPC's callback may stamp an answer only after it: such
-    # a check still counts as answered (gRPC's own deadline, kept in C, decides that), but its
-    # time is not learnt (it would grow the learnt check timeout by a pass, ~100-180 ms measured).
-    check_quiet: bool = True
-    failure: LinkError | None = None
+    check: _Check | None = None
+    dead: _Failure | None = None  # a check went unanswered
 
-    def stamp(self, _: grpc.Future) -> None:  # gRPC's thread: one assignment
-        self.answered_at = time.monotonic()
+
+class _Failure(LinkError):
+    """What ends a wait; `learnt`: the learnt deadline or check ended it (the samples are then
+    forgotten, when it is raised)."""
+
+    def __init__(self, message: str, cause: SwitchCause, *, learnt: bool = False) -> None:
+        super().__init__(message, cause)
+        self.learnt = learnt
 
 
 class _Late(Exception):
