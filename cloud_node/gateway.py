@@ -327,10 +327,6 @@ class Gateway:
                     if not lease.revoked:
                         raise
                 await self._finish(context, call, lease, error)
-                if reply is None:  # upstream's OK came first, but its reply was lost with the failed write
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, with_id(
-                        "the verifier's reply was lost while a request was being forwarded; try again",
-                        new_request_id()))
                 return reply
             finally:
                 if call is not None and not call.done():

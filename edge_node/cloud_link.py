@@ -324,8 +324,7 @@ class CloudLink:
                     self._end_watch()
                     raise failure from None
             else:
-                until = w.end if w.check is None and w.check_at >= w.end else \
-                    min(w.end, w.check_at if w.check is None else now + _CHECK_POLL_S)
+                until = min(w.end, w.check_at if w.check is None else now + _CHECK_POLL_S)
                 try:
                     response = self._recv_late(until)
                 except _Late:
