@@ -11,8 +11,8 @@ Guarantees:
   the start of the wait as before until enough rounds are measured, and always without an
   adaptive `LinkDeadline`). A round's rows are its drafts + 1 (a tree's nodes + 1). A round sent
   before its stream's SessionOpened came waits the ceiling and is not learnt from. Once learnt,
-  a round still unanswered after 100 ms checks the link, and again each check time (the
-  quickest quarter of rounds) while it waits: a check unanswered within its learnt timeout
+  a round still unanswered after 100 ms checks the link, and again every 100 ms (one check out
+  at a time) while it waits: a check unanswered within its learnt timeout
   gives the round up at once (a black-holed link); an answered one lets it wait on (a slow
   cloud). A check is a call to a method no server implements (`_CHECK_METHOD`) on the stream's
   channel: the first gRPC server on the path (the cloud's gateway, or the cloud node) answers it

@@ -56,7 +56,7 @@ class EdgeConfig:
         "help": "each round's deadline follows the rounds measured on the link: the slowest recent "
                 "verification pass and link part, each times a factor, plus a margin (tandem_core.deadline), "
                 "between --round-deadline-floor-ms and --round-deadline-ms; while a round waits (after 100 ms, then "
-                "each time the quickest quarter of rounds took), the edge checks the link (a call the cloud's gateway answers at "
+                "every 100 ms, one check out at a time), the edge checks the link (a call the cloud's gateway answers at "
                 "once): unanswered, the round is given up at once; off: every round waits --round-deadline-ms"})
     round_deadline_floor_ms: int = field(default=FLOOR_MS, metadata={
         "help": "the learnt round deadline is never shorter than this (unless --round-deadline-ms is)"})

@@ -189,7 +189,7 @@ class LinkDeadline:
         with self._lock:
             d = self._deadline
             deadline_s = d.deadline_s(rows, ceiling_s, fastest_s)
-            return deadline_s, d.first_check_s(deadline_s), d.check_after_s(rows, deadline_s)
+            return deadline_s, d.first_check_s(deadline_s), d.check_after_s(deadline_s)
 
     def check_timeout_s(self, fastest_s: float | None) -> float | None:
         with self._lock:

@@ -39,13 +39,18 @@ within ~0.5 s. A silent stream does not say which it is; a cheap request on the 
 waits: a check unanswered within `check_timeout` means the link is dead and the round is given
 up at once; an answered one means the cloud is slow, and the round waits on to its deadline.
 
-    check_after   = min(deadline, max(check_floor, Q_cq(S^ + N)))              the fastest quarter, grown
+    check_after   = min(deadline, max(check_floor, check_every))
     check_timeout = max(check_floor, m_n * max(Q_q(C), fastest) + margin)     C: answered checks' latencies
 
 - The first check, early (`first_check`: `check_floor` once learnt), catches a link that died
   between two rounds after ~`check_floor` + `check_timeout`; one that dies later in a round is
-  caught by a later check, after at most ~`check_after` + `check_timeout`. cq = 0.25: a round
-  gets one check more per `check_after`, about the quickest quarter of rounds.
+  caught by a later check, after at most ~`check_after` + `check_timeout`. One check is out at a
+  time, so on a link slower than `check_every` the checks follow each other back to back.
+- `check_every` = 100 ms. Until 2026-11-27 a round was checked again only after the quickest
+  quarter of rounds (~320 ms for the real pair at RTT 0), and a link that died just after a
+  check was answered stalled the answer for that plus the check's timeout: up to 680 ms on a
+  slow machine (`BENCHMARKS.md`). A check is one call the first server on the path answers at
+  once, so a few more per round cost little.
 - `check_timeout` is None before `min_checks` answered checks: a check then ends no wait early
   (the caller still checks, to learn C). `fastest` keeps checks learnt on a faster link from
   timing out on a link that slowed.
@@ -84,8 +89,8 @@ answer is the drafter's, so each part gets the margin its own variation needs:
 - floor = 300 ms: ~50 times a tiny-model round on 127.0.0.1.
 - check_floor = 100 ms, min_checks = 2: a check at RTT 0 takes a few ms (tens under load).
 - Real pair at RTT 0 on a quiet machine (passes 220 to 480 ms, link part up to ~70 ms): deadline
-  2 * 480 + 2 * 70 + 50, i.e. the 1000 ms ceiling; checked after 100 ms, then each ~300 ms, a
-  dead link given up ~100 to 250 ms after a check.
+  2 * 480 + 2 * 70 + 50, i.e. the 1000 ms ceiling; checked after 100 ms, then each 100 ms (or
+  back to back), a dead link given up ~100 to 250 ms after the first check it does not answer.
 """
 
 from __future__ import annotations
@@ -136,8 +141,8 @@ class DeadlinePolicy:
     min_samples: int = 8  # fewer: the ceiling
     min_trips: int = 3  # fewer rounds not sent ahead and checks: the ceiling
     row_base: int = 32  # a pass costs at least `row_base` rows' worth before its own rows
-    check_quantile: float = 0.25  # cq
     check_floor_s: float = 0.1  # check_after and check_timeout are at least this
+    check_every_s: float = 0.1  # while a round waits, a check this long after the last one began
     min_checks: int = 2  # fewer answered checks: an unanswered one ends no wait early
 
     def __post_init__(self) -> None:
@@ -150,7 +155,7 @@ class DeadlinePolicy:
         _count("min_trips", self.min_trips, 1)
         _count("window", self.window, max(self.min_samples, self.min_checks))
         _count("row_base", self.row_base, 0)
-        _number("check_quantile", self.check_quantile, 0.0, 1.0, open_low=True)
+        _number("check_every_s", self.check_every_s, 0.0, open_low=True)
         _number("check_floor_s", self.check_floor_s, 0.0, open_low=True)
         _count("min_checks", self.min_checks, 1)
 
@@ -215,16 +220,14 @@ class RoundDeadline:
         deadline = max(p.floor_s, p.server_mult * server + p.link_mult * link + p.margin_s)
         return min(deadline, ceiling)
 
-    def check_after_s(self, rows: int, deadline_s: float) -> float:
-        """Seconds between two checks of a round of `rows` rows still unanswered; its
-        `deadline_s` (from `deadline_s()`) when there is no check to make."""
-        _count("rows", rows, 1)
+    def check_after_s(self, deadline_s: float) -> float:
+        """Seconds between two checks of a round still unanswered; its `deadline_s` (from
+        `deadline_s()`) when there is no check to make."""
         deadline = _number("deadline_s", deadline_s, 0.0, open_low=True)
         if not self._learnt():
             return deadline
         p = self.policy
-        quick = _quantile([self._grown(s, rows) + s.link_s for s in self._samples], p.check_quantile)
-        return min(deadline, max(p.check_floor_s, quick))
+        return min(deadline, max(p.check_floor_s, p.check_every_s))
 
     def first_check_s(self, deadline_s: float) -> float:
         """Seconds after which a round still unanswered is first checked; its `deadline_s` (from

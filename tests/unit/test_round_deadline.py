@@ -114,25 +114,25 @@ def test_the_defaults_are_the_documented_ones() -> None:
     p = DeadlinePolicy()
     assert (p.quantile, p.server_mult, p.link_mult, p.margin_s, p.window, p.min_samples, p.row_base) == (
         0.99, M_S, M_N, MARGIN, 64, 8, 32)
-    assert (p.check_quantile, p.check_floor_s, p.min_checks, p.min_trips) == (0.25, 0.1, 2, 3)
+    assert (p.check_every_s, p.check_floor_s, p.min_checks, p.min_trips) == (0.1, 0.1, 2, 3)
     assert p.floor_s == FLOOR_MS / 1000 == 0.3
 
 
-# (name, samples, rows, deadline, expected check_after seconds)
+# (name, samples, policy, deadline, expected check_after seconds)
 CHECK_AFTER = [
-    ("not learnt: no check (the deadline)", _same(7, 0.3, 0.25), 5, 1.0, 1.0),
-    ("the quickest quarter: the 3rd of 9", [(5, 0.2 + 0.01 * i, 0.15 + 0.01 * i) for i in range(9)], 5, 1.0, 0.22),
-    ("the pass grown for rows, the link not", _same(8, 0.3, 0.2), 17, 1.0, 0.2 * 49 / 37 + 0.1),
-    ("never above the deadline", _same(8, 0.5, 0.45), 5, 0.4, 0.4),
-    ("never below the check floor", _same(8, 0.01, 0.005), 5, 0.3, 0.1),
-    ("a round sent ahead counts with its latency", _same(8, 0.25, 0.4), 5, 1.0, 0.25),
+    ("not learnt: no check (the deadline)", _same(7, 0.3, 0.25), None, 1.0, 1.0),
+    ("learnt: every 100 ms, however slow the rounds", _same(8, 0.9, 0.85), None, 1.0, 0.1),
+    ("learnt on quick rounds: every 100 ms too", _same(8, 0.01, 0.005), None, 0.3, 0.1),
+    ("never above the deadline", _same(8, 0.5, 0.45), DeadlinePolicy(check_every_s=0.5), 0.4, 0.4),
+    ("a longer spacing when the policy says so", _same(8, 0.3, 0.25), DeadlinePolicy(check_every_s=0.25), 1.0, 0.25),
+    ("never below the check floor", _same(8, 0.3, 0.25), DeadlinePolicy(check_every_s=0.02), 1.0, 0.1),
 ]
 
 
-@pytest.mark.parametrize(("samples", "rows", "deadline", "expected"), [row[1:] for row in CHECK_AFTER],
+@pytest.mark.parametrize(("samples", "policy", "deadline", "expected"), [row[1:] for row in CHECK_AFTER],
                          ids=[row[0] for row in CHECK_AFTER])
-def test_a_round_is_checked_after_the_quickest_quarter_of_rounds(samples, rows, deadline, expected) -> None:
-    assert _learnt(samples).check_after_s(rows, deadline) == pytest.approx(expected, rel=1e-12)
+def test_a_waiting_round_is_checked_every_check_every(samples, policy, deadline, expected) -> None:
+    assert _learnt(samples, policy).check_after_s(deadline) == pytest.approx(expected, rel=1e-12)
 
 
 # (name, policy, answered checks, fastest, expected timeout or None)
@@ -165,7 +165,7 @@ def test_the_first_check_comes_at_the_check_floor_once_learnt() -> None:
 
 def test_not_adaptive_never_checks() -> None:
     d = _learnt(_same(64, 0.3, 0.25), DeadlinePolicy(adaptive=False), [0.01] * 8)
-    assert d.deadline_s(5, 1.0) == d.first_check_s(1.0) == d.check_after_s(5, 1.0) == 1.0
+    assert d.deadline_s(5, 1.0) == d.first_check_s(1.0) == d.check_after_s(1.0) == 1.0
 
 
 def test_a_missed_verdict_forgets_the_rounds_until_enough_new_ones_and_keeps_the_checks() -> None:
@@ -173,7 +173,7 @@ def test_a_missed_verdict_forgets_the_rounds_until_enough_new_ones_and_keeps_the
     assert d.deadline_s(5, CEILING) == 0.3 and d.check_timeout_s() == 0.1
     d.missed()
     assert d.samples == 0 and d.checks == 8 and d.check_timeout_s() == 0.1
-    assert d.check_after_s(5, d.deadline_s(5, CEILING)) == CEILING  # no check until learnt again
+    assert d.check_after_s(d.deadline_s(5, CEILING)) == CEILING  # no check until learnt again
     for _ in range(7):
         d.observe(5, 0.01, 0.005)
         assert d.deadline_s(5, CEILING) == CEILING
@@ -191,7 +191,7 @@ def test_the_same_calls_give_the_same_deadlines() -> None:
             d.observe(rows, latency, server)
             d.observe_check(check)
         assert a.deadline_s(rows, CEILING) == b.deadline_s(rows, CEILING)
-        assert a.check_after_s(rows, CEILING) == b.check_after_s(rows, CEILING)
+        assert a.check_after_s(CEILING) == b.check_after_s(CEILING)
         assert a.check_timeout_s() == b.check_timeout_s()
 
 
@@ -279,7 +279,7 @@ def test_the_real_pair_at_rtt_0_never_misfires_and_a_dead_link_is_checked_early(
     assert deadline == 1.0  # 2 x the slowest pass: the ceiling
     for check in (0.01, 0.03, 0.02, 0.015):  # health checks at RTT 0
         d.observe_check(check)
-    assert d.check_after_s(5, deadline) + d.check_timeout_s() < 0.45  # a link dying mid-round
+    assert d.check_after_s(deadline) + d.check_timeout_s() < 0.25  # a link dying mid-round
     assert d.first_check_s(deadline) + d.check_timeout_s() < 0.25  # one dying between rounds
 
 
@@ -341,7 +341,7 @@ def test_within_the_floor_and_the_ceiling_and_checked_before_the_deadline(sample
     d = _learnt(samples, checks=checks)
     deadline = d.deadline_s(rows, ceiling, fastest)
     assert min(FLOOR_MS / 1000, ceiling) <= deadline <= ceiling
-    assert min(0.1, deadline) <= d.first_check_s(deadline) <= d.check_after_s(rows, deadline) <= deadline
+    assert min(0.1, deadline) <= d.first_check_s(deadline) <= d.check_after_s(deadline) <= deadline
     timeout = d.check_timeout_s(fastest)
     assert (timeout is None) == (len(checks) < 2) and (timeout is None or timeout >= 0.1)
 
@@ -386,8 +386,7 @@ def test_more_rows_a_slower_sample_check_or_stream_never_shorten_it(samples, che
     (lambda d: d.observe(5, 0.1, 0.05, ahead=1), TypeError, "ahead"),
     (lambda d: d.observe_check(-0.1), ValueError, "latency_s"),
     (lambda d: d.observe_check(math.inf), ValueError, "latency_s"),
-    (lambda d: d.check_after_s(0, 1.0), ValueError, "rows"),
-    (lambda d: d.check_after_s(5, 0.0), ValueError, "deadline_s"),
+    (lambda d: d.check_after_s(0.0), ValueError, "deadline_s"),
     (lambda d: d.check_timeout_s(-1.0), ValueError, "fastest_s"),
     (lambda d: d.first_check_s(0.0), ValueError, "deadline_s"),
     (lambda d: d.deadline_s(5, 0.0), ValueError, "ceiling_s"),
@@ -409,7 +408,7 @@ def test_bad_arguments_are_refused_by_name_and_change_nothing(call, error, name)
     ({"quantile": 1.5}, "quantile"), ({"server_mult": 0.9}, "server_mult"), ({"link_mult": 0.5}, "link_mult"),
     ({"margin_s": -0.1}, "margin_s"), ({"min_samples": 0}, "min_samples"), ({"window": 4}, "window"),
     ({"row_base": -1}, "row_base"), ({"check_floor_s": 0.0}, "check_floor_s"), ({"min_checks": 0}, "min_checks"),
-    ({"min_checks": 65}, "window"), ({"min_trips": 0}, "min_trips"), ({"check_quantile": 0.0}, "check_quantile"),
+    ({"min_checks": 65}, "window"), ({"min_trips": 0}, "min_trips"), ({"check_every_s": 0.0}, "check_every_s"),
 ])
 def test_a_bad_policy_is_refused_by_name(fields, name) -> None:
     with pytest.raises(ValueError, match=name):
