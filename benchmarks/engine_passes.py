@@ -14,12 +14,13 @@ without Serve, gRPC or clients, for two ways of running the linear layers:
   a 64-row tile, for every row count in it, with this thread count and with one); norms and
   attention stay the engine's.
 
-Each session holds `--context` cached tokens; each pass appends a 5-row round to the first N
+`--prefill N` also times a fresh prompt of N tokens prefilled in one call (the engine cuts it
+into its tiles), per variant. Each session holds `--context` cached tokens; each pass appends a 5-row round to the first N
 sessions and is then cropped back, so every pass sees the same context. Prints progress lines,
 the CPU and one table per variant; `--json` keeps the figures with the machine's description.
 
     python benchmarks/engine_passes.py [--sessions 1 2 4 6 8 12 16] [--context 300] [--reps 4]
-        [--variants engine amx-packed] [--json out/engine-passes.json]
+        [--prefill 300] [--variants engine amx-packed] [--json out/engine-passes.json]
 """
 
 from __future__ import annotations
@@ -114,16 +115,33 @@ def measure(engine: Any, caches: list[Any], context: int, sessions: list[int], r
     return rows
 
 
+def measure_prefill(engine: Any, tokens: int, reps: int) -> dict[str, Any]:
+    """A fresh session's prefill of `tokens` tokens in one pass (the engine tiles it), ms."""
+    from cloud_node.engine import Rows
+
+    times = []
+    for r in range(reps + 1):  # the first warms up
+        cache = engine.new_cache()
+        t0 = time.perf_counter()
+        engine.forward([Rows(cache, [(11 * r + i) % 50000 + 100 for i in range(tokens)], 1)])
+        times.append((time.perf_counter() - t0) * 1e3)
+    times = times[1:]
+    print(f"  prefill of {tokens} tokens: median {statistics.median(times):.0f} ms, best {min(times):.0f} ms",
+          flush=True)
+    return {"tokens": tokens, "ms_median": statistics.median(times), "ms_best": min(times)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", nargs="+", type=int, default=[1, 2, 4, 6, 8, 12, 16])
     parser.add_argument("--context", type=int, default=300, help="cached tokens per session")
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=["engine", "amx-packed"], choices=["engine", "amx-packed"])
+    parser.add_argument("--prefill", type=int, default=300, help="also time a fresh prompt's prefill (0: no)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if min(args.sessions) < 1 or args.context < 1 or args.reps < 1:
-        parser.error("--sessions, --context and --reps must be >= 1")
+    if min(args.sessions) < 1 or args.context < 1 or args.reps < 1 or args.prefill < 0:
+        parser.error("--sessions, --context and --reps must be >= 1, --prefill >= 0")
 
     import torch
 
@@ -160,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             desc = f"oneDNN prepacked linears on {lo}..{hi}-row tiles (padded to {lo}); norms and attention as the engine"
         print(f"{variant}: {desc}", flush=True)
         rows = measure(engine, caches, args.context, sorted(set(args.sessions)), args.reps)
-        results["variants"][variant] = {"plan": desc, "rows": rows}
+        prefill = measure_prefill(engine, args.prefill, args.reps) if args.prefill else None
+        results["variants"][variant] = {"plan": desc, "rows": rows, "prefill": prefill}
     print(f"\nCPU: {info['cpu']}; context {args.context} tokens; 5-row rounds; median of {args.reps} passes")
     print(f"{'variant':>11} {'sessions':>8} {'rows':>5} {'pass ms':>8} {'per session ms':>14} {'aggregate vs 1':>14}")
     for variant, res in results["variants"].items():
@@ -168,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             agg = "-" if r["aggregate_vs_1"] is None else f"x{r['aggregate_vs_1']:.2f}"
             print(f"{variant:>11} {r['sessions']:>8} {r['rows']:>5} {r['pass_ms_median']:>8.0f} "
                   f"{r['pass_ms_median'] / r['sessions']:>14.0f} {agg:>14}")
+        if res["prefill"]:
+            print(f"{variant:>11} prefill of {res['prefill']['tokens']} tokens: {res['prefill']['ms_median']:.0f} ms")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

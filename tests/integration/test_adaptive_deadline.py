@@ -19,6 +19,8 @@ shared across them, as on the node.
 - On a cloud whose pass takes 250 ms (slept in the cloud's round, which reports it, as the real
   pair's), a black hole is caught by the link check: the round is given up once the check goes
   unanswered, well before the learnt deadline, which a slow pass alone never reaches.
+- A link that dies 250 ms into a 700 ms pass, after the round's first check was answered, is
+  caught by the next check, within 100 ms of the fault, plus that check's timeout.
 - While the drafter drafts the next 16 drafts ahead (each pass slowed to 50 ms, as the real
   drafter's on a loaded core), the checks still start 100 ms into the wait: the first local token
   comes within the check, its timeout and a few passes of the fault, not after the drafting.
@@ -59,6 +61,9 @@ SLACK_S = 0.5  # thread hand-offs and the first local token on a loaded 2-core m
 _DEADLINE_LOG = re.compile(r"deadline (\d+) ms, check after \d+ ms, ceiling (\d+) ms")
 PASS_S = 0.25  # the slow cloud's pass
 DRAFT_PASS_S = 0.05  # the slow drafter's pass
+MID_ROUND_PASS_S = 0.7  # the pass the link dies in the middle of
+MID_ROUND_FAULT_S = 0.25  # how far into it
+MID_ROUND_N = 12  # tokens per answer while the deadline is learnt (each round takes a 0.7 s pass)
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +229,49 @@ def test_a_black_hole_is_caught_while_the_drafter_drafts_ahead(drafter, channel,
     assert stall <= bound, (stall, bound, switch.reason)
     m = result.verified_tokens
     assert m >= 12 and tuple(result.tokens[:m]) == reference[:m] and timeline.tokens == result.tokens
+
+
+def test_a_link_that_dies_in_the_middle_of_a_slow_round_is_caught_within_a_check(drafter, channel, shaper,
+                                                                                reference, monkeypatch) -> None:
+    """The link dies 250 ms into a 700 ms pass, after the round's first check was answered: the
+    next check comes within 100 ms (not after the quickest quarter of rounds, ~700 ms here), and
+    its timeout ends the wait."""
+    real_round, countdown = verifier.target_round, [0]  # the fault strikes in the pass that takes it to 0
+    timeline = Timeline()
+
+    def slow_round(*args, **kwargs):
+        countdown[0] -= 1
+        if countdown[0] == 0:
+            time.sleep(MID_ROUND_FAULT_S)
+            timeline.strike(lambda: shaper.set_conditions(mode="blackhole"))
+            time.sleep(MID_ROUND_PASS_S - MID_ROUND_FAULT_S)
+        else:
+            time.sleep(MID_ROUND_PASS_S)
+        return real_round(*args, **kwargs)
+
+    monkeypatch.setattr(verifier, "target_round", slow_round)
+    core = _core(drafter, channel, shaper, round_deadline_ms=CEILING_MS)
+    for _ in range(5):  # until the deadline and the checks are learnt
+        _check_clean(_answer(core, n=MID_ROUND_N), reference, n=MID_ROUND_N)
+        deadline_s, first_check_s, check_s = core.deadline.plan(5, CEILING_MS / 1000, None)
+        if core.deadline.check_timeout_s(None) is not None and deadline_s < CEILING_MS / 1000:
+            break
+    else:
+        pytest.fail("5 answers and the checks are still not learnt")
+    assert first_check_s == check_s == 0.1 and deadline_s > MID_ROUND_PASS_S
+    countdown[0] = 3  # the third round: past the stream's first, which waits the ceiling unchecked
+    result = _answer(core, on_tokens=timeline.mark)
+    [switch] = result.switches
+    assert switch.cause == SwitchCause.LATE_VERDICT and "no answer to a link check" in switch.reason, switch.reason
+    timeout_s = int(re.search(r"link check within (\d+) ms", switch.reason)[1]) / 1000
+    stall = timeline.first_local() - timeline.fault_at
+    # The next check within 100 ms of the fault, its timeout, the first local token. Checked again
+    # only after the quickest quarter of rounds, the wait would pass the fault by ~450 ms more.
+    bound = 0.1 + timeout_s + 0.2
+    log.info("stall %.3f s, check timeout %.3f s, bound %.3f s: %s", stall, timeout_s, bound, switch.reason)
+    assert stall <= bound, (stall, bound, switch.reason)
+    m = result.verified_tokens
+    assert tuple(result.tokens[:m]) == reference[:m] and timeline.tokens == result.tokens
 
 
 def _check_stall(timeline: Timeline, result: Any, reference: Sequence[int], waited_s: float, note: str) -> None:
