@@ -46,11 +46,11 @@ up at once; an answered one means the cloud is slow, and the round waits on to i
   between two rounds after ~`check_floor` + `check_timeout`; one that dies later in a round is
   caught by a later check, after at most ~`check_after` + `check_timeout`. One check is out at a
   time, so on a link slower than `check_every` the checks follow each other back to back.
-- `check_every` = 100 ms. Until 2026-11-27 a round was checked again only after the quickest
-  quarter of rounds (~320 ms for the real pair at RTT 0), and a link that died just after a
-  check was answered stalled the answer for that plus the check's timeout: up to 680 ms on a
-  slow machine (`BENCHMARKS.md`). A check is one call the first server on the path answers at
-  once, so a few more per round cost little.
+- `check_every` = 100 ms, not a share of the round: checked again only after the quickest
+  quarter of rounds (~320 ms for the real pair at RTT 0), a link that died just after an
+  answered check stalled the answer for that plus the check's timeout, up to 680 ms on a slow
+  machine (`BENCHMARKS.md`). A check is one call the first server on the path answers at once,
+  so a few more per round cost little.
 - `check_timeout` is None before `min_checks` answered checks: a check then ends no wait early
   (the caller still checks, to learn C). `fastest` keeps checks learnt on a faster link from
   timing out on a link that slowed.
