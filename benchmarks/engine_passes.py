@@ -10,13 +10,13 @@ without Serve, gRPC or clients, for two ways of running the linear layers:
   (`torch.ops.mkldnn._reorder_linear_weight`) on linear tiles zero-padded to the smallest row
   count of the kernel class that 64-row tiles fall in. On CPUs with AMX, oneDNN takes another
   kernel from 33 rows on; with prepacked weights it stops reordering the weights on every call.
-  The class is searched here like the autotune does (every row's bits equal to those it gets in
-  a 64-row tile, for every row count in it, with this thread count and with one); norms and
-  attention stay the engine's.
+  The class is searched with the autotune's own `_class_around` (every row's bits equal to
+  those it gets in a 64-row tile, for every row count in it, with this thread count and with
+  one); norms and attention stay the engine's.
 
 `--prefill N` also times a fresh prompt of N tokens prefilled in one call (the engine cuts it
-into its tiles), per variant. Each session holds `--context` cached tokens; each pass appends a 5-row round to the first N
-sessions and is then cropped back, so every pass sees the same context. Prints progress lines,
+into its tiles), per variant. Each session holds `--context` cached tokens; each pass appends a
+5-row round to the first N sessions and is then cropped back, so every pass sees the same context. Prints progress lines,
 the CPU and one table per variant; `--json` keeps the figures with the machine's description.
 
     python benchmarks/engine_passes.py [--sessions 1 2 4 6 8 12 16] [--context 300] [--reps 4]
@@ -34,14 +34,15 @@ from pathlib import Path
 from typing import Any
 
 ROUND = [11, 12, 13, 14, 15]  # one session's round: the last committed token and 4 drafts
-CLASS_BASE = 64
-CLASS_MAX = 128
+CLASS_BASE = 64  # the row count the AMX kernel's class is grown from (autotune's largest tile)
 
 
 def _packed_linear(engine: Any) -> tuple[Any, tuple[int, int]] | None:
     """A `linear(x, wb)` over prepacked weights on padded tiles, and its class (lo, hi); None
-    where this torch has no oneDNN packing or the class is empty."""
+    where the weights are not bf16 or this torch has no oneDNN."""
     import torch
+
+    from cloud_node.autotune import _class_around
 
     if engine.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return None
@@ -53,28 +54,8 @@ def _packed_linear(engine: Any) -> tuple[Any, tuple[int, int]] | None:
     def run(x: Any, w: Any, b: Any = None) -> Any:
         return torch.ops.mkldnn._linear_pointwise(x, packed[id(w)], b, "none", [], "")
 
-    shapes = {tuple(w.shape): w for w in weights}.values()  # one weight per distinct shape
-    gen = torch.Generator().manual_seed(CLASS_BASE)
-    xs = {w.shape[1]: torch.randn(CLASS_MAX, w.shape[1], generator=gen).to(w.dtype) for w in shapes}
-    refs = {id(w): torch.cat([run(xs[w.shape[1]][i:i + CLASS_BASE], w) for i in range(0, CLASS_MAX, CLASS_BASE)])
-            for w in shapes}
-    before = torch.get_num_threads()
-
-    def same(m: int) -> bool:
-        for n in sorted({1, before}):
-            torch.set_num_threads(n)
-            try:
-                if not all(torch.equal(run(xs[w.shape[1]][:m], w), refs[id(w)][:m]) for w in shapes):
-                    return False
-            finally:
-                torch.set_num_threads(before)
-        return True
-
-    lo = hi = CLASS_BASE
-    while lo > 1 and same(lo - 1):
-        lo -= 1
-    while hi < CLASS_MAX and same(hi + 1):
-        hi += 1
+    shapes = list({tuple(w.shape): w for w in weights}.values())  # one weight per distinct shape
+    lo, hi = _class_around(run, shapes, CLASS_BASE)
     print(f"oneDNN prepacked class around {CLASS_BASE} rows: {lo}..{hi} rows", flush=True)
 
     def linear(x: Any, wb: tuple[Any, Any]) -> Any:
