@@ -13,7 +13,10 @@ Guarantees:
   (`diverged`, the round in `diverged_at`): it counts as neither completed nor failed.
 - Its result has the fields of `scale_edge.run_job`'s (start and end in `time.time()`,
   `round_ms` with the first round trip timed from the open, tokens, replica, ServerTiming's
-  prefilled and reused tokens and sessions per verdict's pass). RESOURCE_EXHAUSTED makes it
+  prefilled and reused tokens and sessions per verdict's pass), and per round `server_ms`, the
+  part of the round the replica timed itself (ServerTiming's queue + prefill + verify), so
+  `round_ms - server_ms` is the path around it (client, proxy, Ray, the replica's handler), and
+  `queue_ms`, the part of it spent before the round's pass started. RESOURCE_EXHAUSTED makes it
   `rejected`, with `retry_hint_ms` when the status carries a hint (google.rpc.RetryInfo in
   grpc-status-details-bin, or a `retry-after-ms` / `grpc-retry-pushback-ms` trailer); any other
   error is `error`. Nothing is retried.
@@ -149,6 +152,9 @@ def _drive(call: Iterator[cloud_pb2.VerifyResponse], requests: queue.Queue, roun
             _count(out, opened.timing, verdict=False)
         verdict = _reply(call, "verdict")
         out["round_ms"].append(1000 * (time.perf_counter() - t0))
+        timing = verdict.timing
+        out["server_ms"].append(timing.queue_ms + timing.prefill_ms + timing.verify_ms)
+        out["queue_ms"].append(timing.queue_ms)
         out["verdicts_at"].append((time.time(), len(verdict.tokens)))
         _count(out, verdict.timing, verdict=True)
         out["tokens"] += verdict.tokens
@@ -162,7 +168,8 @@ def replay_session(address: str, rec: dict[str, Any], *, session_id: str, prompt
                    start: threading.Barrier | None = None, max_rounds: int | None = None,
                    timeout_s: float = 900.0) -> dict[str, Any]:
     """One recorded session over a fresh channel (see the module doc); never raises for the cloud."""
-    out: dict[str, Any] = {"id": session_id, "prompt": prompt, "tokens": [], "round_ms": [], "verdicts_at": [],
+    out: dict[str, Any] = {"id": session_id, "prompt": prompt, "tokens": [], "round_ms": [], "server_ms": [], "queue_ms": [],
+                           "verdicts_at": [],
                            "batch_sessions": [],
                            "prefill_tokens": 0, "reused_tokens": 0, "replica": None, "rejected": False,
                            "retry_hint_ms": None, "diverged": False, "diverged_at": None, "error": None}

@@ -15,6 +15,10 @@ sessions N (1, 2, 4, 8, 16) sends N greedy speculative sessions at once. The loa
   fleet would; here they share the cloud's cores. `--load replay,edges` gives both rows.
 It reports per (load, replicas, N): aggregate verified tokens/s, p50/p95 of the per-round
 verify round trip (the first round, which opens the session and prefills, is reported apart),
+the p50 of the part of a round the replica timed itself (queue + prefill + verify, from the
+verdict's ServerTiming; replay load only; its queue part, before the round's pass started, is in
+the progress line and the JSON) and of the rest of the round (`path`: the client, Serve's
+proxy, Ray, the replica's handler),
 the mean sessions per verdict's forward pass (the cloud's ServerTiming.batch_sessions; "-" when
 it reports none), sessions rejected with RESOURCE_EXHAUSTED (and the retry hint, if any), failed
 (any other error), diverged, sessions per replica, and whether every session's tokens equal
@@ -153,6 +157,7 @@ def summarize(load: str, replicas: int, results: list[dict[str, Any]], reference
         span = window[1] - window[0]
         windowed = tokens_in_window([r for r in results if r["error"] is None], *window)
     rounds = [ms for r in done for ms in r["round_ms"][1:]]
+    timed = [(ms, server) for r in done if r.get("server_ms") for ms, server in zip(r["round_ms"][1:], r["server_ms"][1:])]
     identical = not any(r.get("diverged") for r in results)
     for r in done:
         identical &= reference.setdefault(r["prompt"], r["tokens"]) == r["tokens"]
@@ -171,6 +176,9 @@ def summarize(load: str, replicas: int, results: list[dict[str, Any]], reference
                       if span > 0 else None),
         "clients": len({r["id"].split("s")[0] for r in results}) if window is not None else len(results),
         "verify_p50_ms": _percentile(rounds, 50), "verify_p95_ms": _percentile(rounds, 95),
+        "server_p50_ms": _percentile([server for _, server in timed], 50),
+        "path_p50_ms": _percentile([ms - server for ms, server in timed], 50),
+        "queue_p50_ms": _percentile([q for r in done for q in r.get("queue_ms", [])[1:]], 50),
         "open_p50_ms": _percentile([r["round_ms"][0] for r in done if r["round_ms"]], 50),
         "batch_sessions_mean": statistics.fmean(batch) if batch else None,
         "retry_hint_ms": statistics.median(hints) if hints else None,
@@ -183,12 +191,14 @@ def summarize(load: str, replicas: int, results: list[dict[str, Any]], reference
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'load':<6} {'replicas':>8} {'sessions':>8} {'agg tok/s':>9} {'verify p50 ms':>13} "
-            f"{'verify p95 ms':>13} {'open p50 ms':>11} {'batch':>5} {'rejected':>8} {'retry ms':>8} "
+            f"{'verify p95 ms':>13} {'server p50':>10} {'path p50':>8} {'open p50 ms':>11} {'batch':>5} "
+            f"{'rejected':>8} {'retry ms':>8} "
             f"{'failed':>6} {'diverged':>8} {'per replica':>11}  identical")
     lines = [head]
     for r in rows:
         lines.append(f"{r['load']:<6} {r['replicas']:>8} {r['sessions']:>8} {fmt(r['agg_tok_s'], '.1f'):>9} "
                      f"{fmt(r['verify_p50_ms'], '.0f'):>13} {fmt(r['verify_p95_ms'], '.0f'):>13} "
+                     f"{fmt(r.get('server_p50_ms'), '.0f'):>10} {fmt(r.get('path_p50_ms'), '.0f'):>8} "
                      f"{fmt(r['open_p50_ms'], '.0f'):>11} {fmt(r['batch_sessions_mean'], '.1f'):>5} "
                      f"{r['rejected']:>8} {fmt(r['retry_hint_ms'], '.0f'):>8} {r['failed']:>6} {r['diverged']:>8} "
                      f"{'/'.join(map(str, r['sessions_per_replica'])) or '-':>11}  {fmt(r['identical'], '')}")
@@ -257,7 +267,9 @@ def _run_suite(args: argparse.Namespace) -> int:
 
 def _report(row: dict[str, Any]) -> None:
     _progress(f"{row['load']} replicas={row['replicas']} sessions={row['sessions']}: {fmt(row['agg_tok_s'], '.1f')} "
-              f"tok/s, verify p50 {fmt(row['verify_p50_ms'], '.0f')} ms p95 {fmt(row['verify_p95_ms'], '.0f')} ms, "
+              f"tok/s, verify p50 {fmt(row['verify_p50_ms'], '.0f')} ms p95 {fmt(row['verify_p95_ms'], '.0f')} ms "
+              f"(server p50 {fmt(row.get('server_p50_ms'), '.0f')} of which queue {fmt(row.get('queue_p50_ms'), '.0f')}, "
+              f"path p50 {fmt(row.get('path_p50_ms'), '.0f')}), "
               f"batch {fmt(row['batch_sessions_mean'], '.1f')}, rejected {row['rejected']}, failed {row['failed']}, "
               f"diverged {row['diverged']}, per replica {row['sessions_per_replica']}")
 

@@ -48,8 +48,8 @@ def _session(prompt: str, tokens: list[int], start: float, end: float, **extra: 
 
 def test_a_row_counts_each_outcome_once() -> None:
     results = [
-        _session("a", [1, 2, 3, 4], 0.0, 2.0, batch_sessions=[2, 3]),
-        _session("b", [5, 6], 0.5, 1.0),
+        _session("a", [1, 2, 3, 4], 0.0, 2.0, batch_sessions=[2, 3], server_ms=[90.0, 4.0, 6.0]),
+        _session("b", [5, 6], 0.5, 1.0, server_ms=[80.0, 8.0, 8.0]),
         _session("a", [], 0.1, 0.2, rejected=True, error="RESOURCE_EXHAUSTED: full", retry_hint_ms=800.0),
         _session("b", [], 0.1, 0.3, error="UNAVAILABLE: gone"),
         _session("a", [1, 9], 0.1, 0.4, diverged=True, diverged_at=1),
@@ -60,6 +60,8 @@ def test_a_row_counts_each_outcome_once() -> None:
     assert row["batch_sessions_mean"] == pytest.approx(2.5)  # zeros: the cloud did not report it
     assert row["retry_hint_ms"] == 800.0
     assert row["open_p50_ms"] == 100.0 and row["verify_p50_ms"] == pytest.approx(15.0)
+    # the open round is left out; the path is each round's own remainder (6, 12, 2, 14 ms)
+    assert row["server_p50_ms"] == pytest.approx(7.0) and row["path_p50_ms"] == pytest.approx(9.0)
     assert row["identical"] is False  # one diverged
     assert "replay" in format_table([row])
 
@@ -67,5 +69,6 @@ def test_a_row_counts_each_outcome_once() -> None:
 def test_without_reports_the_optional_fields_are_none() -> None:
     row = summarize("edges", 2, [_session("a", [1, 2], 0.0, 1.0)], {})
     assert row["batch_sessions_mean"] is None and row["retry_hint_ms"] is None
+    assert row["server_p50_ms"] is None and row["path_p50_ms"] is None  # the edges load times no split
     assert row["identical"] is True and row["sessions_per_replica"] == [1]
     assert " - " in format_table([row])
