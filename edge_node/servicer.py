@@ -43,6 +43,7 @@ from edge_node.rpc_guard import RpcGuard, fault
 from protos.enums import cause_to_proto, edge_mode_to_route, finish_to_proto
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from tandem.security import (
+    PING_SERVER_OPTIONS,
     KeyInterceptor,
     SecurityError,
     ServerTls,
@@ -215,7 +216,7 @@ def create_node(drafter: DrafterModel, config: EdgeConfig, address: str | None =
     metrics.track_running(lambda: core.running)
     interceptors: list[grpc.ServerInterceptor] = [RpcGuard()] + ([KeyInterceptor(key)] if key else [])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edge-rpc"),
-                         interceptors=interceptors)
+                         interceptors=interceptors, options=PING_SERVER_OPTIONS)
     edge_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(core), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -36,7 +36,7 @@ from orchestrator.link_monitor import LinkMonitor
 from orchestrator.personal import Personal
 from orchestrator.servicer import create_server, mark_serving
 from protos.tandem.v1 import orchestrator_pb2 as opb
-from tandem.security import AioKeyInterceptor, secure_channel
+from tandem.security import AioKeyInterceptor, keepalive_options, secure_channel
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class Running:
     async def start(self) -> Running:
         c = self.config
         sec = self.security = self.security if self.security is not None else resolve_security(c)
-        self._edge_channel = secure_channel(c.edge_address, sec.edge_tls, sec.edge_key, aio=True)
+        self._edge_channel = secure_channel(c.edge_address, sec.edge_tls, sec.edge_key, aio=True,
+                                            options=keepalive_options(c.edge_keepalive_s))
         self._monitor = LinkMonitor(c.cloud_address, interval_s=c.health_interval_s, timeout_s=c.probe_timeout_s,
                                     open_s=c.circuit_open_s, tls=sec.cloud_tls)
         if c.personal and self.personal is None:

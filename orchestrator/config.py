@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,11 +26,13 @@ from typing import Any
 
 from tandem.limits import (
     DRAIN_S,
+    KEEPALIVE_S,
     MAX_CONCURRENT_GENERATIONS,
     MAX_CONTEXT,
     MAX_DEADLINE_MS,
     MAX_DRAIN_S,
     MAX_NEW_TOKENS,
+    MIN_PING_S,
     OPEN_DEADLINE_MS,
     ROUND_DEADLINE_MS,
 )
@@ -73,6 +76,9 @@ class OrchestratorConfig:
     personal: bool = _f(True, "load the embedder and the personal store")
     target_name: str = _f("qwen2.5-coder-1.5b-instruct", "the model name the OpenAI endpoint reports")
     edge_timeout_s: float = _f(3600.0, "a generation's hard limit when the request sets none")
+    edge_keepalive_s: float = _f(KEEPALIVE_S, "while a call to the edge node is open, ping it this often; a node "
+                                              "that does not answer a ping within as long (frozen, hung) fails "
+                                              f"the call with UNAVAILABLE (at least {MIN_PING_S:g})")
     drain_s: float = _f(DRAIN_S, "on SIGTERM, how long the answers in flight may take to finish before the process stops")
     tls_cert: Path | None = _f(None, "PEM certificate (chain) of this orchestrator: serve gRPC and HTTP over TLS "
                                      "(needs --tls-key)")
@@ -111,8 +117,11 @@ class OrchestratorConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("health_interval_s", "probe_timeout_s", "circuit_open_s", "edge_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        if not MIN_PING_S <= self.edge_keepalive_s <= MAX_DEADLINE_MS / 1000:
+            raise ValueError(f"edge_keepalive_s must be in [{MIN_PING_S:g}, {MAX_DEADLINE_MS // 1000}], "
+                             f"got {self.edge_keepalive_s}")
         if not 1 <= self.default_max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"default_max_new_tokens must be in [1, {MAX_NEW_TOKENS}]")
         if not 2 <= self.cloud_max_context <= MAX_CONTEXT:

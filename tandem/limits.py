@@ -17,6 +17,14 @@ ROUND_DEADLINE_MS = 1000    # a verdict later than this: resume, or continue on 
 OPEN_DEADLINE_MS = 60000    # opening a cloud session, prefill included
 MAX_DEADLINE_MS = 3_600_000
 
+# Liveness of a call to a node on the device (the orchestrator's to the edge node): while a call
+# is open the client pings every KEEPALIVE_S, data or not, and fails the call (UNAVAILABLE) when a
+# ping is not answered within as long: a frozen or hung process, which a silent but alive one
+# (a long prefill, a cloud open that waits for its deadline) is not, since its gRPC threads
+# still answer. A server accepts pings down to MIN_PING_S apart.
+KEEPALIVE_S = 10.0
+MIN_PING_S = 1.0
+
 # Shutdown: on SIGTERM a node stops admitting and lets the work in flight finish this long.
 DRAIN_S = 30.0
 MAX_DRAIN_S = 3600.0

@@ -9,6 +9,8 @@ Guarantees:
   it is readable by others) and replaces the old one atomically.
 - `check_bind` is the one rule every server applies: a non-loopback address needs TLS and a
   credential, unless the operator passed `--insecure`; the error names what is missing.
+- `keepalive_options` (a client's) and `PING_SERVER_OPTIONS` (a server's) catch a frozen peer
+  on a call that carries no data for a while: see `tandem.limits.KEEPALIVE_S`.
 - No function here logs or puts a secret into an exception message.
 - A leaf: the standard library and grpc; any runtime may use it.
 """
@@ -28,6 +30,13 @@ from typing import Any
 import grpc
 
 from tandem.config import ConfigError
+from tandem.limits import MIN_PING_S
+
+# gRPC's default server policy takes one ping every 5 minutes on a connection that sends no data,
+# and ends the connection (GOAWAY "too_many_pings") after two more: a client with
+# `keepalive_options` would lose its call during a long silent step. A server of ours takes them
+# down to half of MIN_PING_S apart (timers jitter).
+PING_SERVER_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", int(MIN_PING_S * 500))]
 
 AUTH_HEADER = "authorization"
 BEARER = "Bearer "
@@ -202,6 +211,18 @@ def secure_channel(address: str, tls: ClientTls | None, token: str | None, *, ai
     if aio:
         return grpc.aio.insecure_channel(address, options=opts, interceptors=_aio_adders(entry))
     return grpc.intercept_channel(grpc.insecure_channel(address, options=opts), _MetadataAdder(entry))
+
+
+def keepalive_options(every_s: float) -> list[tuple[str, int]]:
+    """Client channel options: while a call is open, an HTTP/2 ping every `every_s` seconds, data
+    or not (no cap on pings without data); one not answered within `every_s` fails the call with
+    UNAVAILABLE. The server must take them (`PING_SERVER_OPTIONS`)."""
+    ms = int(every_s * 1000)
+    # ping_timeout_ms bounds any ping in flight (gRPC's own flow-control pings too, 60 s by
+    # default): while one is out no keepalive ping is sent, so without it a peer that froze just
+    # after answering data went unnoticed for a minute.
+    return [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms),
+            ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 0)]
 
 
 def _merged(details: Any, entry: tuple[tuple[str, str], ...]) -> Any:

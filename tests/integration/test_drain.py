@@ -7,6 +7,11 @@ it drains: health says NOT_SERVING, a new request is refused (gRPC UNAVAILABLE; 
 orchestrator's HTTP endpoint 503 in OpenAI's error shape), and the running answer completes with
 every token of the undisturbed one (0 lost). The process then exits 0 within its drain period.
 A second SIGTERM, or the end of a short drain period, stops the edge at once.
+
+A frozen edge (SIGSTOP) in the middle of an orchestrator's answer fails that answer with
+UNAVAILABLE within the orchestrator's keepalive (a ping every KEEPALIVE_S, unanswered for as
+long) instead of hanging; and an edge that is alive but sends nothing for several pings (a
+cloud open that waits for its deadline) keeps its call: the edge's server takes the pings.
 Run with `-s` to see the drain times.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -34,6 +40,7 @@ from netshape.shaper import LinkShaper
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc, orchestrator_pb2_grpc
 from protos.tandem.v1 import orchestrator_pb2 as opb
 from tandem.ops import procs
+from tandem.security import keepalive_options
 
 RTT_MS = 100
 N = 120
@@ -185,6 +192,55 @@ def test_edge_stops_at_once_on_a_second_signal_or_at_the_period_end(tiny_models,
     print(f"\nedge {how}: exit 0 after {took:.2f} s, the answer cut at {len(answer.tokens)} of {N} tokens "
           f"({answer.code.name if answer.code else None})")
     assert answer.code != grpc.StatusCode.OK and len(answer.tokens) < N
+
+
+KEEPALIVE_S = 1.0  # the orchestrator's --edge-keepalive-s here (the shortest it takes)
+FROZEN_SLACK_S = 3.0  # thread hand-offs and the client's own reading of the error
+
+
+def test_a_frozen_edge_fails_the_orchestrators_answer_within_its_keepalive(tiny_models, link, start) -> None:
+    edge = _edge(start, tiny_models.drafter_onnx, link)
+    orch = start("orchestrator", "--edge", edge.fields["grpc"], "--cloud", link, "--port", "0", "--http-port", "-1",
+                 "--no-personal", "--round-deadline-ms", "5000", "--edge-keepalive-s", str(KEEPALIVE_S))
+    with grpc.insecure_channel(orch.fields["grpc"]) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+        _wait_link_up(stub)
+        answer = Answer(stub.Generate(ORCH_REQUEST, timeout=120), _orch_tokens)
+        answer.wait_tokens(4)
+        os.kill(edge.proc.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            answer.join(timeout_s=2 * KEEPALIVE_S + FROZEN_SLACK_S + 10)
+            took = time.monotonic() - frozen
+        finally:
+            os.kill(edge.proc.pid, signal.SIGCONT)
+    print(f"\nfrozen edge: the answer failed {took:.2f} s after SIGSTOP ({answer.code}), "
+          f"{len(answer.tokens)} tokens streamed")
+    assert answer.code == grpc.StatusCode.UNAVAILABLE, f"the answer did not fail ({answer.code})"
+    assert took <= 2 * KEEPALIVE_S + FROZEN_SLACK_S
+
+
+def test_an_edge_silent_for_several_pings_keeps_its_call(tiny_models, start) -> None:
+    """The edge opens its cloud session on a port that takes the connection and never answers, so
+    it sends nothing until the open's deadline, then answers on the device. A client pinging
+    every KEEPALIVE_S (the orchestrator's options) must get the whole answer: without the edge
+    server's ping policy, gRPC ends the connection (too many pings) during the silence."""
+    open_s = 6 * KEEPALIVE_S
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts
+        edge = start("edge_node", "--drafter", str(tiny_models.drafter_onnx), "--port", "0",
+                     "--cloud", f"127.0.0.1:{silent.getsockname()[1]}")
+        request = edge_pb2.EdgeGenerateRequest(prompt_tokens=PROMPT, max_new_tokens=8, mode=edge_pb2.EDGE_MODE_SPECULATIVE,
+                                               fallback_local=True, open_deadline_ms=int(1000 * open_s))
+        with grpc.insecure_channel(edge.fields["grpc"], options=keepalive_options(KEEPALIVE_S)) as channel:
+            t0 = time.monotonic()
+            first: list[float] = []
+            answer = Answer(edge_pb2_grpc.EdgeNodeStub(channel).Generate(request, timeout=120),
+                            lambda msg: first.append(time.monotonic()) or _edge_tokens(msg))
+            answer.join(timeout_s=open_s + 30)
+    silent_s = first[0] - t0 if first else None
+    print(f"\nsilent edge: first message after {silent_s} s, {len(answer.tokens)} tokens ({answer.code})")
+    assert silent_s is not None and silent_s >= 3 * KEEPALIVE_S, "the edge was not silent for several pings"
+    assert answer.code == grpc.StatusCode.OK and len(answer.tokens) == 8
 
 
 def _post_chat(http: str) -> tuple[int, dict]:
