@@ -24,8 +24,9 @@ Guarantees:
 - Documents go through `Personal`, the functions the gRPC service calls, with the same checks
   (`check_add`, `check_id`, the store's own) and errors; a JSON body is one object with known
   fields of the right types, else 400 naming the field (http_api's middleware gives OpenAI's
-  error shape). Document JSON has the SDK's fields: id, title, kind, privacy ("private" or
-  "shareable"), chunks, bytes, created_unix_ms, source, truncated.
+  error shape). A string with a lone surrogate (JSON's "\\ud800") is refused so (`check_text`),
+  and so is a page_size that is not ASCII digits. Document JSON has the SDK's fields: id, title,
+  kind, privacy ("private" or "shareable"), chunks, bytes, created_unix_ms, source, truncated.
 - Link control talks only to the loopback address in `OrchestratorConfig.shaper_control` (checked
   there), never through a proxy from the environment; without it the link routes answer 400
   (code "disabled"), and a shaper that does not answer gives 503.
@@ -46,7 +47,7 @@ from orchestrator.core import Orchestrator
 from orchestrator.errors import BadRequest, Disabled, Unavailable
 from orchestrator.openai_replies import JsonObj, decode_body
 from orchestrator.personal import PRIVACY_FROM_PROTO, Personal
-from orchestrator.validation import check_id
+from orchestrator.validation import check_id, check_text
 from protos.tandem.v1 import orchestrator_pb2 as opb
 
 ReadBody = Callable[[web.Request], Awaitable[bytes]]
@@ -209,6 +210,8 @@ async def _json_body(request: web.Request, fields: dict[str, type]) -> JsonObj:
         kind = fields[name]
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
             raise BadRequest(name, f"must be a {'number' if kind is float else 'string'}")
+        if isinstance(value, str):
+            check_text(name, value)
     return body
 
 
@@ -224,7 +227,8 @@ async def _status(request: web.Request) -> web.Response:
 
 async def _list_documents(request: web.Request) -> web.Response:
     size_text = request.query.get("page_size", "0")
-    if not size_text.isdigit() or len(size_text) > 9:
+    # isdigit() alone accepts "²" and other digits int() refuses or reads unexpectedly.
+    if not (size_text.isascii() and size_text.isdigit()) or len(size_text) > 9:
         raise BadRequest("page_size", "must be a whole number")
     page = await request.app[BACKEND_KEY].personal().list_page(
         opb.ListDocumentsRequest(page_token=request.query.get("page_token", ""), page_size=int(size_text)))

@@ -17,6 +17,9 @@ Guarantees:
   A JSON null means the same as an absent field.
 - The model id must be one of the core's; "tandem-local", "tandem-speculative" and
   "tandem-cloud" pin the route, "tandem" lets the policy decide (or `tandem.route` in the body).
+- Every string the endpoint reads (message text, prompt, model, stop, `tandem.category`) must
+  encode as UTF-8: a lone surrogate (JSON's "\\ud800") is refused with 400 naming the field. The
+  check is `validation.text_problem`, the one the console's routes use too.
 - Every string and array has a limit (`orchestrator.validation`, the same as the gRPC API's):
   at most 512 messages of at most 64 content parts, at most 4 stop sequences of at most 256
   characters, model ids of at most 64 characters, `tandem.category` at most 64 characters;
@@ -70,6 +73,7 @@ from orchestrator.validation import (
     MAX_MODEL_CHARS,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
+    text_problem,
 )
 from protos.enums import privacy_mode_to_proto, route_to_proto
 from protos.tandem.v1 import common_pb2, orchestrator_pb2
@@ -102,7 +106,18 @@ UInt32 = Annotated[int, Field(ge=0, le=_UINT32_MAX)]
 Millis = Annotated[int, Field(ge=0, le=MAX_DEADLINE_MS)]
 TokenCount = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+def _utf8(value: Any) -> Any:
+    """Refuses a string protobuf cannot encode; runs before pydantic's own string checks."""
+    if isinstance(value, str) and (problem := text_problem(value)) is not None:
+        raise PydanticCustomError("string_unicode", problem)
+    return value
+
+
+Utf8 = BeforeValidator(_utf8)
+Text = Annotated[str, Utf8]
+StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), Utf8]
 
 
 # Parameters that change the answer in ways Tandem does not implement: accepted only at the value
@@ -127,7 +142,7 @@ _OFF_ONLY = Field(None, description="Not supported by Tandem: accepted only at i
 
 def _text_parts(value: Any) -> Any:
     if isinstance(value, str):
-        return [{"type": "text", "text": value}]
+        return [{"type": "text", "text": _utf8(value)}]
     if not isinstance(value, list):
         raise PydanticCustomError("content_type", "must be a string or an array of text parts")
     return value
@@ -144,7 +159,7 @@ def _single_prompt(value: Any) -> str:
         value = value[0]
     if not isinstance(value, str):
         raise PydanticCustomError("prompt_type", "must be a string or an array of one string")
-    return value
+    return _utf8(value)
 
 
 class TextPart(BaseModel):
@@ -152,7 +167,7 @@ class TextPart(BaseModel):
 
     model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
     @model_validator(mode="before")
     @classmethod
@@ -189,7 +204,7 @@ class TandemOptions(BaseModel):
     use_personal_context: bool | None = None
     deadline_ms: Millis | None = None
     ttft_budget_ms: Millis | None = None
-    category: Annotated[str, Field(max_length=MAX_CATEGORY_CHARS)] | None = None
+    category: Annotated[str, Field(max_length=MAX_CATEGORY_CHARS), Utf8] | None = None
     context_chunks: Annotated[int, Field(ge=0, le=MAX_CONTEXT_CHUNKS)] | None = None
 
 
@@ -197,7 +212,7 @@ class _RequestBase(BaseModel):
     """The fields `/v1/chat/completions` and `/v1/completions` share."""
 
     model_config = _STRICT
-    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)]
+    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS), Utf8]
     tools: Any = _OFF_ONLY
     functions: Any = _OFF_ONLY
     tool_choice: Any = _OFF_ONLY

@@ -7,7 +7,11 @@ Guarantees:
   "messages[3].role", "options.category", "page_token"); a client's value is quoted back at
   most `errors.SHOWN_CHARS` characters long. They run before any work is done.
 - `parse_generate` turns a GenerateTextRequest into a `ParsedGenerate` or raises; nothing a
-  client sends makes it raise anything else.
+  client sends makes it raise anything else. A prompt or message with a NUL character is refused
+  here, naming the field it came in (the edge's tokenizer would cut the text at it).
+- `check_text` (with `text_problem`, its message) is the one check that a client's string can be
+  encoded as UTF-8, as protobuf and SQLite need; the HTTP side runs it on every string it copies
+  into either (JSON can carry a lone surrogate, U+D800 to U+DFFF, as "\\ud800"; gRPC cannot).
 - Page tokens are opaque to clients: "" is the first page; a token is the position after the last
   document of a page, (created_unix_ms, id), so paging is stable while documents are added.
 """
@@ -49,6 +53,7 @@ MAX_CONTENT_PARTS = 64
 MAX_MODEL_CHARS = 64
 
 _KEY = re.compile(r"[\x21-\x7e]+")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,27 @@ class ParsedGenerate:
 def check_length(field: str, value: str, limit: int) -> None:
     if len(value) > limit:
         raise BadRequest(field, f"is {len(value)} characters, the limit is {limit}")
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be encoded as UTF-8 (it has a lone surrogate), or None if it can."""
+    found = _SURROGATE.search(value)
+    if found is None:
+        return None
+    return f"must be valid Unicode, but character {found.start()} is a lone surrogate (U+{ord(found[0]):04X})"
+
+
+def check_text(field: str, value: str) -> str:
+    """`value` if protobuf and SQLite can store it; BadRequest naming `field` otherwise."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise BadRequest(field, problem)
+    return value
+
+
+def _check_no_nul(field: str, value: str) -> None:
+    if "\x00" in value:
+        raise BadRequest(field, "must not contain NUL characters")
 
 
 def parse_generate(request: opb.GenerateTextRequest, *, max_prompt_chars: int, default_max_new_tokens: int,
@@ -100,14 +126,19 @@ def parse_generate(request: opb.GenerateTextRequest, *, max_prompt_chars: int, d
 
 
 def _messages(request: opb.GenerateTextRequest, max_prompt_chars: int) -> list[dict[str, str]]:
-    if bool(request.prompt) == bool(request.messages):
+    # Protobuf cannot tell an empty prompt from an absent one, nor an empty list from none.
+    if not request.prompt and not request.messages:
+        raise BadRequest("prompt", "must not be empty: give a prompt or at least one message")
+    if request.prompt and request.messages:
         raise BadRequest("prompt", "give exactly one of prompt or messages")
     if len(request.messages) > MAX_MESSAGES:
         raise BadRequest("messages", f"has {len(request.messages)} messages, the limit is {MAX_MESSAGES}")
+    _check_no_nul("prompt", request.prompt)
     messages = [{"role": "user", "content": request.prompt}] if request.prompt else []
     for i, m in enumerate(request.messages):
         if m.role not in ROLES:
             raise BadRequest(f"messages[{i}].role", f"must be system, user or assistant, got {shown(m.role)}")
+        _check_no_nul(f"messages[{i}].content", m.content)
         messages.append({"role": m.role, "content": m.content})
     if sum(len(m["content"]) for m in messages) > max_prompt_chars:
         raise BadRequest("prompt" if request.prompt else "messages", f"longer than {max_prompt_chars} characters")
@@ -134,7 +165,11 @@ def check_id(field: str, value: str) -> str:
 
 
 def check_add(request: opb.AddDocumentRequest) -> None:
-    """The AddDocument limits that do not need the store (the store checks text, kind, title)."""
+    """The AddDocument limits that do not need the store (the store checks text, kind, title). A
+    document's text and title may not hold NUL: retrieved into a prompt, it would make the edge
+    refuse that prompt, blaming the caller's messages."""
+    for name in ("title", "text", "source"):
+        _check_no_nul(name, getattr(request, name))
     check_length("title", request.title, MAX_TITLE_CHARS)
     check_length("source", request.source, MAX_SOURCE_CHARS)
     check_length("kind", request.kind, 16)

@@ -155,6 +155,16 @@ def test_documents_page_through_the_store(stack: FakeStack) -> None:
     ("DELETE", "/v1/tandem/documents/" + "i" * 65, None, 400, "id", None),
     ("GET", "/v1/tandem/documents?page_token=garbage!", None, 400, "page_token", None),
     ("GET", "/v1/tandem/documents?page_size=-1", None, 400, "page_size", None),
+    ("GET", "/v1/tandem/documents?page_size=%C2%B2", None, 400, "page_size", None),  # "²" passes isdigit()
+    ("GET", "/v1/tandem/documents?page_size=%D9%A3", None, 400, "page_size", None),  # an Arabic-Indic 3
+    ("GET", "/v1/tandem/documents?page_size=%EF%BC%91", None, 400, "page_size", None),  # a full-width 1
+    ("POST", "/v1/tandem/documents", {"title": "\udc00", "text": "x"}, 400, "title", None),
+    ("POST", "/v1/tandem/documents", {"title": "t", "text": "a \ud800 b"}, 400, "text", None),
+    ("POST", "/v1/tandem/documents", {"title": "t", "text": "x", "source": "\ud800"}, 400, "source", None),
+    ("POST", "/v1/tandem/documents", {"title": "t", "text": "x", "kind": "\ud800"}, 400, "kind", None),
+    ("POST", "/v1/tandem/documents", {"title": "t", "text": "x", "idempotency_key": "\ud800"}, 400,
+     "idempotency_key", None),
+    ("PATCH", "/v1/tandem/documents/x", {"privacy": "\ud800"}, 400, "privacy", None),
 ])
 def test_document_errors_have_openai_s_shape_and_name_the_field(stack: FakeStack, method: str, path: str, body: Any,
                                                                  status: int, param: str | None, code: str | None
@@ -164,6 +174,19 @@ def test_document_errors_have_openai_s_shape_and_name_the_field(stack: FakeStack
     assert list(reply) == ["error"] and reply["error"]["param"] == param and reply["error"]["code"] == code
     if param:
         assert reply["error"]["message"].startswith(f"{param}: ")
+
+
+def test_the_page_size_must_be_ascii_digits(stack: FakeStack) -> None:
+    got, reply = _call(stack, "GET", "/v1/tandem/documents?page_size=%C2%B2")
+    assert got == 400 and reply["error"]["message"] == "page_size: must be a whole number"
+    assert _call(stack, "GET", "/v1/tandem/documents?page_size=2")[0] == 200
+
+
+def test_a_document_with_a_lone_surrogate_is_not_stored(stack: FakeStack) -> None:
+    before = _call(stack, "GET", "/v1/tandem/status")[1]["documents"]
+    got, reply = _call(stack, "POST", "/v1/tandem/documents", {"title": "t", "text": "x \ud800"})
+    assert got == 400 and "surrogate" in reply["error"]["message"], reply
+    assert _call(stack, "GET", "/v1/tandem/status")[1]["documents"] == before
 
 
 def test_a_bad_document_gets_the_same_message_as_over_grpc(stack: FakeStack) -> None:
@@ -238,6 +261,43 @@ def test_shaper_control_must_be_a_loopback_address(value: str) -> None:
     with pytest.raises(ValueError, match="shaper_control"):
         OrchestratorConfig(edge_address="127.0.0.1:1", shaper_control=value)
     assert OrchestratorConfig(edge_address="127.0.0.1:1", shaper_control="[::1]:7").shaper_control == "[::1]:7"
+
+
+# --- prompt errors, over HTTP and gRPC ---
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/completions", {"prompt": ""}, "prompt", "prompt: must not be empty"),
+    ("/v1/completions", {"prompt": "a\x00b"}, "prompt", "prompt: must not contain NUL characters"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\x00b"}]}, "messages[0].content",
+     "messages[0].content: must not contain NUL characters"),
+    ("/v1/completions", {"prompt": "x\udc00"}, "prompt", "prompt: "),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800 there"}]},
+     "messages[0].content", "messages[0].content: "),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages[0].content[0].text", "messages[0].content[0].text: "),
+])
+def test_a_bad_prompt_is_400_naming_the_field_it_was_sent_in(stack: FakeStack, path: str, body: Any, param: str,
+                                                              message: str) -> None:
+    got, reply = _call(stack, "POST", path, {"model": "tandem", "max_tokens": 4, **body})
+    assert got == 400, reply
+    assert reply["error"]["param"] == param and reply["error"]["message"].startswith(message), reply
+    assert reply["error"]["message"].count(f"{param}:") == 1
+
+
+@pytest.mark.parametrize("request_, message", [
+    (opb.GenerateTextRequest(prompt=""), "prompt: must not be empty"),
+    (opb.GenerateTextRequest(prompt="a\x00b"), "prompt: must not contain NUL characters"),
+    (opb.GenerateTextRequest(messages=[{"role": "user", "content": "a\x00b"}]),
+     "messages[0].content: must not contain NUL characters"),
+])
+def test_a_bad_prompt_over_grpc_names_the_field_it_was_sent_in(stack: FakeStack, request_: opb.GenerateTextRequest,
+                                                                message: str) -> None:
+    stub = orchestrator_pb2_grpc.OrchestratorStub(grpc.insecure_channel(stack.orchestrator.grpc_address))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request_, metadata=[("authorization", f"Bearer {KEY}")], timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(message), err.value.details()
 
 
 # --- the stream's extension, through the official client ---

@@ -188,6 +188,37 @@ def test_empty_text_is_accepted() -> None:
     assert [m.content for m in chat.core_request.messages] == ["", ""]
 
 
+@pytest.mark.parametrize(("body", "param", "kind"), [
+    (_chat(messages=[{"role": "user", "content": "hi \ud800 there"}]), "messages[0].content", "chat"),
+    (_chat(messages=[{"role": "user", "content": "ok"}, {"role": "user", "content": "\udfff"}]),
+     "messages[1].content", "chat"),
+    (_chat(messages=[{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]),
+     "messages[0].content[0].text", "chat"),
+    (_chat(messages=[{"role": "user", "content": "x" * 100 + "\ud800"}]), "messages[0].content", "chat"),
+    (_chat(messages=[{"role": "user\ud800", "content": "hi"}]), "messages[0].role", "chat"),
+    ({"model": "tandem", "prompt": "x\udc00"}, "prompt", "completion"),
+    ({"model": "tandem", "prompt": ["x\udc00"]}, "prompt", "completion"),
+    (_chat(model="tandem\ud800"), "model", "chat"),
+    (_chat(stop="\ud800"), "stop[0]", "chat"),
+    (_chat(stop=["a", "\ud800"]), "stop[1]", "chat"),
+    (_tandem(category="\ud800"), "tandem.category", "chat"),
+])
+def test_a_lone_surrogate_in_any_text_is_refused_naming_the_field(body: dict[str, Any], param: str,
+                                                                   kind: str) -> None:
+    err = _assert_400(body, param, kind)
+    json.dumps(err.to_json(), ensure_ascii=False).encode("utf-8")  # the reply itself is valid UTF-8
+
+
+def test_every_text_the_schema_reads_gets_the_same_surrogate_message() -> None:
+    messages = {_refused(body, kind).message.removeprefix(f"{param}: ").split(" (got")[0] for body, param, kind in [
+        (_chat(messages=[{"role": "user", "content": "\ud800"}]), "messages[0].content", "chat"),
+        ({"model": "tandem", "prompt": "\ud800"}, "prompt", "completion"),
+        (_chat(model="\ud800"), "model", "chat"),
+        (_chat(stop="\ud800"), "stop[0]", "chat"),
+        (_tandem(category="\ud800"), "tandem.category", "chat")]}
+    assert len(messages) == 1 and "surrogate" in messages.pop()
+
+
 def test_huge_fields() -> None:
     _assert_400(_chat(stop=["a", "b", "c", "d", "e"]), "stop")
     text = "x" * (1 << 20)
