@@ -5,8 +5,9 @@ transformers or aiohttp; a test proves it); importing changes nothing global. Ev
 deadline, UNAVAILABLE is retried (by gRPC, from the channel's service config; see `_retry`) only
 where that cannot repeat tokens, and failures raise `TandemError` subclasses carrying the gRPC
 status (`AuthenticationError` when the orchestrator wants an API key and got none or a wrong
-one). `api_key=` sends a key on every call; `tls=True` or `ca_cert=` (a PEM path or bytes) make
-the channel TLS and check the server's certificate. Keys never appear in messages or reprs.
+one; `ClientClosed` for a call after `close()`). `api_key=` sends a key on every call;
+`tls=True` or `ca_cert=` (a PEM path or bytes) make the channel TLS and check the server's
+certificate. Keys never appear in messages or reprs.
 
 Example:
     >>> from tandem_sdk import Client
@@ -24,6 +25,7 @@ An orchestrator on another machine, over TLS with an API key:
 
 from tandem_sdk._errors import (
     AuthenticationError,
+    ClientClosed,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -54,6 +56,7 @@ __all__ = [
     "AuthenticationError",
     "Citation",
     "Client",
+    "ClientClosed",
     "DeadlineExceeded",
     "Delta",
     "Document",

@@ -43,7 +43,7 @@ def channel_security(*, api_key: str | None, tls: bool, ca_cert: str | os.PathLi
     root = _read_ca(ca_cert) if ca_cert is not None else None
     use_tls = tls or root is not None
     if server_name is not None:
-        if not isinstance(server_name, str) or not server_name.strip():
+        if not isinstance(server_name, str) or not server_name.strip() or not _encodable(server_name):
             raise ValueError(f"server_name: must be a host name (got {server_name!r})")
         if not use_tls:
             raise ValueError("server_name: only applies over TLS; pass tls=True or ca_cert")
@@ -54,6 +54,15 @@ def channel_security(*, api_key: str | None, tls: bool, ca_cert: str | os.PathLi
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(key))
     options = (("grpc.ssl_target_name_override", server_name.strip()),) if server_name else ()
     return ChannelSecurity(credentials, options)
+
+
+def _encodable(text: str) -> bool:
+    """True when UTF-8 can encode `text` (it holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_key(api_key: str | None) -> str | None:

@@ -7,7 +7,11 @@ Guarantees:
   channel (secure when given credentials) and runs the calls.
 - Every call carries a deadline: `timeout_s` for a unary call, and for an answer its request's
   `deadline_s` plus `DEADLINE_GRACE_S`, else `generate_timeout_s`, counted from `generate()`.
-  Retries happen inside that deadline.
+  Retries happen inside that deadline. `timeout_s` and `generate_timeout_s` must be finite and
+  at most `MAX_TIMEOUT_S` (one year): gRPC holds a deadline as nanoseconds since the epoch, and
+  one far past that (1e10 s, inf) fails every call at once with DEADLINE_EXCEEDED.
+- After `close()` every call, and every answer not started yet, raises `ClientClosed` and sends
+  nothing.
 - `GenerationBase` holds an answer's state: the stream opens on the first step, never when
   `cancel()` came first (that step raises `TandemError(CANCELLED)` instead), and each message
   updates `started`, `text` and `stats` in the order it arrived.
@@ -34,7 +38,7 @@ import grpc
 from protos.tandem.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from tandem_sdk import _convert, _retry
 from tandem_sdk._auth import channel_security
-from tandem_sdk._errors import TandemError
+from tandem_sdk._errors import ClientClosed, TandemError
 from tandem_sdk._retry import RetryPolicy
 from tandem_sdk._types import Delta, Document, Message, Result, Started, Stats, Status
 
@@ -47,6 +51,10 @@ OpenStream = Callable[[float], Any]  # remaining seconds -> a started server-str
 # server that stops generating right at its deadline can still send the final stats.
 DEADLINE_GRACE_S = 0.5
 
+# The largest timeout_s or generate_timeout_s: one year. gRPC fails a call at once when its
+# deadline does not fit in int64 nanoseconds since the epoch (about 7e9 s from now).
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
+
 
 def remaining_s(deadline: float) -> float:
     """Time left before `deadline` (a `time.monotonic()` instant), never below 1 ms."""
@@ -54,9 +62,11 @@ def remaining_s(deadline: float) -> float:
 
 
 def check_timeout(name: str, value: float) -> float:
-    """`value` as a float when it is a number of seconds > 0, else ValueError naming `name`."""
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: must be a number of seconds > 0 (got {value!r})")
+    """`value` as a float when it is a number of seconds in (0, MAX_TIMEOUT_S], else ValueError
+    naming `name` (inf and nan included: gRPC cannot carry them)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_S:
+        raise ValueError(f"{name}: must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:.0f} (one year) "
+                         f"(got {value!r})")
     return float(value)
 
 
@@ -236,7 +246,8 @@ class ClientBase(Generic[G]):
     ) -> None:
         if not isinstance(address, str) or not address.strip():
             raise ValueError(f"address: must be 'host:port' (got {address!r})")
-        self.address = address
+        self.address = _convert.text_value("address", address)
+        self._closed = False  # set by close(); later calls raise ClientClosed
         self.timeout_s = check_timeout("timeout_s", timeout_s)
         self.generate_timeout_s = check_timeout("generate_timeout_s", generate_timeout_s)
         self.policy = RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
@@ -279,7 +290,10 @@ class ClientBase(Generic[G]):
 
         route: "auto" | "local" | "speculative" | "cloud". privacy: "strict" (private context
         keeps the request on the device) | "cloud_quality" (private chunks are dropped so the
-        cloud may be used). temperature 0 or None is greedy. deadline_s bounds the whole answer.
+        cloud may be used). temperature 0 or None is greedy. deadline_s bounds the whole answer
+        (at most 4294967.295 s, what the wire holds; 0 or None: no bound of its own, so
+        generate_timeout_s applies); ttft_budget_s likewise. max_new_tokens and context_chunks 0
+        or None: the server's default. Text arguments must be valid Unicode (no lone surrogates).
 
         Example:
             >>> for delta in client.generate(prompt="Hi", route="local", seed=1, temperature=0.7):
@@ -294,10 +308,16 @@ class ClientBase(Generic[G]):
         deadline = time.monotonic() + stream_timeout_s(deadline_s, self.generate_timeout_s)
 
         def open_stream(remaining: float) -> Any:
+            self._check_open()
             return self._stub.Generate(request, timeout=remaining, metadata=self._metadata)
 
         return self._answer(open_stream, deadline)
 
     def _start(self, op: Unary[Any]) -> Any:
         """Start `op` on the stub with the unary deadline: a response, or an awaitable of one."""
+        self._check_open()
         return getattr(self._stub, op.method)(op.request, timeout=self.timeout_s, metadata=self._metadata)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed()

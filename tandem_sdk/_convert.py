@@ -2,8 +2,10 @@
 
 Guarantees: pure functions, no I/O. Request builders reject what the SDK can tell is wrong
 before sending (an unknown route or privacy string, both or neither of prompt and messages, a
-number the wire type cannot hold) with a `ValueError` whose message starts with the argument's
-name; everything else (ranges, limits) is left to the server, which answers INVALID_ARGUMENT.
+number the wire type cannot hold, such as a `deadline_s` past 4294967.295 s, and a string that
+UTF-8 cannot encode, i.e. one holding a lone surrogate) with a `ValueError` whose message starts
+with the argument's name, e.g. "messages[1].content: ...". Everything else (ranges, limits) is
+left to the server, which answers INVALID_ARGUMENT.
 
 Example:
     >>> request = generate_request(prompt="hi", route="local", max_new_tokens=16)
@@ -72,13 +74,31 @@ def privacy_enum(privacy: str) -> orchestrator_pb2.Privacy:
     return _PRIVACY[choice("privacy", privacy, PRIVACIES)]
 
 
+def text_value(name: str, value: object) -> str:
+    """`value` if it is a string that UTF-8 can encode, else ValueError naming the argument."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: must be a string (got {type(value).__name__})")  # noqa: TRY004
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name}: must be valid Unicode text (a lone surrogate {value[exc.start]!r} "
+                         f"at index {exc.start})") from None
+    return value
+
+
+MAX_WIRE_MS = 2**32 - 1  # the deadlines travel as uint32 milliseconds
+
+
 def seconds_to_ms(name: str, seconds: float | None) -> int:
     """Whole milliseconds, rounded up so any positive time stays positive; None -> 0 (none)."""
     if seconds is None:
         return 0
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{name}: must be a finite number of seconds >= 0 (got {seconds!r})")
-    return math.ceil(seconds * 1000)
+    ms = math.ceil(seconds * 1000)
+    if ms > MAX_WIRE_MS:
+        raise ValueError(f"{name}: must be at most {MAX_WIRE_MS / 1000} seconds (got {seconds!r})")
+    return ms
 
 
 def _assign(message: Any, field: str, name: str, value: object) -> None:
@@ -98,7 +118,8 @@ def chat_messages(messages: Sequence[Message | Mapping[str, str]]) -> list[commo
         role, content = (m.role, m.content) if isinstance(m, Message) else _pair(i, m)
         if not isinstance(role, str) or not isinstance(content, str):
             raise ValueError(f"messages[{i}]: role and content must be strings")  # noqa: TRY004
-        out.append(common_pb2.ChatMessage(role=role, content=content))
+        out.append(common_pb2.ChatMessage(role=text_value(f"messages[{i}].role", role),
+                                          content=text_value(f"messages[{i}].content", content)))
     return out
 
 
@@ -138,19 +159,17 @@ def generate_request(
     """The GenerateTextRequest for `Client.generate`'s arguments (see there)."""
     if (prompt is None) == (messages is None):
         raise ValueError("prompt: give exactly one of prompt and messages")
-    if prompt is not None and not isinstance(prompt, str):
-        raise ValueError(f"prompt: must be a string (got {type(prompt).__name__})")
-    if not isinstance(category, str):
-        raise ValueError("category: must be a string")  # noqa: TRY004
+    if prompt is not None:
+        text_value("prompt", prompt)
     options = orchestrator_pb2.GenerateOptions(
         route=route_enum(route),
         privacy=privacy_mode_enum(privacy),
         use_personal_context=bool(use_personal_context),
-        deadline_ms=seconds_to_ms("deadline_s", deadline_s),
-        ttft_budget_ms=seconds_to_ms("ttft_budget_s", ttft_budget_s),
-        category=category,
+        category=text_value("category", category),
         sampling=sampling_params(temperature, top_k, top_p, seed),
     )
+    _assign(options, "deadline_ms", "deadline_s", seconds_to_ms("deadline_s", deadline_s))
+    _assign(options, "ttft_budget_ms", "ttft_budget_s", seconds_to_ms("ttft_budget_s", ttft_budget_s))
     if max_new_tokens is not None:
         _assign(options, "max_new_tokens", "max_new_tokens", max_new_tokens)
     if context_chunks is not None:
@@ -172,13 +191,10 @@ def add_document_request(
     source: str = "",
     idempotency_key: str = "",
 ) -> orchestrator_pb2.AddDocumentRequest:
-    for name, value in (("text", text), ("title", title), ("kind", kind), ("source", source),
-                        ("idempotency_key", idempotency_key)):
-        if not isinstance(value, str):
-            raise ValueError(f"{name}: must be a string")  # noqa: TRY004
     return orchestrator_pb2.AddDocumentRequest(
-        title=title, text=text, kind=kind, privacy=privacy_enum(privacy), source=source,
-        idempotency_key=idempotency_key,
+        title=text_value("title", title), text=text_value("text", text), kind=text_value("kind", kind),
+        privacy=privacy_enum(privacy), source=text_value("source", source),
+        idempotency_key=text_value("idempotency_key", idempotency_key),
     )
 
 
@@ -194,7 +210,7 @@ def list_documents_request(page_token: str, page_size: int | None) -> orchestrat
 def document_id(doc_id: str) -> str:
     if not isinstance(doc_id, str) or not doc_id:
         raise ValueError(f"id: must be a non-empty string (got {doc_id!r})")
-    return doc_id
+    return text_value("id", doc_id)
 
 
 # --- proto -> typed values -------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Guarantees: every failed call raises a `TandemError` (or a subclass) carrying the gRPC status:
 `.code` is the `grpc.StatusCode`, `.details` the server's message, and `str(err)` reads
 "CODE: details", e.g. "INVALID_ARGUMENT: options.max_new_tokens: must be <= 4096". Arguments
-the SDK can reject before sending raise `ValueError` naming the argument instead.
+the SDK can reject before sending raise `ValueError` naming the argument instead. A call on a
+client after its `close()` raises `ClientClosed` (code CANCELLED) and sends nothing.
 
 Example:
     >>> try:
@@ -54,6 +55,14 @@ class AuthenticationError(TandemError):
 class FailedPrecondition(TandemError):
     """The request contradicts the orchestrator's state (e.g. an idempotency key reused for
     another document, or personal documents turned off)."""
+
+
+class ClientClosed(TandemError):
+    """A call on a client after its `close()` (or after its `with` block); nothing was sent. The
+    code is CANCELLED, as for a stream that `close()` cut short."""
+
+    def __init__(self) -> None:
+        super().__init__(grpc.StatusCode.CANCELLED, "the client is closed; open a new one")
 
 
 _BY_CODE: dict[grpc.StatusCode, type[TandemError]] = {

@@ -114,7 +114,8 @@ class AsyncClient(ClientBase[AsyncGeneration]):
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; streams still open are cancelled."""
+        """Close the channel; streams still open are cancelled, later calls raise `ClientClosed`."""
+        self._closed = True
         await self._channel.close()
 
     async def complete(self, prompt: str | None = None, **kwargs: Any) -> Result:

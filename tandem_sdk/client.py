@@ -7,7 +7,9 @@ Guarantees:
   jitter, at most `retries` times) for unary calls and for a stream before its first message.
   After a stream's first message an error is raised, never retried (that would repeat tokens).
 - Failures raise `TandemError` subclasses carrying the gRPC status; arguments the client can
-  tell are wrong raise `ValueError` naming the argument before anything is sent.
+  tell are wrong (a timeout that is not finite or is past one year, a number the wire cannot
+  hold, a string with a lone surrogate) raise `ValueError` naming the argument before anything
+  is sent. After `close()` every call raises `ClientClosed`.
 - With `api_key` every call carries `authorization: Bearer KEY`; a server that wants a key and got
   none or a wrong one raises `AuthenticationError`. With `tls=True` or `ca_cert` the channel is
   TLS and the server's certificate is checked (the key then travels as call credentials); see
@@ -81,9 +83,11 @@ class Client(ClientBase[Generation]):
 
     Args:
         address: "host:port" of the orchestrator's gRPC endpoint.
-        timeout_s: deadline of each document or status call, retries included.
+        timeout_s: deadline of each document or status call, retries included; > 0 and at most
+            one year (`_calls.MAX_TIMEOUT_S`; gRPC cannot carry an infinite deadline).
         retries: extra attempts after UNAVAILABLE, 0 to 4 (0 disables retrying).
-        generate_timeout_s: deadline of an answer that has no `deadline_s` of its own.
+        generate_timeout_s: deadline of an answer that has no `deadline_s` of its own; the same
+            bounds as `timeout_s`.
         backoff_s, max_backoff_s: the first retry waits up to backoff_s (> 0); each later bound is
             twice as long, at most max_backoff_s; gRPC draws each wait at random below its bound.
         channel_options: extra gRPC channel options; one with the key of a retry option
@@ -124,7 +128,8 @@ class Client(ClientBase[Generation]):
         self.close()
 
     def close(self) -> None:
-        """Close the channel; streams still open are cancelled."""
+        """Close the channel; streams still open are cancelled, later calls raise `ClientClosed`."""
+        self._closed = True
         self._channel.close()
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Result:

@@ -5,8 +5,10 @@ Guarantees: every command talks to a running orchestrator through `tandem_sdk` a
 then 127.0.0.1:7070). Answers stream to stdout as they arrive; statistics and notices go to
 stderr. `docs list` fetches the documents page by page, so it works whatever the store holds
 (a title stored longer than the server's limit shows cut, ending in "…"). An unreachable
-orchestrator, a request the server rejects (INVALID_ARGUMENT), an unknown document or an
-unreadable file is one line on stderr and exit code 2, never a traceback.
+orchestrator, a request the server rejects (INVALID_ARGUMENT), an unknown document, an
+unreadable file, text that is not UTF-8 (an argument, a file name or stdin) or a number the wire
+cannot hold is one line on stderr and exit code 2, never a traceback; a bad argument is named by
+its flag. A closed stdout cancels the answer (see `tandem.cli.main`).
 
 Security: `--api-key-file PATH` (mode 0600), else $TANDEM_API_KEY, gives the orchestrator's API
 key; there is no flag taking the key itself (`ps` would show it). `--ca-cert PATH` (implies
@@ -36,6 +38,12 @@ if TYPE_CHECKING:
 DEFAULT_ADDRESS = "127.0.0.1:7070"
 API_KEY_ENV = "TANDEM_API_KEY"  # the orchestrator's API key itself (or --api-key-file)
 ROUTES = ("auto", "local", "speculative", "cloud")
+# The SDK's argument names (the start of its ValueError messages) -> what this CLI calls them.
+_FLAGS = {
+    "address": "--address", "prompt": "PROMPT", "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
+    "deadline_s": "--deadline-s", "category": "--category", "title": "--title",
+}
 
 
 def resolve_address(flag: str | None) -> str:
@@ -194,10 +202,37 @@ def _client(args: argparse.Namespace) -> Iterator[Client]:
     except TandemError as exc:
         raise CliError(f"{exc} (orchestrator at {address})") from None
     except ValueError as exc:  # the SDK's own argument checks
-        raise CliError(str(exc)) from None
+        raise CliError(_flag_message(str(exc))) from None
+
+
+def _flag_message(message: str) -> str:
+    """An SDK message "name: why" with the name replaced by the CLI's flag for it."""
+    name, sep, why = message.partition(": ")
+    return f"{_FLAGS[name]}: {why}" if sep and name in _FLAGS else message
+
+
+def utf8(what: str, value: str) -> str:
+    """`value` (an argument, decoded as Python decodes argv) if it is valid UTF-8, else CliError."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CliError(f"{what}: not valid UTF-8 text") from None
+    return value
+
+
+def _decode_stdin(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"stdin: not valid UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
 def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The SDK's generate() arguments; CliError for a 0 the wire would read as "none"."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens} (leave it out for the default)")
+    if args.deadline_s is not None and not args.deadline_s > 0:
+        raise CliError(f"--deadline-s: must be > 0, got {args.deadline_s} (leave it out for no deadline)")
     return {
         "route": args.route, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "deadline_s": args.deadline_s,
@@ -206,15 +241,28 @@ def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _stream(gen: Generation, out: TextIO) -> None:
-    """Write each delta as it arrives; end the line even when the stream fails."""
+    """Write each delta as it arrives; end the line even when the stream fails. When `out`
+    fails (a closed pipe) the answer is cancelled and the error raised, with nothing more written."""
     try:
         for delta in gen:
-            out.write(delta.text)
-            out.flush()
-    finally:
-        if gen.text and not gen.text.endswith("\n"):
-            out.write("\n")
-            out.flush()
+            try:
+                out.write(delta.text)
+                out.flush()
+            except OSError:
+                gen.cancel()
+                raise
+    except OSError:
+        raise  # `out` failed: no line to end there
+    except BaseException:
+        _end_line(gen, out)
+        raise
+    _end_line(gen, out)
+
+
+def _end_line(gen: Generation, out: TextIO) -> None:
+    if gen.text and not gen.text.endswith("\n"):
+        out.write("\n")
+        out.flush()
 
 
 def stats_lines(gen: Generation) -> list[str]:
@@ -253,9 +301,14 @@ def _as_json(value: object) -> object:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":  # newlines translated as text-mode stdin would
+        prompt = _decode_stdin(sys.stdin.buffer.read()).replace("\r\n", "\n").replace("\r", "\n")
+    else:
+        prompt = utf8("PROMPT", args.prompt)
+    utf8("--category", args.category)
+    kwargs = _generate_kwargs(args)
     with _client(args) as client:
-        gen = client.generate(prompt, **_generate_kwargs(args))
+        gen = client.generate(prompt, **kwargs)
         if args.json:
             result = gen.result()
             doc = {"text": result.text, "started": _as_json(result.started), "stats": _as_json(result.stats)}
@@ -270,18 +323,23 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _read_lines(interactive: bool) -> Iterator[str]:
     if not interactive:
-        for line in sys.stdin:
-            yield line.rstrip("\r\n")
+        for raw in sys.stdin.buffer:
+            yield _decode_stdin(raw).rstrip("\r\n")
         return
     while True:
         try:
-            yield input("> ")
+            yield utf8("stdin", input("> "))
+        except UnicodeDecodeError:
+            raise CliError("stdin: not valid UTF-8 text") from None
         except EOFError:
             print(file=sys.stderr)
             return
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    for what, value in (("--system", args.system or ""), ("--category", args.category)):
+        utf8(what, value)
+    kwargs = _generate_kwargs(args)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history = list(opening)
     with _client(args) as client:
@@ -296,7 +354,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 print("(history cleared)", file=sys.stderr)
                 continue
             messages = [*history, {"role": "user", "content": line}]
-            gen = client.generate(messages=messages, **_generate_kwargs(args))
+            gen = client.generate(messages=messages, **kwargs)
             _stream(gen, sys.stdout)
             history = [*messages, {"role": "assistant", "content": gen.text}]
             if args.stats:
@@ -321,6 +379,9 @@ def _doc_line(doc: Any) -> str:
 def run_docs_add(args: argparse.Namespace) -> int:
     if args.title is not None and len(args.paths) > 1:
         raise CliError("--title needs exactly one PATH")
+    utf8("--title", args.title or "")
+    for path in args.paths:
+        utf8(f"the path {path}", str(path))
     texts = [(path, _read_document(path)) for path in args.paths]  # every file before any call
     with _client(args) as client:
         for path, text in texts:
