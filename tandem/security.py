@@ -6,7 +6,8 @@ Guarantees:
   file every user may read or that anyone but its owner may write (mode & 0o026). A group
   may read it: a Kubernetes Secret mounted for a non-root container is 0440 with `fsGroup`.
 - `write_secret` creates its file with mode 0600 before any byte is written (no window where
-  it is readable by others) and replaces the old one atomically.
+  it is readable by others) and replaces the old one atomically; a write that fails removes its
+  temporary copy.
 - `check_bind` is the one rule every server applies: a non-loopback address needs TLS and a
   credential, unless the operator passed `--insecure`; the error names what is missing.
 - `keepalive_options` (a client's) and `PING_SERVER_OPTIONS` (a server's) catch a frozen peer
@@ -99,12 +100,16 @@ def write_secret(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.fchmod(fd, 0o600)  # the umask never widens it, an existing tmp keeps no old mode
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, 0o600)  # the umask never widens it, an existing tmp keeps no old mode
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no copy of the secret behind
+        raise
     return path
 
 

@@ -116,6 +116,13 @@ def test_write_secret_is_0600_even_with_umask_0(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["token"]  # no temporary file left behind
 
 
+def test_a_failed_write_secret_leaves_no_temporary_copy(tmp_path: Path) -> None:
+    (tmp_path / "token").mkdir()  # os.replace cannot put a file over a folder
+    with pytest.raises(OSError):
+        write_secret(tmp_path / "token", SECRET)
+    assert [p.name for p in tmp_path.iterdir()] == ["token"]  # the secret's temporary copy is gone
+
+
 def test_write_secret_narrows_a_wide_existing_file(tmp_path: Path) -> None:
     path = _secret_file(tmp_path, "old", 0o666)
     write_secret(path, SECRET)
