@@ -57,7 +57,7 @@ def parse_address(text: str) -> Address:
     """'HOST:PORT' or '[V6HOST]:PORT' -> (host, port)."""
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
 

@@ -132,7 +132,7 @@ class OrchestratorConfig:
             raise ValueError(f"context_chunks must be in [0, {MAX_CONTEXT_CHUNKS}]")
         if self.shaper_control is not None:
             host, _, port = self.shaper_control.rpartition(":")
-            if not port.isdigit() or not 0 < int(port) <= 65535 or not is_loopback(host.strip("[]")):
+            if not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535 or not is_loopback(host.strip("[]")):
                 raise ValueError(f"shaper_control must be a loopback HOST:PORT (the control endpoint has no "
                                  f"authentication), got {self.shaper_control!r}")
         self._check_security_files()

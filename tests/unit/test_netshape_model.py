@@ -58,7 +58,7 @@ def test_addresses_round_trip() -> None:
     assert parse_address("127.0.0.1:50051") == ("127.0.0.1", 50051)
     assert parse_address("[::1]:80") == ("::1", 80)
     assert format_address(("::1", 80)) == "[::1]:80"
-    for bad in ("nohost", ":80", "host:", "host:99999", "host:x"):
+    for bad in ("nohost", ":80", "host:", "host:99999", "host:x", "host:\u00b2", "host:\u0663"):
         with pytest.raises(ValueError):
             parse_address(bad)
 

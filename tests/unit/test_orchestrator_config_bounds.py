@@ -1,5 +1,6 @@
-"""The orchestrator's liveness settings: a keepalive below what the edge's server takes, or a
-timeout gRPC cannot carry (inf fails every call at once), is refused naming the field."""
+"""The orchestrator's settings that a typo could make dangerous: a keepalive below what the
+edge's server takes, a timeout gRPC cannot carry (inf fails every call at once), a port written
+in other digits than ASCII ("²" made int() raise; "٣" read as 3) are refused naming the field."""
 
 from __future__ import annotations
 
@@ -31,3 +32,9 @@ def test_a_timeout_that_is_not_a_positive_finite_number_is_refused(name: str, va
 def test_the_defaults_and_the_shortest_keepalive_are_taken() -> None:
     assert _config().edge_keepalive_s == KEEPALIVE_S
     assert _config(edge_keepalive_s=MIN_PING_S).edge_keepalive_s == MIN_PING_S
+
+
+@pytest.mark.parametrize("port", ["\u00b2", "\u0663", "-1", "70000"])
+def test_a_shaper_control_port_that_is_not_ascii_digits_in_range_is_refused(port: str) -> None:
+    with pytest.raises(ValueError, match="shaper_control"):
+        _config(shaper_control=f"127.0.0.1:{port}")
