@@ -93,7 +93,7 @@ def seconds_to_ms(name: str, seconds: float | None) -> int:
     """Whole milliseconds, rounded up so any positive time stays positive; None -> 0 (none)."""
     if seconds is None:
         return 0
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{name}: must be a finite number of seconds >= 0 (got {seconds!r})")
     ms = math.ceil(seconds * 1000)
     if ms > MAX_WIRE_MS:

@@ -31,6 +31,7 @@ from protos.tandem.v1 import orchestrator_pb2
 SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 MAX_RETRIES = 4  # gRPC makes at most 5 attempts (it lowers a larger maxAttempts to 5)
 BACKOFF_MULTIPLIER = 2.0
+MAX_BACKOFF_S = 3600.0  # a longer wait outlives any call's deadline; far longer, gRPC refuses the config
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,12 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= MAX_RETRIES:
             raise ValueError(f"retries: must be an integer from 0 to {MAX_RETRIES} (got {self.retries!r})")
-        if not isinstance(self.backoff_s, (int, float)) or not self.backoff_s > 0:
-            raise ValueError(f"backoff_s: must be a number of seconds > 0 (got {self.backoff_s!r})")
-        if not isinstance(self.max_backoff_s, (int, float)) or not self.backoff_s <= self.max_backoff_s < float("inf"):
-            raise ValueError(f"max_backoff_s: must be a finite number >= backoff_s (got {self.max_backoff_s!r})")
+        for name in ("backoff_s", "max_backoff_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BACKOFF_S:
+                raise ValueError(f"{name}: must be a number of seconds > 0 and <= {MAX_BACKOFF_S:g} (got {value!r})")
+        if not self.backoff_s <= self.max_backoff_s:
+            raise ValueError(f"max_backoff_s: must be >= backoff_s (got {self.max_backoff_s!r} < {self.backoff_s!r})")
 
     def method_config(self) -> dict[str, Any]:
         """The `methodConfig` entry for the Orchestrator service (no `retryPolicy` when retries == 0)."""

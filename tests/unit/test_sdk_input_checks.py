@@ -33,7 +33,7 @@ def test_the_largest_timeout_is_accepted() -> None:
 
 
 @pytest.mark.parametrize("name", ["deadline_s", "ttft_budget_s"])
-@pytest.mark.parametrize("value", [1e10, 2**32 / 1000, float("inf")])
+@pytest.mark.parametrize("value", [1e10, 2**32 / 1000, float("inf"), True])
 def test_a_deadline_the_wire_cannot_hold_is_refused_naming_it(name: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"^{name}:"):
         _convert.generate_request(prompt="x", **{name: value})

@@ -192,6 +192,9 @@ def test_retry_policy_is_a_service_config_for_the_orchestrator_service() -> None
     ({"backoff_s": 0}, "backoff_s"),
     ({"backoff_s": 0.5, "max_backoff_s": 0.1}, "max_backoff_s"),
     ({"max_backoff_s": float("inf")}, "max_backoff_s"),
+    ({"max_backoff_s": 1e300}, "max_backoff_s"),  # gRPC refused the service config: every call failed
+    ({"backoff_s": float("nan")}, "backoff_s"),
+    ({"backoff_s": True}, "backoff_s"),
 ])
 def test_retry_arguments_are_checked(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match="^" + name + ":"):
