@@ -14,15 +14,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
 from protos.tandem.v1 import orchestrator_pb2 as pb
 from protos.tandem.v1 import orchestrator_pb2_grpc as pb_grpc
+from tests.support.orch_server import orchestrator_server
 
 ROOT = Path(__file__).resolve().parents[2]
 EXIT_PIPE = 141
@@ -56,12 +55,8 @@ class Server:
 @pytest.fixture()
 def endless() -> Iterator[Server]:
     servicer = EndlessOrchestrator()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield Server(servicer, f"127.0.0.1:{port}")
-    server.stop(None)
+    with orchestrator_server(servicer) as address:
+        yield Server(servicer, address)
 
 
 def _env(home: Path) -> dict[str, str]:

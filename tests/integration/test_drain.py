@@ -200,11 +200,9 @@ FROZEN_SLACK_S = 3.0  # thread hand-offs and the client's own reading of the err
 
 def test_a_frozen_edge_fails_the_orchestrators_answer_within_its_keepalive(tiny_models, link, start) -> None:
     edge = _edge(start, tiny_models.drafter_onnx, link)
-    orch = start("orchestrator", "--edge", edge.fields["grpc"], "--cloud", link, "--port", "0", "--http-port", "-1",
-                 "--no-personal", "--round-deadline-ms", "5000", "--edge-keepalive-s", str(KEEPALIVE_S))
+    orch = _orchestrator(start, edge, link, "--http-port", "-1", "--edge-keepalive-s", str(KEEPALIVE_S))
     with grpc.insecure_channel(orch.fields["grpc"]) as channel:
-        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
-        _wait_link_up(stub)
+        stub = _stub_with_link_up(channel)
         answer = Answer(stub.Generate(ORCH_REQUEST, timeout=120), _orch_tokens)
         answer.wait_tokens(4)
         os.kill(edge.proc.pid, signal.SIGSTOP)
@@ -253,6 +251,17 @@ def _post_chat(http: str) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def _orchestrator(start: Callable[..., procs.Child], edge: procs.Child, link: str, *argv: str) -> procs.Child:
+    return start("orchestrator", "--edge", edge.fields["grpc"], "--cloud", link, "--port", "0", "--no-personal",
+                 "--round-deadline-ms", "5000", *argv)
+
+
+def _stub_with_link_up(channel: grpc.Channel) -> orchestrator_pb2_grpc.OrchestratorStub:
+    stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+    _wait_link_up(stub)
+    return stub
+
+
 def _wait_link_up(stub: orchestrator_pb2_grpc.OrchestratorStub) -> None:
     deadline = time.monotonic() + 30
     while stub.Status(opb.StatusRequest(), timeout=10).link.state != "up":
@@ -262,11 +271,9 @@ def _wait_link_up(stub: orchestrator_pb2_grpc.OrchestratorStub) -> None:
 
 def test_orchestrator_drains_the_running_answer_and_exits(tiny_models, link, start) -> None:
     edge = _edge(start, tiny_models.drafter_onnx, link)
-    orch = start("orchestrator", "--edge", edge.fields["grpc"], "--cloud", link, "--port", "0", "--http-port", "0",
-                 "--no-personal", "--round-deadline-ms", "5000", "--drain-s", str(DRAIN_S))
+    orch = _orchestrator(start, edge, link, "--http-port", "0", "--drain-s", str(DRAIN_S))
     with grpc.insecure_channel(orch.fields["grpc"]) as channel:
-        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
-        _wait_link_up(stub)
+        stub = _stub_with_link_up(channel)
         reference = Answer(stub.Generate(ORCH_REQUEST, timeout=120), _orch_tokens).join()
         assert reference.code == grpc.StatusCode.OK and len(reference.tokens) >= 40  # sampled: it may stop at EOS
 

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from protos.tandem.v1 import common_pb2
 from protos.tandem.v1 import orchestrator_pb2 as pb
 from protos.tandem.v1 import orchestrator_pb2_grpc as pb_grpc
 from tandem.cli.client import DEFAULT_ADDRESS, resolve_address
+from tests.support.orch_server import orchestrator_server
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD_DETAILS = "options.max_new_tokens: must be <= 4096"
@@ -136,13 +136,9 @@ class Fake:
 @pytest.fixture()
 def fake() -> Iterator[Fake]:
     servicer = FakeOrchestrator()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield Fake(servicer, f"127.0.0.1:{port}")
-    servicer.release.set()
-    server.stop(None)
+    with orchestrator_server(servicer, workers=8) as address:
+        yield Fake(servicer, address)
+        servicer.release.set()
 
 
 # --- sync client -------------------------------------------------------------------------------
