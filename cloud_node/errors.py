@@ -37,6 +37,11 @@ class SessionGone(Exception):
     or the request stream failed under it). CANCELLED."""
 
 
+class SessionIdle(Exception):
+    """A Verify stream sent no request for the replica's idle limit; its session is closed.
+    UNAVAILABLE, so an edge that still wants it resumes on a new stream."""
+
+
 class Unauthenticated(Exception):
     """The call did not come through the cloud's gateway (no or a wrong gateway secret).
     UNAUTHENTICATED."""

@@ -14,8 +14,11 @@ Guarantees:
 - `VerifyStream.close` may run from any thread at any moment, also while `open` is still
   running: the session is closed exactly once, whenever it comes into being.
 - While the replica drains (`Admission.draining`), opening raises `Draining`.
+- A stream whose client sends nothing for `Limits.idle_s` (the wait for its next request, from
+  the stream's start or its last reply) ends with `idle(...)`, a `SessionIdle` (UNAVAILABLE);
+  both servers apply it, and the stream's close frees the session.
 - Each open and round is counted in `cloud_node.metrics` with the timing it reports, and the
-  session store's state is read right after.
+  session store's state is read right after, and again when a stream closes its session.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from cloud_node import metrics
-from cloud_node.errors import BadRequest, Draining, ResourceExhausted
+from cloud_node.errors import BadRequest, Draining, ResourceExhausted, SessionIdle
 from cloud_node.verifier import (
     DraftRound,
     GenerateChunk,
@@ -175,6 +178,12 @@ class VerifyStream:
             session = self.session
         if session is not None:
             self.core.close(session)
+            metrics.record_store(self.core.store)  # the active-sessions gauge drops now, not at the next open
+
+
+def idle(limit_s: float) -> SessionIdle:
+    """The error that ends a Verify stream whose client sent nothing for `limit_s` seconds."""
+    return SessionIdle(f"no request for {limit_s:g} s: the session is closed; resume on a new stream")
 
 
 def open_generate(core: VerifierCore, admission: Admission, data: Any) -> GenerateStream:

@@ -16,6 +16,9 @@ Guarantees:
   would answer with exception text (a dead replica's traceback, with its pid, address and actor
   id) is rewritten in the proxy by `cloud_node.serve_proxy`. `SessionOpened.replica` is Serve's
   opaque replica tag; the replica's log line `replica TAG is ... pid=...` maps it.
+- Idle: a Verify stream whose client sends nothing for `Limits.idle_s` ends with UNAVAILABLE
+  (`cloud_node.protocol.idle`) and its session closes, so silent clients cannot hold the
+  replica's session slots.
 - Health: `grpc.health.v1.Health/Check` is routed to a replica and answers SERVING for "" and
   the service (an unknown service gets NOT_FOUND), NOT_SERVING once the replica drains; Serve's
   proxy serves reflection itself.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -50,10 +54,11 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import gRPCInputStream
 
+from cloud_node import metrics
 from cloud_node.cpus import available_cpus
 from cloud_node.errors import Draining, SessionGone, Unauthenticated, echo
 from cloud_node.gateway import replica_refusal
-from cloud_node.protocol import DRAINING, Admission, VerifyStream, chunk_to_proto, open_generate
+from cloud_node.protocol import DRAINING, Admission, VerifyStream, chunk_to_proto, idle, open_generate
 from cloud_node.serve_drain import watch as watch_drain_switch
 from cloud_node.serve_proxy import install_status_scrubber
 from cloud_node.servicer import SERVICE_NAME
@@ -121,25 +126,30 @@ def _fail(grpc_context: Any, exc: Exception, request_id: str) -> NoReturn:
     raise RuntimeError(status.details) from None
 
 
-def _close_when_opened(opening: Future[Any]) -> None:
+def _close_when_opened(opening: Future[Any], core: VerifierCore) -> None:
     """Close what `opening` opens, now or once it has (a cancelled await leaves it running)."""
     def close(_: Any = None) -> None:
         if not opening.cancelled() and opening.exception() is None:
             opening.result().close()
+            metrics.record_store(core.store)
 
     opening.add_done_callback(close)
 
 
-async def _next_request(requests: AsyncIterator[Any], admission: Admission) -> Any:
-    """The next request (bytes), or None at the end; raises Draining if the replica drains while it waits.
+async def _next_request(requests: AsyncIterator[Any], admission: Admission, idle_s: float) -> Any:
+    """The next request (bytes), or None at the end; raises Draining if the replica drains while it
+    waits, SessionIdle if none comes within `idle_s`.
 
     Serve forwards the client's end of stream as one more item (grpc.aio's EOF sentinel, a bare
     object after pickling): anything but bytes or a message is the end. A stream that breaks
     under us (the proxy gone) is SessionGone, not a server fault."""
     waiting = asyncio.ensure_future(anext(requests, None))
+    deadline = time.monotonic() + idle_s
     try:
         while True:
-            done, _ = await asyncio.wait({waiting}, timeout=_DRAIN_POLL_S)
+            if (left := deadline - time.monotonic()) <= 0:
+                raise idle(idle_s)
+            done, _ = await asyncio.wait({waiting}, timeout=min(_DRAIN_POLL_S, left))
             if done:
                 try:
                     item = waiting.result()
@@ -201,7 +211,7 @@ class CloudVerifierDeployment:
         request_id, stream = new_request_id(), VerifyStream(self.core, self.admission)
         try:
             self._through_gateway(grpc_context)
-            while (data := await _next_request(requests, self.admission)) is not None:
+            while (data := await _next_request(requests, self.admission, self.core.limits.idle_s)) is not None:
                 if self.admission.draining.is_set():
                     raise Draining(DRAINING)
                 for response in await asyncio.wrap_future(self._pool.submit(stream.responses, data)):
@@ -229,7 +239,7 @@ class CloudVerifierDeployment:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, here
             _fail(grpc_context, exc, request_id)
         finally:
-            _close_when_opened(opening)
+            _close_when_opened(opening, self.core)
 
     async def Check(self, request: Any, grpc_context: Any) -> Any:
         from grpc_health.v1 import health_pb2

@@ -30,8 +30,17 @@ from typing import Any
 
 import grpc
 
+from cloud_node import metrics
 from cloud_node.errors import Draining
-from cloud_node.protocol import DRAINING, MAX_MESSAGE_BYTES, Admission, VerifyStream, chunk_to_proto, open_generate
+from cloud_node.protocol import (
+    DRAINING,
+    MAX_MESSAGE_BYTES,
+    Admission,
+    VerifyStream,
+    chunk_to_proto,
+    idle,
+    open_generate,
+)
 from cloud_node.status import new_request_id, status_for
 from cloud_node.verifier import VerifierCore
 from protos.tandem.v1 import cloud_pb2
@@ -78,8 +87,12 @@ class _Inbox:
         finally:
             self._queue.put(_END)
 
-    def get(self) -> object:
-        return self._queue.get()
+    def get(self, timeout_s: float) -> object:
+        """The next request, _END or _DRAIN; raises SessionIdle after `timeout_s` with none."""
+        try:
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            raise idle(timeout_s) from None
 
     def wake_for_drain(self) -> None:
         self._queue.put(_DRAIN)
@@ -105,7 +118,7 @@ class CloudVerifierServicer:
         context.add_callback(stream.close)  # also on cancellation while a call is running
         inbox = self._track(_Inbox(request_iterator))
         try:
-            while (data := inbox.get()) is not _END:
+            while (data := inbox.get(self.core.limits.idle_s)) is not _END:
                 if data is _DRAIN or self.admission.draining.is_set():
                     raise Draining(DRAINING)
                 yield from stream.responses(data)
@@ -132,6 +145,7 @@ class CloudVerifierServicer:
         finally:
             if chunks is not None:
                 chunks.close()
+                metrics.record_store(self.core.store)
 
     def wake_streams_for_drain(self) -> None:
         with self._lock:

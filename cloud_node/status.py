@@ -2,8 +2,9 @@
 
 Guarantees:
 - `status_for(exc, request_id)` answers every exception: `BadRequest` -> INVALID_ARGUMENT,
-  `ResourceExhausted` -> RESOURCE_EXHAUSTED, `Draining` -> UNAVAILABLE, `SessionGone` ->
-  CANCELLED, `Unauthenticated` -> UNAUTHENTICATED, each with this package's one-line message; anything else is a server fault:
+  `ResourceExhausted` -> RESOURCE_EXHAUSTED, `Draining` and `SessionIdle` -> UNAVAILABLE,
+  `SessionGone` -> CANCELLED, `Unauthenticated` -> UNAUTHENTICATED, each with this package's
+  one-line message; anything else is a server fault:
   INTERNAL with a generic message, never the exception's text.
 - Every details string ends with `(request id ID)`; the same id is on the server's log line
   for the failure (the traceback of a server fault, at ERROR), so an operator can find it.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from cloud_node import metrics
-from cloud_node.errors import BadRequest, Draining, ResourceExhausted, SessionGone, Unauthenticated
+from cloud_node.errors import BadRequest, Draining, ResourceExhausted, SessionGone, SessionIdle, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
+    SessionIdle: grpc.StatusCode.UNAVAILABLE,
     SessionGone: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }

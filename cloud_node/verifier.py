@@ -61,7 +61,7 @@ from cloud_node.session_store import (
     kv_bytes_per_token,
 )
 from cloud_node.validation import Checker, DraftRound, SessionSpec
-from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS
+from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS, SESSION_IDLE_S
 from tandem_core.loop import Draft, target_round
 from tandem_core.sampling import SamplingParams, resolve_seed
 from tandem_core.tree import MAX_TREE_NODES
@@ -85,6 +85,7 @@ class Limits:
     max_batch_rows: int = 64  # a pass fills up to this many rows with prefill after its rounds
     batch_window_ms: float = 20.0  # longest wait of a pass for sessions expected back within it
     max_tree_nodes: int = MAX_TREE_NODES  # drafts a tree round may hold; 0: chains only
+    idle_s: float = SESSION_IDLE_S  # a Verify stream with no request for this long is closed (SessionIdle)
 
     def __post_init__(self) -> None:
         if self.batch_window_ms < 0:
@@ -96,6 +97,8 @@ class Limits:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_budget_bytes < 0:
             raise ValueError(f"kv_budget_bytes must be >= 0, got {self.kv_budget_bytes}")
+        if not 0 < self.idle_s < float("inf"):
+            raise ValueError(f"idle_s must be > 0 and finite, got {self.idle_s}")
 
 
 @dataclass(frozen=True)

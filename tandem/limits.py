@@ -25,6 +25,11 @@ MAX_DEADLINE_MS = 3_600_000
 KEEPALIVE_S = 10.0
 MIN_PING_S = 1.0
 
+# A cloud Verify stream that sends no request for this long is closed with UNAVAILABLE (the edge
+# resumes on a new stream): a client that opens sessions and goes silent cannot hold a
+# replica's session slots. An edge sends a round at least every few seconds while it answers.
+SESSION_IDLE_S = 120.0
+
 # Shutdown: on SIGTERM a node stops admitting and lets the work in flight finish this long.
 DRAIN_S = 30.0
 MAX_DRAIN_S = 3600.0

@@ -304,7 +304,9 @@ def _deny_handler(handler: Any, code: grpc.StatusCode, message: str, aio: bool) 
     kind = ("unary_unary" if not handler.request_streaming and not handler.response_streaming else
             "unary_stream" if not handler.request_streaming else
             "stream_unary" if not handler.response_streaming else "stream_stream")
-    return getattr(grpc, f"{kind}_rpc_method_handler")(fn, request_deserializer=handler.request_deserializer,
+    # No request deserializer: the refusal reads nothing, so a caller without the key learns
+    # nothing about the method's message either (bad bytes get UNAUTHENTICATED too).
+    return getattr(grpc, f"{kind}_rpc_method_handler")(fn, request_deserializer=None,
                                                         response_serializer=handler.response_serializer)
 
 

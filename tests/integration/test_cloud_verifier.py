@@ -10,6 +10,7 @@ changing the output; health and reflection answer.
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -368,3 +369,35 @@ def test_bf16_every_path_gives_the_cloud_only_tokens(tiny_models) -> None:
             with CloudVerifierClient(address, round_timeout_s=60) as c:
                 assert cut + speculative(c, pair16, spec_for(p, GREEDY, 36, generated=cut))[len(cut):] == list(full)
     core16.target.close()
+
+
+IDLE_S = 0.5
+
+
+def test_a_silent_stream_is_closed_at_the_idle_limit_and_frees_its_session(core: VerifierCore) -> None:
+    """A client that opens a session and then sends nothing would hold a session slot forever:
+    the stream ends with UNAVAILABLE (resume on a new stream) once it has been silent for
+    `Limits.idle_s`, counted from the last reply; a stream that keeps sending is never cut."""
+    from cloud_node import metrics
+
+    bpt = core.store.bytes_per_token
+    quiet = VerifierCore(core.target, eos_ids=core.eos_ids, limits=Limits(idle_s=IDLE_S), bytes_per_token=bpt)
+    for address in _serve(quiet):
+        with grpc.insecure_channel(address) as channel:
+            requests: queue.Queue[cloud_pb2.VerifyRequest | None] = queue.Queue()
+            requests.put(cloud_pb2.VerifyRequest(open=spec_for(PROMPTS[0], GREEDY, 60)))
+            call = cloud_pb2_grpc.CloudVerifierStub(channel).Verify(iter(requests.get, None), timeout=30)
+            assert next(call).WhichOneof("kind") == "opened"
+            for n in range(4):  # rounds spaced by 0.6 x the limit: more than the limit in all
+                time.sleep(0.6 * IDLE_S)
+                requests.put(cloud_pb2.VerifyRequest(round=draft_round(n, [])))
+                assert next(call).WhichOneof("kind") == "verdict"
+            silent = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                next(call)
+            took = time.monotonic() - silent
+            requests.put(None)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "no request for" in info.value.details()
+        assert IDLE_S <= took <= IDLE_S + 1.0
+        wait_for_no_sessions(quiet)
+        assert metrics.registry().get_sample_value("tandem_cloud_active_sessions") == 0

@@ -65,6 +65,20 @@ def test_no_or_a_wrong_key_is_unauthenticated(secure_edge, pki, key) -> None:
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and KEY not in (err.value.details() or "")
 
 
+@pytest.mark.parametrize("method", ["/tandem.v1.EdgeNode/CountTokens", "/tandem.v1.EdgeNode/Generate"])
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_bad_bytes_without_the_key_are_unauthenticated_not_parsed(secure_edge, pki, method: str, key) -> None:
+    """The key is checked before the request is read: a caller without it learns nothing of
+    the method's message (INVALID_ARGUMENT would tell it the bytes were read)."""
+    with secure_channel(secure_edge, ClientTls(pki.ca_cert), key) as channel:
+        call = (channel.unary_unary if method.endswith("CountTokens") else channel.unary_stream)(method)
+        with pytest.raises(grpc.RpcError) as err:
+            reply = call(b"\xff\xff", timeout=10)
+            if method.endswith("Generate"):
+                list(reply)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_health_needs_tls_but_no_key(secure_edge, pki) -> None:
     with secure_channel(secure_edge, ClientTls(pki.ca_cert), None) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
