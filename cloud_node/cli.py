@@ -12,8 +12,10 @@ Guarantees:
   --metrics-port a local Ray instance adds ` metrics=127.0.0.1:PORT`, its Prometheus exporter
   (`cloud_node.metrics`).
 - Security settings are checked before Ray starts: a non-loopback --host without TLS and a
-  token store (and without --insecure), a missing certificate or an unreadable store exits 2
-  with one line naming the problem. Secrets come from files, never from flags.
+  token store (and without --insecure), a missing certificate, a --tokens-file that does not
+  exist or an unreadable store exits 2 with one line naming the problem. A store with no live
+  token still starts, with one warning line that no device can connect yet. Secrets come from
+  files, never from flags.
 - `python -m cloud_node gateway --upstream HOST:PORT ...` runs the gateway alone (a KubeRay
   sidecar in front of the head's Serve proxy), with the same flags and rules.
 - SIGINT or SIGTERM drains, then shuts down cleanly: the drain switch (`cloud_node.serve_drain`)
@@ -94,6 +96,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     if config.upstream is None:
         raise ConfigError(f"upstream: required: give --upstream or set {ENV_PREFIX}UPSTREAM")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s", stream=sys.stderr)
+    check_tokens_file(config)
     gw = gateway.build(config, config.upstream, gateway.gateway_secret(config))
 
     async def main() -> None:
@@ -110,6 +113,22 @@ def run_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_tokens_file(front: GatewayConfig) -> None:
+    """SecurityError for a --tokens-file that does not exist or is no store; a warning when it has no live token."""
+    from cloud_node.tokens import TokenError, require_store
+
+    if front.tokens_file is None:
+        return
+    try:
+        records = require_store(front.tokens_file)
+    except TokenError as exc:
+        hint = "" if front.tokens_file.exists() else f"; make it with `tandem tokens --store {front.tokens_file} issue NAME`"
+        raise SecurityError(f"tokens_file: {exc}{hint}") from None
+    if not any(r.revoked is None for r in records):
+        log.warning("the token store %s holds no live token: no device can connect until "
+                    "`tandem tokens --store %s issue NAME`", front.tokens_file, front.tokens_file)
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; raises ConfigError or SecurityError for a bad setting."""
     from cloud_node import gateway
@@ -117,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     front = gateway_config_from(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s cloud %(levelname)s %(message)s", stream=sys.stderr)
+    check_tokens_file(front)
     front_door = gateway.build(front, None, gateway.gateway_secret(front))  # every security check, before Ray
     stop = threading.Event()
 

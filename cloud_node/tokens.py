@@ -7,7 +7,11 @@ Guarantees:
   gives no token.
 - Changes (issue, revoke) are serialised across processes by an exclusive lock on a sibling
   `.lock` file and land atomically (`tandem.security.write_secret`), so a reader sees the old
-  store or the new one, never half of one.
+  store or the new one, never half of one. Only `issue` creates a store (and its folder, mode
+  0700); `revoke` and `require_store` on a store that does not exist raise TokenError
+  ("no token store at PATH") and create nothing.
+- `STORE_FILE` is the store's file name in a folder of secrets (the local stack's
+  `TANDEM_HOME/secure`, the head's `/opt/tandem/secure`).
 - `TokenChecker.check` compares in constant time and re-reads the store when it changed, at
   most `reload_s` after the change (at once for an id it does not know, so a new token works
   immediately): a revocation reaches a running gateway within `reload_s`
@@ -43,6 +47,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 DEFAULT_MAX_SESSIONS = 4
 MAX_SESSIONS_LIMIT = 1024
 RELOAD_S = 1.0
+STORE_FILE = "cloud-tokens.json"
 
 
 class TokenError(ValueError):
@@ -86,7 +91,6 @@ class TokenStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -106,6 +110,7 @@ class TokenStore:
             raise TokenError(f"name: 1 to 64 letters, digits or ._@- (starting with a letter or digit), got {name!r}")
         if not 1 <= max_sessions <= MAX_SESSIONS_LIMIT:
             raise TokenError(f"max_sessions: must be in [1, {MAX_SESSIONS_LIMIT}], got {max_sessions}")
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self._locked():
             records = self.records()
             if any(r.name == name and r.revoked is None for r in records):
@@ -120,15 +125,23 @@ class TokenStore:
         return record, f"{PREFIX}_{token_id}_{secret}"
 
     def revoke(self, key: str) -> TokenRecord:
-        """Revoke the live token whose id or name is `key`."""
+        """Revoke the live token whose id or name is `key`; a store that does not exist is a TokenError."""
+        require_store(self.path)
         with self._locked():
-            records = self.records()
+            records = require_store(self.path)
             live = [r for r in records if r.revoked is None and key in (r.id, r.name)]
             if not live:
                 raise TokenError(f"no live token with id or name {key!r}")
             done = replace(live[0], revoked=time.time())
             self._save([done if r is live[0] else r for r in records])
         return done
+
+
+def require_store(path: Path) -> list[TokenRecord]:
+    """The records of a store that must exist (for list, revoke and a gateway's --tokens-file)."""
+    if not Path(path).exists():
+        raise TokenError(f"no token store at {path}")
+    return load_records(path)
 
 
 def load_records(path: Path) -> list[TokenRecord]:

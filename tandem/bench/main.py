@@ -14,6 +14,8 @@ Guarantees:
   `assisted`, drafter and target in turn in one thread, may use both CPUs. Fewer than 2 CPUs is a
   usage error (exit code 2). The JSON's `config.split_cores` says what each side was given and
   what the kernel applied (each thread's `Cpus_allowed_list`).
+- Every numeric flag is checked before anything loads or starts, for every suite: a value out
+  of range, negative, nan or inf exits 2 with one line naming the flag (`check_args`).
 - The JSON written with `--json` has the shape
   {"machine": {...}, "config": {...}, "results": [row, ...]} with the rows of
   `tandem.bench_report.FIELDS`; progress lines go to stderr while it runs.
@@ -177,9 +179,41 @@ def _parse_rtts(text: str) -> list[float]:
         rtts = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise CliError(f"--rtt-ms: expected comma-separated numbers, got {text!r}") from None
-    if not rtts or any(r < 0 for r in rtts):
-        raise CliError("--rtt-ms: give one or more RTTs >= 0")
+    if not rtts or not all(math.isfinite(r) and r >= 0 for r in rtts):
+        raise CliError(f"--rtt-ms: give one or more finite RTTs >= 0, got {text!r}")
     return rtts
+
+
+def _at_least(flag: str, value: int | None, least: int) -> None:
+    if value is not None and value < least:
+        raise CliError(f"{flag}: must be >= {least}, got {value}")
+
+
+def _finite(flag: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise CliError(f"{flag}: must be a finite number >= 0, got {value}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every numeric flag, whatever the suite: CliError (exit 2, one line) before anything starts."""
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--max-sessions", args.max_sessions, 1),
+                               ("--max-new-tokens", args.max_new_tokens, 1), ("--limit", args.limit, 1),
+                               ("--warmup-tokens", args.warmup_tokens, 0),
+                               ("--handshake-repeats", args.handshake_repeats, 1)):
+        _at_least(flag, value, least)
+    if not 0 <= args.draft_len <= 16:
+        raise CliError(f"--draft-len: must be in [0, 16] (0: adaptive), got {args.draft_len}")
+    _finite("--duration", args.duration)
+    _finite("--temperature", args.temperature)
+    if not 0 <= args.seed < 2**63:
+        raise CliError(f"--seed: must be in [0, 2**63), got {args.seed}")
+    _parse_rtts(args.rtt_ms)
+    if args.split_cores and args.suite != "methods":
+        raise CliError("--split-cores applies to the methods suite only")
+    if args.suite == "cloud-scale":
+        from tandem.bench.scale import check_args as check_scale
+
+        check_scale(args)
 
 
 def _model_dirs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
@@ -229,6 +263,7 @@ def _generate(pair: Any, method: str, ids: list[int], params: Any, args: argpars
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     from cloud_node.scorer import encode_prompt
     from tandem import paths
     from tandem.ops import procs
@@ -236,10 +271,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens is None:
         args.max_new_tokens = SUITE_MAX_NEW_TOKENS.get(args.suite, DEFAULT_MAX_NEW_TOKENS)
-    if args.max_new_tokens < 1 or not 0 <= args.draft_len <= 16:
-        raise CliError("--max-new-tokens must be >= 1 and --draft-len in [0, 16] (0: adaptive)")
-    if args.split_cores and args.suite != "methods":
-        raise CliError("--split-cores applies to the methods suite only")
     if args.suite == "orchestrator":
         from tandem.bench.orchestrator import run_suite
 

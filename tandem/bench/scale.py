@@ -28,7 +28,8 @@ Models: `--models real` (the fetched pair, default) or `--models tiny` (random t
 `tandem.models.tiny`). Progress lines go to stderr; the machine's CPU and the table to stdout;
 `--json PATH` writes everything. Both "nodes" share this machine's cores, so the 2-replica
 figures show scheduling, not added hardware. SIGTERM or Ctrl-C stops the cluster and the edge
-processes before exiting.
+processes before exiting. Its flags are checked first (`check_args`): a bad one exits 2 with one
+line, before any cluster or process starts.
 """
 
 from __future__ import annotations
@@ -77,6 +78,30 @@ def _loads(text: str) -> tuple[str, ...]:
 
         raise CliError(f"--load: expected {' or '.join(LOADS)} (or both, comma-separated), got {text!r}")
     return loads
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The suite's flags, before any cluster or process starts: CliError (exit 2, one line)."""
+    import math
+
+    from tandem.cli.main import CliError
+
+    _ints(getattr(args, "sessions", ",".join(map(str, SESSIONS))), "sessions")
+    if max(_ints(getattr(args, "replicas", ",".join(map(str, REPLICAS))), "replicas")) > 2:
+        raise CliError("--replicas: this machine runs a two-node cluster, so at most 2")
+    _loads(getattr(args, "load", LOADS[0]))
+    duration = getattr(args, "duration", 0.0)
+    if not (math.isfinite(duration) and duration >= 0):
+        raise CliError(f"--duration: must be a finite number >= 0, got {duration}")
+    max_sessions = getattr(args, "max_sessions", None)
+    if max_sessions is None:
+        return
+    if max_sessions < 1:
+        raise CliError(f"--max-sessions: must be >= 1, got {max_sessions}")
+    try:  # what the deploy spec takes (`tandem.deploy.spec.DeploySpec.__post_init__`)
+        _spec(Path("."), "bf16", 1, max_sessions, [0, 0])
+    except ValueError as exc:
+        raise CliError(f"--max-sessions: the deployment refuses {max_sessions}: {exc}") from None
 
 
 def bench_models(kind: str, args: argparse.Namespace, work: Path, say: Callable[[str], None] = _progress
@@ -222,15 +247,12 @@ def _run_suite(args: argparse.Namespace) -> int:
     from tandem.bench.scale_load import Loads
     from tandem.ops.ray_cluster import LocalRayCluster, free_ports
 
+    check_args(args)
     kind = getattr(args, "models", "real")
     sessions = _ints(getattr(args, "sessions", ",".join(map(str, SESSIONS))), "sessions")
     replica_counts = _ints(getattr(args, "replicas", ",".join(map(str, REPLICAS))), "replicas")
     loads = _loads(getattr(args, "load", LOADS[0]))
     max_sessions = getattr(args, "max_sessions", None)
-    if max(replica_counts) > 2:
-        from tandem.cli.main import CliError
-
-        raise CliError("--replicas: this machine runs a two-node cluster, so at most 2")
     t0 = time.monotonic()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tdm-scale-") as tmp, ExitStack() as stack:

@@ -10,6 +10,7 @@ Guarantees:
   in one edge process, solo against the deployment (or read from the recording file when it
   holds them under the same settings), and written to that file. That process is stopped
   before any replay, unless the `edges` load needs it anyway.
+- A `duration` that is negative, nan or inf is a ValueError, never read as "no duration".
 - `reference` holds each prompt's solo tokens: the recorded ones, else (edges alone) the first
   completed run's. Every process started is stopped when the `with` block ends.
 """
@@ -17,6 +18,7 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from functools import partial
@@ -41,6 +43,8 @@ class Loads:
         self.prompts = list(prompts)[: min(max(sessions), len(prompts))]
         self.max_new_tokens, self.draft_len = args.max_new_tokens, args.draft_len
         self.duration_s = float(getattr(args, "duration", 0.0) or 0.0)  # > 0: closed-loop replay rows
+        if not (math.isfinite(self.duration_s) and self.duration_s >= 0):  # `scale.check_args` refuses it first
+            raise ValueError(f"duration: must be a finite number >= 0, got {self.duration_s}")
         self.replay_file: Path = getattr(args, "replay_file", None) or work / "replay.json"
         self._edge_log = work / "edge.log"
         self._stack = ExitStack()

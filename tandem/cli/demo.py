@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import math
 import os
 import signal
 import sys
@@ -69,8 +70,8 @@ def _params(args: argparse.Namespace) -> Any:
         raise CliError(str(exc)) from None
     if args.max_new_tokens < 1 or not 1 <= args.draft_len <= 16:
         raise CliError("--max-new-tokens must be >= 1 and --draft-len in [1, 16]")
-    if args.link_rtt_ms < 0:
-        raise CliError("--link-rtt-ms must be >= 0")
+    if not 0 <= args.link_rtt_ms < math.inf:  # nan too: it reached the link shaper, after the cloud loaded
+        raise CliError(f"--link-rtt-ms must be a finite number >= 0, got {args.link_rtt_ms}")
     return params
 
 

@@ -6,6 +6,8 @@ Guarantees:
   TANDEM_HOME/run/stack.json and prints the orchestrator's gRPC and HTTP addresses, one per line,
   as HOST:PORT. Progress goes to stderr. If any process fails, everything started is stopped and
   the exit code is 2 with the failing process's log tail. A stack already running is an error.
+  A bad flag (a --link-rtt-ms that is negative, nan or inf, a --draft-len or port out of range)
+  exits 2 with one line naming it, before anything starts.
 - `down` stops every process `up` started (their whole sessions, Ray's workers included) and
   removes the record; with nothing running it says so and succeeds. Each process gets SIGTERM
   and `_down_grace_s()` to drain (the nodes' default drain period plus 10 s to exit) before
@@ -26,6 +28,7 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from pathlib import Path
@@ -92,8 +95,10 @@ def run_up(args: argparse.Namespace) -> int:
     from tandem.models import registry as models
     from tandem.ops import local_stack, procs
 
-    if args.link_rtt_ms < 0 or not 1 <= args.draft_len <= 16:
-        raise CliError("--link-rtt-ms must be >= 0 and --draft-len in [1, 16]")
+    if not (math.isfinite(args.link_rtt_ms) and args.link_rtt_ms >= 0):
+        raise CliError(f"--link-rtt-ms: must be a finite number >= 0, got {args.link_rtt_ms}")
+    if not 1 <= args.draft_len <= 16:
+        raise CliError(f"--draft-len: must be in [1, 16], got {args.draft_len}")
     for flag, port in (("--port", args.port), ("--http-port", args.http_port),
                        ("--edge-metrics-port", args.edge_metrics_port), ("--cloud-metrics-port", args.cloud_metrics_port)):
         if not 0 <= port <= 65535:

@@ -1,8 +1,12 @@
 """`tandem tokens issue|list|revoke`: the cloud's per-device tokens.
 
 Guarantees:
-- The store is `--store` (default `TANDEM_HOME/auth/cloud-tokens.json`, the file the cloud's
-  `--tokens-file` names); it holds salted hashes only (`cloud_node.tokens`), mode 0600.
+- The store is `--store`, by default the one the local stack (`tandem up`, `tandem demo`) runs
+  with: `TANDEM_HOME/secure/cloud-tokens.json` (`tandem.ops.local_stack.secure_dir`), the file its
+  cloud's `--tokens-file` names. It holds salted hashes only (`cloud_node.tokens`), mode 0600.
+- `list` and `revoke` on a store that does not exist exit 2 with "no token store at PATH" and
+  create nothing. Only `issue` makes a store: in a folder that exists for `--store`; the default
+  store's folder is made (mode 0700) as `tandem up` makes it.
 - `issue NAME` writes the new token to `--out FILE` (mode 0600) and prints only its id, or, with
   no `--out`, prints the token once on stdout (nothing else goes to stdout). A token is never
   shown again and never appears in an error message.
@@ -25,17 +29,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tandem import paths
 from tandem.cli.main import CliError
 
 
 def default_store() -> Path:
-    return paths.tandem_home() / "auth" / "cloud-tokens.json"
+    """The store of the local stack that `tandem up` runs."""
+    from cloud_node.tokens import STORE_FILE
+    from tandem.ops.local_stack import secure_dir
+
+    return secure_dir() / STORE_FILE
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("tokens", help="issue, list and revoke the cloud's per-device tokens")
-    p.add_argument("--store", type=Path, default=None, help="token store (default TANDEM_HOME/auth/cloud-tokens.json)")
+    p = sub.add_parser("tokens", help="issue, list and revoke the cloud's per-device tokens",
+                       description="Issue, list and revoke the cloud's per-device tokens. Without --store they "
+                                   "are those of the local stack that `tandem up` runs.")
+    p.add_argument("--store", type=Path, default=None,
+                   help="token store (default: TANDEM_HOME/secure/cloud-tokens.json, the store of the local "
+                        "stack that `tandem up` runs)")
     ops = p.add_subparsers(dest="op", metavar="OP", required=True)
     issue = ops.add_parser("issue", help="issue a token for a device")
     issue.add_argument("name", help="the device's name (letters, digits, ._@-)")
@@ -51,14 +62,16 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cloud_node.tokens import TokenError, TokenStore
+    from cloud_node.tokens import TokenError, TokenStore, require_store
 
     store = TokenStore(args.store or default_store())
     try:
         if args.op == "issue":
+            if args.store is not None and not store.path.parent.is_dir():
+                raise CliError(f"--store {store.path}: the folder {store.path.parent} does not exist; create it first")
             _issue(store, args)
         elif args.op == "list":
-            rows = [r.public() for r in store.records()]
+            rows = [r.public() for r in require_store(store.path)]
             if args.json:
                 print(json.dumps(rows, indent=1))
             else:

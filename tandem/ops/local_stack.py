@@ -75,13 +75,13 @@ def prepare_secrets(folder: Path | None = None) -> StackSecrets:
     """Make (or reuse) the CA, certificates, token store, tokens and keys of a secure stack."""
     import secrets as random
 
-    from cloud_node.tokens import TokenStore
+    from cloud_node.tokens import STORE_FILE, TokenStore
     from tandem.ops import devpki
     from tandem.security import write_secret
 
     folder = folder or secure_dir()
     pki = devpki.ensure(folder / "pki")
-    store = TokenStore(folder / "cloud-tokens.json")
+    store = TokenStore(folder / STORE_FILE)
     for record in store.records():
         if record.name == EDGE_DEVICE_NAME and record.revoked is None:
             store.revoke(record.id)

@@ -1,6 +1,8 @@
-"""`tandem tokens issue`: a bad --out or --max-sessions exits 2 with one line and leaves no live token.
+"""`tandem tokens`: a bad --out or --max-sessions exits 2 with one line and leaves no live token;
+without --store it manages the local stack's store; list and revoke never create a store.
 
-The CLI runs in this process (`tandem.cli.main.main`) against a store in a temporary folder.
+The CLI runs in this process (`tandem.cli.main.main`) against a store in a temporary folder
+(TANDEM_HOME points at one too).
 """
 
 from __future__ import annotations
@@ -93,3 +95,47 @@ def test_max_sessions_defaults_to_4_and_keeps_what_is_given(tmp_path: Path, caps
     assert _tokens(store, "list", "--json") == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"]: r["max_sessions"] for r in rows} == {"phone": 4, "tablet": 1}
+
+
+def test_the_default_store_is_the_one_the_local_stack_runs_with(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem.ops import local_stack
+
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
+    stack = local_stack.prepare_secrets()  # what `tandem up` runs the cloud with
+    assert main(["tokens", "issue", "phone"]) == 0
+    assert "phone" in _live(stack.cloud_tokens)  # the running stack accepts it
+    assert main(["tokens", "revoke", local_stack.EDGE_DEVICE_NAME]) == 0
+    assert local_stack.EDGE_DEVICE_NAME not in _live(stack.cloud_tokens)  # and revoke reaches it
+
+
+def test_tokens_help_names_the_local_stacks_store(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["tokens", "--help"])
+    assert "TANDEM_HOME/secure/cloud-tokens.json" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("op", [["list"], ["list", "--json"], ["revoke", "phone"]])
+def test_list_and_revoke_of_a_missing_store_exit_2_and_create_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], op: list[str]) -> None:
+    store = tmp_path / "typo" / "tokens.json"
+    assert _tokens(store, *op) == 2
+    assert _one_error_line(capsys) == f"tandem tokens: error: no token store at {store}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_issue_into_a_missing_store_folder_exits_2_and_creates_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "typo" / "tokens.json"
+    assert _tokens(store, "issue", "phone") == 2
+    assert str(tmp_path / "typo") in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_issue_makes_a_store_in_an_existing_folder_that_list_then_reads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "tokens.json"
+    assert _tokens(store, "issue", "phone") == 0
+    capsys.readouterr()
+    assert _tokens(store, "list") == 0
+    assert "phone" in capsys.readouterr().out
