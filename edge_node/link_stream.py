@@ -66,6 +66,7 @@ class CloudRejected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"cloud rejected the request ({code.name}): {message}")
         self.code = code
+        self.details = message  # the cloud's one-line status message (`cloud_node.status`)
 
 
 @dataclass(frozen=True)

@@ -86,10 +86,18 @@ def _status(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     _failure(context, exc)
 
 
+_CLOUD_REASON_CHARS = 400  # the most of a cloud's refusal passed on
+
+
 def _failure(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
-    """A running generation failed: never the client's fault, so no detail leaves the node."""
+    """A running generation failed. No detail of the node's own leaves it; the cloud's reason for
+    refusing the request as invalid (a prompt past its context, say) does, since the caller can
+    act on it: the cloud writes its statuses for clients (`cloud_node.status`), one line each."""
     if isinstance(exc, CloudRejected):
-        fault(context, exc.code, f"the cloud verifier refused the request ({exc.code.name})", exc)
+        reason = ""
+        if exc.code == grpc.StatusCode.INVALID_ARGUMENT and exc.details:
+            reason = ": " + exc.details.replace("(request id ", "(cloud request id ")[:_CLOUD_REASON_CHARS]
+        fault(context, exc.code, f"the cloud verifier refused the request ({exc.code.name}){reason}", exc)
     if isinstance(exc, LinkError):
         fault(context, grpc.StatusCode.UNAVAILABLE, "the cloud verifier is unreachable", exc)
     fault(context, grpc.StatusCode.INTERNAL, "generation failed", exc)

@@ -18,9 +18,11 @@ import pytest
 from cloud_node.servicer import create_server
 from cloud_node.verifier import Limits, VerifierCore
 from edge_node.cloud_link import CloudLink, SessionRequest
+from edge_node.config import EdgeConfig
 from edge_node.drafter import DrafterModel
 from edge_node.generation import generate_cloud, generate_speculative
-from protos.tandem.v1 import cloud_pb2, common_pb2
+from edge_node.servicer import create_server as create_edge_server
+from protos.tandem.v1 import cloud_pb2, common_pb2, edge_pb2, edge_pb2_grpc
 from tandem.pair import LocalPair
 from tandem_core.loop import Draft
 from tandem_core.sampling import SamplingParams
@@ -127,3 +129,21 @@ def test_a_prompt_that_fills_the_context_is_refused_naming_the_field(address) ->
         client.open(_spec(GREEDY, list(range(5, 5 + CONTEXT)), 10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_context" in info.value.details()
+
+
+@pytest.mark.parametrize("mode", [edge_pb2.EDGE_MODE_CLOUD, edge_pb2.EDGE_MODE_SPECULATIVE])
+def test_the_edge_passes_on_the_clouds_reason_for_refusing_a_prompt(address, drafter, mode) -> None:
+    """The edge's context (the tiny drafter's 512) takes a prompt the cloud's (48) does not: the
+    caller gets the cloud's reason, not only that it refused."""
+    server, port = create_edge_server(drafter, EdgeConfig(cloud_address=address), "127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as info:
+            list(edge_pb2_grpc.EdgeNodeStub(channel).Generate(edge_pb2.EdgeGenerateRequest(
+                prompt_tokens=list(range(5, 5 + CONTEXT)), max_new_tokens=4, mode=mode), timeout=60))
+    finally:
+        server.stop(None)
+    details = info.value.details()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "refused the request" in details and "max_context" in details and "cloud request id" in details
+    assert len(details.splitlines()) == 1 and "Traceback" not in details
