@@ -54,6 +54,7 @@ from tandem.security import (
     read_secret,
     secure_channel,
 )
+from tandem_core.loop import SwitchCause
 from tandem_core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,12 @@ def _status(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
 
 
 _CLOUD_REASON_CHARS = 400  # the most of a cloud's refusal passed on
+# What a caller without fallback_local is told when the cloud path gives up, by the last cause.
+_LINK_FAILURES = {
+    SwitchCause.LATE_VERDICT: "the cloud verifier did not answer within the round deadline (round_deadline_ms)",
+    SwitchCause.CLOUD_REFUSED: "the cloud verifier is at capacity or draining",
+    SwitchCause.BAD_VERDICT: "the cloud verifier's replies broke the protocol",
+}
 
 
 def _failure(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
@@ -99,7 +106,8 @@ def _failure(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
             reason = ": " + exc.details.replace("(request id ", "(cloud request id ")[:_CLOUD_REASON_CHARS]
         fault(context, exc.code, f"the cloud verifier refused the request ({exc.code.name}){reason}", exc)
     if isinstance(exc, LinkError):
-        fault(context, grpc.StatusCode.UNAVAILABLE, "the cloud verifier is unreachable", exc)
+        fault(context, grpc.StatusCode.UNAVAILABLE, _LINK_FAILURES.get(exc.cause, "the cloud verifier is unreachable"),
+              exc)
     fault(context, grpc.StatusCode.INTERNAL, "generation failed", exc)
 
 

@@ -384,3 +384,24 @@ def test_verdicts_tampered_again_and_again_fall_back_to_the_device(drafter, clou
     # The drafter's cache held exactly the committed tokens: it goes on as a fresh session would.
     fresh = drafter.new_session([*PROMPT, *result.tokens[:m]], GREEDY, 0)
     assert result.tokens[m:] == list(fresh.generate(max_new_tokens=N - m, eos_ids=drafter.eos_ids))
+
+
+def test_rounds_later_than_the_deadline_are_reported_as_late_not_unreachable(drafter, shaper) -> None:
+    """Without fallback_local, a caller whose rounds all miss a 1 ms deadline (RTT 50 ms here)
+    is told the cloud did not answer in time, not that it is unreachable: it is healthy."""
+    from edge_node.config import EdgeConfig
+    from edge_node.servicer import create_server
+    from protos.tandem.v1 import edge_pb2, edge_pb2_grpc
+
+    shaper.set_conditions(rtt_ms=50)
+    server, port = create_server(drafter, EdgeConfig(cloud_address=_address(shaper)), "127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as info:
+            list(edge_pb2_grpc.EdgeNodeStub(channel).Generate(edge_pb2.EdgeGenerateRequest(
+                prompt_tokens=PROMPT, max_new_tokens=4, mode=edge_pb2.EDGE_MODE_SPECULATIVE, round_deadline_ms=1),
+                timeout=60))
+    finally:
+        server.stop(None)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.details().startswith("the cloud verifier did not answer within the round deadline")
