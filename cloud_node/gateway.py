@@ -23,6 +23,8 @@ Guarantees:
   sent first (`_FirstStatus`). A call that upstream broke off without any status is UNAVAILABLE
   with a request id. A fault in the gateway itself is INTERNAL with a request
   id (the traceback in its log), never the exception's text.
+- A refused call (no or a bad token, a revoked one, a device at its session limit) gets its
+  status before anything is forwarded, with a request id like every other status.
 - No token, key or secret is logged or put in a status message.
 """
 
@@ -278,18 +280,20 @@ class Gateway:
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
 
-    def _denied(self, exc: _Denied) -> None:
+    def _denied(self, exc: _Denied) -> str:
+        """Count and log a refusal; its client-facing details, with a request id as every status has."""
         self.denied[exc.code.name] += 1
         metrics.record_gateway_refusal(exc.code.name)
-        log.info("refused a call: %s", exc.code.name)
+        request_id = new_request_id()
+        log.info("refused a call: %s (request id %s)", exc.code.name, request_id)
+        return with_id(exc.message, request_id)
 
     def _streaming(self, method: str, client_streaming: bool) -> Callable[..., AsyncIterator[Any]]:
         async def forward(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 lease = self._admit(method, context.invocation_metadata())
             except _Denied as exc:
-                self._denied(exc)
-                await context.abort(exc.code, exc.message)
+                await context.abort(exc.code, self._denied(exc))
             call, error = None, None
             try:
                 call = self._open_call(method, client_streaming, True, request, context, lease)
@@ -314,8 +318,7 @@ class Gateway:
             try:
                 lease = self._admit(method, context.invocation_metadata())
             except _Denied as exc:
-                self._denied(exc)
-                await context.abort(exc.code, exc.message)
+                await context.abort(exc.code, self._denied(exc))
             call, error, reply = None, None, None
             try:
                 call = self._open_call(method, client_streaming, False, request, context, lease)

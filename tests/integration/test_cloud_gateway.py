@@ -128,6 +128,8 @@ def _code(channel: grpc.Channel) -> grpc.StatusCode:
         return grpc.StatusCode.OK
     except grpc.RpcError as exc:
         assert "tdm_" not in (exc.details() or "")
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:  # the gateway's own refusals carry a request id
+            assert re.search(r"\(request id [0-9a-f]{16}\)$", exc.details() or ""), exc.details()
         return exc.code()
 
 
