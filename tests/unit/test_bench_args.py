@@ -21,10 +21,7 @@ import tandem.bench.main
 import tandem.bench.orchestrator
 import tandem.bench.scale
 from tandem.cli.main import main
-
-
-class Started(Exception):
-    """What the stubs raise: a model, a stack or a cluster would have started."""
+from tests.support.start_stubs import Started, starter
 
 
 @pytest.fixture()
@@ -32,10 +29,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
 
     def stub(what: str) -> Any:
-        def start(*_: Any, **__: Any) -> Any:
-            calls.append(what)
-            raise Started(what)
-        return start
+        return starter(calls, what)
 
     monkeypatch.setattr(tandem.bench.scale, "bench_models", stub("cloud-scale"))
     monkeypatch.setattr(tandem.bench.fallback, "run_suite", stub("fallback"))

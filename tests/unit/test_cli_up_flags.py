@@ -16,10 +16,7 @@ import pytest
 import tandem.models.registry
 from tandem.cli.main import main
 from tandem.ops import local_stack
-
-
-class Started(Exception):
-    """What the stubs raise: the stack would have started."""
+from tests.support.start_stubs import Started, starter
 
 
 @pytest.fixture()
@@ -27,10 +24,7 @@ def started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     calls: list[str] = []
 
     def stub(what: str) -> Any:
-        def start(*_: Any, **__: Any) -> Any:
-            calls.append(what)
-            raise Started(what)
-        return start
+        return starter(calls, what)
 
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
     monkeypatch.setattr(tandem.models.registry, "require_pair", lambda: None)
