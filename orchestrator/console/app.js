@@ -427,7 +427,7 @@
     if (!text.trim()) { showError("a document needs text or a file"); return; }
     try {
       await api("POST", "/v1/tandem/documents",
-                {title: title || text.trim().slice(0, 60), text, privacy: $("doc-privacy").value, source});
+                {title: title || Array.from(text.trim()).slice(0, 60).join(""), text, privacy: $("doc-privacy").value, source});
       $("doc-form").reset();
       showError("");
     } catch (e) { showError("add: " + e.message + (e.param ? " (" + e.param + ")" : "")); }
