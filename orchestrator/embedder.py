@@ -71,9 +71,9 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Longest first, so each batch pads to similar lengths; results go back in input order.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        with self._lock:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            with self._lock:  # per batch: a query's embedding waits one batch, not a whole document
                 out[idx] = self._embed_batch([texts[i] for i in idx])
         return out
 

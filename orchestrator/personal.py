@@ -5,8 +5,10 @@ Guarantees:
   starts at construction in a worker thread; calls wait for it, and a failed load turns into
   `Unavailable`: with the fix in the message when the model is not fetched, else a generic
   message (the cause, which may name files, is logged, not sent).
-- Store calls run in a single worker thread (embedding is CPU-bound; SQLite writes serialize
-  anyway), so the event loop stays responsive.
+- Store calls run off the event loop, so it stays responsive: adds (which embed the whole
+  document) on one worker thread, every other call (search, list, count, delete, privacy) on
+  another, so none of them waits behind a large document's embedding; the embedder is locked
+  per batch of chunks, so a search's query waits one batch at most.
 - The store's own errors (`BadRequest` naming the field, `NotFound` for unknown ids, `Conflict`
   for a reused idempotency key) pass through.
 - Replies are bounded: `list_page` returns at most `page_size` documents and stops before the
@@ -55,6 +57,10 @@ def _open_store(path: Path | None) -> Any:
 class Personal:
     def __init__(self, store_path: Path | None = None, opener: Callable[[Path | None], Any] = _open_store) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personal")
+        # Adds embed a whole document (minutes for a large one on a slow device): on their own
+        # thread, so searches, listings and counts never queue behind them (the store and the
+        # embedder are thread-safe).
+        self._ingest = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personal-ingest")
         self._store: Future = self._pool.submit(opener, store_path)
         self.embedder_name = "all-MiniLM-L6-v2"
 
@@ -62,13 +68,13 @@ class Personal:
     def loaded(self) -> bool:
         return self._store.done() and self._store.exception() is None
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(self, fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
         loop = asyncio.get_running_loop()
         try:
             store = await asyncio.wrap_future(self._store)
         except Exception as exc:  # noqa: BLE001 - reported to the client
             raise _unavailable(exc) from None
-        return await loop.run_in_executor(self._pool, lambda: fn(store, *args))
+        return await loop.run_in_executor(pool or self._pool, lambda: fn(store, *args))
 
     async def search(self, messages: list[dict[str, str]], k: int) -> list[Any]:
         """The `k` best chunks for the conversation's last user turn."""
@@ -91,7 +97,7 @@ class Personal:
             return store.add(request.title, request.text, kind=request.kind or "document",
                              privacy=PRIVACY_FROM_PROTO[request.privacy], source=request.source,
                              idempotency_key=request.idempotency_key)
-        return document_to_proto(await self._call(add))
+        return document_to_proto(await self._call(add, pool=self._ingest))
 
     async def delete(self, doc_id: str) -> bool:
         return bool(await self._call(lambda store: store.delete(doc_id)))
@@ -124,6 +130,7 @@ class Personal:
         return int(await self._call(lambda store: store.count()))
 
     def close(self) -> None:
+        self._ingest.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
