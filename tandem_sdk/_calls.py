@@ -92,9 +92,12 @@ class Unary(Generic[T]):
     convert: Callable[[Any], T]
 
 
-def add_document(text: str, *, title: str, kind: str, privacy: str, source: str) -> Unary[Document]:
+def add_document(text: str, *, title: str, kind: str, privacy: str, source: str,
+                 idempotency_key: str | None = None) -> Unary[Document]:
+    """The AddDocument call; a fresh idempotency key unless one is given (the same key and
+    document return the stored one instead of a second copy)."""
     request = _convert.add_document_request(text, title=title, kind=kind, privacy=privacy, source=source,
-                                            idempotency_key=uuid.uuid4().hex)
+                                            idempotency_key=idempotency_key or uuid.uuid4().hex)
     return Unary("AddDocument", request, _convert.document)
 
 

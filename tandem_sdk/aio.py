@@ -123,10 +123,12 @@ class AsyncClient(ClientBase[AsyncGeneration]):
         return await self.generate(prompt, **kwargs).result()
 
     async def add_document(
-        self, text: str, *, title: str, kind: str = "document", privacy: str = "private", source: str = ""
+        self, text: str, *, title: str, kind: str = "document", privacy: str = "private", source: str = "",
+        idempotency_key: str | None = None,
     ) -> Document:
         """Store a personal document on the device (as `Client.add_document`)."""
-        return await self._unary(_calls.add_document(text, title=title, kind=kind, privacy=privacy, source=source))
+        return await self._unary(_calls.add_document(text, title=title, kind=kind, privacy=privacy, source=source,
+                                                       idempotency_key=idempotency_key))
 
     async def delete_document(self, id: str) -> bool:
         """Delete a document; True when it existed."""

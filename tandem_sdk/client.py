@@ -143,15 +143,20 @@ class Client(ClientBase[Generation]):
         return self.generate(prompt, **kwargs).result()
 
     def add_document(
-        self, text: str, *, title: str, kind: str = "document", privacy: str = "private", source: str = ""
+        self, text: str, *, title: str, kind: str = "document", privacy: str = "private", source: str = "",
+        idempotency_key: str | None = None,
     ) -> Document:
-        """Store a personal document on the device (embedded for retrieval).
+        """Store a personal document on the device (embedded for retrieval). `idempotency_key`
+        (printable ASCII, at most 128 characters): the same key with the same document returns the
+        document stored under it, so a retry after a timeout stores no second copy; by default
+        each call gets a fresh one.
 
         Example:
             >>> client.add_document("Allergic to peanuts.", title="health", kind="profile").id
             'doc-1f3a'
         """
-        return self._unary(_calls.add_document(text, title=title, kind=kind, privacy=privacy, source=source))
+        return self._unary(_calls.add_document(text, title=title, kind=kind, privacy=privacy, source=source,
+                                                       idempotency_key=idempotency_key))
 
     def delete_document(self, id: str) -> bool:
         """Delete a document; True when it existed."""

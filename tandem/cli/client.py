@@ -146,7 +146,8 @@ def _add_docs(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[t
     docs = subparsers.add_parser("docs", help="personal documents stored on the device")
     sub = docs.add_subparsers(dest="docs_command", metavar="ACTION")
     sub.required = True
-    add = sub.add_parser("add", parents=[_common()], help="add text files as documents")
+    add = sub.add_parser("add", parents=[_common()], help="add text files as documents (adding the same file "
+                         "again returns the stored document; a large one may take minutes to embed)")
     add.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     label = add.add_mutually_exclusive_group()
     label.add_argument("--private", dest="privacy", action="store_const", const="private",
@@ -172,8 +173,9 @@ def _add_docs(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 @contextmanager
-def _client(args: argparse.Namespace) -> Iterator[Client]:
-    """A connected SDK client; SDK errors become one-line `CliError`s naming the address."""
+def _client(args: argparse.Namespace, timeout_s: float | None = None) -> Iterator[Client]:
+    """A connected SDK client (each call's deadline `timeout_s`, else the SDK's); SDK errors become
+    one-line `CliError`s naming the address."""
     from tandem.security import SecurityError, read_secret
     from tandem_sdk import AuthenticationError, Client, InvalidArgument, TandemError, Unavailable
 
@@ -188,7 +190,8 @@ def _client(args: argparse.Namespace) -> Iterator[Client]:
         raise CliError(str(exc)) from None
     tls, ca_cert = bool(getattr(args, "tls", False)), getattr(args, "ca_cert", None) or stack_ca
     try:
-        with Client(address, api_key=key, tls=tls, ca_cert=ca_cert) as client:
+        deadline = {} if timeout_s is None else {"timeout_s": timeout_s}
+        with Client(address, api_key=key, tls=tls, ca_cert=ca_cert, **deadline) as client:
             yield client
     except Unavailable as exc:
         hint = "" if tls or ca_cert else "; if it serves TLS, pass --ca-cert PATH or --tls"
@@ -383,12 +386,26 @@ def run_docs_add(args: argparse.Namespace) -> int:
     for path in args.paths:
         utf8(f"the path {path}", str(path))
     texts = [(path, _read_document(path)) for path in args.paths]  # every file before any call
-    with _client(args) as client:
+    with _client(args, timeout_s=DOCS_ADD_TIMEOUT_S) as client:
         for path, text in texts:
-            doc = client.add_document(text, title=args.title or path.name, kind=args.kind,
-                                      privacy=args.privacy, source=str(path.resolve()))
+            title, source = args.title or path.name, str(path.resolve())
+            doc = client.add_document(text, title=title, kind=args.kind, privacy=args.privacy, source=source,
+                                      idempotency_key=_document_key(title, text, args.kind, args.privacy, source))
             print(_doc_line(doc))
     return 0
+
+
+# Embedding a document of the largest size (2 MB, ~3000 chunks) takes minutes on a slow device.
+DOCS_ADD_TIMEOUT_S = 900.0
+
+
+def _document_key(*fields: str) -> str:
+    """The idempotency key of one document as the CLI adds it: the same file added again (a retry
+    after a timeout, say) returns the stored document instead of storing a second copy."""
+    import hashlib
+
+    digest = hashlib.sha256("\x00".join(fields).encode("utf-8")).hexdigest()
+    return f"cli-{digest[:60]}"
 
 
 def run_docs_list(args: argparse.Namespace) -> int:

@@ -198,3 +198,26 @@ def test_a_version_1_store_is_migrated_and_keeps_its_documents(tmp_path: Path) -
     assert raw.execute("PRAGMA user_version").fetchone()[0] == store_schema.SCHEMA_VERSION == 2
     assert raw.execute("SELECT idempotency_key FROM documents WHERE id = 'old1'").fetchone() == (None,)
     raw.close()
+
+
+def test_the_cli_adding_the_same_file_again_returns_the_stored_document(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user who re-runs `tandem docs add` (say after a timeout while a large file embedded) gets
+    the document already stored, not a second copy; another title is another document."""
+    from tandem.cli.main import main
+
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TANDEM_API_KEY", raising=False)
+    note = tmp_path / "note.txt"
+    note.write_text("I live in Lyon.")
+    s = Served(tmp_path / "store.sqlite3", LoseFirstReply(lose=0))
+    try:
+        printed = []
+        for extra in ([], [], ["--title", "another"]):
+            assert main(["docs", "add", str(note), "--address", s.address, *extra]) == 0
+            printed.append(capsys.readouterr().out.split("\t")[0])
+        titles = _titles(s.address)
+    finally:
+        s.close()
+    assert printed[0] == printed[1] != printed[2]
+    assert sorted(titles) == ["another", "note.txt"]
