@@ -186,6 +186,13 @@ def idle(limit_s: float) -> SessionIdle:
     return SessionIdle(f"no request for {limit_s:g} s: the session is closed; resume on a new stream")
 
 
+def close_generate(core: VerifierCore, chunks: GenerateStream) -> None:
+    """End a Generate stream and close its session; the store's state is read at once (as a
+    Verify stream's close does)."""
+    chunks.close()
+    metrics.record_store(core.store)
+
+
 def open_generate(core: VerifierCore, admission: Admission, data: Any) -> GenerateStream:
     """Validate and open a Generate call (bytes or a parsed GenerateRequest)."""
     request = parse(data, cloud_pb2.GenerateRequest)

@@ -54,11 +54,18 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import gRPCInputStream
 
-from cloud_node import metrics
 from cloud_node.cpus import available_cpus
 from cloud_node.errors import Draining, SessionGone, Unauthenticated, echo
 from cloud_node.gateway import replica_refusal
-from cloud_node.protocol import DRAINING, Admission, VerifyStream, chunk_to_proto, idle, open_generate
+from cloud_node.protocol import (
+    DRAINING,
+    Admission,
+    VerifyStream,
+    chunk_to_proto,
+    close_generate,
+    idle,
+    open_generate,
+)
 from cloud_node.serve_drain import watch as watch_drain_switch
 from cloud_node.serve_proxy import install_status_scrubber
 from cloud_node.servicer import SERVICE_NAME
@@ -130,8 +137,7 @@ def _close_when_opened(opening: Future[Any], core: VerifierCore) -> None:
     """Close what `opening` opens, now or once it has (a cancelled await leaves it running)."""
     def close(_: Any = None) -> None:
         if not opening.cancelled() and opening.exception() is None:
-            opening.result().close()
-            metrics.record_store(core.store)
+            close_generate(core, opening.result())
 
     opening.add_done_callback(close)
 

@@ -30,7 +30,6 @@ from typing import Any
 
 import grpc
 
-from cloud_node import metrics
 from cloud_node.errors import Draining
 from cloud_node.protocol import (
     DRAINING,
@@ -38,6 +37,7 @@ from cloud_node.protocol import (
     Admission,
     VerifyStream,
     chunk_to_proto,
+    close_generate,
     idle,
     open_generate,
 )
@@ -144,8 +144,7 @@ class CloudVerifierServicer:
             _abort(context, exc, request_id)
         finally:
             if chunks is not None:
-                chunks.close()
-                metrics.record_store(self.core.store)
+                close_generate(self.core, chunks)
 
     def wake_streams_for_drain(self) -> None:
         with self._lock:

@@ -80,28 +80,27 @@ def _loads(text: str) -> tuple[str, ...]:
     return loads
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """The suite's flags, before any cluster or process starts: CliError (exit 2, one line)."""
-    import math
-
+def check_args(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]:
+    """The suite's flags, before any cluster or process starts: CliError (exit 2, one line);
+    returns the parsed (sessions, replica counts, loads). `tandem bench` checks the flags every
+    suite shares (`--duration` among them) before this."""
     from tandem.cli.main import CliError
 
-    _ints(getattr(args, "sessions", ",".join(map(str, SESSIONS))), "sessions")
-    if max(_ints(getattr(args, "replicas", ",".join(map(str, REPLICAS))), "replicas")) > 2:
+    sessions = _ints(getattr(args, "sessions", ",".join(map(str, SESSIONS))), "sessions")
+    replica_counts = _ints(getattr(args, "replicas", ",".join(map(str, REPLICAS))), "replicas")
+    if max(replica_counts) > 2:
         raise CliError("--replicas: this machine runs a two-node cluster, so at most 2")
-    _loads(getattr(args, "load", LOADS[0]))
-    duration = getattr(args, "duration", 0.0)
-    if not (math.isfinite(duration) and duration >= 0):
-        raise CliError(f"--duration: must be a finite number >= 0, got {duration}")
+    loads = _loads(getattr(args, "load", LOADS[0]))
     max_sessions = getattr(args, "max_sessions", None)
     if max_sessions is None:
-        return
+        return sessions, replica_counts, loads
     if max_sessions < 1:
         raise CliError(f"--max-sessions: must be >= 1, got {max_sessions}")
     try:  # what the deploy spec takes (`tandem.deploy.spec.DeploySpec.__post_init__`)
         _spec(Path("."), "bf16", 1, max_sessions, [0, 0])
     except ValueError as exc:
         raise CliError(f"--max-sessions: the deployment refuses {max_sessions}: {exc}") from None
+    return sessions, replica_counts, loads
 
 
 def bench_models(kind: str, args: argparse.Namespace, work: Path, say: Callable[[str], None] = _progress
@@ -247,11 +246,8 @@ def _run_suite(args: argparse.Namespace) -> int:
     from tandem.bench.scale_load import Loads
     from tandem.ops.ray_cluster import LocalRayCluster, free_ports
 
-    check_args(args)
+    sessions, replica_counts, loads = check_args(args)
     kind = getattr(args, "models", "real")
-    sessions = _ints(getattr(args, "sessions", ",".join(map(str, SESSIONS))), "sessions")
-    replica_counts = _ints(getattr(args, "replicas", ",".join(map(str, REPLICAS))), "replicas")
-    loads = _loads(getattr(args, "load", LOADS[0]))
     max_sessions = getattr(args, "max_sessions", None)
     t0 = time.monotonic()
     rows: list[dict[str, Any]] = []
