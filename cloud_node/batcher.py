@@ -27,6 +27,10 @@ Guarantees:
 - By the engine's batch invariance, what a call gets does not depend on what it was batched
   with. An engine error fails every call of that pass (their caches may be half-written; callers
   drop them and re-prefill) and the worker goes on with the next pass.
+- Cancelled prefills: `run(..., cancelled=f)` on a prefill asks `f()` before each of its chunks
+  (outside the batcher's lock); once it is true the prefill takes no further pass and the call
+  raises `SessionGone`. A client that opens a long prompt and goes away thus costs the replica
+  at most one more chunk, not the whole prompt.
 - `close()` fails queued and future calls with `BatcherClosed`; the worker thread exits.
 - `stats()` reports passes, rows, mean sessions per pass and the last pass's wall time, for
   status reports, the retry hint and benchmarks.
@@ -38,13 +42,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cloud_node.engine import Engine, KVCache, Rows
+from cloud_node.errors import SessionGone
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,7 @@ class _Job:
     keep: int
     prefill: bool
     parents: tuple[int, ...] | None = None  # a round over a tree (`Rows.parents`)
+    cancelled: Callable[[], bool] | None = None  # a prefill's caller has gone when this says so
     submitted: float = field(default_factory=time.perf_counter)
     offset: int = 0
     started: float | None = None
@@ -130,15 +136,18 @@ class Batcher:
     # --- callers --------------------------------------------------------------------------
 
     def run(self, cache: KVCache, ids: Sequence[int], keep: int, *, prefill: bool = False,
-            parents: Sequence[int] | None = None) -> tuple[np.ndarray, Pass]:
+            parents: Sequence[int] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> tuple[np.ndarray, Pass]:
         """Append `ids` to `cache` in the next pass(es); the last `keep` logits rows and the pass info.
-        `parents` (a round only): the rows are a tree, in one pass (see `cloud_node.engine.Rows`)."""
+        `parents` (a round only): the rows are a tree, in one pass (see `cloud_node.engine.Rows`).
+        `cancelled` (a prefill only): asked before each chunk; once true, SessionGone is raised and
+        `cache` holds a part of the prompt (the caller drops it)."""
         tree = None if parents is None else tuple(int(a) for a in parents)
         if tree is not None and (prefill or len(tree) != len(ids) or any(not -1 <= a < i for i, a in enumerate(tree))):
             raise ValueError("parents: a tree is a round (not a prefill), one parent per id, each -1 or an earlier row")
         if getattr(cache, "tree", None) is not None:  # checked here: in the pass it would fail every caller
             raise ValueError("the cache holds a tree not yet accepted or cropped; it takes no pass")
-        job = _Job(cache, [int(t) for t in ids], keep, prefill, tree)
+        job = _Job(cache, [int(t) for t in ids], keep, prefill, tree, cancelled if prefill else None)
         if not job.ids:
             return np.zeros((0, self.engine.vocab_size), np.float32), Pass()
         with self._cv:
@@ -213,6 +222,20 @@ class Batcher:
                 self._prefills.remove(job)
         return batch
 
+    def _drop_cancelled(self) -> None:
+        """Fail the queued prefills whose callers have gone (their predicates run outside the lock)."""
+        with self._cv:
+            watched = [job for job in self._prefills if job.cancelled is not None]
+        gone = [job for job in watched if _asks_to_stop(job)]
+        if not gone:
+            return
+        with self._cv:
+            dropped = [job for job in gone if _remove(self._prefills, job)]
+        for job in dropped:
+            log.info("prefill dropped after %d of %d tokens: its caller has gone", job.offset, len(job.ids))
+            job.error = SessionGone("the session was closed while its prompt was prefilled")
+            job.done.set()
+
     def _wait_for_stragglers(self) -> None:
         """Under the lock: wait (at most the window) for recent sessions expected back soon."""
         if not self.window_s or not self._rounds:
@@ -241,6 +264,7 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
+            self._drop_cancelled()
             with self._cv:
                 batch = self._take()
             if batch is None:
@@ -289,3 +313,21 @@ class Batcher:
                     job.done.set()
                 else:
                     job.offset = end
+
+
+def _asks_to_stop(job: _Job) -> bool:
+    assert job.cancelled is not None
+    try:
+        return bool(job.cancelled())
+    except Exception:  # a broken predicate must not stop the worker
+        log.exception("a prefill's cancel check failed; the prefill goes on")
+        return False
+
+
+def _remove(jobs: deque[_Job], job: _Job) -> bool:
+    """Remove `job` (by identity) if it is still queued."""
+    for i, queued in enumerate(jobs):
+        if queued is job:
+            del jobs[i]
+            return True
+    return False

@@ -12,7 +12,8 @@ Guarantees:
   exactly one `verdict`, in order; a round before open, a second open, a round after the final
   verdict or an empty message is a `BadRequest`. The stream is over after a finished verdict.
 - `VerifyStream.close` may run from any thread at any moment, also while `open` is still
-  running: the session is closed exactly once, whenever it comes into being.
+  running: the session is closed exactly once, whenever it comes into being, and a prefill
+  still running stops at its next chunk (as `open_generate`'s does once `cancelled` says so).
 - While the replica drains (`Admission.draining`), opening raises `Draining`.
 - A stream whose client sends nothing for `Limits.idle_s` (the wait for its next request, from
   the stream's start or its last reply) ends with `idle(...)`, a `SessionIdle` (UNAVAILABLE);
@@ -24,6 +25,7 @@ Guarantees:
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -161,7 +163,7 @@ class VerifyStream:
                 raise BadRequest("open: this stream already has an open session; send rounds")
             self._opening = True
         self.admission.admit()
-        opened = self.core.open(spec_from_proto(msg))
+        opened = self.core.open(spec_from_proto(msg), cancelled=lambda: self._closed)
         with self._lock:
             self.session = opened.session
             closed = self._closed
@@ -193,10 +195,12 @@ def close_generate(core: VerifierCore, chunks: GenerateStream) -> None:
     metrics.record_store(core.store)
 
 
-def open_generate(core: VerifierCore, admission: Admission, data: Any) -> GenerateStream:
-    """Validate and open a Generate call (bytes or a parsed GenerateRequest)."""
+def open_generate(core: VerifierCore, admission: Admission, data: Any,
+                  cancelled: Callable[[], bool] | None = None) -> GenerateStream:
+    """Validate and open a Generate call (bytes or a parsed GenerateRequest); once `cancelled`
+    says the call has gone, its prefill stops (SessionGone)."""
     request = parse(data, cloud_pb2.GenerateRequest)
     if not request.HasField("session"):
         raise BadRequest("session: missing (a GenerateRequest needs its SessionSpec)")
     admission.admit()
-    return core.generate(spec_from_proto(request.session))
+    return core.generate(spec_from_proto(request.session), cancelled)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +122,11 @@ class TargetModel:
         log.info("warm-up prefill + round took %.2f s", took)
         return took
 
-    def new_session(self, prompt_ids: Sequence[int], *, prefix: tuple[Any, int] | None = None) -> ScorerSession:
-        return ScorerSession(self, prompt_ids, prefix=prefix)
+    def new_session(self, prompt_ids: Sequence[int], *, prefix: tuple[Any, int] | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> ScorerSession:
+        """A session over `prompt_ids`, prefilled; `cancelled` stops the prefill between chunks
+        (SessionGone, see `cloud_node.batcher`)."""
+        return ScorerSession(self, prompt_ids, prefix=prefix, cancelled=cancelled)
 
     def close(self) -> None:
         self.batcher.close()
@@ -149,7 +152,7 @@ class ScorerSession:
     """One request's view of the target: committed tokens plus a KV cache."""
 
     def __init__(self, target: TargetModel, prompt_ids: Sequence[int], *,
-                 prefix: tuple[Any, int] | None = None) -> None:
+                 prefix: tuple[Any, int] | None = None, cancelled: Callable[[], bool] | None = None) -> None:
         """`prefix`: (a KVCache or ScorerSession, n) whose first n positions' KV this session reuses."""
         if len(prompt_ids) < 1:
             raise ValueError("prompt must hold at least one token")
@@ -173,7 +176,7 @@ class ScorerSession:
                 self.cache.copy_prefix_from(source, length)
                 self.reused = length
         ids = self.committed[self.reused:]  # at least the last token: its row is the first round's row 0
-        logits, info = self._target.batcher.run(self.cache, ids, 1, prefill=True)
+        logits, info = self._target.batcher.run(self.cache, ids, 1, prefill=True, cancelled=cancelled)
         self.forwards += info.passes
         self.prefilled += len(ids) - 1  # the last token is the first round's row, counted there before
         self.last_pass = info

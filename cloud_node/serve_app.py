@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -235,7 +236,8 @@ class CloudVerifierDeployment:
             self._through_gateway(grpc_context)
         except Unauthenticated as exc:
             _fail(grpc_context, exc, request_id)
-        opening = self._pool.submit(open_generate, self.core, self.admission, request)
+        gone = threading.Event()  # the call has ended: a prefill still running stops
+        opening = self._pool.submit(open_generate, self.core, self.admission, request, gone.is_set)
         try:
             chunks = await asyncio.wrap_future(opening)
             while (chunk := await asyncio.wrap_future(self._pool.submit(next, chunks, None))) is not None:
@@ -245,6 +247,7 @@ class CloudVerifierDeployment:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, here
             _fail(grpc_context, exc, request_id)
         finally:
+            gone.set()
             _close_when_opened(opening, self.core)
 
     async def Check(self, request: Any, grpc_context: Any) -> Any:

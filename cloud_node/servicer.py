@@ -133,7 +133,7 @@ class CloudVerifierServicer:
     def Generate(self, request: bytes, context: grpc.ServicerContext) -> Iterator[cloud_pb2.GenerateResponse]:
         request_id, chunks = new_request_id(), None
         try:
-            chunks = open_generate(self.core, self.admission, request)
+            chunks = open_generate(self.core, self.admission, request, cancelled=lambda: not context.is_active())
             if not context.add_callback(chunks.close):  # cancelled while it opened
                 return
             for chunk in chunks:

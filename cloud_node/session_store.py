@@ -259,6 +259,11 @@ class SessionStore:
         with self._lock:
             return len(self._records)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether the session `key` is open."""
+        with self._lock:
+            return key in self._records
+
     def resident_bytes(self) -> int:
         """Estimated KV bytes of all resident caches, the retained ones included."""
         with self._lock:

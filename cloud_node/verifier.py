@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,8 +195,9 @@ class VerifierCore:
 
     # --- sessions -----------------------------------------------------------------------------
 
-    def open(self, spec: SessionSpec) -> Opened:
-        """Validate the spec, register the session and prefill its cache."""
+    def open(self, spec: SessionSpec, cancelled: Callable[[], bool] | None = None) -> Opened:
+        """Validate the spec, register the session and prefill its cache. `cancelled`: the
+        caller has gone when it says so; the prefill then stops at its next chunk (SessionGone)."""
         checked = self.check.spec(spec)
         state = _SessionState(checked.params, resolve_seed(checked.seed), spec.max_new_tokens, time.monotonic())
         try:
@@ -204,7 +205,7 @@ class VerifierCore:
         except SessionLimit as exc:
             raise ResourceExhausted(f"{exc}; retry after {self.retry_after_ms()} ms") from exc
         try:
-            timing = self._ensure_cache(record, 0)
+            timing = self._ensure_cache(record, 0, cancelled)
         except BaseException:
             self.close(record.key)
             raise
@@ -257,10 +258,10 @@ class VerifierCore:
         return RoundVerdict(draft.round, verdict.accepted, verdict.tokens, verdict.finished,
                             verdict.finish_reason, timing)
 
-    def generate(self, spec: SessionSpec) -> GenerateStream:
+    def generate(self, spec: SessionSpec, cancelled: Callable[[], bool] | None = None) -> GenerateStream:
         """Cloud-only decoding: validates and opens now (raising BadRequest/ResourceExhausted
-        here); the stream then yields one token per chunk."""
-        opened = self.open(spec)
+        here; `cancelled` as for `open`); the stream then yields one token per chunk."""
+        opened = self.open(spec, cancelled)
         try:
             return GenerateStream(self, self._record(opened.session), opened.timing)
         except BaseException:
@@ -300,9 +301,10 @@ class VerifierCore:
         return verdict, Timing(_ms(used.queue_s), built.prefill_ms, _ms(took - used.queue_s),
                                built.prefill_tokens, built.reused_tokens, used.sessions)
 
-    def _ensure_cache(self, record: SessionRecord, drafts: int) -> Timing:
+    def _ensure_cache(self, record: SessionRecord, drafts: int, cancelled: Callable[[], bool] | None = None) -> Timing:
         """Make the session's cache resident (prefill if new or evicted, from the longest cached
-        prefix); returns the prefill's timing. Raises SessionGone if the session was closed meanwhile."""
+        prefix); returns the prefill's timing. Raises SessionGone if the session was closed (or
+        `cancelled` turned true) meanwhile: the prefill stops at its next chunk."""
         # Look up a prefix first: making room may evict the very cache that holds it (the lookup
         # keeps a reference, so the copy below still works).
         prefix = self.store.lookup(record.committed[:-1]) if record.cache is None else None
@@ -313,7 +315,10 @@ class VerifierCore:
         if record.cache is not None:
             return Timing()
         t0 = time.perf_counter()
-        cache = self.target.new_session(record.committed, prefix=prefix)
+        def gone() -> bool:
+            return record.key not in self.store or (cancelled is not None and cancelled())
+
+        cache = self.target.new_session(record.committed, prefix=prefix, cancelled=gone)
         if not self.store.attach(record.key, cache):  # closed during the prefill: drop it
             raise SessionGone(f"session {record.key} was closed")
         record.cache = cache

@@ -224,8 +224,8 @@ def test_a_verify_stream_closed_while_its_open_runs_frees_the_session(core: Veri
     opening, release = threading.Event(), threading.Event()
     real_open = core.open
 
-    def slow_open(spec):  # type: ignore[no-untyped-def]
-        opened = real_open(spec)
+    def slow_open(spec, cancelled=None):  # type: ignore[no-untyped-def]
+        opened = real_open(spec, cancelled)
         opening.set()
         release.wait(10)
         return opened

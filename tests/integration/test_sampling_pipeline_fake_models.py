@@ -150,7 +150,7 @@ class FakeTargetSession:
 class FakeTarget:
     vocab_size, max_context = V, 64
 
-    def new_session(self, ids: Sequence[int], *, prefix: Any = None) -> FakeTargetSession:
+    def new_session(self, ids: Sequence[int], *, prefix: Any = None, cancelled: Any = None) -> FakeTargetSession:
         return FakeTargetSession(ids)
 
 
