@@ -20,6 +20,9 @@ Guarantees:
   | DeadlineExceeded   | DEADLINE_EXCEEDED   | 504  | past the request's deadline                     |
   | anything else      | INTERNAL            | 500  | a bug: generic message + a request id, logged   |
 
+- `Busy` carries when to try again (`retry_after_s`): HTTP answers it as `Retry-After` (whole
+  seconds, at least 1), gRPC as the `grpc-retry-pushback-ms` trailer (the SDK reads it into
+  `ResourceExhausted.retry_after_s`).
 - `internal_error` logs an unexpected exception with its traceback under a fresh request id
   and returns the generic message the client gets, which quotes only that id.
 """
@@ -79,8 +82,20 @@ class Disabled(OrchestratorError):
     """A feature this orchestrator was started without (e.g. personal documents)."""
 
 
+BUSY_RETRY_S = 1.0  # the hint a refusal for load carries when nothing better is known
+
+
 class Busy(OrchestratorError):
-    pass
+    """Too much at once; `retry_after_s` says when a retry is likely to be admitted."""
+
+    def __init__(self, message: str, retry_after_s: float = BUSY_RETRY_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """When to try again after `exc`; None when it is not a refusal for load."""
+    return exc.retry_after_s if isinstance(exc, Busy) else None
 
 
 class DeadlineExceeded(OrchestratorError):

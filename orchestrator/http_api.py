@@ -11,7 +11,7 @@ Guarantees:
   400 bad input (param names the field in the request's own terms, e.g. `max_tokens` or
   `tandem.category`), 404 unknown model (code "model_not_found") or URL, 405 wrong method,
   408 a body not received within `body_timeout_s` (`BODY_TIMEOUT_S`), 413 body over `max_body_bytes`, 429 core
-  Busy, 503 core Unavailable, 504 past the request's deadline. The status of a core error comes
+  Busy (with `Retry-After`), 503 core Unavailable, 504 past the request's deadline. The status of a core error comes
   from `errors.status_of` (the one table). 500 only for a bug: a generic message with a request
   id, the details in the log. No request crashes the server.
 - Errors the core raises before its first item get those statuses; an error once a stream has
@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import ssl
 import time
 import uuid
@@ -383,7 +384,8 @@ async def _error_middleware(
         headers = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
     except Exception as err:  # noqa: BLE001 - no request may crash the server; logged
         api_err = _to_api_error(err)
-        headers = None
+        wait_s = errors.retry_after_s(err)
+        headers = None if wait_s is None else {"Retry-After": str(max(1, math.ceil(wait_s)))}
     return web.json_response(api_err.to_json(), status=api_err.status, headers=headers)
 
 

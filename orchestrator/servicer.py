@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator.core import Orchestrator
-from orchestrator.errors import BadRequest, Disabled, public_message, status_of
+from orchestrator.errors import BadRequest, Disabled, public_message, retry_after_s, status_of
 from orchestrator.personal import Personal
 from orchestrator.validation import check_id
 from protos.tandem.v1 import orchestrator_pb2 as opb
@@ -41,10 +41,14 @@ M = TypeVar("M", bound=Message)
 SERVICE_NAME = opb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 MAX_RECEIVE_BYTES = 8 << 20  # the largest request message accepted
 MAX_CONCURRENT_RPCS = 256
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # a RESOURCE_EXHAUSTED's retry hint, in ms
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     """End the call with the status `exc` maps to (see the module docstring)."""
+    wait_s = retry_after_s(exc)
+    if wait_s is not None:  # gRPC's own name for a server's retry hint
+        context.set_trailing_metadata(((PUSHBACK_KEY, str(max(0, round(wait_s * 1000)))),))
     await context.abort(grpc.StatusCode[status_of(exc).grpc], public_message(exc, method))
 
 

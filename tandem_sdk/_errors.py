@@ -44,7 +44,10 @@ class NotFound(TandemError):
 
 
 class ResourceExhausted(TandemError):
-    """The orchestrator is busy (too many requests at once); try again later."""
+    """The orchestrator is busy (too many requests at once); try again later, after
+    `retry_after_s` seconds when the orchestrator said (None when it did not)."""
+
+    retry_after_s: float | None = None
 
 
 class AuthenticationError(TandemError):
@@ -89,4 +92,21 @@ def from_rpc_error(err: grpc.RpcError) -> TandemError:
     details = details_fn() if callable(details_fn) else None
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
-    return error_for(code, details or str(err) or code.name.lower())
+    error = error_for(code, details or str(err) or code.name.lower())
+    if isinstance(error, ResourceExhausted):
+        error.retry_after_s = _pushback_s(err)
+    return error
+
+
+def _pushback_s(err: grpc.RpcError) -> float | None:
+    """The server's retry hint (the `grpc-retry-pushback-ms` trailer), in seconds."""
+    trailing = getattr(err, "trailing_metadata", None)
+    try:
+        pairs = trailing() if callable(trailing) else None
+    except Exception:  # noqa: BLE001 - an error without metadata has no hint
+        return None
+    for key, value in pairs or ():
+        if key == "grpc-retry-pushback-ms":
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            return int(text) / 1000.0 if text.isascii() and text.isdigit() else None
+    return None
