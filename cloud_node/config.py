@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS, ROUND_DEADLINE_MS
+from tandem.limits import MAX_CONTEXT, MAX_DRAFT_LEN, MAX_NEW_TOKENS, ROUND_DEADLINE_MS, SESSION_IDLE_S
 from tandem_core.tree import MAX_TREE_NODES
 
 ENV_PREFIX = "TANDEM_CLOUD_"
+MAX_SESSION_IDLE_S = 86_400.0  # a day: longer is no limit at all
 DTYPES = ("bf16", "fp32")
 
 
@@ -46,6 +47,8 @@ class CloudConfig:
     max_batch_rows: int = _f(64, "rows a pass fills with prefill chunks after its rounds (rounds are never "
                                  "split or held back)")
     batch_window_ms: float = _f(20.0, "longest wait of a pass for sessions expected back within it")
+    session_idle_s: float = _f(SESSION_IDLE_S, "a Verify stream with no request for this long ends (UNAVAILABLE) and "
+                                               f"frees its session slot; at most {MAX_SESSION_IDLE_S:g}")
     metrics_port: int | None = _f(None, "Prometheus port of Ray's metrics exporter on a local Ray instance (every "
                                         "replica's tandem_* metrics, prefixed ray_), printed in the ready line; 0 "
                                         "picks a free one; unset: Ray's choice. A cluster (--address) uses its "
@@ -74,6 +77,8 @@ class CloudConfig:
         if not 0 <= self.max_tree_nodes <= MAX_TREE_NODES:
             raise ValueError(f"max_tree_nodes: must be in [0, {MAX_TREE_NODES}] (the protocol's limit), "
                              f"got {self.max_tree_nodes}")
+        if not 0 < self.session_idle_s <= MAX_SESSION_IDLE_S:  # NaN fails too
+            raise ValueError(f"session_idle_s: must be > 0 and <= {MAX_SESSION_IDLE_S:g}, got {self.session_idle_s}")
         check_batching(self.max_batch_rows, self.batch_window_ms, self.max_draft_len)
 
     def limits(self) -> Any:  # -> cloud_node.verifier.Limits
@@ -82,7 +87,8 @@ class CloudConfig:
         return Limits(max_sessions=self.max_sessions, max_context=self.max_context,
                       max_draft_len=self.max_draft_len, max_new_tokens=self.max_new_tokens,
                       kv_budget_bytes=self.kv_budget_mb << 20, max_batch_rows=self.max_batch_rows,
-                      batch_window_ms=self.batch_window_ms, max_tree_nodes=self.max_tree_nodes)
+                      batch_window_ms=self.batch_window_ms, max_tree_nodes=self.max_tree_nodes,
+                      idle_s=self.session_idle_s)
 
 
 def check_batching(max_batch_rows: int, batch_window_ms: float, max_draft_len: int) -> None:

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tandem.limits import SESSION_IDLE_S
+
 # Application args and their defaults; the single source (`tandem.deploy.gen`) renders these.
 APP_ARGS: dict[str, Any] = {
     "model_dir": "",
@@ -32,6 +34,7 @@ APP_ARGS: dict[str, Any] = {
     "kv_budget_mb": 2048,
     "max_batch_rows": 64,
     "batch_window_ms": 20.0,
+    "session_idle_s": SESSION_IDLE_S,
     # The file (a mounted Secret) with the secret the cloud's gateway shows the replicas; empty: no
     # gateway check (then Serve's own port is open to whoever reaches it; deploy/README.md).
     "gateway_secret_file": "",

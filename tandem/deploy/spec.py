@@ -16,6 +16,7 @@ from typing import Any
 
 from cloud_node.config import check_batching
 from tandem.deploy.app import APP_ARGS
+from tandem.limits import SESSION_IDLE_S
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 SERVE_HEADROOM = 4  # Serve slots above max_sessions: health checks (as in serve_app.build_app)
@@ -45,6 +46,7 @@ class DeploySpec:
     kv_budget_mb: int = 2048  # per replica: open sessions' KV and the prefix cache
     max_batch_rows: int = 64  # a pass fills up to this many rows with prefill after its rounds
     batch_window_ms: float = 20.0  # longest wait of a pass for sessions expected back within it
+    session_idle_s: float = SESSION_IDLE_S  # a Verify stream silent this long ends and frees its session
     grpc_port: int = 9000
     http_port: int = 8000
     http_host: str = "0.0.0.0"

@@ -10,6 +10,7 @@ import pytest
 
 from cloud_node.cli import CloudConfig, add_cloud_parser, config_from, gateway_config_from
 from tandem.cli.main import main as tandem_main
+from tandem.limits import SESSION_IDLE_S
 
 
 @pytest.fixture()
@@ -41,6 +42,8 @@ def test_batching_knobs_reach_the_limits(model_dir: Path) -> None:
     assert (limits.max_batch_rows, limits.batch_window_ms) == (64, 2.5)
     # the smallest pass holds one whole round: the last token and max_draft_len drafts
     assert config_from(_args("--max-draft-len", "4", "--max-batch-rows", "5"), env).max_batch_rows == 5
+    assert config_from(_args("--session-idle-s", "30"), env).limits().idle_s == 30.0
+    assert config_from(_args(), env).limits().idle_s == SESSION_IDLE_S
 
 
 @pytest.mark.parametrize(("argv", "field"), [
@@ -49,6 +52,8 @@ def test_batching_knobs_reach_the_limits(model_dir: Path) -> None:
     (["--kv-budget-mb", "-1"], "kv_budget_mb"), (["--replica-cpus", "-1"], "replica_cpus"),
     (["--max-batch-rows", "16"], "max_batch_rows"), (["--max-draft-len", "4", "--max-batch-rows", "4"], "max_batch_rows"),
     (["--batch-window-ms", "-0.5"], "batch_window_ms"), (["--batch-window-ms", "1000"], "batch_window_ms"),
+    (["--session-idle-s", "0"], "session_idle_s"), (["--session-idle-s", "nan"], "session_idle_s"),
+    (["--session-idle-s", "inf"], "session_idle_s"), (["--session-idle-s", "-5"], "session_idle_s"),
 ])
 def test_invalid_values_name_the_field(model_dir: Path, argv: list[str], field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}:"):
