@@ -13,8 +13,8 @@ Guarantees:
 - A `Generation` runs on its own worker thread (`edge_node.generation` on the job's route)
   and hands out `Piece`s whose texts concatenate to the decoded answer, then the `EdgeResult`.
   The worker's error is raised to the consumer; the cloud link's errors stay typed
-  (`CloudRejected`, `LinkError`). After `cancel()` the worker stops at its next token and the
-  consumer's iteration ends quietly.
+  (`CloudRejected`, `LinkError`). After `cancel()` the worker stops at its next token (or its
+  drafter prefill's next pass) and the consumer's iteration ends quietly.
 - `drain()` stops admitting for good; `wait_idle` waits, bounded, until nothing runs.
 - Speculative answers share one learnt round deadline for the link to the cloud
   (`EdgeCore.deadline`, per `config.adaptive_deadline` and `round_deadline_floor_ms`); each
@@ -35,7 +35,7 @@ import grpc
 
 from edge_node.cloud_link import CloudLink, LinkDeadline, SessionRequest
 from edge_node.config import EdgeConfig
-from edge_node.drafter import DrafterModel
+from edge_node.drafter import DrafterModel, PrefillCancelled
 from edge_node.generation import EdgeResult, generate_cloud, generate_local, generate_speculative
 from edge_node.text import TextStream
 from tandem.limits import MAX_DEADLINE_MS, MAX_DRAFT_LEN, MAX_NEW_TOKENS
@@ -216,27 +216,30 @@ class EdgeCore:
                 self._lock.wait(min(left, 0.05))
         return True
 
-    def run(self, job: EdgeJob, on_tokens: Callable[[Sequence[int], str], None]) -> EdgeResult:
-        """Generate on the job's route in this thread (no admission: see `start`)."""
+    def run(self, job: EdgeJob, on_tokens: Callable[[Sequence[int], str], None],
+            cancelled: Callable[[], bool] | None = None) -> EdgeResult:
+        """Generate on the job's route in this thread (no admission: see `start`); `cancelled` stops
+        a drafter prefill between its passes (`PrefillCancelled`)."""
         seed = resolve_seed(job.params.seed)
         ids, n = list(job.prompt_ids), job.max_new_tokens
         lookup = self.config.lookup
         if job.route == Route.LOCAL:
             return generate_local(self.drafter, ids, job.params, seed, max_new_tokens=n, on_tokens=on_tokens,
-                                  lookup=lookup)
+                                  lookup=lookup, cancelled=cancelled)
         assert self.channel is not None  # prepare() checked
         if job.route == Route.CLOUD:
             return generate_cloud(self.drafter, self.channel, ids, job.params, seed, max_new_tokens=n,
                                   on_tokens=on_tokens, first_timeout_s=job.open_deadline_s,
                                   gap_timeout_s=job.round_deadline_s, max_resumes=self.config.max_resumes,
-                                  fallback_local=job.fallback_local, lookup=lookup)
+                                  fallback_local=job.fallback_local, lookup=lookup, cancelled=cancelled)
         link = CloudLink(self.channel, SessionRequest(uuid.uuid4().hex, job.prompt_ids, job.params, seed, n),
                          round_timeout_s=job.round_deadline_s, open_timeout_s=job.open_deadline_s,
                          deadline=self.deadline)
         return generate_speculative(self.drafter, link, ids, job.params, seed, draft_len=job.draft_len,
                                     max_new_tokens=n, on_tokens=on_tokens, max_resumes=self.config.max_resumes,
                                     fallback_local=job.fallback_local, lookup=lookup,
-                                    pipeline=self.config.pipeline, tree_nodes=self.config.tree_nodes)
+                                    pipeline=self.config.pipeline, tree_nodes=self.config.tree_nodes,
+                                    cancelled=cancelled)
 
 
 class _Cancelled(Exception):
@@ -274,12 +277,12 @@ class Generation:
 
     def _work(self, core: EdgeCore, job: EdgeJob, release: Callable[[], None]) -> None:
         try:
-            result = core.run(job, self._on_tokens)
+            result = core.run(job, self._on_tokens, self._cancelled.is_set)
             tail = self._text.flush()
             if tail:
                 self._events.put(Piece((), tail, self._source))
             self._events.put(result)
-        except _Cancelled:
+        except (_Cancelled, PrefillCancelled):
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._events.put(exc)

@@ -29,6 +29,9 @@ Guarantees:
   keeps the target's for any q), but would change which tokens a *seeded* sampled answer draws,
   so a seeded sampled request always prefills afresh. Sessions that may be reused reserve room
   for their next turns (`REUSE_ROOM` tokens of KV beyond what the request needs).
+- Cancel: a session's prompt goes in passes of at most `LONG_PREFILL_CHUNK` tokens, and
+  `new_session(..., cancelled=f)` asks `f()` before each: once true, `PrefillCancelled` is
+  raised, so a request cancelled during a long prefill frees its slot within one pass.
 - A lazy session (`new_session(..., lazy=True)`) builds its cache only when asked:
   `prefill(stop)` appends the prompt in passes of `PREFILL_CHUNK` tokens and returns early when
   `stop()` says so between passes (the first verdict is in: it reaches the user without waiting
@@ -72,9 +75,17 @@ REUSE_ROOM = 1024  # extra KV room a session that may be reused reserves for its
 # on timing); onnxruntime-genai holds the GIL through a pass, so this bounds how long a verdict
 # that came in waits to be seen (about 10 ms a token on one Xeon core: ~0.2 s).
 PREFILL_CHUNK = 16
+# Any other session's prompt goes in passes of this many tokens, so a request cancelled during a
+# long prefill (tens of seconds for a few thousand tokens on a busy device) stops at the next
+# pass; prompts up to this long still take one pass, as they always did.
+LONG_PREFILL_CHUNK = 512
 # What rebuilding the round ahead costs (one batched pass of its tokens) in drafting passes: a
 # round is prepared for another verdict only when P(that verdict) * k exceeds this * P(the guess).
 REBUILD_PASSES = 1.5
+
+
+class PrefillCancelled(Exception):
+    """The request was cancelled while its drafter session prefilled its prompt."""
 
 
 class DrafterModel:
@@ -107,13 +118,16 @@ class DrafterModel:
         max_length: int | None = None,
         q_support: int = DEFAULT_Q_SUPPORT,
         lazy: bool = False,
+        cancelled: Callable[[], bool] | None = None,
     ) -> DrafterSession:
+        """A session over `prompt_ids` (see the module doc); `cancelled`, asked before each prefill
+        pass, stops the prefill with `PrefillCancelled` once it says so."""
         reusing = reuses_kv(params)
         reuse = self._take_prefix(prompt_ids, max_length) if reusing else None
         if reusing and reuse is None:
             max_length = None if max_length is None else min(max_length + REUSE_ROOM, self.context_length)
         return DrafterSession(self, prompt_ids, params, seed, max_length=max_length, q_support=q_support,
-                              reuse=reuse, lazy=lazy)
+                              reuse=reuse, lazy=lazy, cancelled=cancelled)
 
     def retain(self, session: DrafterSession) -> None:
         """Keep an ended session's KV for a later request's prefix (see the module doc)."""
@@ -191,6 +205,7 @@ class DrafterSession:
         q_support: int = DEFAULT_Q_SUPPORT,
         reuse: tuple[DrafterSession, int] | None = None,
         lazy: bool = False,
+        cancelled: Callable[[], bool] | None = None,
     ) -> None:
         if len(prompt_ids) < 1:
             raise ValueError("prompt must hold at least one token")
@@ -241,20 +256,25 @@ class DrafterSession:
         self.prefill_s = time.perf_counter() - t0
         self._todo: list[int] = [int(t) for t in prompt_ids[keep:]]  # prompt tokens not yet in the cache
         self._lazy = lazy
+        self.cancelled = cancelled
         if not lazy:
-            self._append(self._todo)
-            self._todo = []
+            self.prefill()
             self.prefill_s = time.perf_counter() - t0
 
     def prefill(self, stop: Callable[[], bool] | None = None) -> bool:
-        """Build the cache over the prompt (a lazy session's); True once it is whole. With `stop`,
-        asked between passes of `PREFILL_CHUNK` tokens, it returns False early when that says so."""
+        """Build the cache over the prompt; True once it is whole. A lazy session's goes in passes
+        of `PREFILL_CHUNK` tokens, and with `stop`, asked between them, it returns False early
+        when that says so; any other in passes of `LONG_PREFILL_CHUNK`. Raises PrefillCancelled
+        when the session's `cancelled` says so before a pass."""
+        chunk = PREFILL_CHUNK if self._lazy else LONG_PREFILL_CHUNK
         while self._todo:
             if stop is not None and stop():
                 return False
+            if self.cancelled is not None and self.cancelled():
+                raise PrefillCancelled(f"cancelled with {len(self._todo)} prompt tokens left to prefill")
             t0 = time.perf_counter()
-            self._append(self._todo[:PREFILL_CHUNK] if self._lazy else self._todo)
-            self._todo = self._todo[PREFILL_CHUNK:] if self._lazy else []
+            self._append(self._todo[:chunk])
+            self._todo = self._todo[chunk:]
             self.prefill_s += time.perf_counter() - t0
         return True
 

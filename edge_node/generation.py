@@ -21,6 +21,9 @@ Guarantees:
   mid-answer route switch (`Switch`) and what building the KV caches cost: the drafter's prefill
   (tokens and seconds; each request prefills its whole history, nothing is kept across turns)
   and the tokens the cloud prefilled or reused, as its ServerTiming reports them.
+- `cancelled` (every route): asked before each pass of a drafter prefill (the prompt, or the
+  context after a fallback); once true the generation raises `PrefillCancelled`
+  (`edge_node.drafter`), so a request cancelled during a long prefill ends within one pass.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 # (tokens, source): "verified" (accepted drafts), "target" (the target's correction or bonus token
 # ending a speculative round), "cloud" (the cloud route) or "local" (generated on the device)
 OnTokens = Callable[[Sequence[int], str], None]
+Cancelled = Callable[[], bool] | None  # the request's consumer has gone (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -130,11 +134,11 @@ def _fall_back(result: EdgeResult, clock: _Clock, exc: VerifierUnavailable) -> N
 
 
 def _prefill(drafter: DrafterModel, result: EdgeResult, ids: Sequence[int], params: SamplingParams, seed: int,
-             max_length: int, lazy: bool = False) -> DrafterSession:
+             max_length: int, lazy: bool = False, cancelled: Cancelled = None) -> DrafterSession:
     """A drafter session over `ids`, its prefill counted in `result` (only the tokens it computed:
     a greedy request may reuse an earlier request's KV for a shared prefix, see
     `edge_node.drafter`). A `lazy` session's prefill runs later: its caller adds its seconds."""
-    session = drafter.new_session(ids, params, seed, max_length=max_length, lazy=lazy)
+    session = drafter.new_session(ids, params, seed, max_length=max_length, lazy=lazy, cancelled=cancelled)
     if not lazy:
         result.drafter_prefill_s += session.prefill_s
     result.stats.add_drafter_prefill(len(ids) - session.reused)
@@ -142,11 +146,13 @@ def _prefill(drafter: DrafterModel, result: EdgeResult, ids: Sequence[int], para
 
 
 def generate_local(drafter: DrafterModel, prompt_ids: Sequence[int], params: SamplingParams, seed: int, *,
-                   max_new_tokens: int, on_tokens: OnTokens | None = None, lookup: bool = True) -> EdgeResult:
+                   max_new_tokens: int, on_tokens: OnTokens | None = None, lookup: bool = True,
+                   cancelled: Cancelled = None) -> EdgeResult:
     """On-device generation with the drafter alone (with `lookup`, self-speculation on
     continuations of the prompt and the answer so far)."""
     clock, result = _Clock(), EdgeResult(route="local")
-    session = _prefill(drafter, result, prompt_ids, params, seed, _max_length(prompt_ids, max_new_tokens, 0))
+    session = _prefill(drafter, result, prompt_ids, params, seed, _max_length(prompt_ids, max_new_tokens, 0),
+                       cancelled=cancelled)
     _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock,
                     SuffixIndex.over(prompt_ids) if lookup else None)
     drafter.retain(session)
@@ -158,7 +164,8 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
                          seed: int, *, draft_len: DraftLen, max_new_tokens: int, on_tokens: OnTokens | None = None,
                          max_resumes: int = 3, backoff_s: float = 0.2, fallback_local: bool = False,
                          lookup: bool = True, pipeline: bool = True, alternatives: bool = False,
-                         tree_nodes: int = DEFAULT_TREE_NODES, sampled_ahead: bool = False) -> EdgeResult:
+                         tree_nodes: int = DEFAULT_TREE_NODES, sampled_ahead: bool = False,
+                         cancelled: Cancelled = None) -> EdgeResult:
     """Speculative decoding: `tandem_core.loop` with the cloud verifying over `link`.
 
     With `lookup` (and a fixed `draft_len`), each round drafts from the prompt and the answer so
@@ -198,7 +205,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     try:
         session = _prefill(drafter, result, prompt_ids, params, seed,
                            _max_length(prompt_ids, max_new_tokens, MAX_DRAFT_LEN if per_round else _longest(draft_len)),
-                           lazy=lazy)
+                           lazy=lazy, cancelled=cancelled)
     except BaseException:
         link.close()
         raise
@@ -269,7 +276,7 @@ def _longest(draft_len: DraftLen) -> int:
 def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Sequence[int], params: SamplingParams,
                    seed: int, *, max_new_tokens: int, on_tokens: OnTokens | None = None, first_timeout_s: float,
                    gap_timeout_s: float, max_resumes: int = 3, fallback_local: bool = False,
-                   lookup: bool = True) -> EdgeResult:
+                   lookup: bool = True, cancelled: Cancelled = None) -> EdgeResult:
     """Cloud-only generation relayed through the edge (which detokenizes), falling back if asked."""
     clock, result = _Clock(), EdgeResult(route="cloud")
     counter: dict[str, int] = {}
@@ -291,7 +298,8 @@ def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Seq
             raise
         _fall_back(result, clock, exc)
         context = list(prompt_ids) + result.tokens
-        session = _prefill(drafter, result, context, params, seed, _max_length(prompt_ids, max_new_tokens, 0))
+        session = _prefill(drafter, result, context, params, seed, _max_length(prompt_ids, max_new_tokens, 0),
+                           cancelled=cancelled)
         _continue_local(session, drafter.eos_ids, result, max_new_tokens, on_tokens, clock,
                         SuffixIndex.over(context) if lookup else None)
     finally:

@@ -119,7 +119,7 @@ def test_a_server_fault_is_internal_with_only_a_request_id(edge, caplog) -> None
     drafter, _ = edge
     node, channel = _node(drafter)
 
-    def fail(job, on_tokens):
+    def fail(job, on_tokens, cancelled=None):
         raise RuntimeError("boom in /home/me/secret.py, pid 4242, peer 10.1.2.3:7070")
 
     node.core.run = fail  # type: ignore[method-assign]
