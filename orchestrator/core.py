@@ -15,8 +15,12 @@ Guarantees:
 - Error messages name no address: the edge's address goes to the log only.
 - Personal context: retrieval runs on the device; with private chunks retrieved, the routing
   policy (`tandem_core.routing.decide`) either keeps the request `local` (strict privacy) or
-  has them dropped before anything is sent (cloud quality). Private text therefore only ever
-  reaches the edge node's local route, never a prompt that the cloud sees.
+  has them dropped before anything is sent (cloud quality). An answer written with private
+  chunks in its prompt is remembered (`orchestrator.private_answers`), and so is every answer
+  to a conversation that quotes one: a later request whose messages quote a remembered answer
+  (a client sending the conversation back as history) is served locally in every privacy mode.
+  Private text therefore only ever reaches the edge node's local route, never a prompt that the
+  cloud sees.
 - Speculative and cloud answers always run with the edge's `fallback_local`: a round later than
   `round_deadline_ms`, a broken or hung link, continues on the device from the last committed
   token. The stream is: one `started`, deltas whose text concatenates to the answer, one `stats`.
@@ -39,6 +43,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import BadRequest, Busy, ContextTooLong, DeadlineExceeded, Unavailable
 from orchestrator.link_monitor import LinkMonitor
 from orchestrator.personal import Personal, citations
+from orchestrator.private_answers import PrivateAnswers
 from orchestrator.validation import ParsedGenerate, parse_generate
 from protos.enums import route_to_edge_mode
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
@@ -73,6 +78,7 @@ class Orchestrator:
         self._edge = edge_pb2_grpc.EdgeNodeStub(edge_channel)
         self._edge_info: edge_pb2.EdgeInfo | None = None
         self._slots = asyncio.Semaphore(config.max_concurrent)
+        self.private_answers = PrivateAnswers()  # answers drawn from private documents
         self.requests = 0
         self.active_generations = 0  # generations holding a slot now
 
@@ -102,16 +108,18 @@ class Orchestrator:
             raise _edge_down(exc, self.config.edge_address) from None
 
     async def _plan(self, p: ParsedGenerate, request: opb.GenerateTextRequest
-                    ) -> tuple[RouteDecision, list[dict[str, str]], opb.GenerationStarted]:
-        """Retrieve personal context, decide the route, and build the prompt that will be sent."""
+                    ) -> tuple[RouteDecision, list[dict[str, str]], opb.GenerationStarted, bool]:
+        """Retrieve personal context, decide the route, and build the prompt that will be sent;
+        the last item says whether the answer will be drawn from private documents."""
         hits = []
         if request.options.use_personal_context:
             if self.personal is None:
                 raise BadRequest("options.use_personal_context", "personal context is disabled on this orchestrator")
             hits = await self.personal.search(p.messages, p.chunks)
         private = any(h.privacy == "private" for h in hits)
+        history = self.private_answers.found_in(p.messages)
         full = await self._prompt(p, hits)
-        decision, prompt = self._decide(p, request, full, private), full
+        decision, prompt = self._decide(p, request, full, private, history), full
         if decision.route != "local" and private:
             # Whatever the policy said, private text never goes to a route the cloud sees.
             kept = [h for h in hits if h.privacy != "private"]
@@ -128,20 +136,24 @@ class Orchestrator:
             raise _too_long(p, prompt.tokens, device, "the device's")
         started = opb.GenerationStarted(route=decision.route, reason=decision.reason, citations=citations(prompt.hits),
                                         private_chunks_dropped=prompt.dropped, prompt_tokens=prompt.tokens)
-        return decision, prompt.messages, started
+        drawn_from_private = history or any(h.privacy == "private" for h in prompt.hits)
+        if drawn_from_private and decision.route != "local":  # never: the policy and the drop above see to it
+            raise AssertionError(f"a prompt drawn from private documents was routed {decision.route}")
+        return decision, prompt.messages, started, drawn_from_private
 
     async def _prompt(self, p: ParsedGenerate, hits: list, dropped: int = 0) -> _Prompt:
         """The prompt with `hits` injected, and its size in tokens."""
         messages = self.personal.inject(p.messages, hits) if hits and self.personal else p.messages
         return _Prompt(messages, await self._count_tokens(messages), hits, dropped)
 
-    def _decide(self, p: ParsedGenerate, request: opb.GenerateTextRequest, full: _Prompt, private: bool
-                ) -> RouteDecision:
+    def _decide(self, p: ParsedGenerate, request: opb.GenerateTextRequest, full: _Prompt, private: bool,
+                history: bool) -> RouteDecision:
         o = request.options
         try:
             return decide(RouteRequest(
                 prompt_tokens=full.tokens, max_new_tokens=p.max_new_tokens, override=p.override,
                 deadline_ms=o.deadline_ms or None, ttft_budget_ms=o.ttft_budget_ms or None, private_context=private,
+                private_history=history,
                 privacy_mode=p.privacy, acceptance=self.acceptance.get(p.category), category=p.category),
                 self.monitor.view(), self.costs)
         except InvalidField as exc:
@@ -156,8 +168,10 @@ class Orchestrator:
         async with self._slots:
             self.requests += 1
             self.active_generations += 1
+            pieces: list[str] | None = None  # the answer's text, when drawn from private documents
             try:
-                decision, messages, started = await self._plan(p, request)
+                decision, messages, started, drawn_from_private = await self._plan(p, request)
+                pieces = [] if drawn_from_private else None
                 yield opb.GenerateTextResponse(started=started)
                 edge_req, timeout = self._edge_request(p, request, decision, messages, t0)
                 orchestrator_ms = 1000 * (time.perf_counter() - t0)
@@ -170,6 +184,8 @@ class Orchestrator:
                             d = msg.delta
                             if first is None and d.tokens:
                                 first = time.perf_counter()
+                            if pieces is not None:
+                                pieces.append(d.text)
                             yield opb.GenerateTextResponse(delta=opb.TextDelta(text=d.text, tokens=d.tokens,
                                                                                source=d.source))
                         else:
@@ -189,6 +205,8 @@ class Orchestrator:
                     tokens_per_s=stats.generated_tokens / wall if wall > 0 else 0.0, category=p.category))
             finally:
                 self.active_generations -= 1
+                if pieces:  # also when the client left mid-answer: it has what was streamed
+                    self.private_answers.remember("".join(pieces))
 
     def _edge_request(self, p: ParsedGenerate, request: opb.GenerateTextRequest, decision: RouteDecision,
                       messages: list[dict[str, str]], t0: float) -> tuple[edge_pb2.EdgeGenerateRequest, float]:

@@ -5,7 +5,10 @@ device drafts with q, the cloud target p verifies: p's quality, lossless; Leviat
 arXiv 2211.17192) and "cloud" (p generates alone in the cloud).
 
 `decide(request, link, costs)` applies these rules, in order:
-1. Privacy first. Private context under "strict" privacy -> local, whatever the override says.
+1. Privacy first. A conversation that already holds an answer drawn from private documents
+   (`private_history`) -> local, whatever the privacy mode and the override say: history
+   cannot be withheld the way retrieved chunks can. Private context under "strict" privacy ->
+   local, whatever the override says.
    Private context under "cloud_quality" -> go on, and if the route chosen uses the cloud,
    `drop_private` is True (the caller withholds the private chunks) and the reason says so.
 2. A client override is honoured when possible. An override that needs the cloud while the link
@@ -179,6 +182,7 @@ class RouteRequest:
     deadline_ms: int | None = None  # the whole answer must be done within this, ms; None = none
     ttft_budget_ms: int | None = None  # the first token must come within this, ms; None = none
     private_context: bool = False  # the prompt would carry private personal chunks
+    private_history: bool = False  # an earlier message holds an answer drawn from private documents
     privacy_mode: str = PRIVACY_STRICT  # "strict" or "cloud_quality"
     acceptance: float | None = None  # measured acceptance for this category/session, [0, 1]
     category: str | None = None  # "code", "chat", "prose" (only quoted in the reason)
@@ -192,8 +196,9 @@ class RouteRequest:
             _integer("deadline_ms", self.deadline_ms, 1)
         if self.ttft_budget_ms is not None:
             _integer("ttft_budget_ms", self.ttft_budget_ms, 1)
-        if not isinstance(self.private_context, bool):
-            raise InvalidField("private_context", f"must be a bool, got {show_value(self.private_context)}")
+        for name in ("private_context", "private_history"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidField(name, f"must be a bool, got {show_value(getattr(self, name))}")
         _choice("privacy_mode", self.privacy_mode, PRIVACY_MODES)
         if self.acceptance is not None:
             _fraction("acceptance", self.acceptance)
@@ -281,6 +286,11 @@ def meets_budget(req: RouteRequest, est: RouteEstimate) -> bool:
 def decide(req: RouteRequest, link: LinkView, costs: RouteCosts) -> RouteDecision:
     """The route for `req`, why, and the estimates behind it (rules in the module docstring)."""
     local_only = {ROUTE_LOCAL: estimate_routes(req, 0.0, 0.0, costs)[ROUTE_LOCAL]}
+    if req.private_history:
+        why = "the conversation holds an answer drawn from private documents; it stays on the device"
+        if req.override in CLOUD_ROUTES:
+            why += f"; the requested {req.override} route would send it to the cloud"
+        return RouteDecision(ROUTE_LOCAL, f"{ROUTE_LOCAL}: {why}", False, local_only)
     if req.private_context and req.privacy_mode == PRIVACY_STRICT:
         why = "private context stays on the device (strict privacy)"
         if req.override in CLOUD_ROUTES:

@@ -95,6 +95,7 @@ class Run:
     started: opb.GenerationStarted | None = None
     tokens: list[int] = field(default_factory=list)
     stats: opb.OrchestratorStats | None = None
+    text: str = ""
 
 
 def _ask(stack: Stack, route: str, privacy: int, sampling: str, *, cut: bool = False) -> Run:
@@ -184,6 +185,57 @@ def test_grpc_requests_default_to_strict_privacy(stack, link) -> None:
     run = _ask(stack, "cloud", opb.PRIVACY_MODE_UNSPECIFIED, "greedy")
     assert run.started is not None and run.started.route == "local" and "strict" in run.started.reason
     assert not _cloud_calls(stack) and _secret_seen(stack) == []
+
+
+def _chat(stack: Stack, messages: list[tuple[str, str]], route: int, privacy: int, personal: bool) -> Run:
+    stack.recorder.clear()
+    request = opb.GenerateTextRequest(
+        messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+        options=opb.GenerateOptions(route=route, privacy=privacy, use_personal_context=personal, max_new_tokens=N))
+    run, text = Run(), []
+    for msg in stack.stub.Generate(request, timeout=120):
+        kind = msg.WhichOneof("kind")
+        if kind == "started":
+            run.started = msg.started
+        elif kind == "delta":
+            run.tokens += msg.delta.tokens
+            text.append(msg.delta.text)
+        else:
+            run.stats = msg.stats
+    run.text = "".join(text)
+    return run
+
+
+@pytest.mark.parametrize("privacy", list(PRIVACY))
+def test_an_answer_drawn_from_a_private_note_stays_on_the_device_when_sent_back_as_history(stack, link,
+                                                                                          privacy) -> None:
+    """Turn 1 is answered on the device from the private note; turn 2 sends that answer back as
+    history with a question that retrieves nothing private: it must stay on the device too, in
+    either privacy mode and whatever route is asked, and so must a turn 3 quoting turn 2's answer."""
+    first = _chat(stack, [("user", QUESTION)], opb.ROUTE_AUTO, PRIVACY["strict"], True)
+    assert first.started is not None and first.started.route == "local" and first.text.strip()
+    later = "Now write a haiku about autumn leaves."
+    for asked in (opb.ROUTE_SPECULATIVE, opb.ROUTE_CLOUD, opb.ROUTE_AUTO):
+        second = _chat(stack, [("user", QUESTION), ("assistant", first.text), ("user", later)], asked,
+                       PRIVACY[privacy], personal=False)
+        assert second.started is not None and second.started.route == "local", second.started.reason
+        assert "answer drawn from private documents" in second.started.reason
+        assert not _cloud_calls(stack), "only health probes may reach the cloud"
+    # whitespace a client adds or drops, and an answer cut short (>= 16 characters) still match
+    cut = " ".join(first.text.split())[:16]
+    if len(" ".join(first.text.split())) >= 16:
+        third = _chat(stack, [("user", QUESTION), ("assistant", f"  {cut}\n"), ("user", later)],
+                      opb.ROUTE_SPECULATIVE, PRIVACY[privacy], personal=False)
+        assert third.started is not None and third.started.route == "local", third.started.reason
+    # the answer to a conversation that quoted it is drawn from it too
+    fourth = _chat(stack, [("user", later), ("assistant", second.text), ("user", "And another one?")],
+                   opb.ROUTE_SPECULATIVE, PRIVACY[privacy], personal=False)
+    assert fourth.started is not None and fourth.started.route == "local", fourth.started.reason
+    # control: the same conversation with an answer the device never gave goes to the cloud
+    control = _chat(stack, [("user", QUESTION), ("assistant", "I cannot tell you that, sorry."), ("user", later)],
+                    opb.ROUTE_SPECULATIVE, PRIVACY[privacy], personal=False)
+    assert control.started is not None and control.started.route == "speculative", control.started.reason
+    assert VERIFY in _cloud_calls(stack)
 
 
 def _http_chat(stack: Stack, tandem: dict) -> dict:

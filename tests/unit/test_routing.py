@@ -135,6 +135,12 @@ TABLE = [
     ("not-private-strict", UP0, req(privacy_mode="strict"), ROUTE_SPECULATIVE, "link up", False),
     ("private-cloud-quality", UP0, req(**CLOUD_Q), ROUTE_SPECULATIVE, "withheld", True),
     ("private-cloud-quality-link-open", OPEN, req(**CLOUD_Q), ROUTE_LOCAL, "circuit open", False),
+    # history holding an answer drawn from private documents: local in every mode, whatever is asked
+    ("private-history-strict", UP0, req(private_history=True), ROUTE_LOCAL, "holds an answer drawn", False),
+    ("private-history-cloud-quality", UP0, req(private_history=True, **CLOUD_Q), ROUTE_LOCAL, "stays on the device",
+     False),
+    ("private-history-override-cloud", UP0, req(private_history=True, privacy_mode="cloud_quality", override="cloud"),
+     ROUTE_LOCAL, "requested cloud route would send it", False),
     # overrides
     ("override-local", UP0, req(override="local"), ROUTE_LOCAL, "requested by the client", False),
     (
@@ -223,6 +229,7 @@ def test_decision_properties(link: LinkView, request_: RouteRequest) -> None:
         _link_usable(link)
         and request_.override != ROUTE_LOCAL
         and not (request_.private_context and request_.privacy_mode == "strict")
+        and not request_.private_history
     )
     assert set(d.estimates) == (set(ROUTES) if weighed_all else {ROUTE_LOCAL})
     for est in d.estimates.values():
@@ -302,6 +309,7 @@ def test_decision_is_a_frozen_value() -> None:
         (lambda: req(deadline_ms=0), "deadline_ms"),
         (lambda: req(ttft_budget_ms=-10), "ttft_budget_ms"),
         (lambda: req(private_context=1), "private_context"),
+        (lambda: req(private_history="yes"), "private_history"),
         (lambda: req(privacy_mode="lax"), "privacy_mode"),
         (lambda: req(acceptance=1.2), "acceptance"),
         (lambda: req(acceptance=math.nan), "acceptance"),

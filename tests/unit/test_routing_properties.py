@@ -89,6 +89,7 @@ FIELDS: dict[type, dict[str, tuple[st.SearchStrategy[Any], list[Any]]]] = {
         "override": (st.sampled_from([None, *ROUTES]), ["gpu", "", 1]),
         "deadline_ms": _LIMIT, "ttft_budget_ms": _LIMIT,
         "private_context": (st.booleans(), [0, 1, "no", None]),
+        "private_history": (st.booleans(), [0, 1, "no", None]),
         "privacy_mode": (st.sampled_from(PRIVACY_MODES), ["lax", "", None]),
         "acceptance": (st.one_of(st.none(), _fraction()), [*BAD_NUMBERS[:-1], 1.5]),
         "category": (st.sampled_from([None, "code", "chat", "prose"]), ["", 3]),
