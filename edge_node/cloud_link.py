@@ -50,6 +50,7 @@ import numpy as np
 from edge_node.link_stream import (
     GRPC_PREFIX,
     CloudRejected,
+    CredentialRefused,
     LinkDeadline,
     LinkError,
     ProtocolError,
@@ -64,7 +65,7 @@ from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2
 from tandem_core.loop import Assume, SwitchCause
 from tandem_core.verify import Verdict
 
-__all__ = ["CloudLink", "CloudRejected", "LinkDeadline", "LinkError", "ProtocolError", "RemoteVerifier",
+__all__ = ["CloudLink", "CloudRejected", "CredentialRefused", "LinkDeadline", "LinkError", "ProtocolError", "RemoteVerifier",
            "SessionRequest", "cloud_generate", "q_rows_to_proto", "sampling_to_proto"]
 
 log = logging.getLogger(__name__)

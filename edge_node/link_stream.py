@@ -7,7 +7,10 @@ Guarantees:
 - A status maps to exactly one error: the retryable codes (UNAVAILABLE, DEADLINE_EXCEEDED,
   CANCELLED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN) raise `LinkError`, resumable, with
   cause CLOUD_REFUSED for RESOURCE_EXHAUSTED and UNAVAILABLE "draining" (a replica shutting
-  down) and BROKEN_STREAM otherwise; INVALID_ARGUMENT and the other client errors raise
+  down) and BROKEN_STREAM otherwise; UNAUTHENTICATED and PERMISSION_DENIED (this device's token
+  missing, wrong or revoked) raise `CredentialRefused`, a `LinkError` with cause CLOUD_REFUSED
+  that is never resumed (a new stream would be refused the same way) but falls back to the
+  device like any broken link; INVALID_ARGUMENT and the other client errors raise
   `CloudRejected`, never retried. A reply later than its deadline is LATE_VERDICT.
 - Bytes are counted per direction as gRPC message bytes (serialized size plus the 5-byte length
   prefix, `GRPC_PREFIX`), so figures are comparable across runs.
@@ -60,6 +63,15 @@ class ProtocolError(LinkError):
         super().__init__(message, SwitchCause.BAD_VERDICT)
 
 
+class CredentialRefused(LinkError):
+    """The cloud refused this device's credential (UNAUTHENTICATED: none or a wrong token;
+    PERMISSION_DENIED: revoked): not resumable, but the answer may go on on the device."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"the cloud refused this device's token ({code.name}): {details}", SwitchCause.CLOUD_REFUSED)
+        self.code = code
+
+
 class CloudRejected(Exception):
     """The cloud refused the request (bad input): not resumable."""
 
@@ -105,6 +117,8 @@ def _start_reader(call: Iterator[Any], into: queue.Queue) -> threading.Thread:
 def link_error(err: grpc.RpcError) -> Exception:
     """A broken stream is resumable (LinkError); a refusal is not (CloudRejected)."""
     code, details = err.code(), err.details() or ""
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return CredentialRefused(code, details)
     if code in _RETRYABLE:
         refused = code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
             code == grpc.StatusCode.UNAVAILABLE and details.startswith("draining"))
@@ -240,6 +254,8 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
                     return
             raise LinkError("the stream ended before the answer finished")
         except LinkError as exc:
+            if isinstance(exc, CredentialRefused):
+                raise
             if resumes >= max_resumes:
                 raise LinkError(f"cloud unreachable after {resumes} resumes: {exc}", exc.cause) from None
             time.sleep(backoff_delay(resumes, backoff_s))

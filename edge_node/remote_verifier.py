@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from edge_node.link_stream import LinkError, ProtocolError
+from edge_node.link_stream import CredentialRefused, LinkError, ProtocolError
 from tandem_core.link_health import backoff_delay
 from tandem_core.loop import Assume, Draft
 from tandem_core.tree import DraftTree
@@ -237,6 +237,8 @@ class RemoteVerifier:
                 self._resend()
                 continue
             except LinkError as exc:
+                if isinstance(exc, CredentialRefused):  # a new stream would be refused the same way
+                    raise
                 if self.link.resumes - self.bad_verdicts >= self.max_resumes:  # resumes after breaks
                     raise LinkError(f"cloud unreachable after {self.link.resumes} resumes: {exc}", exc.cause) from None
                 time.sleep(backoff_delay(self.link.resumes, self.backoff_s))

@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge_node import metrics
-from edge_node.cloud_link import CloudRejected, LinkError
+from edge_node.cloud_link import CloudRejected, CredentialRefused, LinkError
 from edge_node.config import EdgeConfig
 from edge_node.core import Busy, Draining, EdgeCore, EdgeJob, Piece
 from edge_node.drafter import DrafterModel
@@ -105,6 +105,9 @@ def _failure(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
         if exc.code == grpc.StatusCode.INVALID_ARGUMENT and exc.details:
             reason = ": " + exc.details.replace("(request id ", "(cloud request id ")[:_CLOUD_REASON_CHARS]
         fault(context, exc.code, f"the cloud verifier refused the request ({exc.code.name}){reason}", exc)
+    if isinstance(exc, CredentialRefused):  # the operator's to fix: not UNAVAILABLE, which clients retry
+        fault(context, grpc.StatusCode.FAILED_PRECONDITION,
+              f"the cloud refused this edge node's token ({exc.code.name}); see its --cloud-token-file", exc)
     if isinstance(exc, LinkError):
         fault(context, grpc.StatusCode.UNAVAILABLE, _LINK_FAILURES.get(exc.cause, "the cloud verifier is unreachable"),
               exc)

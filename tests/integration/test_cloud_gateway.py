@@ -22,7 +22,7 @@ from cloud_node import gateway as gw
 from cloud_node.config import GatewayConfig
 from cloud_node.tokens import TokenStore
 from cloud_node.verifier import VerifierCore
-from edge_node.cloud_link import CloudLink, SessionRequest
+from edge_node.cloud_link import CloudLink, CredentialRefused, SessionRequest
 from edge_node.config import EdgeConfig
 from edge_node.drafter import DrafterModel
 from edge_node.generation import generate_speculative
@@ -31,6 +31,7 @@ from protos.tandem.v1 import cloud_pb2, cloud_pb2_grpc
 from tandem.ops import devpki
 from tandem.pair import LocalPair
 from tandem.security import SecurityError, write_secret
+from tandem_core.loop import SwitchCause
 from tandem_core.sampling import SamplingParams
 from tests.support.cloud_server import serving
 
@@ -46,9 +47,9 @@ class Counted:
         self.core, self.opened = core, 0
         original = core.open
 
-        def open_(spec):
+        def open_(spec, cancelled=None):
             self.opened += 1
-            return original(spec)
+            return original(spec, cancelled)
 
         core.open = open_  # type: ignore[method-assign]
 
@@ -192,6 +193,47 @@ def test_revocation_ends_open_streams(secure, store, pki, tmp_path):
                 pass
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert time.monotonic() - t0 < 2 * 1.0 + 1.0  # 2 * RELOAD_S, plus scheduling slack
+
+
+def _revoked_mid_answer(store: TokenStore, record_id: str, fallback: bool, drafter: DrafterModel,
+                        channel: grpc.Channel) -> tuple[list[tuple[int, ...]], object]:
+    """A speculative answer whose token is revoked after its first verdict (the callback then
+    waits out the gateway's reload); returns the pieces received and the result or the error."""
+    pieces: list[tuple[int, ...]] = []
+
+    def on_tokens(tokens, source) -> None:  # type: ignore[no-untyped-def]
+        pieces.append(tuple(tokens))
+        if len(pieces) == 1:
+            store.revoke(record_id)
+            time.sleep(2.1)  # > 2 x RELOAD_S: the gateway has ended the stream by now
+
+    link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), GREEDY, 0, N), round_timeout_s=10)
+    try:
+        return pieces, generate_speculative(drafter, link, PROMPT, GREEDY, 0, draft_len=4, max_new_tokens=N,
+                                            max_resumes=3, fallback_local=fallback, on_tokens=on_tokens,
+                                            pipeline=False)
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        return pieces, exc
+    finally:
+        assert link.resumes == 0, "a refused token is never resumed: a new stream is refused the same way"
+
+
+def test_a_token_revoked_mid_answer_goes_on_on_the_device(secure, store, pki, drafter, tmp_path):
+    record, token = store.issue("phone-revoked")
+    with cloud_channel(_edge(secure.port, pki, _token_file(tmp_path, token))) as channel:
+        pieces, result = _revoked_mid_answer(store, record.id, True, drafter, channel)
+    assert not isinstance(result, Exception), result
+    assert len(result.tokens) == N and [t for p in pieces for t in p] == list(result.tokens)
+    [switch] = result.switches
+    assert (switch.from_route, switch.to_route, switch.cause) == ("speculative", "local", SwitchCause.CLOUD_REFUSED)
+    assert "PERMISSION_DENIED" in switch.reason and len(pieces[0]) <= switch.at_token < N
+
+
+def test_a_token_revoked_mid_answer_without_fallback_fails_at_once_naming_it(secure, store, pki, drafter, tmp_path):
+    record, token = store.issue("phone-revoked-2")
+    with cloud_channel(_edge(secure.port, pki, _token_file(tmp_path, token))) as channel:
+        _, result = _revoked_mid_answer(store, record.id, False, drafter, channel)
+    assert isinstance(result, CredentialRefused) and result.code == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_the_verifier_refuses_calls_that_bypass_the_gateway(tiny_models, pki):
