@@ -8,7 +8,8 @@ edge come from `tandem.limits`.
 Security: no field holds a secret. The API keys come from a file (`--api-key-file`, mode 0600) or
 from the variables `TANDEM_ORCH_API_KEY` / `TANDEM_ORCH_EDGE_API_KEY`, read once at start-up by
 `resolve_security`, which also applies the bind rule (`tandem.security.check_bind`: a
-non-loopback `--host` needs TLS and an API key, unless `--insecure`) and loads every certificate,
+non-loopback `--host` needs TLS and an API key, and a non-loopback `--edge` needs TLS, unless
+`--insecure`) and loads every certificate,
 so a bad setting fails before anything is bound or loaded. Its errors are `SecurityError`s that
 name the setting and never hold a key.
 """
@@ -87,7 +88,8 @@ class OrchestratorConfig:
                                          f"must send as 'Authorization: Bearer KEY'; or set {API_KEY_ENV} to the key",
                                    secret_env=API_KEY_ENV)
     insecure: bool = _f(False, "allow a non-loopback --host without TLS or an API key (INSECURE: anyone on the "
-                               "network can use it)")
+                               "network can use it), and a non-loopback --edge without TLS (prompts, answers and "
+                               "the edge's API key cross the network in clear text)")
     edge_tls: bool = _f(False, "reach the edge node over TLS (the system's CAs unless --edge-ca-cert)")
     edge_ca_cert: Path | None = _f(None, "PEM CA certificate that signed the edge node's (implies --edge-tls)")
     edge_api_key_file: Path | None = _f(None, "file (mode 0600) holding the edge node's API key; or set "
@@ -181,8 +183,12 @@ def resolve_security(config: OrchestratorConfig, environ: Mapping[str, str] | No
                     "can use it or read its traffic", config.host, missing)
     edge_tls = client_tls("edge", tls=config.edge_tls, ca=config.edge_ca_cert)
     if edge_tls is None and not is_loopback(config.edge_address.rsplit(":", 1)[0]):
-        log.warning("the edge node at %s is reached without TLS: prompts and answers cross the network in clear "
-                    "text (--edge-ca-cert or --edge-tls)", config.edge_address)
+        if not config.insecure:
+            raise SecurityError(f"edge: {config.edge_address} is not a loopback address: reaching it without TLS "
+                                "sends prompts, answers and its API key in clear text; give --edge-ca-cert (or "
+                                "--edge-tls), or --insecure")
+        log.warning("INSECURE (--insecure): the edge node at %s is reached without TLS: prompts and answers cross "
+                    "the network in clear text", config.edge_address)
     cloud_tls = client_tls("cloud", tls=config.cloud_tls, ca=config.cloud_ca_cert)
     for name, tls in (("edge_ca_cert", edge_tls), ("cloud_ca_cert", cloud_tls)):
         if tls is not None and tls.ca is not None:

@@ -409,6 +409,17 @@ def test_a_non_loopback_host_without_tls_and_key_exits_2() -> None:
     _one_line_error(_serve("--host", "0.0.0.0", env={"TANDEM_ORCH_API_KEY": KEY}), "without TLS")
 
 
+def test_a_non_loopback_edge_without_tls_exits_2_unless_insecure() -> None:
+    """Prompts, answers and the edge's API key would cross the network in clear text."""
+    line = _one_line_error(_serve("--edge", "192.0.2.1:7071"), "192.0.2.1:7071", "TLS", "--edge-ca-cert",
+                           "--insecure")
+    assert "clear text" in line
+    from orchestrator.config import resolve_security
+
+    assert resolve_security(OrchestratorConfig(edge_address="192.0.2.1:7071", insecure=True), {}).edge_tls is None
+    assert resolve_security(OrchestratorConfig(edge_address="[::1]:7071"), {}).edge_tls is None  # loopback: allowed
+
+
 def test_an_unsafe_key_file_or_a_missing_certificate_exits_2(tmp_path: Path, pki: devpki.DevPki) -> None:
     loose = tmp_path / "loose-key"
     loose.write_text(KEY)
