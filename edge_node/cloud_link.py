@@ -14,7 +14,7 @@ Guarantees:
   a round still unanswered after 100 ms checks the link, and again every 100 ms (one check out
   at a time) while it waits: a check unanswered within its learnt timeout
   gives the round up at once (a black-holed link); an answered one lets it wait on (a slow
-  cloud). A check is a call to a method no server implements (`_CHECK_METHOD`) on the stream's
+  cloud). A check is a call to a method no server implements (`CHECK_METHOD`) on the stream's
   channel: the first gRPC server on the path (the cloud's gateway, or the cloud node) answers it
   UNIMPLEMENTED at once, without a replica, so it times the link alone. Each stream also checks
   once as it opens, to time the link as it is now (a bound on the check timeout, not learnt
@@ -41,21 +41,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from edge_node.link_stream import (
+    CHECK_METHOD,
     GRPC_PREFIX,
+    OPEN_POLL_S,
     CloudRejected,
     CredentialRefused,
+    FirstReplyWatch,
     LinkDeadline,
     LinkError,
     ProtocolError,
+    RequestCancelled,
     SessionRequest,
     VerifyStream,
+    answered,
     cloud_generate,
     sampling_to_proto,
 )
@@ -66,12 +71,10 @@ from tandem_core.loop import Assume, SwitchCause
 from tandem_core.verify import Verdict
 
 __all__ = ["CloudLink", "CloudRejected", "CredentialRefused", "LinkDeadline", "LinkError", "ProtocolError", "RemoteVerifier",
-           "SessionRequest", "cloud_generate", "q_rows_to_proto", "sampling_to_proto"]
+           "RequestCancelled", "SessionRequest", "cloud_generate", "q_rows_to_proto", "sampling_to_proto"]
 
 log = logging.getLogger(__name__)
 
-_CHECK_METHOD = "/tandem.v1.LinkCheck/Ping"  # implemented nowhere: any status but these two is an answer
-_CHECK_DEAD = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 _CHECK_POLL_S = 0.005  # while a link check runs, how often the stream is looked at
 
 
@@ -106,6 +109,8 @@ class CloudLink:
         self._opening_trip_s: float | None = None  # the opening check's (set by its callback)
         self._opened_server_s = 0.0  # the cloud's time for the current stream's open (queue + prefill)
         self._watch: _Watch | None = None  # the wait for the verdict that comes next
+        # The request's consumer has gone: the wait for SessionOpened ends (RequestCancelled).
+        self.cancelled: Callable[[], bool] | None = None
         self.open_timeout_s = open_timeout_s
         self._total_timeout_s = total_timeout_s
         self._stream: VerifyStream | None = None
@@ -178,7 +183,7 @@ class CloudLink:
 
     def _await_opened(self, timeout_s: float) -> None:
         if self.opened is None:
-            response = self._recv(timeout_s)
+            response = self._recv_first(timeout_s)
             if response.WhichOneof("kind") != "opened":
                 raise ProtocolError("the cloud did not acknowledge the session")
             self.opened = response.opened
@@ -186,6 +191,31 @@ class CloudLink:
             if self._first_reserved and not self.opened.pipelining:  # an older cloud: ask for round 1 now
                 self._send(cloud_pb2.VerifyRequest(round=cloud_pb2.DraftRound(round=1)))
             self._first_reserved = False
+
+    def _recv_first(self, timeout_s: float) -> cloud_pb2.VerifyResponse:
+        """The stream's first reply (SessionOpened) within `timeout_s`, checking the link meanwhile
+        (`FirstReplyWatch`; with an adaptive deadline: its learnt check timeout, else the round
+        ceiling)."""
+        if not self.deadline.adaptive:
+            return self._recv(timeout_s)
+        limit_s = self.deadline.check_timeout_s(self._link_trip_s()) or self.round_timeout_s
+        watch = FirstReplyWatch(self._channel, min(limit_s, self.round_timeout_s), self.cancelled)
+        end = time.monotonic() + timeout_s
+        try:
+            while (left := end - time.monotonic()) > OPEN_POLL_S:
+                try:
+                    return self._recv_late(time.monotonic() + OPEN_POLL_S)
+                except _Late:
+                    pass
+                try:
+                    watch.poll()
+                except (LinkError, RequestCancelled):
+                    if self.replies_waiting():  # it came while the check was judged
+                        return self._recv(OPEN_POLL_S)
+                    raise
+            return self._recv(max(0.0, left))
+        finally:
+            watch.close()
 
     def await_opened(self) -> None:
         """Wait (at most `open_timeout_s`) for the current stream's SessionOpened, if not in yet."""
@@ -348,7 +378,7 @@ class CloudLink:
             if not check.future.done():
                 return None
             w.check = None
-            if _answered(check.future):
+            if answered(check.future):
                 if check.quiet:  # timed only while this thread waited (see `_Check`)
                     took = max(0.0, (check.answered_at or now) - check.t0)  # its callback may still be running
                     self.deadline.observe_check(took)
@@ -401,12 +431,12 @@ class CloudLink:
         t0, stream = time.monotonic(), self._stream
 
         def answered(check: grpc.Future) -> None:  # not learnt from: it races both prefills for the CPU
-            if _answered(check) and stream is self._stream:
+            if answered(check) and stream is self._stream:
                 self._opening_trip_s = time.monotonic() - t0  # one assignment: read by the waiting thread
         self._check_call(self.open_timeout_s).add_done_callback(answered)
 
     def _check_call(self, timeout_s: float) -> grpc.Future:
-        return self._channel.unary_unary(_CHECK_METHOD).future(b"", timeout=timeout_s)
+        return self._channel.unary_unary(CHECK_METHOD).future(b"", timeout=timeout_s)
 
     def _link_trip_s(self) -> float | None:
         """The smallest link round trip timed on this stream (None: not yet)."""
@@ -445,12 +475,6 @@ class CloudLink:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-
-
-def _answered(check: grpc.Future) -> bool:
-    """Whether a link check came back over the link (UNIMPLEMENTED, or any status but no answer)."""
-    error = check.exception()
-    return not (isinstance(error, grpc.RpcError) and error.code() in _CHECK_DEAD)
 
 
 @dataclass(eq=False)

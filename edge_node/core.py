@@ -14,7 +14,8 @@ Guarantees:
   and hands out `Piece`s whose texts concatenate to the decoded answer, then the `EdgeResult`.
   The worker's error is raised to the consumer; the cloud link's errors stay typed
   (`CloudRejected`, `LinkError`). After `cancel()` the worker stops at its next token (or its
-  drafter prefill's next pass) and the consumer's iteration ends quietly.
+  drafter prefill's next pass, or within 20 ms while it waits for the cloud's SessionOpened or
+  first reply) and the consumer's iteration ends quietly.
 - `drain()` stops admitting for good; `wait_idle` waits, bounded, until nothing runs.
 - Speculative answers share one learnt round deadline for the link to the cloud
   (`EdgeCore.deadline`, per `config.adaptive_deadline` and `round_deadline_floor_ms`); each
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from edge_node.cloud_link import CloudLink, LinkDeadline, SessionRequest
+from edge_node.cloud_link import CloudLink, LinkDeadline, RequestCancelled, SessionRequest
 from edge_node.config import EdgeConfig
 from edge_node.drafter import DrafterModel, PrefillCancelled
 from edge_node.generation import EdgeResult, generate_cloud, generate_local, generate_speculative
@@ -282,7 +283,7 @@ class Generation:
             if tail:
                 self._events.put(Piece((), tail, self._source))
             self._events.put(result)
-        except (_Cancelled, PrefillCancelled):
+        except (_Cancelled, PrefillCancelled, RequestCancelled):
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._events.put(exc)

@@ -22,8 +22,13 @@ Guarantees:
   (tokens and seconds; each request prefills its whole history, nothing is kept across turns)
   and the tokens the cloud prefilled or reused, as its ServerTiming reports them.
 - `cancelled` (every route): asked before each pass of a drafter prefill (the prompt, or the
-  context after a fallback); once true the generation raises `PrefillCancelled`
-  (`edge_node.drafter`), so a request cancelled during a long prefill ends within one pass.
+  context after a fallback), and every 20 ms while the cloud's first reply is awaited; once true
+  the generation raises `PrefillCancelled` (`edge_node.drafter`) or `RequestCancelled`
+  (`edge_node.link_stream`), so a request cancelled during a long prefill or a slow open frees
+  its slot at once.
+- The cloud's first reply on either route is awaited with link checks
+  (`edge_node.link_stream.FirstReplyWatch`): a link black-holed at the open falls back (or fails,
+  without `fallback_local`) within about the round deadline, not the open deadline.
 """
 
 from __future__ import annotations
@@ -198,6 +203,7 @@ def generate_speculative(drafter: DrafterModel, link: CloudLink, prompt_ids: Seq
     index = SuffixIndex.over(prompt_ids) if lookup and per_round else None
     opening = index.propose(MAX_DRAFT_LEN) if index is not None else None
     copy_first = opening is not None and opening.match_len >= MIN_MATCH
+    link.cancelled = cancelled  # the wait for SessionOpened ends when the consumer leaves
     first_sent = verifier.start(first_round=pipeline and not copy_first)  # the cloud's prefill overlaps the drafter's
     # Pipelined, the drafter's prefill waits for round 1 to go out (with the open, or copied by
     # retrieval) and lets its verdict (the first token) through (a lazy session, `tandem_core.loop`).
@@ -283,7 +289,8 @@ def generate_cloud(drafter: DrafterModel, channel: grpc.Channel, prompt_ids: Seq
     try:
         for response in cloud_generate(channel, prompt_ids, params, seed, max_new_tokens,
                                        first_timeout_s=first_timeout_s, gap_timeout_s=gap_timeout_s,
-                                       max_resumes=0 if fallback_local else max_resumes, counter=counter):
+                                       max_resumes=0 if fallback_local else max_resumes, counter=counter,
+                                       check_limit_s=gap_timeout_s, cancelled=cancelled):
             if response.tokens:
                 clock.mark_first()
                 result.tokens.extend(response.tokens)

@@ -18,6 +18,13 @@ Guarantees:
   sessions over one link, so what one verdict teaches serves the next.
 - `cloud_generate` (the cloud-only route) re-asks on a break with the tokens received, so each
   token is yielded once; gRPC never retries a stream after its first response.
+- A stream's first reply (the cloud's prefill is in it, so it may take long) is awaited with
+  `FirstReplyWatch`: every `OPEN_CHECK_S` a link check (a call to a method no server implements,
+  `CHECK_METHOD`, which the first gRPC server on the path answers at once) goes out, one at a
+  time; one unanswered within its limit (the learnt check timeout, else the round deadline)
+  ends the wait with `LinkError` (LATE_VERDICT), so a link black-holed at the open falls back
+  within about a second instead of at the open deadline (60 s), while a live link whose cloud
+  prefills a long prompt keeps waiting. Its `cancelled` ends the wait with `RequestCancelled`.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +50,10 @@ log = logging.getLogger(__name__)
 
 _END = object()
 GRPC_PREFIX = 5  # gRPC length-prefixed message framing
+CHECK_METHOD = "/tandem.v1.LinkCheck/Ping"  # implemented nowhere: any status but these two is an answer
+CHECK_DEAD = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+OPEN_CHECK_S = 0.1  # while a stream's first reply is awaited, the link is checked this often
+OPEN_POLL_S = 0.02  # and the reply looked for this often
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL,
               grpc.StatusCode.UNKNOWN}
@@ -61,6 +72,46 @@ class ProtocolError(LinkError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, SwitchCause.BAD_VERDICT)
+
+
+class RequestCancelled(Exception):
+    """The request was cancelled (its consumer left) while it waited for the cloud."""
+
+
+def answered(check: grpc.Future) -> bool:
+    """Whether a link check came back over the link (UNIMPLEMENTED, or any status but no answer)."""
+    error = check.exception()
+    return not (isinstance(error, grpc.RpcError) and error.code() in CHECK_DEAD)
+
+
+class FirstReplyWatch:
+    """Link checks while a stream's first reply is awaited (see the module doc)."""
+
+    def __init__(self, channel: grpc.Channel, limit_s: float, cancelled: Callable[[], bool] | None = None) -> None:
+        self._channel, self._limit_s, self._cancelled = channel, limit_s, cancelled
+        self._start = time.monotonic()
+        self._next = self._start + OPEN_CHECK_S
+        self._check: grpc.Future | None = None
+
+    def poll(self) -> None:
+        """Raise RequestCancelled, or LinkError once a check went unanswered; else start the next
+        check when it is due."""
+        if self._cancelled is not None and self._cancelled():
+            raise RequestCancelled("cancelled while the cloud session opened")
+        now, check = time.monotonic(), self._check
+        if check is not None and check.done():
+            self._check = None
+            if not answered(check):
+                raise LinkError(f"no reply to the open within {1000 * (now - self._start):.0f} ms, and no answer "
+                                f"to a link check within {1000 * self._limit_s:.0f} ms", SwitchCause.LATE_VERDICT)
+            self._next = now + OPEN_CHECK_S
+        if self._check is None and now >= self._next:
+            self._check = self._channel.unary_unary(CHECK_METHOD).future(b"", timeout=self._limit_s)
+
+    def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
 
 
 class CredentialRefused(LinkError):
@@ -226,13 +277,16 @@ class LinkDeadline:
 def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: SamplingParams, seed: int,
                    max_new_tokens: int, *, timeout_s: float = 3600.0, first_timeout_s: float | None = None,
                    gap_timeout_s: float | None = None, max_resumes: int = 3, backoff_s: float = 0.2,
-                   counter: dict[str, int] | None = None) -> Iterator[cloud_pb2.GenerateResponse]:
+                   counter: dict[str, int] | None = None, check_limit_s: float | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> Iterator[cloud_pb2.GenerateResponse]:
     """Cloud-only generation over a server stream; on a break it re-asks with the tokens received.
 
     Each response is yielded once; `counter` (if given) accumulates "up"/"down" message bytes
     and counts "resumes".
     The first reply (prefill included) must come within `first_timeout_s` and each later one
     within `gap_timeout_s` of the previous (None = no limit), else the stream counts as broken.
+    With `check_limit_s`, the first reply is awaited with a `FirstReplyWatch` (that limit,
+    `cancelled`).
     A break past `max_resumes` raises `LinkError`; a refusal raises `CloudRejected`.
     """
     stub = cloud_pb2_grpc.CloudVerifierStub(channel)
@@ -246,7 +300,8 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
         counter["up"] = counter.get("up", 0) + request.ByteSize() + GRPC_PREFIX
         try:
             call = stub.Generate(request, timeout=timeout_s)
-            for response in _with_deadlines(call, first_timeout_s, gap_timeout_s):
+            watch = None if check_limit_s is None else FirstReplyWatch(channel, check_limit_s, cancelled)
+            for response in _with_deadlines(call, first_timeout_s, gap_timeout_s, watch):
                 counter["down"] = counter.get("down", 0) + response.ByteSize() + GRPC_PREFIX
                 generated.extend(response.tokens)
                 yield response
@@ -265,8 +320,10 @@ def cloud_generate(channel: grpc.Channel, prompt_ids: Sequence[int], params: Sam
 
 
 def _with_deadlines(call: Iterator[cloud_pb2.GenerateResponse], first_timeout_s: float | None,
-                    gap_timeout_s: float | None) -> Iterator[cloud_pb2.GenerateResponse]:
-    """Yield a server stream's replies, raising LinkError when one is later than its deadline.
+                    gap_timeout_s: float | None, watch: FirstReplyWatch | None = None
+                    ) -> Iterator[cloud_pb2.GenerateResponse]:
+    """Yield a server stream's replies, raising LinkError when one is later than its deadline
+    (the first one's wait also ends by `watch`, when given).
 
     A reader thread feeds a queue so the wait can time out; the call is cancelled on any exit.
     """
@@ -276,7 +333,8 @@ def _with_deadlines(call: Iterator[cloud_pb2.GenerateResponse], first_timeout_s:
     try:
         while True:
             try:
-                item = replies.get(timeout=timeout)
+                item = _first_reply(replies, timeout, watch) if first and watch is not None else \
+                    replies.get(timeout=timeout)
             except queue.Empty:
                 raise LinkError(f"no reply within {timeout * 1000:.0f} ms",  # type: ignore[operator]
                                 SwitchCause.LATE_VERDICT) from None
@@ -288,4 +346,27 @@ def _with_deadlines(call: Iterator[cloud_pb2.GenerateResponse], first_timeout_s:
                 first, timeout = False, gap_timeout_s
             yield item
     finally:
+        if watch is not None:
+            watch.close()
         call.cancel()  # type: ignore[attr-defined]
+
+
+def _first_reply(replies: queue.Queue, timeout_s: float | None, watch: FirstReplyWatch) -> Any:
+    """The next item of `replies` within `timeout_s` (queue.Empty after it), while `watch` checks
+    the link (its LinkError or RequestCancelled ends the wait, unless the reply is in by then)."""
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        wait = OPEN_POLL_S if end is None else min(OPEN_POLL_S, end - time.monotonic())
+        if wait <= 0:
+            raise queue.Empty
+        try:
+            return replies.get(timeout=wait)
+        except queue.Empty:
+            pass
+        try:
+            watch.poll()
+        except (LinkError, RequestCancelled) as exc:
+            try:  # it may have come while the check was judged
+                return replies.get(timeout=OPEN_POLL_S)
+            except queue.Empty:
+                raise exc from None

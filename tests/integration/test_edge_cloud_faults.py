@@ -22,12 +22,13 @@ import grpc
 import pytest
 
 from cloud_node.verifier import VerifierCore
-from edge_node.cloud_link import CloudLink, SessionRequest, cloud_generate
+from edge_node.cloud_link import CloudLink, LinkDeadline, RequestCancelled, SessionRequest, cloud_generate
 from edge_node.drafter import DrafterModel
 from edge_node.generation import EdgeResult, generate_cloud, generate_speculative
 from netshape.shaper import LinkShaper
 from protos.tandem.v1 import cloud_pb2
 from tandem.pair import LocalPair
+from tandem_core.deadline import DeadlinePolicy, RoundDeadline
 from tandem_core.loop import SwitchCause
 from tandem_core.sampling import SamplingParams
 from tests.support.cloud_server import serving
@@ -238,6 +239,88 @@ def test_cloud_only_black_hole_falls_back_at_the_gap_deadline(drafter, shaper, r
     assert switch.cause == SwitchCause.LATE_VERDICT
     timeline.check_stall(timeline.first_local(), DEADLINE_S)
     _check_fallback(drafter, result, timeline, reference)
+
+
+# --- a link black-holed before the open: link checks end the open's wait ---------------------
+OPEN_S = 30.0  # the open deadline (the cloud's prefill is in it): long, as in production (60 s)
+OPEN_BOUND_S = DEADLINE_S + 1.0  # the check limit (the round deadline, nothing learnt yet), checks 0.1 s apart, slack
+
+
+def _adaptive() -> LinkDeadline:
+    return LinkDeadline(RoundDeadline(DeadlinePolicy()))
+
+
+def test_a_link_black_holed_at_the_open_falls_back_within_the_round_deadline(drafter, shaper, reference) -> None:
+    shaper.set_conditions(mode="blackhole")
+    timeline = Timeline()
+    t0 = time.monotonic()
+    with grpc.insecure_channel(_address(shaper)) as channel:
+        link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), GREEDY, 0, N),
+                         round_timeout_s=DEADLINE_S, open_timeout_s=OPEN_S, deadline=_adaptive())
+        result = generate_speculative(drafter, link, PROMPT, GREEDY, 0, draft_len=4, max_new_tokens=N,
+                                      on_tokens=timeline.mark, fallback_local=True)
+    waited = timeline.first_local() - t0
+    [switch] = result.switches
+    assert (switch.at_token, switch.cause) == (0, SwitchCause.LATE_VERDICT) and "link check" in switch.reason
+    assert waited < OPEN_BOUND_S, f"the first token came {waited:.2f} s in"
+    fresh = drafter.new_session(PROMPT, GREEDY, 0)
+    assert result.tokens == list(fresh.generate(max_new_tokens=N, eos_ids=drafter.eos_ids))
+
+
+def test_cloud_only_black_holed_at_the_open_falls_back_within_the_gap_deadline(drafter, shaper) -> None:
+    shaper.set_conditions(mode="blackhole")
+    timeline = Timeline()
+    t0 = time.monotonic()
+    with grpc.insecure_channel(_address(shaper)) as channel:
+        result = generate_cloud(drafter, channel, PROMPT, GREEDY, 0, max_new_tokens=N, on_tokens=timeline.mark,
+                                first_timeout_s=OPEN_S, gap_timeout_s=DEADLINE_S, fallback_local=True)
+    [switch] = result.switches
+    assert (switch.at_token, switch.cause) == (0, SwitchCause.LATE_VERDICT) and "link check" in switch.reason
+    assert timeline.first_local() - t0 < OPEN_BOUND_S
+
+
+def test_a_slow_open_on_a_live_link_is_waited_for(tiny_models, drafter, reference) -> None:
+    """The cloud takes 2.5 s to open (a long prefill) on a healthy link: the checks are answered,
+    so neither route gives up before the open deadline, and the answers are the target's."""
+    core = VerifierCore.load(tiny_models.target_hf, dtype="fp32")
+    original = core.open
+
+    def slow_open(spec, cancelled=None):  # type: ignore[no-untyped-def]
+        time.sleep(2.5)
+        return original(spec, cancelled)
+
+    core.open = slow_open  # type: ignore[method-assign]
+    with serving(core) as address, LinkShaper(address) as slow_shaper, \
+            grpc.insecure_channel(_address(slow_shaper)) as channel:
+        link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), GREEDY, 0, N),
+                         round_timeout_s=DEADLINE_S, open_timeout_s=OPEN_S, deadline=_adaptive())
+        speculative = generate_speculative(drafter, link, PROMPT, GREEDY, 0, draft_len=4, max_new_tokens=N,
+                                           fallback_local=True)
+        cloud = generate_cloud(drafter, channel, PROMPT, GREEDY, 0, max_new_tokens=N, first_timeout_s=OPEN_S,
+                               gap_timeout_s=DEADLINE_S, fallback_local=True)
+    for result in (speculative, cloud):
+        assert not result.switches and tuple(result.tokens) == reference
+
+
+def test_a_request_cancelled_while_the_open_waits_ends_at_once(drafter, shaper) -> None:
+    shaper.set_conditions(mode="blackhole")
+    t0 = time.monotonic()
+
+    def cancelled() -> bool:
+        return time.monotonic() - t0 > 0.2
+
+    with grpc.insecure_channel(_address(shaper)) as channel:
+        link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), GREEDY, 0, N),
+                         round_timeout_s=5.0, open_timeout_s=OPEN_S, deadline=_adaptive())
+        with pytest.raises(RequestCancelled):
+            generate_speculative(drafter, link, PROMPT, GREEDY, 0, draft_len=4, max_new_tokens=N,
+                                 fallback_local=True, cancelled=cancelled)
+        assert time.monotonic() - t0 < 1.5
+        t0 = time.monotonic()
+        with pytest.raises(RequestCancelled):
+            generate_cloud(drafter, channel, PROMPT, GREEDY, 0, max_new_tokens=N, first_timeout_s=OPEN_S,
+                           gap_timeout_s=5.0, fallback_local=True, cancelled=cancelled)
+        assert time.monotonic() - t0 < 1.5
 
 
 def test_cloud_only_black_hole_resumes_after_the_gap_deadline(shaper, reference) -> None:
