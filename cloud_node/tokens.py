@@ -17,6 +17,11 @@ Guarantees:
   immediately): a revocation reaches a running gateway within `reload_s`
   (1 s by default) without a restart. A store that cannot be read keeps the last good copy (and
   says so in the log once per change); before the first good read every token is unknown.
+- A store file that another user could have changed (writable by its group or by others, or
+  owned by neither this process's user nor root; `tandem.security.file_exposure`) is refused
+  like a corrupt one: a TokenError when read (so the gateway does not start, exit 2), the last
+  good copy while running. Otherwise a local user could edit `revoked` back to null. A
+  Kubernetes Secret mounted read-only (root-owned, 0440) passes.
 - Nothing here logs a token or puts one in an exception.
 """
 
@@ -28,6 +33,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import threading
@@ -37,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from tandem.security import write_secret
+from tandem.security import file_exposure, write_secret
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +153,11 @@ def require_store(path: Path) -> list[TokenRecord]:
 def load_records(path: Path) -> list[TokenRecord]:
     """The store's records ([] when the file does not exist); TokenError when it is not a store."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as handle:  # bytes: json.loads decodes, and a bad byte is a ValueError below
+            problem = file_exposure(os.fstat(handle.fileno()), 0o022, check_owner=True)
+            if problem:
+                raise TokenError(f"token store {path}: {problem}")
+            text = handle.read()
     except FileNotFoundError:
         return []
     except OSError as exc:
@@ -172,16 +182,17 @@ class TokenChecker:
         self.path, self.reload_s, self._clock = Path(path), reload_s, clock
         self._lock = threading.Lock()
         self._by_id: dict[str, TokenRecord] = {}
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
         self._checked = -float("inf")
         self.refresh(force=True)
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
+    def _file_stamp(self) -> tuple[int, ...] | None:
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        # The mode and owner too: a store refused for them is read again once they are fixed.
+        return st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode, st.st_uid
 
     def refresh(self, force: bool = False, look: bool = False) -> None:
         """Re-read the store if it changed and `reload_s` passed since the last look (or `look`:

@@ -26,7 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edge_node.generation import EdgeResult
 from tandem.metric_defs import EDGE, MAX_POSITION, prometheus_instruments
-from tandem.security import ServerTls, check_bind, same_secret
+from tandem.security import ServerTls, bearer_from, check_bind, same_secret
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 M: dict[str, Any] = prometheus_instruments(EDGE, REGISTRY)
@@ -111,7 +111,7 @@ def _handler(key: str | None) -> type[BaseHTTPRequestHandler]:
             if self.path.split("?", 1)[0] != "/metrics":
                 self._reply(404, b"not found\n", "text/plain")
                 return
-            given = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+            given = bearer_from(self.headers.items())
             if key is not None and not (given and same_secret(given, key)):
                 self._reply(401, b"missing or wrong bearer key\n", "text/plain", {"WWW-Authenticate": "Bearer"})
                 return

@@ -3,6 +3,12 @@
 Prints `listen=HOST:PORT` and `control=HOST:PORT` (ports resolved) on stdout once both are
 listening, then shapes until SIGINT or SIGTERM and exits 0. Bad flags or conditions: a message
 and exit code 2. A bind failure: a message and exit code 1.
+
+Both addresses are loopback unless the operator says otherwise: `--control` (no authentication)
+is loopback only, always; a non-loopback `--listen` is refused (exit 2, naming the flag) unless
+`--insecure` is given. The shaper cannot speak TLS or check a credential itself (it forwards
+bytes, which are TLS end to end when the stack is secure), so the house rule for a listener
+beyond loopback (TLS and a credential, or `--insecure` by name) reduces to `--insecure` here.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="up")
     parser.add_argument("--control", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
                         help="loopback address of the HTTP control endpoint (default 127.0.0.1:0)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --listen address: anyone who can reach it may use the link")
     parser.add_argument("--seed", type=int, default=None, help="seed for the jitter")
     parser.add_argument("--log-level", default="WARNING",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -71,8 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     bandwidth_kbps=args.bandwidth_kbps, mode=args.mode)
     except ValueError as exc:
         parser.error(str(exc))
+    # One line each (no usage): these are refusals of a setting, not a misuse of the syntax.
     if not is_loopback(args.control[0]):
-        parser.error(f"--control: must be a loopback address, got {args.control[0]!r}")
+        parser.exit(2, f"{parser.prog}: error: --control: must be a loopback address, got {args.control[0]!r}\n")
+    if not args.insecure and not is_loopback(args.listen[0]):
+        parser.exit(2, f"{parser.prog}: error: --listen: refusing to listen on {args.listen[0]!r}, a non-loopback "
+                       "address, without TLS or a credential (the shaper has neither); bind 127.0.0.1, or pass "
+                       "--insecure to expose it unprotected\n")
     logging.basicConfig(level=args.log_level, format="netshape %(levelname)s %(message)s")
     shaper = LinkShaper(args.upstream, conditions, listen=args.listen, control=args.control,
                         seed=args.seed)

@@ -33,6 +33,11 @@ Guarantees:
 - Bounded reads: `page` and `chunks` read titles and sources cut to the API's limits in SQL
   (`truncated` says so), so rows written before the limits existed, however large, never make a
   listing or a citation grow.
+- Private on disk: the database file is created with mode 0600 before SQLite opens it (SQLite
+  gives `-wal` and `-shm` the main file's mode), and an existing one, `-wal` or `-shm` more open
+  than that is narrowed to 0600 with a warning. The store's folder is made 0700 when the store
+  creates it, or when it is the default folder (`default_store_path`); a folder the caller chose
+  that already exists (e.g. /tmp) keeps its mode.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -106,6 +112,39 @@ def default_store_path() -> Path:
     return tandem_home() / "personal" / "store.sqlite3"
 
 
+def _make_private(path: Path) -> None:
+    """The store's folder 0700 (when the store creates it or it is the default one) and its
+    database files 0600, before SQLite opens them; see the module's docstring."""
+    folder = path.parent
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if created or folder.resolve() == default_store_path().parent:
+        _narrow(folder, 0o700)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.chmod(path, 0o600)  # exactly, whatever the umask
+    except FileExistsError:
+        pass  # an existing store, or one another process has just created: narrowed below
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        _narrow(file, 0o600)
+
+
+def _narrow(path: Path, mode: int) -> None:
+    """chmod `path` to `mode` if others than its owner may use it, with a warning."""
+    try:
+        old = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return  # -wal and -shm come and go with other processes' connections
+    if not old & ~mode:
+        return
+    try:
+        path.chmod(mode)
+        logger.warning("%s was mode %o, open to other users; narrowed it to %o", path, old, mode)
+    except OSError as exc:
+        logger.warning("%s is mode %o, open to other users, and cannot be narrowed to %o: %s", path, old, mode,
+                       exc.strerror)
+
+
 class PersonalStore:
     """Documents, chunks, vectors and keyword index in one SQLite file."""
 
@@ -114,7 +153,7 @@ class PersonalStore:
         for listing, deleting, relabelling and checking (adding and searching then raise)."""
         self.path = Path(path)
         self._embedder = embedder
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_private(self.path)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                      timeout=10.0)

@@ -2,12 +2,17 @@
 
 Guarantees:
 - Secrets (tokens, API keys) come from a file or an environment variable, never from a command
-  line (`ps` shows those). `read_secret` strips the text, refuses an empty one, and refuses a
-  file every user may read or that anyone but its owner may write (mode & 0o026). A group
-  may read it: a Kubernetes Secret mounted for a non-root container is 0440 with `fsGroup`.
-- `write_secret` creates its file with mode 0600 before any byte is written (no window where
-  it is readable by others) and replaces the old one atomically; a write that fails removes its
-  temporary copy.
+  line (`ps` shows those). `read_secret` strips the surrounding whitespace, refuses an empty
+  text or one holding anything but printable ASCII (a second line, a NUL, a byte order mark:
+  gRPC and HTTP refuse such a header, and every call would fail later with a misleading error),
+  and refuses a file every user may read or that anyone but its owner may write (mode & 0o026).
+  A group may read it: a Kubernetes Secret mounted for a non-root container is 0440 with
+  `fsGroup`. `file_exposure` is that mode check, for other files that must stay private.
+- `write_secret` creates a randomly named temporary file in the destination's folder with
+  O_EXCL and mode 0600 before any byte is written (no window where it is readable by others,
+  and nothing another user planted under a guessable name is followed or reused), then
+  replaces the destination atomically (a symlink there is replaced, never followed); a write
+  that fails removes its temporary copy.
 - `check_bind` is the one rule every server applies: a non-loopback address needs TLS and a
   credential, unless the operator passed `--insecure`; the error names what is missing.
 - `keepalive_options` (a client's) and `PING_SERVER_OPTIONS` (a server's) catch a frozen peer
@@ -23,6 +28,7 @@ import ipaddress
 import os
 import ssl
 import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +77,32 @@ def check_bind(what: str, host: str, *, tls: bool, credential: bool, insecure: b
                             "expose it unprotected")
 
 
+def file_exposure(st: os.stat_result, mask: int, *, check_owner: bool = False) -> str | None:
+    """Why a file (its `os.stat`/`os.fstat` result) is open to other users, or None when it is not:
+    a permission bit in `mask` is set, or (`check_owner`) its owner is neither this process's user
+    nor root (root owns a mounted Kubernetes Secret, and can change any file anyway)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & mask:
+        may = "read or changed" if mask & 0o044 else "changed"
+        return f"may be {may} by other users (mode {mode:o}); chmod 600 it"
+    if check_owner and st.st_uid not in (0, os.geteuid()):
+        return f"belongs to uid {st.st_uid}, neither this user (uid {os.geteuid()}) nor root; chown it"
+    return None
+
+
+def _refuse_unprintable(text: str, what: str, where: str) -> None:
+    """SecurityError naming the first character of `text` outside printable ASCII, never the secret."""
+    for i, ch in enumerate(text, start=1):
+        if " " <= ch <= "~":
+            continue
+        kind = ("a line break" if ch in "\r\n" else "a NUL character" if ch == "\0" else
+                "a byte order mark (U+FEFF)" if ch == "\ufeff" else
+                f"a control character (U+{ord(ch):04X})" if ch.isascii() or not ch.isprintable() else
+                f"a non-ASCII character (U+{ord(ch):04X})")
+        raise SecurityError(f"{what}: {where} holds {kind} at character {i}; a secret must be one line of "
+                            "printable ASCII (surrounding whitespace is ignored)")
+
+
 def read_secret(*, file: Path | None, env: str | None = None, what: str,
                 environ: Mapping[str, str] | None = None) -> str | None:
     """The secret from `file`, else from the environment variable `env`, else None."""
@@ -78,18 +110,26 @@ def read_secret(*, file: Path | None, env: str | None = None, what: str,
     if file is not None:
         path = Path(file).expanduser()
         try:
-            mode = path.stat().st_mode
-            if mode & 0o026:
-                raise SecurityError(f"{what}: {path} may be read or changed by other users (mode "
-                                    f"{stat.S_IMODE(mode):o}); chmod 600 it")
-            text = path.read_text(encoding="utf-8").strip()
+            with open(path, "rb") as handle:
+                problem = file_exposure(os.fstat(handle.fileno()), 0o026)
+                if problem:
+                    raise SecurityError(f"{what}: {path} {problem}")
+                data = handle.read()
         except OSError as exc:
             raise SecurityError(f"{what}: cannot read {path}: {exc.strerror}") from None
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise SecurityError(f"{what}: {path} is not UTF-8 text (byte {exc.start + 1}); a secret must be "
+                                "one line of printable ASCII") from None
         if not text:
             raise SecurityError(f"{what}: {path} is empty")
+        _refuse_unprintable(text, what, str(path))
         return text
     if env and environ.get(env, "").strip():
-        return environ[env].strip()
+        text = environ[env].strip()
+        _refuse_unprintable(text, what, f"the environment variable {env}")
+        return text
     return None
 
 
@@ -97,11 +137,12 @@ def write_secret(path: Path, text: str) -> Path:
     """Write `text` to `path` with mode 0600, atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # mkstemp: a random name opened with O_CREAT | O_EXCL (nothing planted there is followed or reused), mode 0600.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
         try:
-            os.fchmod(fd, 0o600)  # the umask never widens it, an existing tmp keeps no old mode
+            os.fchmod(fd, 0o600)  # exactly: a strict umask never leaves the owner unable to read it
             os.write(fd, text.encode("utf-8"))
             os.fsync(fd)
         finally:
@@ -124,7 +165,9 @@ def bearer_from(metadata: Any) -> str | None:
     for key, value in items:
         if str(key).lower() == AUTH_HEADER:
             text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            return text[len(BEARER):].strip() if text.startswith(BEARER) else None
+            # RFC 7235: the scheme is case-insensitive ("bearer KEY" is "Bearer KEY").
+            scheme, _, token = text.strip().partition(" ")
+            return token.strip() if scheme.lower() == BEARER.strip().lower() else None
     return None
 
 
