@@ -44,6 +44,7 @@ from protos.enums import cause_to_proto, edge_mode_to_route, finish_to_proto
 from protos.tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from tandem.security import (
     PING_SERVER_OPTIONS,
+    RECONNECT_OPTIONS,
     KeyInterceptor,
     SecurityError,
     ServerTls,
@@ -218,7 +219,7 @@ def cloud_channel(config: EdgeConfig) -> grpc.Channel | None:
     if token is not None and tls is None and not is_loopback(host):
         raise SecurityError(f"edge -> cloud: refusing to send the token in clear text to {host}; give --cloud-tls "
                             "or --cloud-ca-cert")
-    return secure_channel(config.cloud_address, tls, token)
+    return secure_channel(config.cloud_address, tls, token, options=RECONNECT_OPTIONS)
 
 
 def create_node(drafter: DrafterModel, config: EdgeConfig, address: str | None = None,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tandem.security import ClientTls, secure_channel
+from tandem.security import RECONNECT_OPTIONS, ClientTls, secure_channel
 from tandem_core.link_health import CIRCUIT_CLOSED, CircuitBreaker, RttEstimator
 from tandem_core.routing import LinkView
 
@@ -59,7 +59,7 @@ class LinkMonitor:
     def start(self) -> None:
         if self.address is None or self._task is not None:
             return
-        self._channel = secure_channel(self.address, self.tls, None, aio=True)
+        self._channel = secure_channel(self.address, self.tls, None, aio=True, options=RECONNECT_OPTIONS)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="link-monitor")
 
     async def stop(self) -> None:

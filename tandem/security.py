@@ -15,6 +15,9 @@ Guarantees:
   that fails removes its temporary copy.
 - `check_bind` is the one rule every server applies: a non-loopback address needs TLS and a
   credential, unless the operator passed `--insecure`; the error names what is missing.
+- `RECONNECT_OPTIONS`: a client channel across the network (edge -> cloud, the orchestrator's
+  link probes) tries to reconnect at least every 2 s, so a link that comes back is used within
+  about 2 s, whatever the outage's length.
 - `keepalive_options` (a client's) and `PING_SERVER_OPTIONS` (a server's) catch a frozen peer
   on a call that carries no data for a while: see `tandem.limits.KEEPALIVE_S`.
 - No function here logs or puts a secret into an exception message.
@@ -259,6 +262,14 @@ def secure_channel(address: str, tls: ClientTls | None, token: str | None, *, ai
     if aio:
         return grpc.aio.insecure_channel(address, options=opts, interceptors=_aio_adders(entry))
     return grpc.intercept_channel(grpc.insecure_channel(address, options=opts), _MetadataAdder(entry))
+
+
+# A channel across the network reconnects at least this often while its peer is unreachable, and
+# gives one attempt this long: gRPC's defaults (backoff growing x1.6 up to 120 s, each attempt
+# allowed 20 s) left a link that came back after a minute's outage unused for another minute.
+RECONNECT_OPTIONS: list[tuple[str, int]] = [("grpc.initial_reconnect_backoff_ms", 250),
+                                            ("grpc.min_reconnect_backoff_ms", 2000),
+                                            ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 def keepalive_options(every_s: float) -> list[tuple[str, int]]:
