@@ -18,7 +18,9 @@ Guarantees:
   channel: the first gRPC server on the path (the cloud's gateway, or the cloud node) answers it
   UNIMPLEMENTED at once, without a replica, so it times the link alone. Each stream also checks
   once as it opens, to time the link as it is now (a bound on the check timeout, not learnt
-  from); until a check or a round not sent ahead has timed it, no check gives a round up.
+  from); until a check or a round not sent ahead has timed it, no check gives a round up. The
+  wait for SessionOpened is checked every 100 ms (`link_stream.FirstReplyWatch`), and those
+  answered checks are learnt (the thread only waits meanwhile).
   The checks keep the wait's clock, not the caller's: `link_failed()` advances them without
   blocking, and the speculative loop asks it between drafter passes (`RemoteVerifier.ready`), so
   a round drafted ahead while a verdict is out delays neither the check nor the fallback.
@@ -199,7 +201,11 @@ class CloudLink:
         if not self.deadline.adaptive:
             return self._recv(timeout_s)
         limit_s = self.deadline.check_timeout_s(self._link_trip_s()) or self.round_timeout_s
-        watch = FirstReplyWatch(self._channel, min(limit_s, self.round_timeout_s), self.cancelled)
+        # Its answered checks are learnt (this thread only waits meanwhile): with pipelined rounds
+        # (drafted while a verdict is out) few other checks are, and without them no round's
+        # check may give it up early.
+        watch = FirstReplyWatch(self._channel, min(limit_s, self.round_timeout_s), self.cancelled,
+                                on_answer=self._observe_check)
         end = time.monotonic() + timeout_s
         try:
             while (left := end - time.monotonic()) > OPEN_POLL_S:
@@ -380,10 +386,7 @@ class CloudLink:
             w.check = None
             if answered(check.future):
                 if check.quiet:  # timed only while this thread waited (see `_Check`)
-                    took = max(0.0, (check.answered_at or now) - check.t0)  # its callback may still be running
-                    self.deadline.observe_check(took)
-                    self._trip_s = took if self._trip_s is None else min(self._trip_s, took)
-                    self._fastest_s = took if self._fastest_s is None else min(self._fastest_s, took)
+                    self._observe_check(max(0.0, (check.answered_at or now) - check.t0))  # its callback may lag
             elif check.timeout_s is not None and check.wait_s >= check.timeout_s:
                 w.dead = _Failure(
                     f"no reply within {1000 * (now - w.start):.0f} ms of sending round {w.round_no}, and no answer "
@@ -396,6 +399,12 @@ class CloudLink:
         if w.check is None and now >= w.check_at and (w.end is None or w.check_at < w.end):
             self._start_check(w, now)
         return None
+
+    def _observe_check(self, took: float) -> None:
+        """An answered link check, timed while this thread waited: the link as it is now."""
+        self.deadline.observe_check(took)
+        self._trip_s = took if self._trip_s is None else min(self._trip_s, took)
+        self._fastest_s = took if self._fastest_s is None else min(self._fastest_s, took)
 
     def _late(self, w: _Watch) -> _Failure:
         ceiling_s = self.round_timeout_s

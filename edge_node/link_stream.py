@@ -87,11 +87,15 @@ def answered(check: grpc.Future) -> bool:
 class FirstReplyWatch:
     """Link checks while a stream's first reply is awaited (see the module doc)."""
 
-    def __init__(self, channel: grpc.Channel, limit_s: float, cancelled: Callable[[], bool] | None = None) -> None:
-        self._channel, self._limit_s, self._cancelled = channel, limit_s, cancelled
+    def __init__(self, channel: grpc.Channel, limit_s: float, cancelled: Callable[[], bool] | None = None,
+                 on_answer: Callable[[float], None] | None = None) -> None:
+        """`on_answer(seconds)`: each answered check's round trip (stamped on gRPC's thread)."""
+        self._channel, self._limit_s, self._cancelled, self._on_answer = channel, limit_s, cancelled, on_answer
         self._start = time.monotonic()
         self._next = self._start + OPEN_CHECK_S
         self._check: grpc.Future | None = None
+        self._sent_at = 0.0
+        self._answered: tuple[grpc.Future | None, float] = (None, 0.0)  # (check, when its answer came)
 
     def poll(self) -> None:
         """Raise RequestCancelled, or LinkError once a check went unanswered; else start the next
@@ -104,9 +108,17 @@ class FirstReplyWatch:
             if not answered(check):
                 raise LinkError(f"no reply to the open within {1000 * (now - self._start):.0f} ms, and no answer "
                                 f"to a link check within {1000 * self._limit_s:.0f} ms", SwitchCause.LATE_VERDICT)
+            if self._on_answer is not None:
+                stamped, at = self._answered
+                self._on_answer(max(0.0, (at if stamped is check else now) - self._sent_at))
             self._next = now + OPEN_CHECK_S
         if self._check is None and now >= self._next:
+            self._sent_at = now
             self._check = self._channel.unary_unary(CHECK_METHOD).future(b"", timeout=self._limit_s)
+            self._check.add_done_callback(self._stamp)
+
+    def _stamp(self, check: grpc.Future) -> None:  # gRPC's thread: one assignment
+        self._answered = (check, time.monotonic())
 
     def close(self) -> None:
         if self._check is not None:

@@ -281,7 +281,8 @@ def test_cloud_only_black_holed_at_the_open_falls_back_within_the_gap_deadline(d
 
 def test_a_slow_open_on_a_live_link_is_waited_for(tiny_models, drafter, reference) -> None:
     """The cloud takes 2.5 s to open (a long prefill) on a healthy link: the checks are answered,
-    so neither route gives up before the open deadline, and the answers are the target's."""
+    so neither route gives up before the open deadline, and the answers are the target's. The
+    speculative link learns from those answered checks (with pipelined rounds, few others are)."""
     core = VerifierCore.load(tiny_models.target_hf, dtype="fp32")
     original = core.open
 
@@ -292,10 +293,13 @@ def test_a_slow_open_on_a_live_link_is_waited_for(tiny_models, drafter, referenc
     core.open = slow_open  # type: ignore[method-assign]
     with serving(core) as address, LinkShaper(address) as slow_shaper, \
             grpc.insecure_channel(_address(slow_shaper)) as channel:
+        deadline = _adaptive()
+        assert deadline.check_timeout_s(None) is None
         link = CloudLink(channel, SessionRequest(uuid.uuid4().hex, tuple(PROMPT), GREEDY, 0, N),
-                         round_timeout_s=DEADLINE_S, open_timeout_s=OPEN_S, deadline=_adaptive())
+                         round_timeout_s=DEADLINE_S, open_timeout_s=OPEN_S, deadline=deadline)
         speculative = generate_speculative(drafter, link, PROMPT, GREEDY, 0, draft_len=4, max_new_tokens=N,
                                            fallback_local=True)
+        assert deadline.check_timeout_s(None) is not None, "the open's answered checks were learnt"
         cloud = generate_cloud(drafter, channel, PROMPT, GREEDY, 0, max_new_tokens=N, first_timeout_s=OPEN_S,
                                gap_timeout_s=DEADLINE_S, fallback_local=True)
     for result in (speculative, cloud):
