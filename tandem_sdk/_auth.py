@@ -8,7 +8,8 @@ Guarantees:
 - Over TLS the API key travels as gRPC call credentials (`authorization: Bearer KEY` on every
   call). Without TLS, which a server accepts from loopback clients only unless it runs with
   `--insecure`, the same metadata is added to every call: anyone who can read the link can read
-  it then, so give a key to a non-loopback address over TLS only.
+  it then. So a key for an address that is not loopback (`localhost`, 127.0.0.0/8, ::1, a
+  `unix:` socket) without TLS raises `ValueError` unless `insecure=True` says so by name.
 - A bad argument raises `ValueError` naming the argument before any channel exists; no message
   and no `repr` holds the key.
 - grpcio and the standard library only.
@@ -16,6 +17,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +37,12 @@ class ChannelSecurity:
 
 
 def channel_security(*, api_key: str | None, tls: bool, ca_cert: str | os.PathLike[str] | bytes | None,
-                     server_name: str | None) -> ChannelSecurity:
+                     server_name: str | None, address: str = "localhost", insecure: bool = False
+                     ) -> ChannelSecurity:
     """Check the client's security arguments and turn them into a `ChannelSecurity`."""
-    if not isinstance(tls, bool):
-        raise ValueError(f"tls: must be True or False (got {type(tls).__name__})")  # noqa: TRY004
+    for name, flag in (("tls", tls), ("insecure", insecure)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}: must be True or False (got {type(flag).__name__})")  # noqa: TRY004
     key = _check_key(api_key)
     root = _read_ca(ca_cert) if ca_cert is not None else None
     use_tls = tls or root is not None
@@ -48,12 +52,33 @@ def channel_security(*, api_key: str | None, tls: bool, ca_cert: str | os.PathLi
         if not use_tls:
             raise ValueError("server_name: only applies over TLS; pass tls=True or ca_cert")
     if not use_tls:
+        if key and not insecure and not _is_loopback(address):
+            raise ValueError(f"api_key: refusing to send it in clear text to {address}, which is not a loopback "
+                             "address; pass ca_cert (or tls=True) for the server's TLS, or insecure=True")
         return ChannelSecurity(metadata=(("authorization", "Bearer " + key),) if key else None)
     credentials = grpc.ssl_channel_credentials(root_certificates=root)
     if key:
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(key))
     options = (("grpc.ssl_target_name_override", server_name.strip()),) if server_name else ()
     return ChannelSecurity(credentials, options)
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a gRPC target ("host:port", "[v6]:port", "dns:///host:port", "unix:path") stays
+    on this machine."""
+    target = address.strip()
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        target = target.removeprefix(scheme)
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _encodable(text: str) -> bool:

@@ -246,6 +246,7 @@ class ClientBase(Generic[G]):
         tls: bool = False,
         ca_cert: str | os.PathLike[str] | bytes | None = None,
         server_name: str | None = None,
+        insecure: bool = False,
     ) -> None:
         if not isinstance(address, str) or not address.strip():
             raise ValueError(f"address: must be 'host:port' (got {address!r})")
@@ -254,7 +255,8 @@ class ClientBase(Generic[G]):
         self.timeout_s = check_timeout("timeout_s", timeout_s)
         self.generate_timeout_s = check_timeout("generate_timeout_s", generate_timeout_s)
         self.policy = RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
-        security = channel_security(api_key=api_key, tls=tls, ca_cert=ca_cert, server_name=server_name)
+        security = channel_security(api_key=api_key, tls=tls, ca_cert=ca_cert, server_name=server_name,
+                                    address=self.address, insecure=insecure)
         self.tls = security.credentials is not None
         self._metadata = security.metadata  # the key as metadata when there is no TLS to carry it
         options = _retry.channel_options(self.policy, [*security.options, *channel_options])

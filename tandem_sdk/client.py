@@ -99,6 +99,8 @@ class Client(ClientBase[Generation]):
             implies TLS.
         server_name: the name to check in the server's certificate when it differs from the
             address's host (gRPC's ssl_target_name_override); needs TLS.
+        insecure: allow an API key without TLS to an address that is not loopback (it crosses the
+            network in clear text); without it that is a ValueError.
 
     Example:
         >>> with Client("127.0.0.1:7070", timeout_s=5) as client:

@@ -42,7 +42,7 @@ ROUTES = ("auto", "local", "speculative", "cloud")
 _FLAGS = {
     "address": "--address", "prompt": "PROMPT", "max_new_tokens": "--max-new-tokens",
     "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
-    "deadline_s": "--deadline-s", "category": "--category", "title": "--title",
+    "deadline_s": "--deadline-s", "category": "--category", "title": "--title", "api_key": "--api-key-file",
 }
 
 
@@ -107,6 +107,9 @@ def _common() -> argparse.ArgumentParser:
                         help="use TLS, checking the orchestrator against the system's CAs (see --ca-cert)")
     parent.add_argument("--ca-cert", type=Path, metavar="PATH",
                         help="PEM CA certificate that signed the orchestrator's (implies --tls)")
+    parent.add_argument("--insecure", action="store_true",
+                        help="send the API key without TLS to an address that is not loopback (INSECURE: it "
+                             "crosses the network in clear text)")
     return parent
 
 
@@ -191,7 +194,8 @@ def _client(args: argparse.Namespace, timeout_s: float | None = None) -> Iterato
     tls, ca_cert = bool(getattr(args, "tls", False)), getattr(args, "ca_cert", None) or stack_ca
     try:
         deadline = {} if timeout_s is None else {"timeout_s": timeout_s}
-        with Client(address, api_key=key, tls=tls, ca_cert=ca_cert, **deadline) as client:
+        with Client(address, api_key=key, tls=tls, ca_cert=ca_cert, insecure=bool(getattr(args, "insecure", False)),
+                    **deadline) as client:
             yield client
     except Unavailable as exc:
         hint = "" if tls or ca_cert else "; if it serves TLS, pass --ca-cert PATH or --tls"
@@ -211,6 +215,8 @@ def _client(args: argparse.Namespace, timeout_s: float | None = None) -> Iterato
 def _flag_message(message: str) -> str:
     """An SDK message "name: why" with the name replaced by the CLI's flag for it."""
     name, sep, why = message.partition(": ")
+    for sdk, flag in (("ca_cert (or tls=True)", "--ca-cert PATH (or --tls)"), ("insecure=True", "--insecure")):
+        why = why.replace(sdk, flag)
     return f"{_FLAGS[name]}: {why}" if sep and name in _FLAGS else message
 
 
