@@ -17,16 +17,17 @@ Run with `-s` to see the drain times.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -218,15 +219,35 @@ def test_a_frozen_edge_fails_the_orchestrators_answer_within_its_keepalive(tiny_
     assert took <= 2 * KEEPALIVE_S + FROZEN_SLACK_S
 
 
+@contextlib.contextmanager
+def _cloud_that_never_opens() -> Iterator[int]:
+    """A live gRPC server (it answers the edge's link checks) whose Verify never replies: the
+    edge waits for SessionOpened until the open's deadline. Its port."""
+    def verify(requests, context):  # type: ignore[no-untyped-def]
+        while context.is_active():
+            time.sleep(0.05)
+        return iter(())
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "tandem.v1.CloudVerifier", {"Verify": grpc.stream_stream_rpc_method_handler(verify)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None)
+
+
 def test_an_edge_silent_for_several_pings_keeps_its_call(tiny_models, start) -> None:
-    """The edge opens its cloud session on a port that takes the connection and never answers, so
-    it sends nothing until the open's deadline, then answers on the device. A client pinging
-    every KEEPALIVE_S (the orchestrator's options) must get the whole answer: without the edge
-    server's ping policy, gRPC ends the connection (too many pings) during the silence."""
+    """The edge opens its cloud session on a live cloud that never answers the open, so it sends
+    nothing until the open's deadline, then answers on the device. A client pinging every
+    KEEPALIVE_S (the orchestrator's options) must get the whole answer: without the edge server's
+    ping policy, gRPC ends the connection (too many pings) during the silence."""
     open_s = 6 * KEEPALIVE_S
-    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts
+    with _cloud_that_never_opens() as cloud_port:
         edge = start("edge_node", "--drafter", str(tiny_models.drafter_onnx), "--port", "0",
-                     "--cloud", f"127.0.0.1:{silent.getsockname()[1]}")
+                     "--cloud", f"127.0.0.1:{cloud_port}")
         request = edge_pb2.EdgeGenerateRequest(prompt_tokens=PROMPT, max_new_tokens=8, mode=edge_pb2.EDGE_MODE_SPECULATIVE,
                                                fallback_local=True, open_deadline_ms=int(1000 * open_s))
         with grpc.insecure_channel(edge.fields["grpc"], options=keepalive_options(KEEPALIVE_S)) as channel:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -108,9 +108,10 @@ class FakeOnnxDrafterModel(DrafterModel):
         self.q_support = q_support
 
     def new_session(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int, *,
-                    max_length: int | None = None, q_support: int = 0, lazy: bool = False) -> DrafterSession:
+                    max_length: int | None = None, q_support: int = 0, lazy: bool = False,
+                    cancelled: Callable[[], bool] | None = None) -> DrafterSession:
         return super().new_session(prompt_ids, params, seed, max_length=max_length, q_support=self.q_support,
-                                   lazy=lazy)
+                                   lazy=lazy, cancelled=cancelled)
 
 
 @dataclass
